@@ -1,0 +1,15 @@
+# The two commands of the README. Both run scripts/setup first (idempotent, cached).
+.PHONY: setup demo test lint bench
+
+setup:
+	@scripts/setup
+
+demo: setup  ## the full pipeline on a local broker, with generated sample media
+	.venv/bin/streamproc demo
+
+test: setup  ## the whole test suite against a real local Kafka broker
+	.venv/bin/python -m pytest -q tests
+	.venv/bin/ruff check streamproc tests benchmarks
+
+lint: setup
+	.venv/bin/ruff check streamproc tests benchmarks

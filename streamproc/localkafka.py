@@ -1,0 +1,303 @@
+"""A real single-node Apache Kafka (KRaft) for laptops, tests and the demo.
+
+The official ``org.apache.kafka:kafka_2.13`` jars and their runtime dependencies are
+fetched with Maven into ``~/.cache/streamproc/kafka-<version>-<hash>`` once; a broker
+then formats its own storage, listens on free loopback ports and is stopped cleanly.
+Its log stays in its data directory so a failed test run can show why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from streamproc.errors import UserError
+
+KAFKA_VERSION = "4.1.1"
+SCALA_VERSION = "2.13"
+LOG4J_VERSION = "2.24.3"
+BROKER_MESSAGE_MAX_BYTES = 16 * 1024 * 1024
+
+_POM = f"""<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>io.streamproc</groupId>
+  <artifactId>local-kafka</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka_{SCALA_VERSION}</artifactId>
+      <version>{KAFKA_VERSION}</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId>
+      <artifactId>log4j-slf4j-impl</artifactId>
+      <version>{LOG4J_VERSION}</version>
+    </dependency>
+  </dependencies>
+</project>
+"""
+
+_LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
+<Configuration status="WARN">
+  <Appenders>
+    <File name="file" fileName="${sys:kafka.logs.dir}/server.log">
+      <PatternLayout pattern="[%d] %p %m (%c)%n"/>
+    </File>
+  </Appenders>
+  <Loggers>
+    <Logger name="kafka.request.logger" level="WARN"/>
+    <Logger name="org.apache.kafka.controller" level="INFO"/>
+    <Root level="INFO"><AppenderRef ref="file"/></Root>
+  </Loggers>
+</Configuration>
+"""
+
+
+class LocalKafkaError(UserError):
+    """The local broker could not be fetched, started or reached; the message says why."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("STREAMPROC_CACHE", Path.home() / ".cache" / "streamproc"))
+
+
+def jars_dir() -> Path:
+    """Where the broker jars live; keyed by the exact dependency list that fetched them."""
+    digest = hashlib.sha256(_POM.encode()).hexdigest()[:12]
+    return cache_root() / f"kafka-{KAFKA_VERSION}-{digest}" / "libs"
+
+
+def check_java() -> str:
+    """Return ``java -version`` text, or raise with what to install."""
+    java = shutil.which("java")
+    if java is None:
+        raise LocalKafkaError("java not found: install OpenJDK 17 or newer "
+                              "(Debian/Ubuntu: apt-get install openjdk-17-jre-headless)")
+    out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    try:
+        major = int(out.split('"')[1].split(".")[0])
+    except (IndexError, ValueError):
+        major = 0
+    if major < 17:
+        raise LocalKafkaError(f"Kafka {KAFKA_VERSION} needs Java 17 or newer; found: "
+                              f"{out.strip().splitlines()[0] if out else 'unknown'}")
+    return out
+
+
+def fetch_jars(quiet: bool = True) -> Path:
+    """Fetch the broker jars with Maven unless they are cached already."""
+    libs = jars_dir()
+    if (libs / ".complete").exists():
+        return libs
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise LocalKafkaError("mvn not found: Maven fetches the Kafka jars "
+                              "(Debian/Ubuntu: apt-get install maven)")
+    check_java()
+    libs.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "pom.xml").write_text(_POM)
+        cmd = [mvn, "-B", "dependency:copy-dependencies", f"-DoutputDirectory={libs}",
+               "-DincludeScope=runtime"]
+        if quiet:
+            cmd.insert(1, "-q")
+        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LocalKafkaError("Maven could not fetch the Kafka jars:\n"
+                              + (proc.stdout + proc.stderr)[-4000:])
+    if not list(libs.glob(f"kafka_{SCALA_VERSION}-{KAFKA_VERSION}.jar")):
+        raise LocalKafkaError(f"Maven finished but kafka_{SCALA_VERSION}-{KAFKA_VERSION}.jar "
+                              f"is not in {libs}")
+    (libs / ".complete").write_text(KAFKA_VERSION)
+    return libs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class LocalBroker:
+    """One Kafka process: broker and KRaft controller on loopback.
+
+    >>> with LocalBroker() as b:   # doctest: +SKIP
+    ...     print(b.bootstrap)     # 127.0.0.1:40123
+    """
+
+    def __init__(self, data_dir: str | Path | None = None, port: int = 0,
+                 heap: str = "1g") -> None:
+        self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="sp-kafka-"))
+        self.port = port or free_port()
+        self.controller_port = free_port()
+        self.heap = heap
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "logs" / "server.log"
+
+    def properties(self) -> str:
+        return "\n".join([
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
+            f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names=CONTROLLER",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name=PLAINTEXT",
+            f"log.dirs={self.data_dir / 'data'}",
+            # topics are created on purpose (`streamproc topics create`), never by a typo
+            "auto.create.topics.enable=false",
+            f"message.max.bytes={BROKER_MESSAGE_MAX_BYTES}",
+            f"replica.fetch.max.bytes={BROKER_MESSAGE_MAX_BYTES}",
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=8",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "transaction.state.log.num.partitions=4",
+            "group.initial.rebalance.delay.ms=0",
+            "num.partitions=1",
+            "",
+        ])
+
+    def start(self, timeout: float = 90.0) -> LocalBroker:
+        libs = fetch_jars()
+        (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        props = self.data_dir / "server.properties"
+        props.write_text(self.properties())
+        (self.data_dir / "log4j2.xml").write_text(_LOG4J2)
+        java = ["java", f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseG1GC",
+                f"-Dkafka.logs.dir={self.data_dir / 'logs'}",
+                f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.xml'}",
+                "-cp", f"{libs}/*"]
+        if not (self.data_dir / "data" / "meta.properties").exists():
+            fmt = subprocess.run(
+                [*java, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props)],
+                capture_output=True, text=True)
+            if fmt.returncode != 0:
+                raise LocalKafkaError(f"formatting KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
+        out = open(self.data_dir / "logs" / "stdout.log", "ab")  # noqa: SIM115 - lives with proc
+        self.proc = subprocess.Popen([*java, "kafka.Kafka", str(props)], stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        out.close()
+        (self.data_dir / "broker.pid").write_text(str(self.proc.pid))
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        from kafka import KafkaAdminClient
+
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise LocalKafkaError(f"Kafka exited with code {self.proc.returncode} during "
+                                      f"start-up; last log lines:\n{self.log_tail()}")
+            if port_open("127.0.0.1", self.port):
+                try:
+                    admin = KafkaAdminClient(bootstrap_servers=self.bootstrap,
+                                             request_timeout_ms=5000)
+                    try:
+                        admin.describe_cluster()
+                        return
+                    finally:
+                        admin.close()
+                except Exception as e:  # broker up but not serving metadata yet
+                    last = e
+            time.sleep(0.25)
+        self.stop()
+        raise LocalKafkaError(f"Kafka did not become ready in {timeout:.0f}s ({last}); "
+                              f"last log lines:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM and wait for a clean shutdown; SIGKILL if it hangs."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = ""
+        for f in (self.log_file, self.data_dir / "logs" / "stdout.log"):
+            if f.exists():
+                text += "".join(f.read_text(errors="replace").splitlines(True)[-lines:])
+        return text or "(no log written)"
+
+    def __enter__(self) -> LocalBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _cluster_id() -> str:
+    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding."""
+    import base64
+
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+# --- daemon management for `streamproc broker` -----------------------------------------
+
+
+def default_broker_dir() -> Path:
+    return cache_root() / "broker"
+
+
+def running_pid(data_dir: Path) -> int | None:
+    pid_file = data_dir / "broker.pid"
+    if not pid_file.exists():
+        return None
+    try:
+        pid = int(pid_file.read_text())
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError, PermissionError):
+        return None
+    return pid
+
+
+def stop_daemon(data_dir: Path, timeout: float = 30.0) -> bool:
+    """Stop a broker started by `streamproc broker start`; False if none was running."""
+    pid = running_pid(data_dir)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(pid, signal.SIGKILL)
+    (data_dir / "broker.pid").unlink(missing_ok=True)
+    return True

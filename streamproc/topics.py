@@ -1,0 +1,139 @@
+"""Create and check streamproc's topics (kafka-python admin).
+
+The three input topics must be co-partitioned (same partition count, same key
+partitioner) so one worker owns every modality of a stream; predictions and dead
+letters get the same count so a stream's outputs stay on "its" partition too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kafka import KafkaAdminClient
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
+from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
+
+from streamproc.config import Settings
+from streamproc.errors import UserError
+
+
+class TopicError(UserError):
+    """Topics are missing or not co-partitioned; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class TopicState:
+    name: str
+    partitions: int | None  # None: the topic does not exist
+    max_message_bytes: int | None
+
+
+def topic_configs(settings: Settings) -> dict[str, str]:
+    """Per-topic settings streamproc relies on."""
+    return {
+        "max.message.bytes": str(settings.max_message_bytes),
+        # event time is the producer's timestamp, never the broker's append time
+        "message.timestamp.type": "CreateTime",
+    }
+
+
+def admin_client(settings: Settings) -> KafkaAdminClient:
+    """An admin client, or a TopicError that says the broker is unreachable."""
+    try:
+        return KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers.split(","),
+                                request_timeout_ms=15000, **settings.security_kwargs())
+    except NoBrokersAvailable:
+        raise TopicError(
+            f"no Kafka broker reachable at {settings.bootstrap_servers} "
+            "(set --bootstrap-servers or STREAMPROC_BOOTSTRAP; `streamproc broker start` "
+            "runs a local one)"
+        ) from None
+
+
+def create_topics(settings: Settings) -> list[str]:
+    """Create every missing streamproc topic; return the names created."""
+    admin = admin_client(settings)
+    created = []
+    try:
+        existing = set(admin.list_topics())
+        for name in settings.all_topics:
+            if name in existing:
+                continue
+            try:
+                admin.create_topics([NewTopic(name, settings.partitions,
+                                              settings.replication_factor,
+                                              topic_configs=topic_configs(settings))])
+                created.append(name)
+            except TopicAlreadyExistsError:  # created concurrently by another worker
+                pass
+    finally:
+        admin.close()
+    return created
+
+
+def describe(settings: Settings, names: tuple[str, ...] | None = None) -> list[TopicState]:
+    names = names or settings.all_topics
+    admin = admin_client(settings)
+    try:
+        existing = set(admin.list_topics())
+        present = [n for n in names if n in existing]
+        parts: dict[str, int] = {}
+        if present:
+            for t in admin.describe_topics(present):
+                if t.get("error_code", 0) == 0:
+                    parts[t["name"]] = len(t["partitions"])
+        sizes: dict[str, int] = {}
+        if present:
+            res = admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, n) for n in present],
+                config_filter="all")
+            for name, conf in res.get("topic", {}).items():
+                if "max.message.bytes" in conf:
+                    sizes[name] = int(conf["max.message.bytes"]["value"])
+    except KafkaError as e:
+        raise TopicError(f"could not describe topics on {settings.bootstrap_servers}: {e}") from e
+    finally:
+        admin.close()
+    return [TopicState(n, parts.get(n), sizes.get(n)) for n in names]
+
+
+def problems(settings: Settings, states: list[TopicState]) -> list[str]:
+    """Every reason the topics cannot serve streamproc, in words a person can act on."""
+    out = []
+    by_name = {s.name: s for s in states}
+    missing = [s.name for s in states if s.partitions is None]
+    if missing:
+        out.append(f"missing topic(s): {', '.join(missing)} (run `streamproc topics create`)")
+    inputs = [by_name[n] for n in settings.input_topics if by_name[n].partitions is not None]
+    counts = {s.name: s.partitions for s in inputs}
+    if len(set(counts.values())) > 1:
+        detail = ", ".join(f"{n}={c}" for n, c in counts.items())
+        out.append(
+            f"input topics are not co-partitioned: partition counts differ ({detail}); one "
+            "worker must own every modality of a stream, so give them the same count "
+            "(add partitions with kafka-topics --alter, or recreate them)"
+        )
+    outputs = [s for s in states if s.name not in counts and s.partitions is not None]
+    if counts and outputs:
+        want = max(counts.values())
+        for s in outputs:
+            if s.partitions != want:
+                out.append(f"{s.name} has {s.partitions} partitions, the inputs have {want}")
+    for s in states:
+        if s.max_message_bytes is not None and s.max_message_bytes < settings.max_message_bytes:
+            out.append(
+                f"{s.name}: max.message.bytes={s.max_message_bytes} is below "
+                f"max_message_bytes={settings.max_message_bytes}; large frames would be "
+                "rejected (raise the topic setting or lower --max-message-bytes)"
+            )
+    return out
+
+
+def check_topics(settings: Settings, inputs_only: bool = False) -> list[TopicState]:
+    """Raise TopicError listing every problem; return the topic states when all is well."""
+    names = settings.input_topics if inputs_only else settings.all_topics
+    states = describe(settings, names)
+    found = problems(settings, states)
+    if found:
+        raise TopicError("topics are not ready:\n  - " + "\n  - ".join(found))
+    return states
