@@ -112,6 +112,26 @@ def _daemon_bootstrap(data_dir) -> str:
     return "?"
 
 
+# --- consume -------------------------------------------------------------------------
+
+
+def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
+    from streamproc.consume import TABLE_HEADER, ConsumeStats, consume, format_json, format_row
+
+    stats = ConsumeStats()
+    if not args.json:
+        print(TABLE_HEADER)
+    try:
+        for p in consume(settings, stream=args.stream, follow=args.follow,
+                         from_beginning=not args.from_end, timeout_s=args.timeout, stats=stats):
+            print(format_json(p) if args.json else format_row(p), flush=True)
+    finally:
+        print(f"{stats.yielded} predictions, {stats.duplicates} duplicates collapsed "
+              f"({stats.conflicting} with another label), {stats.undecodable} undecodable",
+              file=sys.stderr)
+    return 0
+
+
 # --- parser --------------------------------------------------------------------------
 
 
@@ -137,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="", help="broker data/log directory "
                    "[default ~/.cache/streamproc/broker]")
     p.add_argument("--port", type=int, default=9092, help="listener port [default 9092]")
+
+    p = _command(sub, "consume", cmd_consume, "Print predictions: a live table, or JSON "
+                 "lines; duplicates from worker restarts are collapsed by prediction key.")
+    p.add_argument("--stream", default=None, help="only this stream id")
+    p.add_argument("--follow", "-f", action="store_true", help="keep waiting for new ones")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--from-end", action="store_true", help="skip what is already there")
+    p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
 
     return parser
 

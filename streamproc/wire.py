@@ -27,6 +27,7 @@ MAX_IMAGE_SIDE = 16384
 MAX_SAMPLE_RATE = 384_000
 MAX_CHANNELS = 32
 NS_PER_S = 1_000_000_000
+INT64_MAX = 2**63 - 1
 
 Headers = tuple[tuple[str, bytes], ...]
 
@@ -74,11 +75,14 @@ class KafkaRecord:
     @classmethod
     def from_client(cls, msg: Any) -> KafkaRecord:
         """Adapt a kafka-python or aiokafka ``ConsumerRecord`` (or faust ``Message``)."""
+        ts = msg.timestamp
+        if isinstance(ts, float):  # faust hands over seconds (ms / 1000.0); round-trips exactly
+            ts = round(ts * 1000.0)
         return cls(
             key=msg.key,
             value=msg.value,
             headers=normalize_headers(msg.headers),
-            timestamp_ms=msg.timestamp,
+            timestamp_ms=ts,
             topic=msg.topic,
             partition=msg.partition,
             offset=msg.offset,
@@ -303,7 +307,7 @@ def _check_image(data: bytes, fmt: str, width: int, height: int, full: bool) -> 
     else:
         if not data.startswith(b"\x89PNG\r\n\x1a\n") or len(data) < 33:
             raise WireError("value is not a PNG (bad signature)", "sp-fmt")
-        if b"IEND" not in data[-16:]:
+        if not data.endswith(b"IEND\xaeB`\x82"):
             raise WireError(f"PNG is truncated: no IEND chunk in its {len(data)} bytes")
         size = struct.unpack(">II", data[16:24])
     if size is None:
@@ -422,8 +426,8 @@ def decode(
     if expect_modality is not None and mod != expect_modality:
         raise WireError(f"sp-mod={mod} record on the {expect_modality} topic", "sp-mod")
     sid = stream_id_of(rec.key)
-    ts = _int_header(h, "sp-ts")
-    seq = _int_header(h, "sp-seq")
+    ts = _int_header(h, "sp-ts", 0, INT64_MAX)
+    seq = _int_header(h, "sp-seq", 0, INT64_MAX)
     value = rec.value if rec.value is not None else b""
     if max_bytes is not None and len(value) > max_bytes:
         raise WireError(f"value is {len(value)} bytes, over the {max_bytes}-byte limit")
@@ -485,7 +489,7 @@ def _segment_from_json(obj: dict, sid: str, seq: int, src: Source | None) -> Tra
     start = need("start_ns", (int,), "an integer")
     end = need("end_ns", (int,), "an integer")
     final = need("final", (bool,), "true or false") if "final" in obj else True
-    if start < 0 or end < start:
+    if start < 0 or end < start or end > INT64_MAX:
         raise WireError(f"transcript span [{start}, {end}) is not a valid time span")
     conf = obj.get("confidence")
     if conf is not None and (isinstance(conf, bool) or not isinstance(conf, (int, float))

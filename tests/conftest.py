@@ -7,8 +7,14 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from streamproc.config import Settings
+
+# CI runs a moderate number of examples; `HYPOTHESIS_PROFILE=thorough` digs deeper locally.
+hypothesis_settings.register_profile("ci", max_examples=60, deadline=None)
+hypothesis_settings.register_profile("thorough", max_examples=2000, deadline=None)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 _BROKER = None
 
@@ -47,6 +53,6 @@ def topics(settings: Settings) -> Settings:
     return settings
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ARG001
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if exitstatus not in (0, 5) and _BROKER is not None:
         terminalreporter.write_line(f"Kafka broker log kept at {_BROKER.log_file}")
