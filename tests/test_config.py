@@ -1,0 +1,77 @@
+"""Settings: defaults < environment < flags, validated with messages that name the setting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from streamproc.cli import build_parser
+from streamproc.config import ConfigError, Settings
+
+
+def test_defaults_env_and_flags_in_that_order() -> None:
+    env = {"STREAMPROC_BOOTSTRAP": "k1:9092", "STREAMPROC_WINDOW_MS": "2000",
+           "STREAMPROC_HOP_MS": "1000"}
+    args = build_parser().parse_args(["config", "--hop-ms", "500"])
+    s = Settings.load(args, environ=env)
+    assert s.bootstrap_servers == "k1:9092"  # env
+    assert s.window_ms == 2000  # env
+    assert s.hop_ms == 500  # the flag beats the env
+    assert s.partitions == Settings().partitions  # default
+    sources = {name: src for name, _, src in Settings.describe(args, environ=env)}
+    assert sources["bootstrap_servers"] == "env STREAMPROC_BOOTSTRAP"
+    assert sources["hop_ms"] == "flag"
+    assert sources["partitions"] == "default"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"hop_ms": 1500}, "hop_ms=1500: must be positive and at most window_ms=1000"),
+        ({"partitions": 0}, "partitions=0: must be at least 1"),
+        ({"device": "tpu"}, "device='tpu': must be auto, cpu, cuda or cuda:N"),
+        ({"expected_modalities": "video,smell"}, "expected_modalities='video,smell'"),
+    ],
+)
+def test_invalid_settings_are_refused_with_the_rule(changes, message) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        Settings(**changes)
+
+
+def test_bad_env_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="STREAMPROC_PARTITIONS: expected int"):
+        Settings.load(environ={"STREAMPROC_PARTITIONS": "four"})
+
+
+def test_derived_topic_names_and_lateness() -> None:
+    s = Settings(topic_prefix="acme", lateness_text_ms=2500)
+    assert s.input_topics == ("acme.video", "acme.audio", "acme.text")
+    assert s.all_topics[-2:] == ("acme.predictions", "acme.deadletter")
+    assert s.lateness_ns("text") == 2_500_000_000
+    assert s.modalities == ("video", "audio", "text")
+
+
+def test_config_command_prints_effective_settings_and_hides_secrets() -> None:
+    env = {"STREAMPROC_SASL_PASSWORD": "hunter2", "STREAMPROC_PARTITIONS": "6", "PATH": ""}
+    out = subprocess.run([sys.executable, "-m", "streamproc.cli", "config", "--json",
+                          "--window-ms", "3000"], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    shown = json.loads(out)
+    assert shown["partitions"] == "6" and shown["window_ms"] == "3000"
+    assert shown["sasl_password"] == "***"
+    table = subprocess.run([sys.executable, "-m", "streamproc.cli", "config"],
+                           capture_output=True, text=True, env=env, check=True).stdout
+    assert "hunter2" not in table
+    assert any(line.startswith("partitions") and "(env STREAMPROC_PARTITIONS)" in line
+               for line in table.splitlines())
+
+
+def test_invalid_setting_exits_2_without_traceback() -> None:
+    proc = subprocess.run([sys.executable, "-m", "streamproc.cli", "config", "--hop-ms", "0"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "invalid setting hop_ms=0" in proc.stderr
+    assert "Traceback" not in proc.stderr
