@@ -75,3 +75,14 @@ def test_invalid_setting_exits_2_without_traceback() -> None:
     assert proc.returncode == 2
     assert "invalid setting hop_ms=0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    import dataclasses
+    from pathlib import Path
+
+    from streamproc.config import env_name, flag_name
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for f in dataclasses.fields(Settings):
+        assert f"| `{f.name}` | `{flag_name(f)}` | `{env_name(f)}` |" in readme, f.name
