@@ -83,7 +83,12 @@ class Settings:
         "", "Worker state directory (faust tables). Empty: ~/.cache/streamproc/worker."
     )
     metrics_port: int = _opt(9109, "Port of the worker's Prometheus /metrics endpoint (0: off).")
-    web_port: int = _opt(6066, "Port of faust's own web server.")
+    web_port: int = _opt(6066, "Port of faust's own web server (0: off).")
+    session_timeout_ms: int = _opt(
+        10000,
+        "How long a worker that stopped heartbeating (crashed, killed) keeps its partitions "
+        "before the group hands them to another worker (ms; brokers allow 6000 and up).",
+    )
     log_level: str = _opt("info", "Log level: debug, info, warning, error.")
 
     def __post_init__(self) -> None:
@@ -103,6 +108,7 @@ class Settings:
             "max_buffer_frames": (self.max_buffer_frames >= 1, "must be at least 1"),
             "max_buffer_audio_s": (self.max_buffer_audio_s > 0, "must be positive"),
             "batch_size": (self.batch_size >= 1, "must be at least 1"),
+            "session_timeout_ms": (self.session_timeout_ms >= 1000, "must be at least 1000"),
             "batch_max_wait_ms": (self.batch_max_wait_ms >= 0, "must not be negative"),
             "device": (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                        "must be auto, cpu, cuda or cuda:N"),
@@ -221,10 +227,16 @@ def _convert(f: dataclasses.Field, raw: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected {kind.__name__} for {f.name}, got {raw!r}") from None
 
 
-def add_settings_args(parser: argparse.ArgumentParser) -> None:
-    """Add one ``--flag`` per setting; unset flags stay None so env and defaults apply."""
+def add_settings_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--flag`` per setting; unset flags stay None so env and defaults apply.
+
+    ``skip``: settings whose flag the command uses for something else (``produce camera
+    --device`` is a camera); they still come from the environment.
+    """
     group = parser.add_argument_group("settings (also from STREAMPROC_* environment variables)")
     for f in dataclasses.fields(Settings):
+        if f.name in skip:
+            continue
         group.add_argument(
             flag_name(f),
             dest=f.name,

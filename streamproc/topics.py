@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
-from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
+from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 
 from streamproc.config import Settings
 from streamproc.errors import UserError
@@ -41,8 +41,9 @@ def admin_client(settings: Settings) -> KafkaAdminClient:
     """An admin client, or a TopicError that says the broker is unreachable."""
     try:
         return KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers.split(","),
-                                request_timeout_ms=15000, **settings.security_kwargs())
-    except NoBrokersAvailable:
+                                request_timeout_ms=15000, bootstrap_timeout_ms=10000,
+                                **settings.security_kwargs())
+    except KafkaTimeoutError:  # kafka-python 3.x: "Unable to bootstrap from [...]"
         raise TopicError(
             f"no Kafka broker reachable at {settings.bootstrap_servers} "
             "(set --bootstrap-servers or STREAMPROC_BOOTSTRAP; `streamproc broker start` "
@@ -62,7 +63,9 @@ def create_topics(settings: Settings) -> list[str]:
             try:
                 admin.create_topics([NewTopic(name, settings.partitions,
                                               settings.replication_factor,
-                                              topic_configs=topic_configs(settings))])
+                                              topic_configs=topic_configs(settings))],
+                                    # a topic is usable only once its leaders are in metadata
+                                    wait_for_metadata=True)
                 created.append(name)
             except TopicAlreadyExistsError:  # created concurrently by another worker
                 pass

@@ -187,11 +187,7 @@ class AudioChunk:
 
     def samples(self) -> np.ndarray:
         """float32 array shaped (n_samples, channels), full scale = 1.0."""
-        raw = np.frombuffer(self.data, dtype=AUDIO_FORMATS[self.fmt])
-        out = raw.astype(np.float32)
-        if self.fmt == "s16le":
-            out /= 32768.0
-        return out.reshape(-1, self.channels)
+        return pcm_samples(self.data, self.fmt, self.channels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +263,17 @@ def pcm_bytes(samples: np.ndarray, fmt: str = "s16le") -> bytes:
     if arr.dtype == np.int16:
         arr = arr.astype(np.float32) / 32768.0
     return arr.astype("<f4").tobytes()
+
+
+def pcm_samples(data: bytes, fmt: str, channels: int) -> np.ndarray:
+    """Interleaved PCM -> float32 (n_samples, channels), full scale = 1.0.
+
+    Also used on several chunks' bytes joined, so the aligner decodes a run at once.
+    """
+    out = np.frombuffer(data, dtype=AUDIO_FORMATS[fmt]).astype(np.float32)
+    if fmt == "s16le":
+        out /= 32768.0
+    return out.reshape(-1, channels)
 
 
 def samples_to_ns(n: int, sample_rate: int) -> int:
