@@ -128,3 +128,73 @@ class MicroBatcher(Generic[T, R]):
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+
+# ---------------------------------------------------------------------------------------
+# the model side: windows -> (label, scores)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One window's outcome from the model."""
+
+    label: str
+    scores: dict[str, float]
+    preprocess_ms: float  # the batch's JPEG decode + resize + log-mel + hashing
+    model_ms: float  # the batch's forward pass
+
+
+class Predictor:
+    """A model loaded once, called from the model thread with a batch of windows.
+
+    ``spec`` is a checkpoint directory or ``package.module:factory`` (docs/models.md);
+    preprocessing is the model's own (``model.preprocess``), the same code as training.
+    """
+
+    def __init__(self, spec: str, device: str = "auto", threads: int | None = None) -> None:
+        import torch
+
+        from streamproc.models import load_model, resolve_device
+
+        self.device = resolve_device(device)
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = load_model(spec, self.device)
+        self.labels = [str(x) for x in self.model.labels]
+        self.preprocess = self.model.preprocess
+        self.info = {"name": str(self.model.name), "version": str(self.model.version)}
+
+    def check_windows(self, window_ms: int, sample_rate: int) -> None:
+        """Refuse window settings the model was not trained for, before any data flows."""
+        from streamproc.errors import UserError
+
+        pre = self.preprocess
+        if window_ms != pre.window_ms:
+            raise UserError(
+                f"model {self.info['name']} was trained on {pre.window_ms} ms windows but the "
+                f"worker makes {window_ms} ms windows: set --window-ms {pre.window_ms}")
+        if sample_rate != pre.sample_rate:
+            raise UserError(
+                f"model {self.info['name']} expects audio at {pre.sample_rate} Hz but the "
+                f"worker resamples to {sample_rate} Hz: set --sample-rate {pre.sample_rate}")
+
+    def __call__(self, windows: Sequence) -> list[Scored]:
+        import torch
+
+        from streamproc.batch import make_batch
+
+        t0 = time.perf_counter()
+        batch = make_batch(windows, self.preprocess).to(self.device)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            probs = torch.softmax(self.model(batch).float(), dim=-1).cpu()
+        t2 = time.perf_counter()
+        pre_ms, model_ms = (t1 - t0) * 1000, (t2 - t1) * 1000
+        out = []
+        for row in probs.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            out.append(Scored(self.labels[best],
+                              {lab: round(p, 6) for lab, p in zip(self.labels, row, strict=True)},
+                              pre_ms, model_ms))
+        return out
