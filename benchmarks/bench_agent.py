@@ -1,0 +1,248 @@
+"""The faust agent's cost per event against a bare aiokafka consume loop (issue 4).
+
+The same W1 records (benchmarks/README.md; built by bench_align.w1_records: real 320x240
+JPEGs, real PCM, transcript segments) are produced once to the three input topics; then,
+in one run, rounds alternate between three readers of that backlog, each in a fresh
+consumer group:
+
+- ``bare``: an aiokafka consumer loop that only counts records (the floor);
+- ``decode``: the same loop plus ``wire.decode`` of every record (JPEGs fully decoded, as
+  the worker does) -- the part of the agent's cost that is validation, not faust;
+- ``faust``: the worker's faust app with an agent body that only acks (faust's own cost:
+  its consumer thread, conductor, stream and acks);
+- ``agent``: the real worker (``streamproc.app.create_app``) in a child process: faust
+  consumer, decode, Aligner, window publishing, ack-after-emit and commits.
+
+Events/s is measured from the first record to the last one handled, so start-up and
+rebalancing are not counted. Medians over the rounds.
+
+    .venv/bin/python benchmarks/bench_agent.py [--seconds 20] [--rounds 3] [--write-docs]
+                                               [--profile agent.prof]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from kafka import KafkaProducer
+
+from streamproc import wire
+from streamproc.config import MODALITIES, Settings
+from streamproc.topics import create_topics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_align import w1_records  # one W1 generator for every benchmark
+from bench_producer import machine
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def produce_backlog(settings: Settings, seconds: int) -> int:
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
+                             linger_ms=5, batch_size=1 << 20,
+                             max_request_size=settings.max_message_bytes)
+    n = 0
+    for _arrival, rec in w1_records(seconds):
+        k = wire.encode(rec)
+        producer.send(settings.topic(rec.modality), key=k.key, value=k.value,
+                      headers=list(k.headers), timestamp_ms=k.timestamp_ms)
+        n += 1
+    producer.flush(120)
+    producer.close()
+    return n
+
+
+async def _loop(settings: Settings, n: int, decode: bool) -> float:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False,
+        max_partition_fetch_bytes=settings.max_message_bytes, fetch_max_wait_ms=1500)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, p) for t in settings.input_topics
+               for p in range(settings.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        modality_of = {settings.topic(m): m for m in MODALITIES}
+        seen, first = 0, 0.0
+        while seen < n:
+            for tp, msgs in (await consumer.getmany(timeout_ms=1000)).items():
+                if not first:
+                    first = time.perf_counter()
+                seen += len(msgs)
+                if decode:
+                    for m in msgs:
+                        wire.decode(wire.KafkaRecord.from_client(m),
+                                    expect_modality=modality_of[tp.topic],
+                                    max_bytes=settings.max_message_bytes)
+        return n / (time.perf_counter() - first)
+    finally:
+        await consumer.stop()
+
+
+def run_loop(settings: Settings, n: int, decode: bool) -> float:
+    return asyncio.run(_loop(settings, n, decode))
+
+
+def run_agent(settings: Settings, n: int, noop: bool = False, profile: str = "") -> dict:
+    """The worker in a child process (faust owns its event loop and signal handlers)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        s = settings.replace(app_id=f"bench{uuid.uuid4().hex[:8]}", data_dir=tmp, web_port=0,
+                             metrics_port=0, log_level="warning")
+        env = dict(os.environ, BENCH_SETTINGS=json.dumps(dataclasses.asdict(s)), BENCH_N=str(n),
+                   BENCH_OUT=str(out), BENCH_NOOP="1" if noop else "",
+                   BENCH_PROFILE=profile)
+        proc = subprocess.run([sys.executable, __file__, "--agent-child"], env=env,
+                              capture_output=True, text=True, timeout=600)
+        if not out.exists():
+            raise RuntimeError(f"agent child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def agent_child() -> None:
+    from faust.worker import Worker
+
+    from streamproc.app import create_app
+
+    settings = Settings(**json.loads(os.environ["BENCH_SETTINGS"]))
+    n, out = int(os.environ["BENCH_N"]), Path(os.environ["BENCH_OUT"])
+    app = create_app(settings, partitions=settings.partitions)
+    state = app.streamproc
+    on_event = state.on_event
+    if os.environ.get("BENCH_NOOP"):
+        def on_event(event) -> None:  # faust's cost alone: hand each record back at once
+            state._releasing = True
+            event.ack()
+            state._releasing = False
+    marks = {"seen": 0}
+
+    def timed(event) -> None:
+        if not marks["seen"]:
+            marks["first"] = time.perf_counter()
+        on_event(event)
+        marks["seen"] += 1
+        if marks["seen"] == n:
+            el = time.perf_counter() - marks["first"]
+            out.write_text(json.dumps({
+                "events_s": n / el, "cpu_s": time.process_time(),
+                "windows": state.counters.get("windows_emitted"),
+                "dead_letters": state.counters.get("dead_letters")}))
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    state.on_event = timed
+    if os.environ.get("BENCH_PROFILE"):
+        import cProfile
+
+        prof = cProfile.Profile()
+        orig_timed = state.on_event
+
+        def profiled(event) -> None:
+            if marks["seen"] == n - 1:
+                prof.disable()
+                prof.dump_stats(os.environ["BENCH_PROFILE"])
+            orig_timed(event)
+
+        state.on_event = profiled
+        prof.enable()
+    Worker(app, loglevel="WARNING", quiet=True).execute_from_commandline()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=int, default=20, help="seconds of W1 traffic (8 streams)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--write-docs", action="store_true", help=f"record the table in {DOCS}")
+    ap.add_argument("--profile", default="", help="write a cProfile of one agent run here")
+    ap.add_argument("--agent-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.agent_child:
+        agent_child()
+        return 0
+    broker = None
+    bootstrap = os.environ.get("STREAMPROC_BOOTSTRAP")
+    if not bootstrap:
+        from streamproc.localkafka import LocalBroker
+
+        broker = LocalBroker().start()
+        bootstrap = broker.bootstrap
+    try:
+        settings = Settings(bootstrap_servers=bootstrap,
+                            topic_prefix=f"bench{uuid.uuid4().hex[:8]}", partitions=4)
+        create_topics(settings)
+        n = produce_backlog(settings, args.seconds)
+        print(f"{n} W1 events ({args.seconds} s of 8 streams) produced; {machine()}",
+              file=sys.stderr)
+        res: dict[str, list[float]] = {"bare": [], "decode": [], "faust": [], "agent": []}
+        windows = 0.0
+        for r in range(args.rounds):
+            res["bare"].append(run_loop(settings, n, decode=False))
+            res["decode"].append(run_loop(settings, n, decode=True))
+            res["faust"].append(run_agent(settings, n, noop=True)["events_s"])
+            agent = run_agent(settings, n, profile=args.profile if r == 0 else "")
+            res["agent"].append(agent["events_s"])
+            windows = agent["windows"]
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in res.items()),
+                  file=sys.stderr)
+    finally:
+        if broker is not None:
+            broker.stop()
+    med = {k: statistics.median(v) for k, v in res.items()}
+    rows = [
+        "| reader | events/s (median) | µs per event | ratio to bare |",
+        "|---|---|---|---|",
+    ]
+    for k, label in (("bare", "bare aiokafka loop"), ("decode", "aiokafka + wire.decode"),
+                     ("faust", "faust agent that only acks"),
+                     ("agent", "streamproc agent (faust)")):
+        rows.append(f"| {label} | {med[k]:,.0f} | {1e6 / med[k]:,.0f} | "
+                    f"{med[k] / med['bare']:.2f} |")
+    us = {k: 1e6 / v for k, v in med.items()}
+    over = us["agent"] - us["bare"]
+    faust_part, decode_part = us["faust"] - us["bare"], us["decode"] - us["bare"]
+    body = (f"Machine: {machine()}. {n} W1 events ({args.seconds} s of 8 streams: 320x240 "
+            f"JPEG at 15 fps, 100 ms PCM chunks, transcripts), read as a backlog from 4 "
+            f"partitions per topic; {args.rounds} rounds alternated, medians; "
+            f"{time.strftime('%Y-%m-%d')}.\n\n" + "\n".join(rows) +
+            f"\n\nThe agent costs {over:,.0f} µs per event more than the bare loop: faust's "
+            f"own machinery about {faust_part:,.0f} µs, decoding (every JPEG fully decoded) "
+            f"about {decode_part:,.0f} µs, the rest ({over - faust_part - decode_part:,.0f} "
+            f"µs) aligning, publishing {windows:.0f} windows per run and the ack "
+            f"bookkeeping. W1 is about 204 events/s per worker, so one worker keeps up with "
+            f"{med['agent'] / 204:.0f}x W1 on this machine.")
+    print(body)
+    if args.write_docs:
+        write_docs(body)
+        print(f"\nwritten to {DOCS}", file=sys.stderr)
+    return 0
+
+
+def write_docs(body: str) -> None:
+    """Replace (or add) the "## Agent" section of docs/benchmarks.md, nothing else."""
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    section = ("## Agent\n\n`benchmarks/bench_agent.py`: the worker's agent against a bare "
+               "aiokafka consume loop over the same records, same run.\n\n" + body + "\n")
+    m = re.search(r"^## Agent\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
+    if m is None:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        text = text[:m.start()] + section + "\n" + text[m.end():].lstrip("\n")
+    DOCS.parent.mkdir(exist_ok=True)
+    DOCS.write_text(text.rstrip("\n") + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
