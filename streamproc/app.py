@@ -37,6 +37,8 @@ from streamproc.acks import AckLedger, Entry, OffsetGate, Ticket
 from streamproc.align import AlignConfig, Aligner, Window
 from streamproc.config import MODALITIES, Settings
 from streamproc.errors import UserError
+from streamproc.inference import InferenceSink, Predictor, summary_prediction
+from streamproc.metrics import Counters, Metrics
 
 log = logging.getLogger("streamproc.worker")
 
@@ -46,51 +48,13 @@ TICK_S = 0.1
 MAX_INFLIGHT_WINDOWS = 1024
 #: Seconds between the worker's one-line status logs.
 STATUS_EVERY_S = 30.0
+#: Seconds between updates of the lag and buffer gauges.
+GAUGES_EVERY_S = 5.0
 #: Dead letters of one kind logged one by one before only every 100th is.
 DEAD_LETTERS_LOGGED = 20
 #: Seeks for one hole in an input partition before checking whether retention deleted it.
 HOLE_SEEKS_BEFORE_CHECK = 3
-ALIGN_ONLY_MODEL = {"name": "align-only", "version": "1"}
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
-
-
-# ---------------------------------------------------------------------------------------
-# counters
-# ---------------------------------------------------------------------------------------
-
-
-class Counters:
-    """Every worker counter in one place, so issue 6's /metrics can export ``items()``.
-
-    Names: events_in, decode_errors, late, duplicates, replayed, capped (label modality);
-    dead_letters (label kind); windows_emitted, windows_published, windows_masked
-    (label modality), internal_errors; ignored (label reason: records of a rebalance
-    that Kafka delivers again, see acks.OffsetGate); acks_refused (acks faust tried on
-    its own, see AlignState.guard_consumer).
-    """
-
-    def __init__(self) -> None:
-        self._c: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
-
-    def inc(self, name: str, n: float = 1, **labels: str) -> None:
-        self._c[(name, tuple(sorted(labels.items())))] += n
-
-    def get(self, name: str, **labels: str) -> float:
-        """One series, or the sum over all label values when no labels are given."""
-        if labels:
-            return self._c.get((name, tuple(sorted(labels.items()))), 0)
-        return sum(v for (n, _), v in self._c.items() if n == name)
-
-    def items(self) -> list[tuple[str, dict[str, str], float]]:
-        return [(n, dict(lbl), v) for (n, lbl), v in sorted(self._c.items())]
-
-    def snapshot(self) -> dict[str, float]:
-        """``name{label=value}`` -> value, for logs and tests."""
-        out = {}
-        for n, lbl, v in self.items():
-            tag = ",".join(f"{k}={x}" for k, x in lbl.items())
-            out[f"{n}{{{tag}}}" if tag else n] = v
-        return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,51 +76,6 @@ class WindowSink(Protocol):
     def submit(self, window: Window) -> Awaitable[None]: ...
 
     async def stop(self) -> None: ...
-
-
-def window_summary(window: Window) -> dict[str, Any]:
-    """Window -> the prediction fields every sink shares (all but label, scores, model).
-
-    ``modalities`` says what each modality contributed and which were missing;
-    ``provenance`` lists ``[partition, offset]`` per modality (the topic is the modality's).
-    """
-    present = dict(window.present)
-    audio_s = float(window.audio_mask.sum()) / window.sample_rate if window.sample_rate else 0.0
-    modalities: dict[str, Any] = {
-        "video": {"present": bool(present.get("video", False)), "frames": window.frame_count,
-                  "sampled": len(window.frames)},
-        "audio": {"present": bool(present.get("audio", False)), "seconds": round(audio_s, 6)},
-        "text": {"present": bool(present.get("text", False)), "segments": len(window.segments)},
-        "missing": [m for m in MODALITIES if not present.get(m, False)],
-    }
-    provenance = {m: [[s.partition, s.offset] for s in srcs]
-                  for m, srcs in window.provenance.items()}
-    return {
-        "stream_id": window.stream_id,
-        "window_start_ns": window.start_ns,
-        "window_end_ns": window.end_ns,
-        "modalities": modalities,
-        "quality": {k: _jsonable(v) for k, v in window.quality.items()},
-        "provenance": provenance,
-    }
-
-
-def _jsonable(v: Any) -> Any:
-    if hasattr(v, "item"):  # numpy scalar
-        return v.item()
-    return v
-
-
-def summary_prediction(window: Window, *, label: str = "", scores: Mapping[str, float] | None = None,
-                       model: Mapping[str, str] = ALIGN_ONLY_MODEL,
-                       latency_ms: Mapping[str, float] | None = None,
-                       emitted_at_ns: int | None = None) -> wire.Prediction:
-    """A Prediction for a window; the align-only sink leaves label and scores empty."""
-    now = time.time_ns() if emitted_at_ns is None else emitted_at_ns
-    lat = {"window_end_to_emit": round((now - window.end_ns) / 1e6, 3)}
-    lat.update(latency_ms or {})
-    return wire.Prediction(label=label, scores=dict(scores or {}), model=dict(model),
-                           emitted_at_ns=now, latency_ms=lat, **window_summary(window))
 
 
 async def publish(topic: faust.TopicT, rec: wire.KafkaRecord) -> None:
@@ -289,6 +208,7 @@ class AlignState:
         self.modality_of = {settings.topic(m): m for m in MODALITIES}
         self._room = asyncio.Event()
         self._retired_stats: dict[str, float] = defaultdict(float)
+        self.ingest_ns: dict[tuple[str, str], int] = {}
 
     # --- input ---------------------------------------------------------------------
     def on_event(self, event: Any) -> None:
@@ -320,6 +240,8 @@ class AlignState:
             return
         aligner = self._aligner(msg.partition)
         now = self.clock()
+        # capture -> worker delay of the stream's newest record of each modality
+        self.ingest_ns[(media.stream_id, modality)] = now - media.end_ns
         try:
             out = aligner.add(media, now)
         except Exception as e:  # an aligner bug must not stop every stream; keep the record
@@ -428,6 +350,14 @@ class AlignState:
             await self._room.wait()
 
     # --- introspection -------------------------------------------------------------
+    def buffered(self) -> dict[str, float]:
+        """What every aligner of this worker holds in memory (for the gauges)."""
+        total: dict[str, float] = defaultdict(float)
+        for a in self.aligners.values():
+            for k, v in a.buffered().items():
+                total[k] += v
+        return dict(total)
+
     def aligner_stats(self) -> dict[str, float]:
         total: dict[str, float] = defaultdict(float, self._retired_stats)
         for a in self.aligners.values():
@@ -473,6 +403,9 @@ class AlignState:
         (records needed only by windows that closed empty are free once earlier ones are
         published)."""
         for w in windows:
+            for m in MODALITIES:
+                if (w.stream_id, m) in self.ingest_ns:
+                    w.quality[f"ingest_{m}_ms"] = round(self.ingest_ns[(w.stream_id, m)] / 1e6, 3)
             ticket = self.ledger.window_started(w.stream_id, w.start_ns, partition)
             self.counters.inc("windows_emitted")
             for m, ok in w.present.items():
@@ -657,11 +590,14 @@ def data_dir(settings: Settings) -> Path:
 
 
 def create_app(settings: Settings, *, partitions: int | None = None,
-               sink: WindowSink | None = None) -> faust.App:
+               sink: WindowSink | None = None, predictor: Predictor | None = None,
+               metrics: Metrics | None = None) -> faust.App:
     """The worker's faust app; ``app.streamproc`` is its :class:`AlignState`.
 
     ``partitions``: the input topics' partition count (the progress topic gets the
-    same, so progress for a stream lives on its stream's partition).
+    same, so progress for a stream lives on its stream's partition). With a
+    ``predictor`` windows go through micro-batched inference (:class:`InferenceSink`);
+    without one the worker is align-only and publishes window summaries.
     """
     n = partitions or settings.partitions
     app = faust.App(
@@ -694,7 +630,8 @@ def create_app(settings: Settings, *, partitions: int | None = None,
         web_enabled=settings.web_port > 0,
         web_port=settings.web_port or 6066,
     )
-    counters = Counters()
+    metrics = metrics if metrics is not None else Metrics()
+    counters = metrics.counters
     inputs = app.topic(*settings.input_topics, key_type=bytes, value_type=bytes)
     predictions = app.topic(settings.topic("predictions"), key_type=bytes, value_type=bytes)
     dead_letters = app.topic(settings.topic("deadletter"), key_type=bytes, value_type=bytes)
@@ -703,7 +640,13 @@ def create_app(settings: Settings, *, partitions: int | None = None,
     progress = app.topic(progress_topic(settings), key_type=bytes, value_type=bytes,
                          partitions=n, replicas=settings.replication_factor,
                          compacting=True, deleting=False, internal=True)
+    if sink is None and predictor is not None:
+        sink = InferenceSink(
+            predictor, lambda rec: publish(predictions, rec), model_info=predictor.info,
+            max_batch=settings.batch_size, max_wait_ms=settings.batch_max_wait_ms,
+            metrics=metrics, headers=(("sp-worker", WORKER_ID.encode()),))
     sink = sink or SummarySink(predictions)
+    app.streamproc_metrics = metrics  # type: ignore[attr-defined]
 
     crashing: list[asyncio.Future] = []
 
@@ -741,6 +684,19 @@ def create_app(settings: Settings, *, partitions: int | None = None,
     @app.timer(interval=STATUS_EVERY_S)
     async def status() -> None:
         log.info("status: %s", state.status_line())
+
+    @app.timer(interval=GAUGES_EVERY_S)
+    async def gauges() -> None:
+        # consumer lag: log end minus committed offset, per assigned input partition
+        consumer = app.consumer
+        for tp in consumer.assignment():
+            if tp.topic not in settings.input_topics:
+                continue
+            committed = consumer._committed_offset.get(tp)  # faust keeps it; no public API
+            lag = consumer.highwater(tp) - (committed if committed is not None else 0)
+            metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, lag))
+        for kind, value in state.buffered().items():
+            metrics.buffered.labels(kind).set(value)
 
     @app.task
     async def start_sink() -> None:
@@ -842,9 +798,32 @@ def input_partitions(settings: Settings) -> int:
 
 
 def run_worker(settings: Settings) -> int:
-    """``streamproc worker``: check topics, then run until SIGTERM / Ctrl-C."""
+    """``streamproc worker``: check topics, load the model, then run until SIGTERM / Ctrl-C."""
     n = input_partitions(settings)
-    app = create_app(settings, partitions=n)
+    predictor = None
+    if settings.model:
+        predictor = Predictor(settings.model, settings.device)
+        k = predictor.preprocess.frames_per_window
+        if k != settings.frames_per_window:
+            log.info("frames_per_window: using the model's K=%d (settings said %d)", k,
+                     settings.frames_per_window)
+            settings = settings.replace(frames_per_window=k)
+        mismatches = predictor.preprocess.mismatches(settings)
+        if mismatches:
+            raise UserError(f"model {settings.model} does not fit these window settings: "
+                            + "; ".join(mismatches) + " (change the settings to match)")
+        log.info("model %s %s on %s", predictor.info["name"], predictor.info["version"],
+                 predictor.device)
+    else:
+        log.warning("no --model: align-only mode, predictions carry window summaries "
+                    "without labels")
+    metrics = Metrics()
+    try:
+        metrics.serve(settings.metrics_port)
+    except OSError as e:
+        raise UserError(f"cannot serve metrics on port {settings.metrics_port}: {e} "
+                        "(--metrics-port 0 turns the endpoint off)") from None
+    app = create_app(settings, partitions=n, predictor=predictor, metrics=metrics)
     from faust.worker import Worker
 
     worker = Worker(app, loglevel=settings.log_level.upper(), quiet=True)

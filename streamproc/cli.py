@@ -132,6 +132,400 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# --- worker --------------------------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from streamproc.app import run_worker
+
+    return run_worker(settings)
+
+
+# --- produce -------------------------------------------------------------------------
+
+
+def _produce_logging(settings: Settings) -> None:
+    import logging
+
+    level = getattr(logging, settings.log_level.upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # kafka-python narrates every connection at INFO; keep its warnings and errors
+    logging.getLogger("kafka").setLevel(max(level, logging.WARNING))
+
+
+def _device(text: str | None) -> int | str | None:
+    """A device index when it is all digits, else a name or URL."""
+    if text is None:
+        return None
+    return int(text) if text.isdigit() else text
+
+
+def cmd_produce_camera(args: argparse.Namespace, settings: Settings) -> int:
+    from streamproc.producer import PublishSession
+    from streamproc.sources import CameraSource, parse_size
+
+    _produce_logging(settings)
+    size = parse_size(args.size) if args.size else None
+    with PublishSession(settings) as session:
+        cam = CameraSource(session.publisher, args.stream_id, _device(args.source_device),
+                           fps=args.fps, size=size, jpeg_quality=args.jpeg_quality,
+                           queue_size=args.queue)
+        cam.open()
+        session.show_status(lambda: cam.stats.dropped)
+        st = cam.run(session.stop)
+    print(f"{args.stream_id}: {st.captured} frames captured, {st.published} published, "
+          f"{st.dropped} dropped (publishing fell behind), {st.skipped} skipped by --fps, "
+          f"{st.reconnects} reconnects")
+    return session.report()
+
+
+def cmd_produce_mic(args: argparse.Namespace, settings: Settings) -> int:
+    from streamproc.producer import PublishSession
+    from streamproc.sources import MicSource, check_input_device
+
+    _produce_logging(settings)
+    device = _device(args.source_device)
+    check_input_device(device, args.rate, args.channels, args.sample_format)
+    with PublishSession(settings) as session:
+        mic = MicSource(session.publisher, args.stream_id, device, rate=args.rate,
+                        channels=args.channels, chunk_ms=args.chunk_ms, fmt=args.sample_format)
+        session.show_status(lambda: mic.stats.drops)
+        st = mic.run(session.stop)
+    print(f"{args.stream_id}: {st.published} audio chunks published, {st.overflows} input "
+          f"overflows, {st.queue_drops} chunks dropped (publishing fell behind), "
+          f"{st.resyncs} re-anchored")
+    return session.report()
+
+
+def cmd_produce_file(args: argparse.Namespace, settings: Settings) -> int:
+    from streamproc.producer import PublishSession
+    from streamproc.sources import FileSource, parse_size, replay_source
+
+    _produce_logging(settings)
+    src = FileSource(args.stream_id, args.video, args.audio, args.transcript,
+                     chunk_ms=args.chunk_ms, jpeg_quality=args.jpeg_quality,
+                     size=parse_size(args.size) if args.size else None, loop=args.loop)
+    start = None if args.start_at is None else round(args.start_at * 1e9)
+    with PublishSession(settings) as session:
+        session.show_status()
+        stats = replay_source(session.publisher, src, realtime=not args.fast,
+                              start_at_ns=start, stop_event=session.stop)
+    print(stats.summary())
+    return session.report()
+
+
+def cmd_produce_transcript(args: argparse.Namespace, settings: Settings) -> int:
+    from streamproc.producer import PublishSession
+    from streamproc.sources import StreamWriter, publish_transcript_lines, stdin_lines
+
+    _produce_logging(settings)
+    with PublishSession(settings) as session:
+        writer = StreamWriter(session.publisher, args.stream_id)
+        stats = publish_transcript_lines(writer, stdin_lines(sys.stdin, session.stop),
+                                         jsonl=args.jsonl,
+                                         max_span_ns=round(args.max_span_s * 1e9))
+    print(f"{args.stream_id}: {stats.segments} transcript segments ({stats.partial} partial), "
+          f"{len(stats.issues)} line(s) skipped")
+    return session.report()
+
+
+def _produce_parsers(sub: argparse._SubParsersAction) -> None:
+    group = sub.add_parser(
+        "produce", help="Publish a camera, a microphone, media files or transcripts.",
+        description="Publish media into the streamproc input topics (wire format v1), keyed "
+                    "by stream id. Ctrl-C or SIGTERM stops capture and flushes what was "
+                    "captured; a status line shows rates on a terminal.")
+    psub = group.add_subparsers(dest="source", metavar="SOURCE", required=True)
+
+    def source(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        p = _command(psub, name, handler, help, settings=False)
+        # --device names a camera or microphone here, not the model's device
+        add_settings_args(p, skip=("device",))
+        p.add_argument("--stream-id", required=True, help="stream id: the Kafka key")
+        return p
+
+    p = source("camera", cmd_produce_camera, "Capture an OpenCV camera or URL (RTSP, HTTP, "
+               "file) as JPEG frames; drops the oldest frames rather than stall the camera.")
+    p.add_argument("--device", dest="source_device", default="0",
+                   help="camera index or URL [default 0]")
+    p.add_argument("--fps", type=float, default=None,
+                   help="keep at most this many frames/s (by dropping) [default: all]")
+    p.add_argument("--size", default=None, help="resize frames to WxH, e.g. 640x480")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 [90]")
+    p.add_argument("--queue", type=int, default=8,
+                   help="frames buffered between capture and Kafka before dropping [8]")
+
+    p = source("mic", cmd_produce_mic, "Capture a microphone (PortAudio via sounddevice) "
+               "as PCM chunks.")
+    p.add_argument("--device", dest="source_device", default=None,
+                   help="input device name or index [default: system default]")
+    p.add_argument("--rate", type=int, default=16000, help="sample rate in Hz [16000]")
+    p.add_argument("--channels", type=int, default=1, help="channels [1]")
+    p.add_argument("--chunk-ms", type=int, default=100, help="chunk length in ms [100]")
+    p.add_argument("--sample-format", choices=["s16le", "f32le"], default="s16le",
+                   help="PCM sample format [s16le]")
+
+    p = source("file", cmd_produce_file, "Replay a video (+ WAV audio, + SRT/WebVTT/JSONL "
+               "transcript) as one stream; all modalities share one clock origin.")
+    p.add_argument("video", help="video file OpenCV can read (mp4, avi, mkv, ...)")
+    p.add_argument("--audio", default=None, help="WAV file (PCM 8/16/24/32-bit)")
+    p.add_argument("--transcript", default=None, help="SRT, WebVTT or JSONL file")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--realtime", action="store_true", default=True,
+                      help="pace records by event time (default)")
+    pace.add_argument("--fast", action="store_true", help="send as fast as the broker takes it")
+    p.add_argument("--loop", action="store_true", help="repeat until stopped")
+    p.add_argument("--start-at", type=float, default=None, metavar="EPOCH",
+                   help="event time of the first frame, in seconds since the epoch "
+                        "[default: now]")
+    p.add_argument("--size", default=None, help="resize frames to WxH")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 [90]")
+    p.add_argument("--chunk-ms", type=int, default=100, help="audio chunk length in ms [100]")
+
+    p = source("transcript", cmd_produce_transcript, "Publish transcript lines from stdin: "
+               "plain lines stamped on arrival, or JSONL segments (--jsonl).")
+    p.add_argument("--jsonl", action="store_true",
+                   help='stdin holds JSON objects {"text", "start_ns", "end_ns", "final", ...}')
+    p.add_argument("--max-span-s", type=float, default=5.0,
+                   help="a plain line spans from the previous line's arrival, at most this "
+                        "many seconds [5]")
+
+
+# --- models: avdigits, train, eval, record --------------------------------------------
+
+
+def cmd_avdigits_dataset(args: argparse.Namespace, settings: Settings) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from streamproc import avdigits as av
+    from streamproc.dataset import Dataset
+
+    cfg = dataclasses.replace(
+        av.PRESETS[args.preset], seed=args.seed, window_ms=settings.window_ms,
+        hop_ms=settings.hop_ms, frames_per_window=settings.frames_per_window,
+        sample_rate=settings.sample_rate)
+    path = av.generate(args.out, cfg, Path(args.cache) if args.cache else None,
+                       progress=sys.stderr.isatty(), overwrite=args.overwrite)
+    ds = Dataset(path)
+    print(f"AV-Digits {cfg.name} (seed {cfg.seed}): {len(ds)} windows "
+          + ", ".join(f"{k} {v}" for k, v in ds.splits.items()) + f" -> {path}")
+    return 0
+
+
+def cmd_avdigits_clip(args: argparse.Namespace, settings: Settings) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from streamproc import avdigits as av
+
+    digits = [int(c) for c in args.digits if c.isdigit()]
+    cfg = dataclasses.replace(av.PRESETS["full"], segment_s=args.seconds_per_digit,
+                              sample_rate=settings.sample_rate)
+    clip = av.write_clip(args.out, digits, stream_id=args.stream_id, cfg=cfg, seed=args.seed,
+                         split=args.split, cache_dir=Path(args.cache) if args.cache else None)
+    print(f"{clip.stream_id}: {len(clip.digits)} digits, {clip.seconds:g}s")
+    for p in (clip.video, clip.audio, clip.transcript, clip.labels):
+        print(f"  {p}")
+    print(f"replay: streamproc produce file --stream-id {clip.stream_id} {clip.video} "
+          f"--audio {clip.audio} --transcript {clip.transcript}")
+    return 0
+
+
+def _train_config(args: argparse.Namespace, settings: Settings):
+    from streamproc.train import TrainConfig
+
+    return TrainConfig(epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
+                       patience=args.patience, modality_dropout=args.modality_dropout,
+                       seed=args.seed, device=settings.device, threads=args.threads,
+                       progress=sys.stderr.isatty())
+
+
+def _options(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise UserError(f"--option takes KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from streamproc.train import train_command
+
+    options = _options(args.option)
+    if args.text_encoder:
+        options["text_encoder"] = args.text_encoder
+    for key in ("name", "version"):
+        if getattr(args, key):
+            options[key] = getattr(args, key)
+    report = train_command(args.dataset, args.arch, args.out, _train_config(args, settings),
+                           options)
+    test = report.get("test")
+    if test:
+        print(f"{args.arch}: test accuracy {test['accuracy']:.3f}, macro-F1 "
+              f"{test['macro_f1']:.3f} -> {report['checkpoint']}")
+    else:
+        print(f"{args.arch}: trained (no test split) -> {report['checkpoint']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    from streamproc.train import benchmark, eval_checkpoints, torch_threads
+
+    if args.models:
+        with torch_threads(args.threads):
+            rows = eval_checkpoints(args.dataset, args.models, settings.device,
+                                    log=lambda _m: None)
+        keys = [k for k in rows[0] if k not in ("model", "name", "split", "windows")]
+        print("| model | split | windows | " + " | ".join(keys) + " |")
+        print("|---|---|---:|" + "---:|" * len(keys))
+        for r in rows:
+            print(f"| {r['model']} | {r['split']} | {r['windows']} | "
+                  + " | ".join(f"{100 * r[k]:.1f}" for k in keys) + " |")
+        return 0
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] or None
+    if len(seeds) < 1:
+        raise UserError("--seeds needs at least one seed")
+    results = benchmark(args.dataset, args.out, methods=methods, seeds=seeds,
+                        cfg=_train_config(args, settings), ensemble_size=args.ensemble,
+                        text_encoder=args.text_encoder or "gru")
+    print(results["markdown"])
+    return 0
+
+
+def cmd_record(args: argparse.Namespace, settings: Settings) -> int:
+    import threading
+
+    from streamproc.producer import stop_on_signals
+    from streamproc.record import parse_origin, record
+
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        stats = record(settings, args.labels, args.out, origin=parse_origin(args.origin),
+                       min_overlap=args.min_overlap, split=args.split,
+                       idle_exit_s=args.idle_exit, max_windows=args.max_windows, stop=stop,
+                       overwrite=args.overwrite)
+    return 0 if stats.labelled else 1
+
+
+def _model_parsers(sub: argparse._SubParsersAction) -> None:
+    group = sub.add_parser("avdigits", help="Generate the AV-Digits benchmark: a dataset, or "
+                           "a replayable clip (video + WAV + SRT + labels).",
+                           description="AV-Digits: handwritten digits (scikit-learn), spoken "
+                           "by flite/espeak-ng voices in noise, with ASR-like transcripts; "
+                           "deterministic for a seed.")
+    asub = group.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def window_flags(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+        # dests match Settings fields: the worker's environment applies, and is validated
+        for dest in names:
+            p.add_argument("--" + dest.replace("_", "-"), dest=dest, type=int, default=None,
+                           help=f"as the worker's setting (env STREAMPROC_{dest.upper()})")
+        p.add_argument("--seed", type=int, default=0, help="generator seed [0]")
+        p.add_argument("--cache", default="", help="speech cache directory "
+                       "[~/.cache/streamproc/avdigits-tts]")
+
+    p = _command(asub, "dataset", cmd_avdigits_dataset, "Write the AV-Digits dataset "
+                 "(train/val/test; test holds out voices, noise seeds, digit images).",
+                 settings=False)
+    p.add_argument("out", help="dataset directory to write")
+    p.add_argument("--preset", choices=["tiny", "small", "full"], default="small",
+                   help="size: tiny (CI), small, full (the docs/models.md benchmark) [small]")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    window_flags(p, ("window_ms", "hop_ms", "frames_per_window", "sample_rate"))
+
+    p = _command(asub, "clip", cmd_avdigits_clip, "Write one stream's clip of spoken, "
+                 "shown and transcribed digits for `streamproc produce file`.", settings=False)
+    p.add_argument("out", help="directory for STREAM.avi, STREAM.wav, STREAM.srt, "
+                   "STREAM.labels.csv")
+    p.add_argument("--digits", default="0123456789", help="digits in order [0123456789]")
+    p.add_argument("--stream-id", default="cam1", help="stream id [cam1]")
+    p.add_argument("--seconds-per-digit", type=float, default=2.0, help="[2.0]")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test",
+                   help="whose voices and noise seeds to use [test: held out]")
+    window_flags(p, ("sample_rate",))
+
+    def training_flags(p: argparse.ArgumentParser, epochs: int, patience: int) -> None:
+        p.add_argument("--epochs", type=int, default=epochs, help=f"at most [{epochs}]")
+        p.add_argument("--patience", type=int, default=patience,
+                       help=f"early stop after this many epochs without a better validation "
+                            f"accuracy [{patience}]")
+        p.add_argument("--batch-size", dest="train_batch_size", type=int, default=64,
+                       help="training batch size [64]")
+        p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate [0.003]")
+        p.add_argument("--modality-dropout", type=float, default=0.3,
+                       help="probability of masking each modality of a training window [0.3]")
+        p.add_argument("--text-encoder", choices=["gru", "transformer", "minilm"],
+                       default=None, help="text encoder [gru]; minilm needs the extra")
+        p.add_argument("--threads", type=int, default=1,
+                       help="torch CPU threads (0: torch's default) [1]")
+        p.add_argument("--device", dest="device", default=None,
+                       help="auto, cpu, cuda or cuda:N (env STREAMPROC_DEVICE) [auto]")
+
+    names = "early, late, lmf, tfn, attention (fusion); video, audio, text (single)"
+    p = _command(sub, "train", cmd_train, "Train a model on a dataset directory and save a "
+                 "checkpoint (safetensors + JSON).", settings=False)
+    p.add_argument("dataset", help="dataset directory (streamproc record / avdigits dataset)")
+    p.add_argument("--model", dest="arch", default="late", help=f"architecture: {names} [late]")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--seed", type=int, default=0, help="[0]")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="architecture option, e.g. rank=4 or dim=32 (repeatable)")
+    p.add_argument("--name", default="", help="model name carried in predictions")
+    p.add_argument("--version", default="", help="model version carried in predictions [1]")
+    training_flags(p, 20, 6)
+
+    p = _command(sub, "eval", cmd_eval, "Benchmark every fusion method and single modality "
+                 "over seeds (Markdown table + PNG), or evaluate given models.",
+                 settings=False)
+    p.add_argument("dataset", help="dataset directory with train/val/test splits")
+    p.add_argument("--out", default="runs/eval", help="results directory [runs/eval]")
+    p.add_argument("--methods", default="", help=f"comma separated subset of: {names} [all]")
+    p.add_argument("--seeds", default="0,1,2", help="comma separated seeds [0,1,2]")
+    p.add_argument("--ensemble", type=int, default=3,
+                   help="members of the same-modality ensemble control (0: none) [3]")
+    p.add_argument("--model", dest="models", action="append", default=[], metavar="SPEC",
+                   help="evaluate this checkpoint or package.module:factory instead "
+                        "(repeatable)")
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    training_flags(p, 15, 6)
+
+    p = _command(sub, "record", cmd_record, "Record labelled windows from the input topics "
+                 "into a dataset directory (labels from a CSV of stream time spans).")
+    p.add_argument("--labels", required=True, help="CSV: stream_id,start_s,end_s,label")
+    p.add_argument("--out", required=True, help="dataset directory to write")
+    p.add_argument("--origin", default="first", help="time 0 of the labels: 'first' (each "
+                   "stream's earliest event) or seconds since the epoch [first]")
+    p.add_argument("--min-overlap", type=float, default=0.75,
+                   help="share of a window a label span must cover [0.75]")
+    p.add_argument("--split", default="train", help="split name for these windows [train]")
+    p.add_argument("--idle-exit", type=float, default=10.0,
+                   help="finish after this many seconds without new records [10]")
+    p.add_argument("--max-windows", type=int, default=None, help="stop after this many")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+
+
+# --- demo ----------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+    from pathlib import Path
+
+    from streamproc.demo import Layout, default_dir, run
+
+    own_broker = args.bootstrap_servers is None and not os.environ.get("STREAMPROC_BOOTSTRAP")
+    layout = Layout(Path(args.dir) if args.dir else default_dir())
+    return run(settings, own_broker=own_broker, streams=args.streams, layout=layout,
+               retrain=args.retrain, prepare_only=args.prepare_only)
+
+
 # --- parser --------------------------------------------------------------------------
 
 
@@ -165,6 +559,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--from-end", action="store_true", help="skip what is already there")
     p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+
+    _command(sub, "worker", cmd_worker, "Run a faust worker: align the input topics into "
+             "windows and publish them; refuses to start unless the topics are co-partitioned. "
+             "Stop with Ctrl-C or SIGTERM.")
+
+    _produce_parsers(sub)
+    _model_parsers(sub)
+
+    p = _command(sub, "demo", cmd_demo, "The whole pipeline on this machine: local broker, "
+                 "sample clips, reference model, worker, real-time replay, live predictions "
+                 "and a summary.")
+    p.add_argument("--streams", type=int, default=3, help="how many camera streams [3]")
+    p.add_argument("--dir", default="", help="where clips, model and logs go "
+                   "[~/.cache/streamproc/demo]")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="only make the clips and the reference model (compose uses this)")
+    p.add_argument("--retrain", action="store_true", help="train the reference model again")
 
     return parser
 

@@ -181,7 +181,7 @@ class WorkerProcess:
 def expected_windows(settings: Settings, clip, origin_ns: int) -> list[int]:
     """Starts of every window that overlaps the clip's span (what the worker must emit)."""
     hop, win = settings.hop_ms * 1_000_000, settings.window_ms * 1_000_000
-    end = origin_ns + round(clip.duration_s * NS_PER_S)
+    end = origin_ns + round(clip.seconds * NS_PER_S)
     first = (origin_ns - win) // hop + 1
     return [k * hop for k in range(first, (end - 1) // hop + 1) if k * hop + win > origin_ns]
 
@@ -282,14 +282,14 @@ def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layou
         stop = threading.Event()
         specs = [ReplaySpec(c.stream_id, c.video, c.audio, c.transcript) for c in clips]
         _say(f"replaying {len(specs)} stream(s) in real time "
-             f"({clips[0].duration_s:.0f} s each); predictions follow")
+             f"({clips[0].seconds:.0f} s each); predictions follow")
         replayer = threading.Thread(
             target=replay_many, args=(publisher, specs),
             kwargs={"realtime": True, "start_at_ns": origin, "stop_event": stop},
             name="replay", daemon=True)
         replayer.start()
         want = {(c.stream_id, s) for c in clips for s in expected_windows(settings, c, origin)}
-        deadline = (max(c.duration_s for c in clips) + 10 + settings.idle_deadline_ms / 1000
+        deadline = (max(c.seconds for c in clips) + 10 + settings.idle_deadline_ms / 1000
                     + settings.lateness_text_ms / 1000)
         stats = ConsumeStats()
         preds: list[Prediction] = []

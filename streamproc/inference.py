@@ -13,11 +13,17 @@ import concurrent.futures
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+from streamproc import wire
+from streamproc.align import Window
+from streamproc.config import MODALITIES
 
 log = logging.getLogger(__name__)
+
+ALIGN_ONLY_MODEL = {"name": "align-only", "version": "1"}
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -84,6 +90,12 @@ class MicroBatcher(Generic[T, R]):
         self._queue.put_nowait((item, fut, time.perf_counter()))
         return fut
 
+    async def run_alone(self, item: T) -> R:
+        """Run ``fn`` on one item in the model thread (used to isolate a failing batch)."""
+        loop = asyncio.get_running_loop()
+        (result,) = await loop.run_in_executor(self._executor, self.fn, [item])
+        return result
+
     async def _next_batch(self) -> list[tuple[T, asyncio.Future, float]]:
         first = await self._queue.get()
         batch = [first]
@@ -131,6 +143,65 @@ class MicroBatcher(Generic[T, R]):
 
 
 # ---------------------------------------------------------------------------------------
+# windows -> prediction records
+# ---------------------------------------------------------------------------------------
+
+
+def window_summary(window: Window) -> dict[str, Any]:
+    """Window -> the prediction fields every sink shares (all but label, scores, model).
+
+    ``modalities`` says what each modality contributed and which were missing;
+    ``provenance`` lists ``[partition, offset]`` per modality (the topic is the modality's).
+    """
+    present = dict(window.present)
+    audio_s = float(window.audio_mask.sum()) / window.sample_rate if window.sample_rate else 0.0
+    modalities: dict[str, Any] = {
+        "video": {"present": bool(present.get("video", False)), "frames": window.frame_count,
+                  "sampled": len(window.frames)},
+        "audio": {"present": bool(present.get("audio", False)), "seconds": round(audio_s, 6)},
+        "text": {"present": bool(present.get("text", False)), "segments": len(window.segments)},
+        "missing": [m for m in MODALITIES if not present.get(m, False)],
+    }
+    provenance = {m: [[s.partition, s.offset] for s in srcs]
+                  for m, srcs in window.provenance.items()}
+    return {
+        "stream_id": window.stream_id,
+        "window_start_ns": window.start_ns,
+        "window_end_ns": window.end_ns,
+        "modalities": modalities,
+        "quality": {k: _jsonable(v) for k, v in window.quality.items()
+                    if not k.startswith("ingest_")},  # those go to the latency breakdown
+        "provenance": provenance,
+    }
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item"):  # numpy scalar
+        return v.item()
+    return v
+
+
+def summary_prediction(window: Window, *, label: str = "", scores: Mapping[str, float] | None = None,
+                       model: Mapping[str, str] = ALIGN_ONLY_MODEL,
+                       latency_ms: Mapping[str, float] | None = None,
+                       emitted_at_ns: int | None = None) -> wire.Prediction:
+    """A Prediction for a window; the align-only sink leaves label and scores empty.
+
+    ``latency_ms`` always has ``total`` (window end in event time -> emitted, wall clock)
+    and ``capture_to_worker_<modality>`` (the stream's newest record of that modality:
+    captured -> received by the worker); sinks add their own stages.
+    """
+    now = time.time_ns() if emitted_at_ns is None else emitted_at_ns
+    lat = {f"capture_to_worker_{m}": float(window.quality[f"ingest_{m}_ms"])
+           for m in MODALITIES if f"ingest_{m}_ms" in window.quality}
+    lat["total"] = round((now - window.end_ns) / 1e6, 3)
+    lat.update(latency_ms or {})
+    return wire.Prediction(label=label, scores=dict(scores or {}), model=dict(model),
+                           emitted_at_ns=now, latency_ms=lat, **window_summary(window))
+
+
+
+# ---------------------------------------------------------------------------------------
 # the model side: windows -> (label, scores)
 # ---------------------------------------------------------------------------------------
 
@@ -165,20 +236,6 @@ class Predictor:
         self.preprocess = self.model.preprocess
         self.info = {"name": str(self.model.name), "version": str(self.model.version)}
 
-    def check_windows(self, window_ms: int, sample_rate: int) -> None:
-        """Refuse window settings the model was not trained for, before any data flows."""
-        from streamproc.errors import UserError
-
-        pre = self.preprocess
-        if window_ms != pre.window_ms:
-            raise UserError(
-                f"model {self.info['name']} was trained on {pre.window_ms} ms windows but the "
-                f"worker makes {window_ms} ms windows: set --window-ms {pre.window_ms}")
-        if sample_rate != pre.sample_rate:
-            raise UserError(
-                f"model {self.info['name']} expects audio at {pre.sample_rate} Hz but the "
-                f"worker resamples to {sample_rate} Hz: set --sample-rate {pre.sample_rate}")
-
     def __call__(self, windows: Sequence) -> list[Scored]:
         import torch
 
@@ -198,3 +255,98 @@ class Predictor:
                               {lab: round(p, 6) for lab, p in zip(self.labels, row, strict=True)},
                               pre_ms, model_ms))
         return out
+
+
+# ---------------------------------------------------------------------------------------
+# the sink: windows -> batched model -> predictions topic
+# ---------------------------------------------------------------------------------------
+
+
+class InferenceSink:
+    """The worker's window sink (app.WindowSink) when a model is loaded.
+
+    Windows from every stream queue into one micro-batcher; each result becomes a
+    prediction published with ``publish`` (which resolves once the broker has it). A
+    batch that fails is retried window by window, so one bad window cannot sink its
+    neighbours; a window that fails alone is published with an empty label and the
+    reason in ``quality["error"]`` (counted as ``inference_errors``) and the stream goes on.
+    """
+
+    def __init__(self, predictor: Callable[[Sequence[Window]], Sequence[Scored]],
+                 publish: Callable[[wire.KafkaRecord], Awaitable[None]], *,
+                 model_info: Mapping[str, str], max_batch: int, max_wait_ms: float,
+                 metrics: Any = None, headers: tuple[tuple[str, bytes], ...] = ()) -> None:
+        self.publish = publish
+        self.model_info = dict(model_info)
+        self.metrics = metrics
+        self.headers = headers
+        self.batcher: MicroBatcher[Window, Scored] = MicroBatcher(
+            predictor, max_batch, max_wait_ms, on_batch=self._on_batch)
+        self._pending: set[asyncio.Future] = set()
+        self._last_publish_ms = 0.0
+
+    async def start(self) -> None:
+        await self.batcher.start()
+
+    def submit(self, window: Window) -> Awaitable[None]:
+        closed_ns = time.time_ns()
+        fut = asyncio.ensure_future(self._finish(window, self.batcher.submit(window), closed_ns))
+        self._pending.add(fut)
+        fut.add_done_callback(self._pending.discard)
+        return fut
+
+    async def stop(self) -> None:
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=30)
+        await self.batcher.stop()
+
+    def _on_batch(self, size: int, compute_ms: float) -> None:
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(size)
+            self.metrics.inference_seconds.observe(compute_ms / 1000)
+
+    async def _finish(self, window: Window, fut: asyncio.Future, closed_ns: int) -> None:
+        quality_extra: dict[str, str] = {}
+        try:
+            done: Batched[Scored] = await fut
+            scored, queue_ms, compute_ms = done.result, done.queue_ms, done.compute_ms
+        except Exception as batch_error:
+            t0 = time.perf_counter()
+            try:
+                scored = await self.batcher.run_alone(window)
+            except Exception as e:
+                log.error("inference failed for window %s@%d: %r", window.stream_id,
+                          window.start_ns, e)
+                if self.metrics is not None:
+                    self.metrics.counters.inc("inference_errors")
+                scored = Scored("", {}, 0.0, 0.0)
+                quality_extra["error"] = f"inference failed: {e!r}"[:500]
+            else:
+                log.warning("window %s@%d scored alone after its batch failed: %r",
+                            window.stream_id, window.start_ns, batch_error)
+            queue_ms, compute_ms = 0.0, (time.perf_counter() - t0) * 1000
+        emitted_ns = time.time_ns()
+        pred = summary_prediction(
+            window, label=scored.label, scores=scored.scores, model=self.model_info,
+            emitted_at_ns=emitted_ns,
+            latency_ms={"close": round((closed_ns - window.end_ns) / 1e6, 3),
+                        "queue": round(queue_ms, 3), "inference": round(compute_ms, 3),
+                        "preprocess": round(scored.preprocess_ms, 3),
+                        "model": round(scored.model_ms, 3),
+                        "added": round((emitted_ns - closed_ns) / 1e6, 3),
+                        # a record cannot carry its own delivery time: the worker's most
+                        # recent publish round trip stands in for it
+                        "publish": round(self._last_publish_ms, 3)})
+        pred.quality.update(quality_extra)
+        rec = wire.encode_prediction(pred)
+        rec = wire.KafkaRecord(rec.key, rec.value, (*rec.headers, *self.headers),
+                               rec.timestamp_ms)
+        t_pub = time.perf_counter()
+        await self.publish(rec)
+        publish_ms = self._last_publish_ms = (time.perf_counter() - t_pub) * 1000
+        if self.metrics is not None:
+            now = time.time_ns()
+            self.metrics.added_latency_seconds.observe((now - closed_ns) / 1e9)
+            self.metrics.e2e_latency_seconds.observe((now - window.end_ns) / 1e9)
+        log.debug("window %s@%d -> %s (publish %.1f ms)", window.stream_id, window.start_ns,
+                  scored.label, publish_ms)

@@ -1,44 +1,90 @@
-"""Prometheus metrics of a worker, served on ``--metrics-port`` at ``/metrics``.
+"""A worker's counters and histograms, served for Prometheus at ``/metrics``.
 
-One registry per worker object (not the global default), so tests and several workers in
-one process never share counters.
+:class:`Counters` is the one place every worker count goes (plain dict, no Prometheus
+types in the agent's hot path); :class:`Metrics` exports it as ``streamproc_<name>_total``
+counters next to the latency and batch histograms and the consumer-lag gauge. One
+registry per worker object, never the global default, so tests and several workers in one
+process never share numbers.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from collections import defaultdict
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-class Metrics:
+class Counters:
+    """Every worker counter in one place.
+
+    Names: events_in, decode_errors, late, duplicates, replayed, capped (label modality);
+    dead_letters (label kind); windows_emitted, windows_published, windows_masked
+    (label modality), internal_errors, inference_errors; ignored (label reason: records of a
+    rebalance that Kafka delivers again, see acks.OffsetGate); acks_refused (acks faust
+    tried on its own, see app.AlignState.guard_consumer).
+    """
+
     def __init__(self) -> None:
+        self._c: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
+
+    def inc(self, name: str, n: float = 1, **labels: str) -> None:
+        self._c[(name, tuple(sorted(labels.items())))] += n
+
+    def get(self, name: str, **labels: str) -> float:
+        """One series, or the sum over all label values when no labels are given."""
+        if labels:
+            return self._c.get((name, tuple(sorted(labels.items()))), 0)
+        return sum(v for (n, _), v in self._c.items() if n == name)
+
+    def items(self) -> list[tuple[str, dict[str, str], float]]:
+        return [(n, dict(lbl), v) for (n, lbl), v in sorted(self._c.items())]
+
+    def snapshot(self) -> dict[str, float]:
+        """``name{label=value}`` -> value, for logs and tests."""
+        out = {}
+        for n, lbl, v in self.items():
+            tag = ",".join(f"{k}={x}" for k, x in lbl.items())
+            out[f"{n}{{{tag}}}" if tag else n] = v
+        return out
+
+
+class _CountersCollector:
+    """Reads :class:`Counters` at scrape time: one counter family per name."""
+
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+
+    def collect(self):
+        families: dict[str, CounterMetricFamily] = {}
+        label_names: dict[str, list[str]] = {}
+        for name, labels, value in self.counters.items():
+            if name not in families:
+                label_names[name] = sorted(labels)
+                families[name] = CounterMetricFamily(
+                    f"streamproc_{name}", f"streamproc worker counter {name}",
+                    labels=label_names[name])
+            families[name].add_metric([labels.get(k, "") for k in label_names[name]], value)
+        yield from families.values()
+
+
+class Metrics:
+    """Counters plus histograms and gauges of one worker."""
+
+    def __init__(self, counters: Counters | None = None) -> None:
+        self.counters = counters if counters is not None else Counters()
         r = self.registry = CollectorRegistry()
-        self.events_in = Counter("streamproc_events_in", "Input records received.",
-                                 ["modality"], registry=r)
-        self.windows = Counter("streamproc_windows_emitted", "Windows closed and published.",
-                               ["closed_by"], registry=r)
-        self.missing = Counter("streamproc_windows_missing_modality",
-                               "Windows published with a modality masked.", ["modality"],
-                               registry=r)
-        self.late = Counter("streamproc_late_events", "Records for already closed windows.",
-                            ["modality"], registry=r)
-        self.duplicates = Counter("streamproc_duplicate_events",
-                                  "Records seen twice (same stream, modality, seq).",
-                                  ["modality"], registry=r)
-        self.dropped = Counter("streamproc_dropped",
-                               "Buffered data dropped by the per-stream memory cap.",
-                               ["modality"], registry=r)
-        self.dead_letters = Counter("streamproc_dead_letters", "Records sent to dead letter.",
-                                    ["kind"], registry=r)
+        r.register(_CountersCollector(self.counters))
         self.batch_size = Histogram("streamproc_batch_size", "Windows per inference batch.",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.inference_seconds = Histogram("streamproc_inference_seconds",
-                                           "Model time per batch.", buckets=LATENCY_BUCKETS,
-                                           registry=r)
+        self.inference_seconds = Histogram(
+            "streamproc_inference_seconds", "Model time per batch (preprocess + forward).",
+            buckets=LATENCY_BUCKETS, registry=r)
         self.added_latency_seconds = Histogram(
             "streamproc_added_latency_seconds",
-            "Window close -> prediction published (queue + inference + publish).",
+            "Window closed -> prediction published (queue + inference + publish).",
             buckets=LATENCY_BUCKETS, registry=r)
         self.e2e_latency_seconds = Histogram(
             "streamproc_end_to_end_latency_seconds",
@@ -47,6 +93,8 @@ class Metrics:
         self.consumer_lag = Gauge("streamproc_consumer_lag",
                                   "Records between the committed offset and the log end.",
                                   ["topic", "partition"], registry=r)
+        self.buffered = Gauge("streamproc_buffered", "Data held by the aligners.",
+                              ["kind"], registry=r)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Expose /metrics over HTTP (port 0: not at all)."""

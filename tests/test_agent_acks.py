@@ -11,7 +11,8 @@ import pytest
 
 from streamproc.acks import AckLedger, OffsetGate
 from streamproc.align import AlignConfig, Aligner
-from streamproc.app import Counters, ProgressWriter, summary_prediction, window_summary
+from streamproc.app import Counters, ProgressWriter
+from streamproc.inference import summary_prediction, window_summary
 from streamproc.wire import AudioChunk, Source, VideoFrame, decode_prediction, encode_prediction
 
 V, A, T = ("p.video", 0), ("p.audio", 0), ("p.text", 0)
@@ -248,7 +249,7 @@ def test_summary_prediction_round_trips_the_wire() -> None:
     w = _window()
     p = summary_prediction(w, emitted_at_ns=w.end_ns + 7 * MS)
     assert p.label == "" and p.scores == {} and p.model == {"name": "align-only", "version": "1"}
-    assert p.latency_ms == {"window_end_to_emit": 7.0}
+    assert p.latency_ms == {"total": 7.0}
     back = decode_prediction(encode_prediction(p))
     assert back.key == ("s", 0) and back.modalities == window_summary(w)["modalities"]
 

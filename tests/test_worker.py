@@ -36,8 +36,9 @@ from kafka.partitioner.default import murmur2
 
 from streamproc import wire
 from streamproc.align import AlignConfig, Aligner, Window
-from streamproc.app import progress_topic, window_summary
+from streamproc.app import progress_topic
 from streamproc.config import Settings, env_name
+from streamproc.inference import window_summary
 from streamproc.localkafka import free_port
 from streamproc.topics import create_topics
 

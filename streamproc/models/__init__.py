@@ -1,0 +1,319 @@
+"""Window classifiers: per-modality encoders -> fusion -> logits, in a registry of names.
+
+In the style of timm: ``create_model("lmf", labels=[...])`` builds a named architecture,
+``list_models()`` names them, ``register_model`` adds yours, and ``load_model(spec)``
+returns a ready model from a checkpoint or from a user factory ``package.module:factory``.
+
+Every model, ours or a user's, follows one protocol (docs/models.md):
+
+- ``labels: list[str]``, ``preprocess: Preprocess``, ``name: str``, ``version: str``;
+- ``model(batch: WindowBatch) -> logits [B, len(labels)]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from streamproc.batch import Preprocess, WindowBatch, make_batch
+from streamproc.errors import UserError
+from streamproc.models.encoders import DEFAULT_ENCODERS, EncoderConfig, build_encoder
+from streamproc.models.fusion import FUSIONS, build_fusion, count_parameters
+from streamproc.wire import MODALITIES
+
+__all__ = [
+    "FUSIONS",
+    "MODELS",
+    "ModelConfig",
+    "MultimodalModel",
+    "check_protocol",
+    "count_parameters",
+    "create_model",
+    "list_models",
+    "load_model",
+    "model_device",
+    "predict_proba",
+    "register_model",
+    "resolve_device",
+]
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model's architecture (weights live elsewhere)."""
+
+    architecture: str
+    labels: list[str]
+    preprocess: Preprocess
+    modalities: tuple[str, ...]
+    fusion: str
+    fusion_options: dict[str, Any] = field(default_factory=dict)
+    encoders: dict[str, EncoderConfig] = field(default_factory=dict)
+    name: str = ""
+    version: str = "1"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "architecture": self.architecture, "labels": list(self.labels),
+            "preprocess": self.preprocess.to_json(), "modalities": list(self.modalities),
+            "fusion": self.fusion, "fusion_options": dict(self.fusion_options),
+            "encoders": {m: e.to_json() for m, e in self.encoders.items()},
+            "name": self.name, "version": self.version,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ModelConfig:
+        return cls(
+            architecture=obj["architecture"], labels=list(obj["labels"]),
+            preprocess=Preprocess.from_json(obj["preprocess"]),
+            modalities=tuple(obj["modalities"]), fusion=obj["fusion"],
+            fusion_options=dict(obj.get("fusion_options", {})),
+            encoders={m: EncoderConfig.from_json(e) for m, e in obj["encoders"].items()},
+            name=obj.get("name", ""), version=str(obj.get("version", "1")),
+        )
+
+
+class MultimodalModel(nn.Module):
+    """Encoders for ``config.modalities`` + one fusion module."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        bad = [m for m in config.modalities if m not in MODALITIES]
+        if bad or not config.modalities:
+            raise UserError(f"modalities must be a non-empty subset of {MODALITIES}, "
+                            f"got {config.modalities}")
+        if len(set(config.labels)) != len(config.labels) or len(config.labels) < 2:
+            raise UserError("a model needs at least two distinct labels")
+        self.config = config
+        self.encoders = nn.ModuleDict({
+            m: build_encoder(m, config.encoders.get(m, DEFAULT_ENCODERS[m]), config.preprocess)
+            for m in config.modalities})
+        pre = config.preprocess
+        token_lens = {"video": pre.frames_per_window, "audio": pre.n_audio_frames // 4,
+                      "text": pre.max_text_tokens if self._text_kind() != "minilm" else 1}
+        self.fusion = build_fusion(
+            config.fusion, config.modalities, {m: e.dim for m, e in self.encoders.items()},
+            token_lens, len(config.labels), **config.fusion_options)
+        self._index = [MODALITIES.index(m) for m in config.modalities]
+
+    def _text_kind(self) -> str:
+        return self.config.encoders.get("text", DEFAULT_ENCODERS["text"]).kind
+
+    # --- the protocol ------------------------------------------------------------------
+    @property
+    def labels(self) -> list[str]:
+        return self.config.labels
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.config.preprocess
+
+    @property
+    def name(self) -> str:
+        return self.config.name or self.config.architecture
+
+    @property
+    def version(self) -> str:
+        return self.config.version
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.config.modalities
+
+    def forward(self, batch: WindowBatch) -> torch.Tensor:
+        present = batch.present[:, self._index]
+        encoded = {m: enc(batch) for m, enc in self.encoders.items()}
+        return self.fusion(encoded, present)
+
+    # --- conveniences ------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def predict_proba(self, windows: Sequence[Any]) -> torch.Tensor:
+        """Windows -> class probabilities [B, n_labels] (eval mode, no grad)."""
+        return predict_proba(self, windows)
+
+
+def model_device(model: Any) -> torch.device:
+    """Where a model's weights are (CPU for parameter-free user models)."""
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def predict_proba(model: Any, windows: Sequence[Any]) -> torch.Tensor:
+    """Any protocol model: windows -> preprocessing -> logits -> probabilities on CPU.
+
+    What an inference stage runs per micro-batch; the model's own ``preprocess`` decides
+    the tensors, so serving matches training.
+    """
+    if hasattr(model, "eval"):
+        model.eval()
+    batch = make_batch(windows, model.preprocess).to(model_device(model))
+    logits = model(batch)
+    if logits.shape != (len(windows), len(model.labels)):
+        raise UserError(f"model {getattr(model, 'name', '?')!r} returned logits of shape "
+                        f"{tuple(logits.shape)}, expected ({len(windows)}, {len(model.labels)})")
+    return torch.softmax(logits.float(), dim=1).cpu()
+
+
+# ---------------------------------------------------------------------------------------
+# registry
+# ---------------------------------------------------------------------------------------
+
+ModelFactory = Callable[..., MultimodalModel]
+MODELS: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    """Register ``factory(labels, preprocess=None, **options) -> MultimodalModel``."""
+    def deco(fn: ModelFactory) -> ModelFactory:
+        if name in MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        MODELS[name] = fn
+        return fn
+    return deco
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def create_model(arch: str, /, labels: Sequence[str], preprocess: Preprocess | None = None,
+                 **options: Any) -> MultimodalModel:
+    """A fresh (untrained) model of a registered architecture; ``options`` go to its
+    factory (``name``, ``version``, ``dim``, ``text_encoder``, fusion options...)."""
+    if arch not in MODELS:
+        raise UserError(f"unknown model {arch!r}; one of {', '.join(list_models())}")
+    return MODELS[arch](list(labels), preprocess or Preprocess(), **options)
+
+
+def _builtin(arch: str, fusion: str, modalities: tuple[str, ...],
+             defaults: dict[str, Any]) -> ModelFactory:
+    def factory(labels: list[str], preprocess: Preprocess | None = None, *,
+                text_encoder: str = "gru", dim: int = 64, name: str = "",
+                version: str = "1", encoders: dict[str, EncoderConfig] | None = None,
+                **fusion_options: Any) -> MultimodalModel:
+        enc = {m: dataclasses.replace(DEFAULT_ENCODERS[m], dim=dim) for m in modalities}
+        if "text" in enc:
+            enc["text"] = dataclasses.replace(enc["text"], kind=text_encoder)
+        enc.update(encoders or {})
+        cfg = ModelConfig(arch, list(labels), preprocess or Preprocess(), modalities, fusion,
+                          {**defaults, **fusion_options}, enc, name, version)
+        return MultimodalModel(cfg)
+    factory.__name__ = arch
+    factory.__doc__ = f"{arch}: {fusion} fusion over {', '.join(modalities)}."
+    return factory
+
+
+for _arch, _fusion, _mods, _defaults in (
+    ("early", "early", MODALITIES, {}),
+    ("late", "late", MODALITIES, {}),
+    ("lmf", "lmf", MODALITIES, {"rank": 8, "proj": 16}),
+    ("tfn", "tfn", MODALITIES, {"proj": 16}),
+    ("attention", "attention", MODALITIES, {}),
+    ("video", "unimodal", ("video",), {}),
+    ("audio", "unimodal", ("audio",), {}),
+    ("text", "unimodal", ("text",), {}),
+):
+    register_model(_arch)(_builtin(_arch, _fusion, _mods, _defaults))
+
+FUSION_MODELS = ("early", "late", "lmf", "tfn", "attention")
+SINGLE_MODELS = ("video", "audio", "text")
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; asking for CUDA without one is an error."""
+    d = str(device)
+    if d == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if d.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {d!r} asked for, but torch sees no CUDA device "
+                        "(use --device cpu or auto)")
+    return torch.device(d)
+
+
+_PROTOCOL = {"labels": "a list of label strings", "preprocess": "a streamproc.batch.Preprocess",
+             "name": "a string", "version": "a string"}
+
+
+def check_protocol(model: Any, where: str) -> None:
+    """Raise a UserError naming what a model object lacks to serve windows."""
+    problems = []
+    for attr, what in _PROTOCOL.items():
+        if not hasattr(model, attr):
+            problems.append(f"no attribute .{attr} ({what})")
+    if not problems:
+        if (not isinstance(model.labels, (list, tuple)) or len(model.labels) < 2
+                or not all(isinstance(x, str) for x in model.labels)):
+            problems.append(".labels must be a list of at least two strings")
+        if not isinstance(model.preprocess, Preprocess):
+            problems.append(f".preprocess must be a Preprocess, got "
+                            f"{type(model.preprocess).__name__}")
+        if not isinstance(model.name, str) or not isinstance(model.version, str):
+            problems.append(".name and .version must be strings")
+    if not callable(model):
+        problems.append("it is not callable (model(batch) -> logits)")
+    if problems:
+        raise UserError(f"{where} does not follow the streamproc model protocol "
+                        f"(docs/models.md): {'; '.join(problems)}")
+
+
+def _import_factory(spec: str) -> Callable[[], Any]:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"model {spec!r}: cannot import module {module_name!r}: {e}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UserError(f"model {spec!r}: module {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UserError(f"model {spec!r}: {attr!r} is not callable")
+    return obj
+
+
+def load_model(spec: str, device: str | torch.device = "cpu") -> Any:
+    """A ready model (eval mode, on ``device``) from a checkpoint path or an import path.
+
+    - a directory (or its ``model.json`` / ``model.safetensors``) written by
+      ``save_checkpoint``: verified against its digest, never unpickled;
+    - ``package.module:factory``: ``factory()`` is called with no arguments and must
+      return an object following the protocol (docs/models.md).
+    """
+    from streamproc.models.checkpoint import load_checkpoint
+
+    if not spec:
+        raise UserError("no model given: pass a checkpoint directory or package.module:factory")
+    dev = resolve_device(device)
+    path = Path(spec).expanduser()
+    if path.exists():
+        model = load_checkpoint(path, dev)
+    elif ":" in spec and "/" not in spec.partition(":")[0]:
+        model = _import_factory(spec)()
+        if isinstance(model, nn.Module):
+            model = model.to(dev)
+    else:
+        raise UserError(f"model {spec!r}: no such checkpoint file or directory, and not an "
+                        "import path of the form package.module:factory")
+    check_protocol(model, f"model {spec!r}")
+    if hasattr(model, "eval"):
+        model.eval()
+    return model
