@@ -172,14 +172,9 @@ def main() -> int:
     if args.agent_child:
         agent_child()
         return 0
-    broker = None
-    bootstrap = os.environ.get("STREAMPROC_BOOTSTRAP")
-    if not bootstrap:
-        from streamproc.localkafka import LocalBroker
+    from streamproc.localkafka import existing_or_local
 
-        broker = LocalBroker().start()
-        bootstrap = broker.bootstrap
-    try:
+    with existing_or_local() as bootstrap:
         settings = Settings(bootstrap_servers=bootstrap,
                             topic_prefix=f"bench{uuid.uuid4().hex[:8]}", partitions=4)
         create_topics(settings)
@@ -197,9 +192,6 @@ def main() -> int:
             windows = agent["windows"]
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in res.items()),
                   file=sys.stderr)
-    finally:
-        if broker is not None:
-            broker.stop()
     med = {k: statistics.median(v) for k, v in res.items()}
     rows = [
         "| reader | events/s (median) | µs per event | ratio to bare |",

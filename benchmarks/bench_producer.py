@@ -104,8 +104,8 @@ def crc_variant() -> str:
     try:
         import crc32c  # noqa: F401
     except ImportError:
-        return "kafka-python with its pure-Python CRC32C (as requirements.lock installs it)"
-    return "kafka-python with the crc32c C extension (optional package, not in the lock)"
+        return "kafka-python with its pure-Python CRC32C (crc32c not installed)"
+    return "kafka-python with the crc32c C extension (as requirements.lock installs it)"
 
 
 def machine() -> str:
@@ -214,23 +214,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--write-docs", action="store_true", help=f"record the table in {DOCS}")
     args = ap.parse_args()
-    broker = None
-    bootstrap = os.environ.get("STREAMPROC_BOOTSTRAP")
-    if not bootstrap:
-        from streamproc.localkafka import LocalBroker
+    from streamproc.localkafka import existing_or_local
 
-        broker = LocalBroker().start()
-        bootstrap = broker.bootstrap
-    try:
+    with existing_or_local() as bootstrap:
         settings = Settings(bootstrap_servers=bootstrap,
                             topic_prefix=f"bench{uuid.uuid4().hex[:8]}", partitions=4)
         create_topics(settings)
         variant = crc_variant()
         print(f"{variant}; {machine()}", file=sys.stderr)
         rows = run(settings, args.rounds)
-    finally:
-        if broker is not None:
-            broker.stop()
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     body = (f"Machine: {machine()}; load average {load} when it finished (other work "
             f"shares these cores). {args.rounds} rounds, median; "

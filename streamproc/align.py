@@ -39,7 +39,7 @@ from streamproc.wire import (
     pcm_samples,
 )
 
-OUTCOMES = ("accepted", "duplicate", "late", "replayed", "capped")
+OUTCOMES = ("accepted", "duplicate", "late", "replayed", "capped", "future")
 CLOSED_BY = ("watermark", "deadline", "flush")
 
 # The (modality, seq) of records whose windows closed are remembered for this many closed
@@ -94,8 +94,28 @@ class Window:
 
     @property
     def text(self) -> str:
-        """The transcript words of the window, segments joined in time order."""
-        return " ".join(s.text.strip() for s in self.segments if s.text.strip())
+        """The transcript words of the window, segments joined in time order.
+
+        A partial segment (``final=False``) is left out when a final segment overlaps it:
+        recognisers revise partials, so the final words replace them rather than repeat.
+        """
+        finals = [f for f in self.segments if f.final]
+        words = []
+        for s in self.segments:
+            if not s.final and any(f.start_ns <= s.end_ns and s.start_ns <= f.end_ns
+                                   for f in finals):
+                continue
+            if s.text.strip():
+                words.append(s.text.strip())
+        return " ".join(words)
+
+
+def even_indices(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n), each the centre of its n/k stretch (all of
+    them when n <= k): how a window's K frames are picked, here, in batches and AV-Digits."""
+    if n <= k:
+        return list(range(n))
+    return [(2 * i + 1) * n // (2 * k) for i in range(k)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -118,6 +138,9 @@ class AlignConfig:
     max_buffer_audio_s: float = 60.0
     # Not a Settings option: segments are tiny, this only stops unbounded growth.
     max_buffer_segments: int = 1000
+    # A record this far ahead of the wall clock is refused (0: no limit): one frame from a
+    # producer with a wrong clock would otherwise push a watermark into the future.
+    max_future_ns: int = 0
 
     def __post_init__(self) -> None:
         lateness = {m: int(self.lateness_ns.get(m, 0)) for m in MODALITIES}
@@ -135,6 +158,7 @@ class AlignConfig:
             (self.max_buffer_frames >= 1, "max_buffer_frames must be at least 1"),
             (self.max_buffer_audio_s > 0, "max_buffer_audio_s must be positive"),
             (self.max_buffer_segments >= 1, "max_buffer_segments must be at least 1"),
+            (self.max_future_ns >= 0, "max_future_ns must not be negative"),
         ]
         for ok, rule in rules:
             if not ok:
@@ -153,6 +177,7 @@ class AlignConfig:
             sample_rate=s.sample_rate,
             max_buffer_frames=s.max_buffer_frames,
             max_buffer_audio_s=s.max_buffer_audio_s,
+            max_future_ns=s.max_future_ms * ms,
         )
 
     @property
@@ -301,7 +326,8 @@ class Aligner:
         self._accepted: dict[int, Outcome] = {}
         self.stats: dict[str, int | float] = dict.fromkeys(
             ("accepted", "duplicates", "late", "late_partial", "late_windows_missed", "replayed",
-             "capped", "capped_frames", "capped_segments", "windows", "windows_deadline",
+             "capped", "capped_frames", "capped_segments", "future", "windows",
+             "windows_deadline",
              "windows_flush", "windows_masked"), 0)
         self.stats["capped_audio_s"] = 0.0
 
@@ -310,6 +336,13 @@ class Aligner:
     def add(self, rec: MediaRecord, now_ns: int) -> Outcome:
         """Take one decoded record; ``now_ns`` is the wall clock (for the idle deadline)."""
         sid = rec.stream_id
+        ahead = rec.ts_ns - now_ns
+        if self.cfg.max_future_ns and ahead > self.cfg.max_future_ns:
+            self.stats["future"] += 1
+            return Outcome("future", f"{rec.modality} record seq {rec.seq} of stream {sid} has "
+                           f"an event time {ahead / NS_PER_S:.1f} s ahead of this worker's clock "
+                           f"(limit {self.cfg.max_future_ns / NS_PER_S:.0f} s, "
+                           "--max-future-ms): is the producer's clock wrong?")
         st = self._streams.get(sid)
         if st is None:
             st = self._open(sid, now_ns)
@@ -654,7 +687,7 @@ class Aligner:
         frames.sort(key=_by_ts_seq)
         n = len(frames)
         kk = self.cfg.frames_per_window
-        picked = frames if n <= kk else [frames[(2 * i + 1) * n // (2 * kk)] for i in range(kk)]
+        picked = [frames[i] for i in even_indices(n, kk)]
         if n:
             seqs = [f.seq for f in frames]
             frames_dropped = max(seqs) - min(seqs) + 1 - n

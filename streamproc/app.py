@@ -19,6 +19,7 @@ inputs. docs/worker.md explains the choices.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -55,6 +56,25 @@ DEAD_LETTERS_LOGGED = 20
 #: Seeks for one hole in an input partition before checking whether retention deleted it.
 HOLE_SEEKS_BEFORE_CHECK = 3
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+#: Bytes a dead letter needs beyond key, value and headers (record batch framing, our headers).
+DEAD_LETTER_OVERHEAD = 1024
+
+
+def _fit_dead_letter(rec: wire.KafkaRecord, reason: str,
+                     max_bytes: int) -> tuple[wire.KafkaRecord, str]:
+    """Leave out the value of a record whose dead letter would exceed ``max_bytes``.
+
+    The producer refuses such a record, and a dead letter that cannot be sent crashes the
+    worker on every restart (the record is never acked). The source offset in the dead
+    letter still leads to the value, which stays in its topic until retention.
+    """
+    size = (len(rec.key or b"") + len(rec.value or b"") + len(reason.encode())
+            + sum(len(k) + len(v) for k, v in rec.headers) + DEAD_LETTER_OVERHEAD)
+    if size <= max_bytes:
+        return rec, reason
+    note = (f"; its {len(rec.value or b'')}-byte value is not copied into the dead letter "
+            "(too large), read it at the source offset")
+    return dataclasses.replace(rec, value=b""), reason + note
 
 
 # ---------------------------------------------------------------------------------------
@@ -236,7 +256,7 @@ class AlignState:
                                 max_bytes=self.settings.max_message_bytes)
         except wire.WireError as e:
             self.counters.inc("decode_errors", modality=modality)
-            self._dead_letter(tp, offset, event, rec, str(e), "decode")
+            self._dead_letter(tp, offset, event, rec, str(e), e.kind)
             return
         aligner = self._aligner(msg.partition)
         now = self.clock()
@@ -257,9 +277,9 @@ class AlignState:
                 self.counters.inc(status if status == "replayed" else "duplicates",
                                   modality=modality)
             self._queue_acks(self.ledger.track_done(tp, offset, event))
-        elif status in ("late", "capped"):
+        elif status in ("late", "capped", "future"):
             self.counters.inc(status, modality=modality)
-            kind = "late" if status == "late" else "capacity"
+            kind = {"late": "late", "capped": "capacity", "future": "clock"}[status]
             self._dead_letter(tp, offset, event, rec, out.reason or status, kind)
         else:
             raise RuntimeError(f"aligner returned unknown outcome {status!r}")
@@ -441,6 +461,7 @@ class AlignState:
     def _dead_letter(self, tp: tuple[str, int], offset: int, event: Any,
                      rec: wire.KafkaRecord, reason: str, kind: str) -> None:
         entry = self.ledger.track(tp, offset, event)
+        rec, reason = _fit_dead_letter(rec, reason, self.settings.max_message_bytes)
         self.counters.inc("dead_letters", kind=kind)
         n = int(self.counters.get("dead_letters", kind=kind))
         if n <= DEAD_LETTERS_LOGGED or n % 100 == 0:  # a broken producer must not flood the log

@@ -33,8 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from streamproc.align import Window
-from streamproc.batch import even_indices
+from streamproc.align import Window, even_indices
 from streamproc.errors import UserError
 from streamproc.wire import NS_PER_S, TranscriptSegment, VideoFrame, encode_image, pcm_bytes
 

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from streamproc.align import Window, even_indices
 from streamproc.errors import UserError
 from streamproc.wire import MODALITIES, WireError, decode_image
 
 if TYPE_CHECKING:
-    from streamproc.align import Window
     from streamproc.config import Settings
 
 log = logging.getLogger(__name__)
@@ -225,14 +225,6 @@ class WindowBatch:
 # ---------------------------------------------------------------------------------------
 # video
 # ---------------------------------------------------------------------------------------
-
-
-def even_indices(n: int, k: int) -> list[int]:
-    """k indices spread evenly over range(n), each the centre of its n/k stretch (all of
-    them when n <= k): the rule the aligner uses to pick a window's K frames."""
-    if n <= k:
-        return list(range(n))
-    return [(2 * i + 1) * n // (2 * k) for i in range(k)]
 
 
 def frame_array(data: bytes, fmt: str, pre: Preprocess) -> np.ndarray:

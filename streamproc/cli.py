@@ -31,6 +31,11 @@ def _command(sub: argparse._SubParsersAction, name: str, handler: Handler, help:
 
 
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    if args.markdown:
+        from streamproc.config import settings_table
+
+        print(settings_table())
+        return 0
     rows = Settings.describe(args)
     if args.json:
         print(json.dumps({name: value for name, value, _ in rows}, indent=2))
@@ -540,6 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "config", cmd_config, "Print the effective settings and where each "
                  "value came from (default, environment, flag).")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--markdown", action="store_true",
+                   help="print every setting with its flag, variable and default (Markdown)")
 
     p = _command(sub, "topics", cmd_topics, "Create or check the streamproc topics.")
     p.add_argument("action", choices=["create", "check"],

@@ -68,6 +68,9 @@ class Settings:
     sample_rate: int = _opt(16000, "Audio rate (Hz) windows are resampled to for the model.")
     max_buffer_frames: int = _opt(600, "Cap on buffered video frames per stream.")
     max_buffer_audio_s: float = _opt(60.0, "Cap on buffered audio seconds per stream.")
+    max_future_ms: int = _opt(
+        60_000, "Records whose event time is further ahead of the worker's clock are "
+        "dead-lettered (a producer clock is wrong); 0: no limit.")
     # --- model and inference -----------------------------------------------------------
     model: str = _opt(
         "",
@@ -80,7 +83,7 @@ class Settings:
     # --- worker ----------------------------------------------------------------------
     app_id: str = _opt("streamproc", "Consumer group / faust app id shared by all workers.")
     data_dir: str = _opt(
-        "", "Worker state directory (faust tables). Empty: ~/.cache/streamproc/worker."
+        "", "Worker state directory (faust's datadir). Empty: ~/.cache/streamproc/worker."
     )
     metrics_port: int = _opt(9109, "Port of the worker's Prometheus /metrics endpoint (0: off).")
     web_port: int = _opt(6066, "Port of faust's own web server (0: off).")
@@ -107,6 +110,7 @@ class Settings:
             "sample_rate": (self.sample_rate >= 1000, "must be at least 1000 Hz"),
             "max_buffer_frames": (self.max_buffer_frames >= 1, "must be at least 1"),
             "max_buffer_audio_s": (self.max_buffer_audio_s > 0, "must be positive"),
+            "max_future_ms": (self.max_future_ms >= 0, "must not be negative"),
             "batch_size": (self.batch_size >= 1, "must be at least 1"),
             "session_timeout_ms": (self.session_timeout_ms >= 1000, "must be at least 1000"),
             "batch_max_wait_ms": (self.batch_max_wait_ms >= 0, "must not be negative"),
@@ -225,6 +229,16 @@ def _convert(f: dataclasses.Field, raw: Any, where: str) -> Any:
         return kind(str(raw).strip())
     except ValueError:
         raise ConfigError(f"{where}: expected {kind.__name__} for {f.name}, got {raw!r}") from None
+
+
+def settings_table() -> str:
+    """Every setting as a Markdown table (the README's; `streamproc config --markdown`)."""
+    rows = ["| setting | flag | environment | default | meaning |", "|---|---|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        default = f"`{f.default}`" if f.default != "" else "(empty)"
+        rows.append(f"| `{f.name}` | `{flag_name(f)}` | `{env_name(f)}` | {default} | "
+                    f"{f.metadata['help']} |")
+    return "\n".join(rows)
 
 
 def add_settings_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:

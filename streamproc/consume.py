@@ -65,6 +65,22 @@ class Deduper:
         return "new"
 
 
+def kafka_consumer(settings: Settings) -> KafkaConsumer:
+    """A group-less, read_committed kafka-python consumer sized for streamproc records."""
+    try:
+        return KafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers.split(","),
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            group_id=None,
+            max_partition_fetch_bytes=settings.max_message_bytes,
+            fetch_max_bytes=max(settings.max_message_bytes, 52428800),
+            **settings.security_kwargs(),
+        )
+    except KafkaError as e:
+        raise UserError(f"no Kafka broker reachable at {settings.bootstrap_servers}: {e}") from e
+
+
 def consume(
     settings: Settings | None = None,
     *,
@@ -86,18 +102,7 @@ def consume(
     settings = settings or Settings.load()
     stats = stats if stats is not None else ConsumeStats()
     topic = settings.topic("predictions")
-    try:
-        consumer = KafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers.split(","),
-            isolation_level="read_committed",
-            enable_auto_commit=False,
-            group_id=None,
-            max_partition_fetch_bytes=settings.max_message_bytes,
-            fetch_max_bytes=max(settings.max_message_bytes, 52428800),
-            **settings.security_kwargs(),
-        )
-    except KafkaError as e:
-        raise UserError(f"no Kafka broker reachable at {settings.bootstrap_servers}: {e}") from e
+    consumer = kafka_consumer(settings)
     try:
         parts = consumer.partitions_for_topic(topic)
         if not parts:

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -168,13 +167,9 @@ class WorkerProcess:
         raise UserError(f"the worker was not ready after {timeout:.0f}s; see {self.log_path}")
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from streamproc.localkafka import terminate
+
+        terminate(self.proc, timeout)
         self._log.close()
 
 

@@ -17,6 +17,8 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from streamproc.errors import UserError
@@ -234,15 +236,8 @@ class LocalBroker:
                               f"last log lines:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM and wait for a clean shutdown; SIGKILL if it hangs."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc, timeout)
 
     def log_tail(self, lines: int = 40) -> str:
         text = ""
@@ -256,6 +251,31 @@ class LocalBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def terminate(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM and wait for a clean shutdown; SIGKILL if it hangs."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextmanager
+def existing_or_local(bootstrap: str | None = None,
+                      data_dir: str | Path | None = None) -> Iterator[str]:
+    """Bootstrap servers to use: ``bootstrap`` or STREAMPROC_BOOTSTRAP when set, else a
+    LocalBroker started for the duration of the block (tests, benchmarks, the demo)."""
+    given = bootstrap or os.environ.get("STREAMPROC_BOOTSTRAP")
+    if given:
+        yield given
+        return
+    with LocalBroker(data_dir) as broker:
+        yield broker.bootstrap
 
 
 def _cluster_id() -> str:

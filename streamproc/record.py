@@ -19,6 +19,7 @@ from pathlib import Path
 
 from streamproc.align import AlignConfig, Aligner, Window
 from streamproc.config import Settings
+from streamproc.consume import kafka_consumer
 from streamproc.dataset import DatasetWriter, LabelSpans, read_labels
 from streamproc.errors import UserError
 from streamproc.wire import NS_PER_S, KafkaRecord, MediaRecord, WireError, decode
@@ -31,6 +32,7 @@ class RecordStats:
     late: int = 0
     duplicates: int = 0
     capped: int = 0  # refused by the aligner's memory cap
+    future: int = 0  # event time too far ahead of the clock (--max-future-ms)
     windows: int = 0
     labelled: int = 0
     unlabelled: int = 0
@@ -40,7 +42,8 @@ class RecordStats:
         out = (f"{self.records} records, {self.windows} windows: {self.labelled} labelled "
                f"and written, {self.unlabelled} without a label skipped; "
                f"{self.undecodable} undecodable, {self.late} late, {self.duplicates} "
-               f"duplicate and {self.capped} capped (memory cap) records")
+               f"duplicate, {self.capped} capped (memory cap) and {self.future} future "
+               "(clock) records")
         if self.reasons:
             out += "\nundecodable: " + "; ".join(f"{n}x {r}" for r, n in self.reasons.items())
         return out
@@ -95,8 +98,7 @@ def record(settings: Settings, labels: str | Path, out: str | Path, *,
            log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> RecordStats:
     """Record labelled windows until the topics stay quiet for ``idle_exit_s`` seconds
     (or ``max_windows`` are written, or ``stop`` is set); then flush what is buffered."""
-    from kafka import KafkaConsumer, TopicPartition
-    from kafka.errors import KafkaError
+    from kafka import TopicPartition
 
     from streamproc.topics import check_topics
 
@@ -105,15 +107,7 @@ def record(settings: Settings, labels: str | Path, out: str | Path, *,
     check_topics(settings, inputs_only=True)
     stats = RecordStats()
     aligner = Aligner(AlignConfig.from_settings(settings))
-    try:
-        consumer = KafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers.split(","), group_id=None,
-            enable_auto_commit=False, isolation_level="read_committed",
-            max_partition_fetch_bytes=settings.max_message_bytes,
-            fetch_max_bytes=max(settings.max_message_bytes, 52428800),
-            **settings.security_kwargs())
-    except KafkaError as e:
-        raise UserError(f"no Kafka broker reachable at {settings.bootstrap_servers}: {e}") from e
+    consumer = kafka_consumer(settings)
     modality = {settings.topic(m): m for m in ("video", "audio", "text")}
     source = {"recorded_from": settings.bootstrap_servers, "topics": list(modality),
               "labels_file": str(labels), "origin": str(origin), "min_overlap": min_overlap,
@@ -163,6 +157,8 @@ def record(settings: Settings, labels: str | Path, out: str | Path, *,
                         stats.duplicates += 1
                     elif outcome.status == "capped":
                         stats.capped += 1
+                    elif outcome.status == "future":
+                        stats.future += 1
             emit(aligner.poll(now))
             if got:
                 quiet_since = time.monotonic()

@@ -35,10 +35,11 @@ Headers = tuple[tuple[str, bytes], ...]
 class WireError(ValueError):
     """A record that does not follow wire format v1. ``str(err)`` is for people."""
 
-    def __init__(self, reason: str, header: str | None = None) -> None:
+    def __init__(self, reason: str, header: str | None = None, kind: str = "decode") -> None:
         super().__init__(reason)
         self.reason = reason
         self.header = header
+        self.kind = kind  # the dead-letter kind: "decode", or "oversize" for the size limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,7 +438,8 @@ def decode(
     seq = _int_header(h, "sp-seq", 0, INT64_MAX)
     value = rec.value if rec.value is not None else b""
     if max_bytes is not None and len(value) > max_bytes:
-        raise WireError(f"value is {len(value)} bytes, over the {max_bytes}-byte limit")
+        raise WireError(f"value is {len(value)} bytes, over the {max_bytes}-byte limit",
+                        kind="oversize")
     if not value:
         raise WireError(f"{mod} record has an empty value")
     src = rec.source if rec.topic else None
@@ -570,7 +572,7 @@ def decode_prediction(rec: KafkaRecord) -> Prediction:
 # dead letters
 # ---------------------------------------------------------------------------------------
 
-DEAD_LETTER_KINDS = ("decode", "late", "oversize", "capacity", "internal")
+DEAD_LETTER_KINDS = ("decode", "late", "oversize", "capacity", "clock", "internal")
 
 
 @dataclass(frozen=True, slots=True)

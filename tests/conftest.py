@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import settings as hypothesis_settings
@@ -51,6 +52,34 @@ def topics(settings: Settings) -> Settings:
 
     create_topics(settings)
     return settings
+
+
+@pytest.fixture(scope="session")
+def avdigits_tts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One speech cache per session: the tiny dataset and the tests' clips share voices."""
+    return tmp_path_factory.mktemp("avdigits-tts")
+
+
+@pytest.fixture(scope="session")
+def avdigits_tiny(tmp_path_factory: pytest.TempPathFactory, avdigits_tts: Path) -> Path:
+    """The tiny AV-Digits dataset, generated once per session."""
+    from streamproc import avdigits as av
+
+    return av.generate(tmp_path_factory.mktemp("avdigits-tiny") / "ds", av.PRESETS["tiny"],
+                       avdigits_tts)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(avdigits_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`streamproc train` (the CLI, as a user runs it) on tiny AV-Digits, once per session:
+    late fusion, 12 epochs, seed 0. Training and pipeline tests share it."""
+    from streamproc.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-model") / "late"
+    rc = main(["train", str(avdigits_tiny), "--model", "late", "--out", str(out), "--epochs",
+               "12", "--seed", "0", "--device", "cpu", "--name", "avdigits-late"])
+    assert rc == 0
+    return out
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

@@ -82,7 +82,7 @@ def test_config_from_settings_converts_every_field():
     s = Settings(window_ms=800, hop_ms=400, lateness_video_ms=100, lateness_audio_ms=200,
                  lateness_text_ms=2500, idle_deadline_ms=1500, expected_modalities="video,text",
                  frames_per_window=4, sample_rate=22050, max_buffer_frames=50,
-                 max_buffer_audio_s=7.5)
+                 max_buffer_audio_s=7.5, max_future_ms=5000)
     c = AlignConfig.from_settings(s)
     assert (c.window_ns, c.hop_ns, c.idle_ns) == (800 * MS, 400 * MS, 1500 * MS)
     assert c.lateness_ns == {"video": 100 * MS, "audio": 200 * MS, "text": 2500 * MS}
@@ -90,6 +90,7 @@ def test_config_from_settings_converts_every_field():
     assert (c.frames_per_window, c.sample_rate) == (4, 22050)
     assert (c.max_buffer_frames, c.max_buffer_audio_s) == (50, 7.5)
     assert c.window_samples == round(0.8 * 22050)
+    assert c.max_future_ns == 5000 * MS
 
 
 @pytest.mark.parametrize("change, words", [
@@ -528,3 +529,38 @@ def test_a_span_longer_than_the_buffer_is_refused_not_buffered():
     assert out.status == "capped" and "3600.0 s" in out.reason and "10.0 s" in out.reason
     assert a.buffered()["windows"] == 0 and a.stats["capped"] == 1
     assert a.add(seg("s", 1, 0, 10 * S), 0).status == "accepted"  # 10 s is allowed
+
+
+def test_window_text_prefers_final_segments_over_the_partials_they_revise() -> None:
+    import numpy as np
+
+    from streamproc.align import Window
+    from streamproc.wire import TranscriptSegment
+
+    segs = [
+        TranscriptSegment("s", 0, "sev", 100, 300, final=False),
+        TranscriptSegment("s", 1, "seven", 100, 400, final=True),
+        TranscriptSegment("s", 2, "and thr", 600, 800, final=False),  # not revised yet
+    ]
+    w = Window("s", 0, 1000, [], 0, np.zeros(0, np.float32), np.zeros(0, bool), 16000, segs,
+               {"video": False, "audio": False, "text": True})
+    assert w.text == "seven and thr"
+
+
+def test_records_from_a_clock_far_in_the_future_are_refused_not_buffered() -> None:
+    import numpy as np
+
+    from streamproc.align import AlignConfig, Aligner
+    from streamproc.wire import AudioChunk
+
+    cfg = AlignConfig(window_ns=1_000_000_000, hop_ns=1_000_000_000,
+                      lateness_ns={"audio": 0}, idle_ns=5_000_000_000, expected=("audio",),
+                      max_future_ns=60_000_000_000)
+    a = Aligner(cfg)
+    now = 1_763_000_000_000_000_000
+    ahead = AudioChunk.from_samples("s", now + 120_000_000_000, 0, np.zeros(160), 16000)
+    out = a.add(ahead, now)
+    assert out.status == "future" and "120.0 s ahead" in out.reason
+    assert a.streams == [] and a.stats["future"] == 1  # nothing buffered, no watermark moved
+    fine = AudioChunk.from_samples("s", now + 30_000_000_000, 1, np.zeros(160), 16000)
+    assert a.add(fine, now).status == "accepted"

@@ -43,6 +43,7 @@ from streamproc.sources import (
     file_records,
     import_sounddevice,
     publish_transcript_lines,
+    replay,
     wav_chunks,
 )
 
@@ -202,6 +203,31 @@ def test_file_records_share_one_clock_origin_and_come_out_in_due_order(media) ->
     assert due == sorted(due)
     for got, want in zip(video, media.frames, strict=True):
         assert mean_abs_diff(got.image(), want) < 8
+
+
+@pytest.mark.parametrize("ahead_s", [0, 5])
+def test_realtime_replay_never_sends_a_record_before_its_event_time(media, ahead_s) -> None:
+    """With a start in the future (``--start-at``, the demo) the replay waits for it:
+    each record goes out when its span has ended, as from a live source."""
+
+    class Instant(ManualClock):  # waiting moves the clock at once
+        def wait_until(self, wall_ns: int, stop=None) -> bool:
+            self.now = max(self.now, wall_ns)
+            return True
+
+    clock = Instant()
+    sent: list[tuple[int, object]] = []
+
+    class Sink:
+        def publish(self, rec) -> None:
+            sent.append((clock.now, rec))
+
+    start = T0 + ahead_s * S
+    replay(Sink(), "s1", media.video, media.wav, media.srt, start_at_ns=start, clock=clock)
+    assert {r.modality for _, r in sent} == {"video", "audio", "text"}
+    assert all(now >= rec.end_ns for now, rec in sent)
+    first_audio = next(now for now, r in sent if r.modality == "audio")
+    assert first_audio == start + 100 * MS  # sent as its 100 ms span ends, not earlier or later
 
 
 def test_wav_keeps_its_own_rate_and_speech_is_sample_exact(media) -> None:

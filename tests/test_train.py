@@ -37,19 +37,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    return av.generate(root / "ds", av.PRESETS["tiny"], root / "tts")
+def tiny(avdigits_tiny: Path) -> Path:
+    return avdigits_tiny  # generated once per session (conftest.py)
 
 
 @pytest.fixture(scope="module")
-def trained(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`streamproc train` on tiny AV-Digits (the CLI, as a user runs it)."""
-    out = tmp_path_factory.mktemp("ckpt") / "late"
-    rc = main(["train", str(tiny), "--model", "late", "--out", str(out), "--epochs", "12",
-               "--seed", "0", "--device", "cpu", "--name", "avdigits-late"])
-    assert rc == 0
-    return out
+def trained(tiny_model: Path) -> Path:
+    """`streamproc train` on tiny AV-Digits, once per session (conftest.py; the pipeline
+    tests serve the same checkpoint)."""
+    return tiny_model
 
 
 def test_tiny_avdigits_beats_chance_on_held_out_test(tiny: Path, trained: Path) -> None:
@@ -83,7 +79,7 @@ def test_the_trained_model_recognises_a_replayed_clip(trained: Path, tmp_path: P
     digits = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
     clip = av.write_clip(tmp_path / "clip", digits, stream_id="demo-1",
                          cfg=av.PRESETS["tiny"], cache_dir=tmp_path / "tts")
-    settings = Settings()
+    settings = Settings(max_future_ms=0)  # a fixed origin, replayed on a fake clock
     assert model.preprocess.mismatches(settings) == []
     aligner = Aligner(AlignConfig.from_settings(settings))
     labeler = WindowLabeler(read_labels(clip.labels))

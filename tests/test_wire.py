@@ -253,8 +253,9 @@ def test_video_dimension_mismatch_and_oversize() -> None:
     kr = wire.encode(VideoFrame.from_image("cam", 1, 0, np.zeros((10, 20, 3), np.uint8)))
     with pytest.raises(WireError, match="image is 20x10 but headers sp-w/sp-h say 21x10"):
         wire.decode(_with_header(kr, "sp-w", b"21"))
-    with pytest.raises(WireError, match="over the 100-byte limit"):
+    with pytest.raises(WireError, match="over the 100-byte limit") as err:
         wire.decode(kr, max_bytes=100)
+    assert err.value.kind == "oversize"
     with pytest.raises(WireError, match="record on the audio topic"):
         wire.decode(kr, expect_modality="audio")
 

@@ -12,13 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -30,21 +25,27 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.partitioner.default import murmur2
+from worker_helpers import (
+    Pred,
+    WorkerProc,
+    assert_windows_equal,
+    oracle_windows,
+    read_all,
+    read_predictions,
+)
 
 from streamproc import wire
-from streamproc.align import AlignConfig, Aligner, Window
+from streamproc.align import Window
 from streamproc.app import progress_topic
-from streamproc.config import Settings, env_name
-from streamproc.inference import window_summary
+from streamproc.config import Settings
 from streamproc.localkafka import free_port
 from streamproc.topics import create_topics
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
 MS = 1_000_000
 S = 1_000_000_000
 W_MS, H_MS = 500, 250  # hopping: every record belongs to two windows
@@ -72,53 +73,6 @@ def worker_settings(bootstrap: str, tmp: Path) -> Settings:
         lateness_text_ms=LATENESS_MS["text"], metrics_port=0, web_port=free_port(),
         session_timeout_ms=6000,  # the broker's minimum: a killed worker's partitions move fast
         data_dir=str(tmp / f"data-{prefix}"))
-
-
-class WorkerProc:
-    """One ``streamproc worker`` subprocess with its log in a file."""
-
-    def __init__(self, settings: Settings, log_path: Path) -> None:
-        env = dict(os.environ)
-        for f in dataclasses.fields(Settings):
-            env[env_name(f)] = str(getattr(settings, f.name))
-        self.log_path = log_path
-        with open(log_path, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "worker"],
-                                         env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        self.pid = self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for(self, pattern: str, timeout: float = 60, count: int = 1) -> list[str]:
-        """Wait until the log matches ``pattern`` ``count`` times; return the matches."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = re.findall(pattern, self.log())
-            if len(found) >= count:
-                return found
-            if self.proc.poll() is not None:
-                pytest.fail(f"worker exited with {self.proc.returncode} while waiting for "
-                            f"{pattern!r}:\n{self.log()[-4000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"timeout waiting for {pattern!r}:\n{self.log()[-4000:]}")
-            time.sleep(0.1)
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def abandon(self) -> None:
-        """End a worker a failed test leaves behind, its task stacks logged first."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGUSR1)  # mode's Worker logs every thread's stack
-            time.sleep(0.5)
-            self.kill()
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,92 +165,9 @@ def produce(settings: Settings, plan: list[Planned],
 
 
 def oracle(settings: Settings, plan: list[Planned]) -> dict[tuple[str, int], Window]:
-    """The windows of every record meant for a window, sorted by event time, then flushed."""
-    recs = [dataclasses.replace(p.media, source=p.source) for p in plan if p.role == "window"]
-    recs.sort(key=lambda r: (r.ts_ns, r.modality, r.seq))
-    aligner = Aligner(AlignConfig.from_settings(settings))
-    for r in recs:
-        assert aligner.add(r, 0).status == "accepted"
-    return {w.key: w for w in aligner.flush()}
-
-
-# ---------------------------------------------------------------------------------------
-# reading results
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Pred:
-    body: dict
-    worker: str
-    partition: int
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.body["stream_id"], self.body["window_start_ns"])
-
-    def content(self) -> str:
-        """What must be identical between copies of one window (not times, not quality)."""
-        return json.dumps({k: self.body[k] for k in ("modalities", "provenance")},
-                          sort_keys=True)
-
-
-def expected_content(w: Window) -> str:
-    s = window_summary(w)
-    return json.dumps({k: s[k] for k in ("modalities", "provenance")}, sort_keys=True)
-
-
-def read_all(settings: Settings, topic: str, done: Callable[[list], bool],
-             timeout: float = 40) -> list:
-    """Every record of ``topic`` (read_committed) once ``done(records)`` or at timeout."""
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
-                             isolation_level="read_committed", enable_auto_commit=False,
-                             max_partition_fetch_bytes=settings.max_message_bytes)
-    try:
-        parts = [TopicPartition(topic, p) for p in range(settings.partitions)]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        out: list = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not done(out):
-            for msgs in consumer.poll(timeout_ms=300).values():
-                out.extend(msgs)
-        return out
-    finally:
-        consumer.close()
-
-
-def read_predictions(settings: Settings, want: set[tuple[str, int]],
-                     timeout: float = 40) -> list[Pred]:
-    def done(msgs: list) -> bool:
-        return want <= {_pred(m).key for m in msgs}
-
-    return [_pred(m) for m in read_all(settings, settings.topic("predictions"), done, timeout)]
-
-
-def _pred(m) -> Pred:
-    p = wire.decode_prediction(wire.KafkaRecord.from_client(m))
-    headers = dict(m.headers or [])
-    return Pred(p.to_json(), headers.get("sp-worker", b"").decode(), m.partition)
-
-
-def assert_windows_equal(preds: list[Pred], expected: dict[tuple[str, int], Window],
-                         streams: set[str]) -> dict[tuple[str, int], list[Pred]]:
-    """Every expected window of ``streams`` published, nothing else, every copy identical
-    to the oracle's window (frames counted, audio seconds, segments, presence, offsets)."""
-    by_key: dict[tuple[str, int], list[Pred]] = defaultdict(list)
-    for p in preds:
-        if p.key[0] in streams:
-            by_key[p.key].append(p)
-    want = {k for k in expected if k[0] in streams}
-    assert set(by_key) == want, (f"missing {sorted(want - set(by_key))[:5]}, "
-                                 f"unexpected {sorted(set(by_key) - want)[:5]}")
-    for key, copies in by_key.items():
-        exp = expected_content(expected[key])
-        for c in copies:
-            assert c.content() == exp, (f"window {key} differs from the oracle's (published by "
-                                        f"{c.worker}, {c.body['quality']})")
-    return by_key
+    """The windows of every record meant for a window (worker_helpers.oracle_windows)."""
+    return oracle_windows(settings, [dataclasses.replace(p.media, source=p.source)
+                                     for p in plan if p.role == "window"])
 
 
 # ---------------------------------------------------------------------------------------
