@@ -237,17 +237,11 @@ class Predictor:
         self.info = {"name": str(self.model.name), "version": str(self.model.version)}
 
     def __call__(self, windows: Sequence) -> list[Scored]:
-        import torch
+        from streamproc.models import predict_proba
 
-        from streamproc.batch import make_batch
-
-        t0 = time.perf_counter()
-        batch = make_batch(windows, self.preprocess).to(self.device)
-        t1 = time.perf_counter()
-        with torch.inference_mode():
-            probs = torch.softmax(self.model(batch).float(), dim=-1).cpu()
-        t2 = time.perf_counter()
-        pre_ms, model_ms = (t1 - t0) * 1000, (t2 - t1) * 1000
+        timings: dict[str, float] = {}
+        probs = predict_proba(self.model, windows, timings)
+        pre_ms, model_ms = timings["preprocess_ms"], timings["model_ms"]
         out = []
         for row in probs.tolist():
             best = max(range(len(row)), key=row.__getitem__)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
+import numpy as np
 import pytest
 
-from streamproc.inference import MicroBatcher
+from streamproc import wire
+from streamproc.align import Window
+from streamproc.inference import InferenceSink, MicroBatcher, Scored
+from streamproc.metrics import Metrics
 
 
 def _run(coro):
@@ -102,3 +107,90 @@ def test_failing_batch_fails_its_futures_and_the_next_batch_still_runs() -> None
         return [o.result for o in ok]
 
     assert _run(main()) == ["y", "z"]
+
+
+# --- the inference sink: windows -> predictions ---------------------------------------------
+
+def _window(sid: str, start_s: int, text: str = "seven") -> Window:
+    ns = 1_763_000_000_000_000_000 + start_s * 1_000_000_000
+    img = np.full((32, 32, 3), 40 * start_s % 255, np.uint8)
+    frames = [wire.VideoFrame.from_image(sid, ns + i * 100_000_000, i, img) for i in range(4)]
+    seg = wire.TranscriptSegment(sid, 0, text, ns, ns + 500_000_000)
+    return Window(sid, ns, ns + 1_000_000_000, frames, 4, np.zeros(16000, np.float32),
+                  np.ones(16000, bool), 16000, [seg],
+                  {"video": True, "audio": True, "text": True},
+                  {"closed_by": "watermark", "ingest_video_ms": 12.5},
+                  {"video": [wire.Source("p.video", 1, i) for i in range(4)]})
+
+
+class _Labeller:
+    """A stand-in model function: the label is the window's transcript; 'boom' fails."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def __call__(self, windows):
+        self.batches.append(len(windows))
+        if any(w.text == "boom" for w in windows):
+            raise RuntimeError("model exploded on 'boom'")
+        return [Scored(w.text, {w.text: 0.9, "other": 0.1}, 1.5, 2.5) for w in windows]
+
+
+def _run_sink(windows, max_batch=8, max_wait_ms=20):
+    published: list[wire.KafkaRecord] = []
+    metrics = Metrics()
+    fn = _Labeller()
+
+    async def publish(rec):
+        await asyncio.sleep(0.001)
+        published.append(rec)
+
+    async def main():
+        sink = InferenceSink(fn, publish, model_info={"name": "m", "version": "3"},
+                             max_batch=max_batch, max_wait_ms=max_wait_ms, metrics=metrics,
+                             headers=(("sp-worker", b"w1"),))
+        await sink.start()
+        await asyncio.wait_for(asyncio.gather(*(sink.submit(w) for w in windows)), 10)
+        await sink.stop()
+
+    asyncio.run(main())
+    return published, metrics, fn
+
+
+def test_sink_publishes_one_prediction_per_window_with_a_latency_breakdown() -> None:
+    windows = [_window("cam1", i, "seven") for i in range(3)] + [_window("cam2", 0, "three")]
+    published, metrics, fn = _run_sink(windows)
+    assert fn.batches == [4]  # every stream's windows shared one micro-batch
+    preds = [wire.decode_prediction(r) for r in published]
+    assert sorted(p.key for p in preds) == sorted(w.key for w in windows)
+    for p, r in zip(preds, published, strict=True):
+        assert p.label == ("three" if p.stream_id == "cam2" else "seven")
+        assert p.model == {"name": "m", "version": "3"}
+        assert dict(r.headers)["sp-worker"] == b"w1" and r.key == p.stream_id.encode()
+        lat = p.latency_ms
+        for key in ("capture_to_worker_video", "close", "queue", "inference", "preprocess",
+                    "model", "added", "publish", "total"):
+            assert lat[key] >= 0, key
+        assert lat["preprocess"] == 1.5 and lat["model"] == 2.5
+        assert lat["capture_to_worker_video"] == 12.5
+        assert "ingest_video_ms" not in p.quality  # moved into the latency breakdown
+        assert p.provenance["video"] == [[1, i] for i in range(4)]
+        json.dumps(p.to_json())
+    scrape = metrics.registry.get_sample_value
+    assert scrape("streamproc_batch_size_count") == 1
+    assert scrape("streamproc_batch_size_sum") == 4
+    assert scrape("streamproc_added_latency_seconds_count") == 4
+
+
+def test_a_failing_window_is_isolated_and_published_with_its_error() -> None:
+    windows = [_window("cam1", 0, "seven"), _window("cam1", 1, "boom"),
+               _window("cam2", 0, "three")]
+    published, metrics, fn = _run_sink(windows)
+    assert fn.batches[0] == 3 and sorted(fn.batches[1:]) == [1, 1, 1]  # retried alone
+    preds = {p.key: p for p in map(wire.decode_prediction, published)}
+    assert len(preds) == 3
+    bad = preds[windows[1].key]
+    assert bad.label == "" and bad.scores == {}
+    assert "model exploded on 'boom'" in bad.quality["error"]
+    assert preds[windows[0].key].label == "seven" and preds[windows[2].key].label == "three"
+    assert metrics.counters.get("inference_errors") == 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,21 +151,29 @@ def model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-@torch.no_grad()
-def predict_proba(model: Any, windows: Sequence[Any]) -> torch.Tensor:
+@torch.inference_mode()
+def predict_proba(model: Any, windows: Sequence[Any],
+                  timings: dict[str, float] | None = None) -> torch.Tensor:
     """Any protocol model: windows -> preprocessing -> logits -> probabilities on CPU.
 
-    What an inference stage runs per micro-batch; the model's own ``preprocess`` decides
-    the tensors, so serving matches training.
+    What the inference stage runs per micro-batch; the model's own ``preprocess`` decides
+    the tensors, so serving matches training. ``timings`` (if given) receives
+    ``preprocess_ms`` and ``model_ms``.
     """
     if hasattr(model, "eval"):
         model.eval()
+    t0 = time.perf_counter()
     batch = make_batch(windows, model.preprocess).to(model_device(model))
+    t1 = time.perf_counter()
     logits = model(batch)
     if logits.shape != (len(windows), len(model.labels)):
         raise UserError(f"model {getattr(model, 'name', '?')!r} returned logits of shape "
                         f"{tuple(logits.shape)}, expected ({len(windows)}, {len(model.labels)})")
-    return torch.softmax(logits.float(), dim=1).cpu()
+    probs = torch.softmax(logits.float(), dim=1).cpu()
+    if timings is not None:
+        timings["preprocess_ms"] = (t1 - t0) * 1000
+        timings["model_ms"] = (time.perf_counter() - t1) * 1000
+    return probs
 
 
 # ---------------------------------------------------------------------------------------
