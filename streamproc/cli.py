@@ -528,7 +528,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     own_broker = args.bootstrap_servers is None and not os.environ.get("STREAMPROC_BOOTSTRAP")
     layout = Layout(Path(args.dir) if args.dir else default_dir())
     return run(settings, own_broker=own_broker, streams=args.streams, layout=layout,
-               retrain=args.retrain, prepare_only=args.prepare_only)
+               retrain=args.retrain, prepare_only=args.prepare_only, preset=args.preset,
+               digits=args.digits)
 
 
 # --- parser --------------------------------------------------------------------------
@@ -583,6 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepare-only", action="store_true",
                    help="only make the clips and the reference model (compose uses this)")
     p.add_argument("--retrain", action="store_true", help="train the reference model again")
+    p.add_argument("--preset", default="small", choices=["tiny", "small", "full"],
+                   help="AV-Digits size the reference model is trained on [small]")
+    p.add_argument("--digits", type=int, default=10,
+                   help="digits per stream clip, 2 s each [10]")
 
     return parser
 

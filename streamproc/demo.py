@@ -70,30 +70,32 @@ def stream_ids(n: int) -> list[str]:
     return [f"cam{i + 1}" for i in range(n)]
 
 
-def _model_key() -> str:
+def _model_key(preset: str) -> str:
     """Changes whenever the recipe of the reference model changes (then it is retrained)."""
     from streamproc.avdigits import PRESETS
 
-    recipe = {"preset": dataclasses.asdict(PRESETS[DEMO_PRESET]), "model": DEMO_MODEL,
+    recipe = {"preset": dataclasses.asdict(PRESETS[preset]), "model": DEMO_MODEL,
               "epochs": DEMO_EPOCHS}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def prepare_model(layout: Layout, retrain: bool = False, log: Log = _say) -> Path:
+def prepare_model(layout: Layout, retrain: bool = False, preset: str = DEMO_PRESET,
+                  log: Log = _say) -> Path:
     """The reference model: trained once on AV-Digits, reused while its recipe holds."""
     from streamproc.avdigits import PRESETS, generate
     from streamproc.train import TrainConfig, train_command
 
+    if preset not in PRESETS:
+        raise UserError(f"unknown AV-Digits preset {preset!r}; use one of {', '.join(PRESETS)}")
     stamp = layout.model / "recipe.sha256"
-    key = _model_key()
+    key = _model_key(preset)
     if not retrain and stamp.exists() and stamp.read_text().strip() == key:
         log(f"reference model: {layout.model} (cached)")
         return layout.model
     t0 = time.monotonic()
-    if not (layout.dataset / "manifest.json").exists() or retrain:
-        log(f"generating the AV-Digits '{DEMO_PRESET}' dataset in {layout.dataset} "
-            "(speech synthesis is cached; a few minutes the first time)")
-        generate(layout.dataset, PRESETS[DEMO_PRESET], overwrite=True)
+    log(f"generating the AV-Digits '{preset}' dataset in {layout.dataset} "
+        "(speech synthesis is cached; a few minutes the first time)")
+    generate(layout.dataset, PRESETS[preset], overwrite=True)
     log(f"training the reference model ({DEMO_MODEL} fusion) on CPU; cached afterwards")
     report = train_command(layout.dataset, DEMO_MODEL, layout.model,
                            TrainConfig(epochs=DEMO_EPOCHS, progress=sys.stderr.isatty()),
@@ -122,10 +124,14 @@ def prepare_clips(layout: Layout, streams: int, digits_per_stream: int = DIGITS_
     return clips
 
 
-def prepare(layout: Layout, streams: int, retrain: bool = False, log: Log = _say) -> list:
+def prepare(layout: Layout, streams: int, retrain: bool = False, preset: str = DEMO_PRESET,
+            digits: int = DIGITS_PER_STREAM, log: Log = _say) -> list:
+    if streams < 1 or digits < 1:
+        raise UserError("the demo needs at least one stream of at least one digit")
     layout.root.mkdir(parents=True, exist_ok=True)
-    prepare_model(layout, retrain, log)
-    return prepare_clips(layout, streams, log=log)
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    prepare_model(layout, retrain, preset, log)
+    return prepare_clips(layout, streams, digits, log=log)
 
 
 # ---------------------------------------------------------------------------------------
@@ -233,23 +239,25 @@ def summarize(settings: Settings, clips: list, origin_ns: int, preds: list[Predi
             correct += p.label == truth
     return Summary(len(want & set(got)), len(want), scored, correct, duplicates,
                    [p.latency_ms["total"] for p in preds if "total" in p.latency_ms],
-                   [p.latency_ms["added"] for p in preds if "added" in p.latency_ms])
+                   [p.latency_ms["added"] + p.latency_ms.get("publish", 0.0)
+                    for p in preds if "added" in p.latency_ms])
 
 
 def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layout | None = None,
-        retrain: bool = False, prepare_only: bool = False, out=sys.stdout) -> int:
+        retrain: bool = False, prepare_only: bool = False, preset: str = DEMO_PRESET,
+        digits: int = DIGITS_PER_STREAM, out=sys.stdout) -> int:
     """Prepare, then (unless ``prepare_only``) run the live pipeline and summarise.
 
     ``own_broker``: start a local broker for the run (when no bootstrap server was given).
     """
-    from streamproc.consume import TABLE_HEADER, ConsumeStats, consume, format_row
+    from streamproc.consume import TABLE_HEADER, ConsumeStats, consume, format_json, format_row
     from streamproc.localkafka import LocalBroker
     from streamproc.producer import Publisher
     from streamproc.sources import ReplaySpec, replay_many
     from streamproc.topics import create_topics
 
     layout = layout or Layout(default_dir())
-    clips = prepare(layout, streams, retrain)
+    clips = prepare(layout, streams, retrain, preset, digits)
     if prepare_only:
         print(f"model: {layout.model}", file=out)
         for c in clips:
@@ -289,12 +297,15 @@ def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layou
         stats = ConsumeStats()
         preds: list[Prediction] = []
         print(TABLE_HEADER, file=out, flush=True)
+        jsonl = layout.logs / "predictions.jsonl"
         try:
-            for p in consume(settings, follow=True, timeout_s=deadline, stats=stats):
-                preds.append(p)
-                print(format_row(p), file=out, flush=True)
-                if want <= {q.key for q in preds}:
-                    break
+            with open(jsonl, "w", encoding="utf-8") as f:
+                for p in consume(settings, follow=True, timeout_s=deadline, stats=stats):
+                    preds.append(p)
+                    print(format_row(p), file=out, flush=True)
+                    f.write(format_json(p) + "\n")
+                    if want <= {q.key for q in preds}:
+                        break
         finally:
             stop.set()
             replayer.join(10)
@@ -303,6 +314,7 @@ def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layou
         print("", file=out)
         for line in summary.lines():
             print(line, file=out)
+        print(f"every prediction as JSON: {jsonl}", file=out)
         return 0 if summary.windows == summary.expected else 1
     finally:
         if worker is not None:
