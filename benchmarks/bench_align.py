@@ -35,8 +35,9 @@ S = 1_000_000_000
 MS = 1_000_000
 
 
-def w1_records(seconds: int, streams: int = 8, seed: int = 1) -> list[tuple[int, object]]:
-    """(arrival_ns, record) for W1, sorted by arrival."""
+def w1_records(seconds: int, streams: int = 8, seed: int = 1,
+               t0: int = 1_700_000_000 * S) -> list[tuple[int, object]]:
+    """(arrival_ns, record) for W1, sorted by arrival; event time starts at ``t0``."""
     rnd = random.Random(seed)
     rng = np.random.default_rng(seed)
     images = []
@@ -47,7 +48,6 @@ def w1_records(seconds: int, streams: int = 8, seed: int = 1) -> list[tuple[int,
     pcm = [AudioChunk.from_samples("x", 0, 0, 0.3 * np.sin(2 * np.pi * f * np.arange(1600) /
                                                            16000), 16000)
            for f in (220, 330, 440, 550)]
-    t0 = 1_700_000_000 * S
     out: list[tuple[int, object]] = []
     for n in range(streams):
         sid = f"cam-{n}"

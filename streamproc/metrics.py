@@ -58,15 +58,19 @@ class _CountersCollector:
         self.counters = counters
 
     def collect(self):
-        families: dict[str, CounterMetricFamily] = {}
-        label_names: dict[str, list[str]] = {}
-        for name, labels, value in self.counters.items():
-            if name not in families:
-                label_names[name] = sorted(labels)
-                families[name] = CounterMetricFamily(
-                    f"streamproc_{name}", f"streamproc worker counter {name}",
-                    labels=label_names[name])
-            families[name].add_metric([labels.get(k, "") for k in label_names[name]], value)
+        items = self.counters.items()
+        # a family's labels are every label any of its series uses (a series without one
+        # gets ""), so series never collide: one duplicate fails the whole scrape
+        label_names: dict[str, set[str]] = defaultdict(set)
+        for name, labels, _ in items:
+            label_names[name].update(labels)
+        families = {name: CounterMetricFamily(f"streamproc_{name}",
+                                              f"streamproc worker counter {name}",
+                                              labels=sorted(keys))
+                    for name, keys in label_names.items()}
+        for name, labels, value in items:
+            families[name].add_metric([labels.get(k, "") for k in sorted(label_names[name])],
+                                      value)
         yield from families.values()
 
 

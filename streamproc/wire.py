@@ -252,6 +252,29 @@ def decode_image(data: bytes, fmt: str = "jpeg") -> np.ndarray:
     return img
 
 
+def check_decodable(data: bytes, fmt: str = "jpeg") -> None:
+    """Raise WireError unless OpenCV decodes the image; a JPEG is read at 1/8 scale in grey.
+
+    libjpeg still parses every marker and entropy-decodes all the data, which is where a
+    broken JPEG fails, but skips most of the inverse DCT and the colour conversion: 1.6x
+    (noise) to 5x (camera-like 320x240) cheaper than a full decode, and the worker checks
+    every frame at the door (benchmarks/bench_pipeline.py reads a backlog about 25 % faster).
+    On 6,000 random corruptions of baseline, progressive and grey JPEGs the full and the
+    reduced decode failed on exactly the same ones (tests/test_wire.py checks a sample).
+    """
+    import cv2
+
+    # PNG has no cheaper way: OpenCV decodes it whole and then shrinks it
+    flag = cv2.IMREAD_REDUCED_GRAYSCALE_8 if fmt == "jpeg" else cv2.IMREAD_COLOR
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    except cv2.error as e:  # never anything but a WireError from the door
+        raise WireError(f"value is not a decodable {fmt} image ({len(data)} bytes): "
+                        f"{str(e).strip().splitlines()[-1][:200]}") from None
+    if img is None:
+        raise WireError(f"value is not a decodable {fmt} image ({len(data)} bytes)")
+
+
 def pcm_bytes(samples: np.ndarray, fmt: str = "s16le") -> bytes:
     """Interleave (n, channels) samples as PCM; floats are clipped to [-1, 1]."""
     if fmt not in AUDIO_FORMATS:
@@ -325,7 +348,7 @@ def _check_image(data: bytes, fmt: str, width: int, height: int, full: bool) -> 
             f"image is {size[0]}x{size[1]} but headers sp-w/sp-h say {width}x{height}", "sp-w"
         )
     if full:
-        decode_image(data, fmt)
+        check_decodable(data, fmt)
 
 
 # ---------------------------------------------------------------------------------------
@@ -419,7 +442,7 @@ def decode(
 ) -> MediaRecord:
     """Kafka record -> typed record, or WireError saying what is wrong.
 
-    ``check_media`` also fully decodes images so a corrupt JPEG is caught at the door
+    ``check_media`` also decodes images (check_decodable) so a corrupt JPEG is caught at the door
     rather than inside a model batch.
     """
     h = _headers(rec)

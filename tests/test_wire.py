@@ -265,3 +265,41 @@ def test_missing_or_bad_key() -> None:
     for key, msg in [(None, "no key"), (b"\xff", "not UTF-8"), (b" s", "surrounding space")]:
         with pytest.raises(WireError, match=msg):
             wire.decode(KafkaRecord(key, kr.value, kr.headers, 0))
+
+
+def test_the_door_check_fails_exactly_where_a_full_decode_fails() -> None:
+    """check_decodable reads images at 1/8 scale in grey (cheaper); on damaged baseline,
+    progressive and grey JPEGs and PNGs it fails exactly when a full colour decode does."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:120, 0:160]
+    img = np.dstack([(xx * 2) % 256, (yy * 2) % 256, (xx + yy) % 256]).astype(np.uint8)
+    img[::7] = rng.integers(0, 255, img[::7].shape, np.uint8)
+    sources = [cv2.imencode(".jpg", img)[1].tobytes(),
+               cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes(),
+               cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))[1].tobytes(),
+               cv2.imencode(".png", img)[1].tobytes()]
+    unreadable = 0
+    for i in range(400):
+        d = bytearray(sources[i % len(sources)])
+        if i % 3 == 0:  # damage the headers and tables
+            for _ in range(int(rng.integers(1, 3))):
+                d[int(rng.integers(0, 600))] = int(rng.integers(0, 256))
+        elif i % 3 == 1:  # damage anywhere
+            for _ in range(int(rng.integers(1, 4))):
+                d[int(rng.integers(0, len(d)))] = int(rng.integers(0, 256))
+        else:  # lose a stretch
+            a = int(rng.integers(2, len(d) - 2))
+            d = d[:a] + d[min(len(d) - 2, a + int(rng.integers(1, 1500))):]
+        data = bytes(d)
+        full_ok = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is not None
+        try:
+            wire.check_decodable(data, "png" if i % len(sources) == 3 else "jpeg")
+            door_ok = True
+        except WireError as e:
+            door_ok = False
+            assert "not a decodable" in str(e)
+        assert door_ok == full_ok, i
+        unreadable += not full_ok
+    assert 40 < unreadable < 360, unreadable  # both outcomes well represented

@@ -1,0 +1,548 @@
+"""W1 end to end (issue 6): one ``streamproc worker`` serving the reference model.
+
+Three measurements in one run (benchmarks/README.md has W1; the records are
+bench_align.w1_records: real 320x240 JPEGs q80, real PCM, transcript segments ~2 s apart
+arriving ~1 s after they end):
+
+1. **live**: 8 W1 streams published in real time through the real Publisher for
+   ``--seconds``; a consumer reads the predictions as they arrive and /metrics is scraped
+   every 2.5 s. Reported: windows/s published against windows/s due, consumer lag in the
+   first and second half (growing lag = not keeping up), the worker's CPU, and latency
+   added after a window closed: the worker's own ``added`` field (closed -> handed to the
+   producer) and closed -> received by the consumer.
+2. **saturation**: ``--backlog-seconds`` of W1 already in Kafka, a fresh worker (new
+   consumer group) reads it as fast as it can; windows/s from its first to its last
+   prediction. Then, in the same process, the bare model (``Predictor``: JPEG decode,
+   resize, log-mel, forward) on the same windows in the same batches the worker formed
+   (predictions of one batch share its timing fields). Rounds alternate; medians.
+3. **inference stage alone**: the same windows through ``InferenceSink`` (micro-batcher,
+   model thread, prediction JSON, aiokafka publish to a real topic) without faust, against
+   the bare model on the batches it formed.
+
+The model is the demo's reference model (``streamproc.demo.prepare_model``: trained once,
+cached) unless ``--model`` names a checkpoint.
+
+    .venv/bin/python benchmarks/bench_pipeline.py [--seconds 60] [--backlog-seconds 30]
+        [--rounds 3] [--model DIR] [--write-docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from streamproc.align import AlignConfig, Aligner, Window
+from streamproc.config import Settings
+from streamproc.consume import consume
+from streamproc.demo import Layout, WorkerProcess, default_dir, percentile, prepare_model
+from streamproc.localkafka import existing_or_local, free_port
+from streamproc.producer import Publisher
+from streamproc.topics import create_topics
+from streamproc.wire import MediaRecord, Prediction
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_align import w1_records  # one W1 generator for every benchmark
+from bench_producer import machine
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "benchmarks.md"
+PNG = ROOT / "docs" / "pipeline-latency.png"
+S = 1_000_000_000
+MS = 1_000_000
+GOAL_P99_MS = 150.0
+GOAL_RATIO = 0.8
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def base_settings(bootstrap: str, model: Path) -> Settings:
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    return Settings(bootstrap_servers=bootstrap, topic_prefix=prefix, app_id=prefix,
+                    partitions=4, model=str(model), metrics_port=free_port())
+
+
+def windows_of(settings: Settings, records: Sequence[MediaRecord]) -> dict[tuple[str, int], Window]:
+    """The windows a worker cuts from ``records`` (event-time order, flushed at the end)."""
+    aligner = Aligner(AlignConfig.from_settings(settings))
+    for r in sorted(records, key=lambda r: (r.ts_ns, r.modality, r.seq)):
+        aligner.add(r, r.end_ns)
+    return {w.key: w for w in aligner.flush()}
+
+
+def batches_of(preds: Sequence[Prediction]) -> list[list[tuple[str, int]]]:
+    """The worker's batches: predictions of one batch share its timing fields."""
+    groups: dict[tuple, list[tuple[str, int]]] = defaultdict(list)
+    for p in preds:
+        lat = p.latency_ms
+        groups[(lat["inference"], lat["preprocess"], lat["model"])].append(p.key)
+    return list(groups.values())
+
+
+def bare_rate(predictor, windows: dict, batches: Sequence[Sequence]) -> tuple[float, int]:
+    """Windows/s of the model alone over ``batches`` (keys or windows) and the count; a
+    first pass warms it up (torch and oneDNN set up each batch shape on first use)."""
+    for batch in batches:
+        predictor([windows[k] if isinstance(k, tuple) else k for k in batch
+                   if not isinstance(k, tuple) or k in windows])
+    total, n = 0.0, 0
+    for batch in batches:
+        ws = [windows[k] if isinstance(k, tuple) else k for k in batch
+              if not isinstance(k, tuple) or k in windows]
+        if not ws:
+            continue
+        t0 = time.perf_counter()
+        predictor(ws)
+        total += time.perf_counter() - t0
+        n += len(ws)
+    return n / total, n
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """/metrics as ``name`` -> value summed over labels, plus ``name{le=X}`` for buckets."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = defaultdict(float)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for fam in text_string_to_metric_families(r.read().decode()):
+            for s in fam.samples:
+                out[s.name] += s.value
+                if "le" in s.labels:
+                    out[f"{s.name}{{le={s.labels['le']}}}"] += s.value
+    return out
+
+
+def collect(settings: Settings, want: int, timeout_s: float, into: list) -> None:
+    """Append (prediction, received_ns) until ``want`` distinct windows or the timeout."""
+    seen = set()
+    for p in consume(settings, follow=True, timeout_s=timeout_s):
+        into.append((p, time.time_ns()))
+        seen.add(p.key)
+        if len(seen) >= want:
+            return
+
+
+# ---------------------------------------------------------------------------------------
+# 1. live
+# ---------------------------------------------------------------------------------------
+
+
+def live_phase(bootstrap: str, model: Path, seconds: int, streams: int, tmp: Path) -> dict:
+    settings = base_settings(bootstrap, model)
+    create_topics(settings)
+    worker = WorkerProcess(settings, model, tmp / "live" / "worker.log")
+    try:
+        worker.wait_ready()
+        hop = settings.hop_ms * MS
+        origin = (time.time_ns() + 2 * S) // hop * hop + hop
+        recs = w1_records(seconds, streams, t0=origin)
+        expected = windows_of(settings, [r for _, r in recs])
+        got: list[tuple[Prediction, int]] = []
+        reader = threading.Thread(target=collect, args=(settings, len(expected),
+                                                        seconds + 60, got))
+        reader.start()
+        samples: list[tuple[float, dict[str, float], float]] = []
+        stop = threading.Event()
+
+        def scraper() -> None:
+            while not stop.wait(2.5):
+                samples.append((time.time_ns(), scrape(settings.metrics_port),
+                                cpu_seconds(worker.proc.pid)))
+
+        scr = threading.Thread(target=scraper, daemon=True)
+        scr.start()
+        behind = []
+        with Publisher(settings) as pub:
+            for arrival, rec in recs:
+                delay = (arrival - time.time_ns()) / S
+                if delay > 0:
+                    time.sleep(delay)
+                else:
+                    behind.append(-delay)
+                pub.publish(rec)
+        log(f"live: {len(recs)} records published; producer behind schedule by "
+            f"{max(behind, default=0) * 1000:.0f} ms at most")
+        reader.join(seconds + 90)
+        stop.set()
+        scr.join(5)
+    finally:
+        worker.stop()
+    preds = {p.key: (p, recv) for p, recv in reversed(got)}  # first copy wins
+    return {"settings": settings, "origin": origin, "seconds": seconds, "streams": streams,
+            "expected": expected, "preds": preds, "samples": samples, "recs": recs}
+
+
+def summarize_live(live: dict, warmup_s: float = 10.0) -> dict:
+    s: Settings = live["settings"]
+    origin, seconds = live["origin"], live["seconds"]
+    preds = live["preds"]
+    lo, hi = origin + int(warmup_s * S), origin + seconds * S
+    steady = [p for p, _ in preds.values() if lo <= p.emitted_at_ns < hi]
+    due = live["streams"] * 1000 / s.hop_ms
+    # latency of the steady state: windows closed by their watermarks while the streams
+    # ran; the last windows of every stream close together on the idle deadline once the
+    # input stops (reported apart)
+    live_ones = [(p, recv) for p, recv in preds.values() if lo <= p.emitted_at_ns < hi
+                 and p.quality.get("closed_by") == "watermark"]
+    flush = [(p, recv) for p, recv in preds.values() if p.emitted_at_ns >= hi]
+    added = [p.latency_ms["added"] for p, _ in live_ones]
+    received = [(recv - p.emitted_at_ns) / MS + p.latency_ms["added"] for p, recv in live_ones]
+    total = [p.latency_ms["total"] for p, _ in live_ones]
+    # closed -> acknowledged by the broker, from the worker's histogram over the same span
+    marks = [m for t, m, _ in live["samples"] if lo <= t < hi]
+    name = "streamproc_added_latency_seconds"
+    within = float("nan")
+    if len(marks) >= 2:
+        n = marks[-1][f"{name}_count"] - marks[0][f"{name}_count"]
+        ok = marks[-1][f"{name}_bucket{{le=0.15}}"] - marks[0][f"{name}_bucket{{le=0.15}}"]
+        within = ok / n if n else float("nan")
+    lags = [(t, m.get("streamproc_consumer_lag", 0.0)) for t, m, _ in live["samples"]
+            if lo <= t < hi]
+    half = (lo + hi) / 2
+    first = [v for t, v in lags if t < half]
+    second = [v for t, v in lags if t >= half]
+    cpu = [(t, c) for t, _, c in live["samples"] if lo <= t < hi]
+    cpu_share = ((cpu[-1][1] - cpu[0][1]) / ((cpu[-1][0] - cpu[0][0]) / S)
+                 if len(cpu) >= 2 else float("nan"))
+    batch_sizes = [len(b) for b in batches_of([p for p, _ in preds.values()])]
+    total_first = [p.latency_ms["total"] for p, _ in preds.values()
+                   if p.window_end_ns < (origin + (origin + seconds * S)) / 2]
+    total_second = [p.latency_ms["total"] for p, _ in preds.values()
+                    if p.window_end_ns >= (origin + (origin + seconds * S)) / 2]
+    return {
+        "within_goal": within, "steady_windows": len(live_ones),
+        "flush_added": [p.latency_ms["added"] for p, _ in flush],
+        "windows": len(preds), "expected": len(live["expected"]),
+        "missing": len(set(live["expected"]) - set(preds)),
+        "rate": len(steady) / ((hi - lo) / S), "due": due,
+        "added": added, "received": received, "total": total,
+        "lag_first": statistics.mean(first) if first else float("nan"),
+        "lag_second": statistics.mean(second) if second else float("nan"),
+        "lag_max": max((v for _, v in lags), default=float("nan")),
+        "total_first": statistics.median(total_first) if total_first else float("nan"),
+        "total_second": statistics.median(total_second) if total_second else float("nan"),
+        "cpu": cpu_share, "batches": batch_sizes,
+        "queue": [p.latency_ms["queue"] for p, _ in live_ones],
+        "inference": [p.latency_ms["inference"] for p, _ in live_ones],
+        "publish": [p.latency_ms["publish"] for p, _ in live_ones],
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# 2. saturation, 3. the inference stage alone
+# ---------------------------------------------------------------------------------------
+
+
+def produce_backlog(settings: Settings, seconds: int, streams: int) -> list[MediaRecord]:
+    hop = settings.hop_ms * MS
+    t0 = (time.time_ns() - (seconds + 120) * S) // hop * hop
+    recs = [r for _, r in w1_records(seconds, streams, seed=2, t0=t0)]
+    with Publisher(settings) as pub:
+        for r in recs:
+            pub.publish(r)
+    return recs
+
+
+def saturation_round(settings: Settings, model: Path | str, want: int,
+                     tmp: Path) -> list[Prediction]:
+    """A fresh worker group reads the whole backlog; the predictions it publishes.
+    ``model`` "": the worker runs align-only (window summaries, no inference)."""
+    from kafka import TopicPartition
+
+    from streamproc.consume import kafka_consumer
+    from streamproc.wire import KafkaRecord, decode_prediction
+
+    s = settings.replace(app_id=f"{settings.topic_prefix}-{uuid.uuid4().hex[:6]}",
+                         metrics_port=0)
+    consumer = kafka_consumer(s)
+    tps = [TopicPartition(s.topic("predictions"), p) for p in range(s.partitions)]
+    consumer.assign(tps)
+    for tp, offset in consumer.end_offsets(tps).items():  # earlier rounds' are not ours
+        consumer.seek(tp, offset)
+    worker = WorkerProcess(s, model, tmp / s.app_id / "worker.log")
+    preds: dict[tuple[str, int], Prediction] = {}
+    try:
+        worker.wait_ready()
+        deadline = time.monotonic() + 600
+        while len(preds) < want and time.monotonic() < deadline:
+            for msgs in consumer.poll(timeout_ms=500).values():
+                for m in msgs:
+                    p = decode_prediction(KafkaRecord.from_client(m))
+                    preds.setdefault(p.key, p)
+    finally:
+        worker.stop()
+        consumer.close()
+    return list(preds.values())
+
+
+def watermark_rate(preds: Sequence[Prediction]) -> float:
+    """Windows/s of a worker reading a backlog: windows closed by their watermarks (the
+    last ones of each stream wait for the idle deadline once the backlog is read, which is
+    not throughput), after the first 10 % (the fresh worker's model warms up, as the bare
+    one did before it was timed)."""
+    emitted = sorted(p.emitted_at_ns for p in preds if p.quality.get("closed_by") == "watermark")
+    emitted = emitted[len(emitted) // 10:]
+    return (len(emitted) - 1) / ((emitted[-1] - emitted[0]) / S)
+
+
+async def _sink_alone(settings: Settings, predictor, windows: list[Window]) -> tuple[float, list]:
+    from aiokafka import AIOKafkaProducer
+
+    from streamproc.inference import InferenceSink
+
+    batches: list[list[Window]] = []
+
+    def model(ws):
+        batches.append(list(ws))
+        return predictor(ws)
+
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers,
+                                max_request_size=settings.max_message_bytes, acks="all")
+    await producer.start()
+    topic = settings.topic("predictions")
+
+    async def publish(rec) -> None:
+        fut = await producer.send(topic, value=rec.value, key=rec.key,
+                                  headers=list(rec.headers), timestamp_ms=rec.timestamp_ms)
+        await fut
+
+    sink = InferenceSink(model, publish, model_info=predictor.info,
+                         max_batch=settings.batch_size, max_wait_ms=settings.batch_max_wait_ms)
+    await sink.start()
+    try:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(sink.submit(w) for w in windows))
+        elapsed = time.perf_counter() - t0
+    finally:
+        await sink.stop()
+        await producer.stop()
+    return len(windows) / elapsed, batches
+
+
+def saturation_phase(bootstrap: str, model: Path, seconds: int, streams: int, rounds: int,
+                     tmp: Path) -> dict:
+    from streamproc.inference import Predictor
+
+    settings = base_settings(bootstrap, model)
+    create_topics(settings)
+    recs = produce_backlog(settings, seconds, streams)
+    windows = windows_of(settings, recs)
+    log(f"saturation: backlog of {len(recs)} records, {len(windows)} windows")
+    predictor = Predictor(str(model), "cpu")
+    out: dict[str, list] = defaultdict(list)
+    for r in range(rounds):
+        align_only = watermark_rate(saturation_round(settings, "", len(windows), tmp))
+        preds = saturation_round(settings, model, len(windows), tmp)
+        pipe = watermark_rate(preds)
+        batches = batches_of(preds)
+        bare, n = bare_rate(predictor, windows, batches)
+        sink_rate, sink_batches = asyncio.run(_sink_alone(settings, predictor,
+                                                          list(windows.values())))
+        sink_bare, _ = bare_rate(predictor, windows, sink_batches)
+        out["pipeline"].append(pipe)
+        out["align_only"].append(align_only)
+        out["bare"].append(bare)
+        out["ratio"].append(pipe / bare)
+        out["batch_mean"].append(statistics.mean(len(b) for b in batches))
+        out["sink"].append(sink_rate)
+        out["sink_bare"].append(sink_bare)
+        out["sink_ratio"].append(sink_rate / sink_bare)
+        out["sink_batch_mean"].append(statistics.mean(len(b) for b in sink_batches))
+        log(f"round {r + 1}: align-only worker {align_only:.1f} windows/s; "
+            f"pipeline {pipe:.1f} windows/s, bare model {bare:.1f} on the same "
+            f"{len(batches)} batches ({n} windows), ratio {pipe / bare:.2f}; inference stage "
+            f"{sink_rate:.1f} vs {sink_bare:.1f} ({sink_rate / sink_bare:.2f})")
+    out["windows"] = [len(windows)]
+    return dict(out)
+
+
+# ---------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------
+
+
+def plot(live: dict, summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    hi = max(GOAL_P99_MS * 1.3, percentile(summary["received"], 99.5) * 1.1)
+    bins = [hi * i / 60 for i in range(61)]
+    for xs, label in ((summary["added"], "worker: closed -> sent to Kafka (added)"),
+                      (summary["received"], "closed -> received by a consumer")):
+        ax1.hist([min(x, hi) for x in xs], bins=bins, alpha=0.55,
+                 label=f"{label}; p50 {percentile(xs, 50):.0f}, p99 {percentile(xs, 99):.0f} ms")
+    ax1.axvline(GOAL_P99_MS, color="k", ls=":", lw=1, label=f"goal: p99 <= {GOAL_P99_MS:.0f} ms")
+    ax1.set_xlabel("latency added after the window closed (ms)")
+    ax1.set_ylabel("windows")
+    ax1.set_title(f"W1 live: {live['streams']} streams, {summary['windows']} windows")
+    ax1.legend(fontsize=7)
+    origin = live["origin"]
+    pts = sorted(((p.window_end_ns - origin) / S, p.latency_ms["total"], p.latency_ms["added"])
+                 for p, _ in live["preds"].values())
+    ax2.plot([t for t, _, _ in pts], [x for _, x, _ in pts], ".", ms=2,
+             label="window end -> prediction (total)")
+    ax2.plot([t for t, _, _ in pts], [x for _, _, x in pts], ".", ms=2,
+             label="closed -> prediction (added)")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("window end (s into the run)")
+    ax2.set_ylabel("ms")
+    ax2.set_title("latency over the run (flat = keeping up)")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(live: dict, summary: dict, sat: dict, model: Path, args: argparse.Namespace) -> str:
+    med = {k: statistics.median(v) for k, v in sat.items()}
+    a, r = summary["added"], summary["received"]
+    kept = summary["missing"] == 0 and summary["rate"] >= 0.98 * summary["due"]
+    rows = [
+        "| measure | value | goal |",
+        "|---|---|---|",
+        f"| streams sustained in real time | {live['streams']} "
+        f"({'all windows, on time' if kept else 'NOT keeping up'}) | >= 8 |",
+        f"| windows/s published (due) | {summary['rate']:.1f} ({summary['due']:.1f}) | = due |",
+        f"| windows predicted / expected | {summary['windows']} / {summary['expected']} | all |",
+        f"| consumer lag, mean 1st / 2nd half (max), records | {summary['lag_first']:.0f} / "
+        f"{summary['lag_second']:.0f} ({summary['lag_max']:.0f}) | not growing |",
+        f"| window end -> prediction, median 1st / 2nd half | {summary['total_first']:.0f} / "
+        f"{summary['total_second']:.0f} ms | not growing |",
+        f"| added after close, worker (`added`): p50 / p99 | {percentile(a, 50):.1f} / "
+        f"**{percentile(a, 99):.1f} ms** | p99 <= {GOAL_P99_MS:.0f} ms |",
+        f"| added after close, received by a consumer: p50 / p99 | {percentile(r, 50):.1f} / "
+        f"**{percentile(r, 99):.1f} ms** | p99 <= {GOAL_P99_MS:.0f} ms |",
+        f"| windows acknowledged by the broker within {GOAL_P99_MS:.0f} ms of closing "
+        f"(worker histogram) | **{summary['within_goal']:.1%}** | >= 99 % |",
+        f"| windows closed after the input stopped (the last ones together, on the idle "
+        f"deadline): `added` p50 / max | {percentile(summary['flush_added'], 50):.0f} / "
+        f"{max(summary['flush_added'], default=float('nan')):.0f} ms "
+        f"({len(summary['flush_added'])} windows) | |",
+        f"| of which queue / inference / publish (mean) | "
+        f"{statistics.mean(summary['queue']):.1f} / {statistics.mean(summary['inference']):.1f}"
+        f" / {statistics.mean(summary['publish']):.1f} ms | |",
+        f"| live batch size: mean (max) | {statistics.mean(summary['batches']):.1f} "
+        f"({max(summary['batches'])}) | |",
+        f"| worker CPU (live) | {summary['cpu']:.0%} of one core | |",
+        f"| saturation: worker without a model (align-only) windows/s | "
+        f"{med['align_only']:.1f} | |",
+        f"| saturation: pipeline windows/s (median of {args.rounds}) | {med['pipeline']:.1f} | |",
+        f"| saturation: bare model windows/s, same batches (mean size "
+        f"{med['batch_mean']:.1f}) | {med['bare']:.1f} | |",
+        f"| **ratio pipeline / bare model** | **{med['ratio']:.2f}** | >= {GOAL_RATIO} |",
+        f"| inference stage alone (InferenceSink + publish) windows/s | {med['sink']:.1f} | |",
+        f"| bare model, the stage's batches (mean size {med['sink_batch_mean']:.1f}) | "
+        f"{med['sink_bare']:.1f} | |",
+        f"| **ratio inference stage / bare model** | **{med['sink_ratio']:.2f}** | "
+        f">= {GOAL_RATIO} |",
+    ]
+    rounds = ", ".join(f"{p:.1f}/{b:.1f}" for p, b in zip(sat["pipeline"], sat["bare"],
+                                                            strict=True))
+    met = {True: "met", False: "**not met**"}
+    analysis = (
+        f"\n\nGoals: {live['streams']} streams sustained on 2 cores: "
+        f"{met[kept and live['streams'] >= 8]} (the worker used {summary['cpu']:.0%} of one "
+        f"core; lag and latency flat from the first half to the second); p99 latency added "
+        f"after window close <= {GOAL_P99_MS:.0f} ms: {met[percentile(r, 99) <= GOAL_P99_MS]} "
+        f"({percentile(a, 99):.0f} ms in the worker, {percentile(r, 99):.0f} ms until a "
+        f"consumer has it); ratio pipeline / bare model >= {GOAL_RATIO}: "
+        f"{met[med['ratio'] >= GOAL_RATIO]} ({med['ratio']:.2f}); the inference stage alone: "
+        f"{met[med['sink_ratio'] >= GOAL_RATIO]} ({med['sink_ratio']:.2f}).\n\n"
+        f"Where the time goes at saturation: the same worker without a model reads the "
+        f"backlog at {med['align_only']:.0f} windows/s ({1000 / med['align_only']:.1f} ms per "
+        f"window), slower than the bare model ({1000 / med['bare']:.1f} ms per window, most "
+        f"of it decoding the 8 sampled 320x240 JPEGs; W1's frames are noise, about 50 KB, "
+        f"the worst case for JPEG). So the ingest path, not inference, bounds the ratio: "
+        f"faust handing records over one by one, checking every frame at the door, "
+        f"aligning, ack-after-emit. Its event loop is busy only about half the time; it "
+        f"waits for fetches the rest (aiokafka sends a broker no new fetch while records of "
+        f"the previous one are unread, so reading is stop-and-go). Inference runs beside it "
+        f"in the model thread and costs the pipeline {med['align_only'] - med['pipeline']:.0f}"
+        f" windows/s at saturation. Two cheap fixes were made while measuring (same "
+        f"machine, 2026-11-23, align-only worker on this backlog): faust hard-codes the "
+        f"consumer's fetch_max_wait_ms=1500 and drops partitions whose stream buffer is "
+        f"under pressure from the fetch, so a fetch for partitions with nothing new stalled "
+        f"the reading up to 1.5 s, again and again; the worker now sets 100 ms "
+        f"(streamproc.app.shorten_fetch_wait): 78 -> 141 windows/s. The door now checks a "
+        f"JPEG by decoding it at 1/8 scale in grey (wire.check_decodable; it fails on "
+        f"exactly the damaged images a full decode fails on): 141 -> about 170. Together "
+        f"the pipeline / bare ratio went from 0.37 to the figure above. Not done: faust's "
+        f"per-record hand-off between its consumer thread and the event loop (100-400 µs per "
+        f"record with the machine quiet or busy, docs/benchmarks.md, Agent) is the next cost; with a heavier model "
+        f"than this {1000 / med['bare']:.0f} ms-per-window one the ratio rises towards the "
+        f"inference stage's.")
+    return (f"Machine: {machine()}; load average {os.getloadavg()[0]:.1f} when it finished. "
+            f"Model: {model} ({Path(model).name}). Live: {live['streams']} streams x "
+            f"{live['seconds']} s of W1 (first 10 s not counted); saturation: "
+            f"{args.backlog_seconds} s of W1 ({sat['windows'][0]} windows) as a backlog, "
+            f"{args.rounds} rounds; {time.strftime('%Y-%m-%d')}.\n\n" + "\n".join(rows)
+            + f"\n\nSaturation rounds, pipeline/bare windows/s: {rounds}." + analysis)
+
+
+def write_docs(body: str) -> None:
+    """Replace (or add) the "## Pipeline" section of docs/benchmarks.md, nothing else."""
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    section = ("## Pipeline\n\n`benchmarks/bench_pipeline.py`: W1 through a real worker "
+               "serving the reference model, and the model alone on the same batches.\n\n"
+               + body + "\n")
+    m = re.search(r"^## Pipeline\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
+    if m is None:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        text = text[:m.start()] + section + "\n" + text[m.end():].lstrip("\n")
+    DOCS.write_text(text.rstrip("\n") + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=int, default=60, help="live run length (s)")
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--backlog-seconds", type=int, default=30, help="W1 seconds in the backlog")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--model", type=Path, default=None,
+                    help="checkpoint [default: the demo's reference model]")
+    ap.add_argument("--write-docs", action="store_true",
+                    help=f"record the table in {DOCS} and the histogram in {PNG}")
+    args = ap.parse_args()
+    model = args.model or prepare_model(Layout(default_dir()), log=log)
+    with tempfile.TemporaryDirectory() as tmp, existing_or_local() as bootstrap:
+        log(f"live: {args.streams} streams of W1 for {args.seconds} s")
+        live = live_phase(bootstrap, model, args.seconds, args.streams, Path(tmp))
+        summary = summarize_live(live)
+        sat = saturation_phase(bootstrap, model, args.backlog_seconds, args.streams,
+                               args.rounds, Path(tmp))
+    body = report(live, summary, sat, model, args)
+    print(body)
+    png = PNG if args.write_docs else Path(tempfile.gettempdir()) / PNG.name
+    plot(live, summary, png)
+    log(f"latency histogram: {png}")
+    if args.write_docs:
+        write_docs(body + f"\n\n![latency added after window close]({PNG.name})")
+        log(f"written to {DOCS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
