@@ -281,7 +281,10 @@ def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layou
         _say(f"worker starting (log: {worker.log_path})")
         worker.wait_ready()
         publisher = Publisher(settings)
-        origin = time.time_ns() + NS_PER_S
+        # start a second from now, on a hop boundary: each 2 s digit then holds whole
+        # windows exactly as the training windows were cut
+        hop = settings.hop_ms * 1_000_000
+        origin = -(-(time.time_ns() + NS_PER_S) // hop) * hop
         stop = threading.Event()
         specs = [ReplaySpec(c.stream_id, c.video, c.audio, c.transcript) for c in clips]
         _say(f"replaying {len(specs)} stream(s) in real time "
