@@ -147,6 +147,9 @@ class LocalBroker:
 
     def __init__(self, data_dir: str | Path | None = None, port: int = 0,
                  heap: str = "1g") -> None:
+        # A temporary directory we made is ours to remove on a clean stop (benchmarks write
+        # gigabytes there); a directory the caller named is left alone.
+        self._owns_dir = data_dir is None
         self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="sp-kafka-"))
         self.port = port or free_port()
         self.controller_port = free_port()
@@ -218,7 +221,8 @@ class LocalBroker:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise LocalKafkaError(f"Kafka exited with code {self.proc.returncode} during "
-                                      f"start-up; last log lines:\n{self.log_tail()}")
+                                      f"start-up (logs in {self.data_dir / 'logs'}); last log "
+                                      f"lines:\n{self.log_tail()}")
             if port_open("127.0.0.1", self.port):
                 try:
                     admin = KafkaAdminClient(bootstrap_servers=self.bootstrap,
@@ -231,13 +235,20 @@ class LocalBroker:
                 except Exception as e:  # broker up but not serving metadata yet
                     last = e
             time.sleep(0.25)
-        self.stop()
-        raise LocalKafkaError(f"Kafka did not become ready in {timeout:.0f}s ({last}); "
-                              f"last log lines:\n{self.log_tail()}")
+        if self.proc is not None:
+            terminate(self.proc)  # not stop(): the logs stay for the post-mortem
+        raise LocalKafkaError(f"Kafka did not become ready in {timeout:.0f}s ({last}; logs in "
+                              f"{self.data_dir / 'logs'}); last log lines:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is not None:
-            terminate(self.proc, timeout)
+        """Stop the broker; a temporary data directory goes with it unless the broker died on
+        its own (then its logs stay for the post-mortem, and the error names the path)."""
+        if self.proc is None:
+            return
+        died = self.proc.poll() is not None
+        terminate(self.proc, timeout)
+        if self._owns_dir and not died:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def log_tail(self, lines: int = 40) -> str:
         text = ""

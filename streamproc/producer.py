@@ -140,9 +140,11 @@ class Publisher:
         self.max_in_flight_bytes = max_in_flight_bytes
         self._topics = {m: settings.topic(m) for m in wire.MODALITIES}
         self._stats = PublisherStats()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # never re-entered; cheaper
         self._closed = False
         self._error_counts: dict[str, int] = {}
+        self._waiting = 0  # publish() calls blocked on the in-flight cap
+        self._resume_bytes = max_in_flight_bytes * 3 // 4
         if check_topics:
             check_topic_state(settings, inputs_only=True)
         try:
@@ -179,9 +181,11 @@ class Publisher:
             if stats.in_flight_bytes + size > self.max_in_flight_bytes:
                 t0 = time.monotonic()
                 # size > cap alone must still go through once nothing else is in flight
+                self._waiting += 1
                 while (stats.in_flight_bytes > 0 and not self._closed
                        and stats.in_flight_bytes + size > self.max_in_flight_bytes):
                     self._cond.wait(0.1)
+                self._waiting -= 1
                 stats.blocked_s += time.monotonic() - t0
             stats.in_flight_bytes += size
             if stats.in_flight_bytes > stats.peak_in_flight_bytes:
@@ -189,7 +193,7 @@ class Publisher:
             stats.by_modality[mod].sent += 1
         try:
             future = self._producer.send(self._topics[mod], value=value, key=kr.key,
-                                         headers=wire.header_pairs(kr.headers),
+                                         headers=list(kr.headers),
                                          timestamp_ms=kr.timestamp_ms)
         except (KafkaError, ValueError, TypeError) as e:
             self._done(mod, size, len(value), e)
@@ -217,7 +221,11 @@ class Publisher:
                 self._stats.last_error = reason
                 seen = self._error_counts.get(reason, 0) + 1
                 self._error_counts[reason] = seen
-            self._cond.notify_all()
+            # The sender thread runs this for every record: wake a blocked publish() only
+            # once a quarter of the cap is free again, not after every acknowledgement
+            # (which would wake it, let it send one record and block again, per record).
+            if self._waiting and self._stats.in_flight_bytes <= self._resume_bytes:
+                self._cond.notify_all()
         if seen and (seen <= 3 or seen % 100 == 0):  # every reason logged, floods thinned
             log.error("%s record to %s not delivered (%d so far with this reason): %s",
                       mod, self._topics[mod], seen, reason)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kafka import KafkaAdminClient
 
-from streamproc.localkafka import KAFKA_VERSION, free_port, jars_dir, port_open
+from streamproc.localkafka import KAFKA_VERSION, LocalBroker, free_port, jars_dir, port_open
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -45,3 +45,15 @@ def test_jars_are_the_official_kafka_artifacts_cached_outside_the_repo() -> None
     assert (libs / f"kafka-clients-{KAFKA_VERSION}.jar").exists()
     repo = Path(__file__).resolve().parents[1]
     assert not libs.resolve().is_relative_to(repo)  # a clean clone never holds them
+
+
+def test_a_temporary_broker_removes_its_data_on_a_clean_stop(tmp_path) -> None:
+    """Benchmarks write gigabytes into a temporary broker; nothing of it may outlive the run."""
+    broker = LocalBroker().start()
+    d = broker.data_dir
+    assert (d / "data" / "meta.properties").exists()
+    broker.stop()
+    assert not d.exists()
+    named = LocalBroker(tmp_path / "named").start()  # a directory the caller chose stays
+    named.stop()
+    assert (tmp_path / "named" / "logs" / "server.log").exists()
