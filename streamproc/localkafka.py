@@ -201,7 +201,8 @@ class LocalBroker:
                 "-cp", f"{libs}/*"]
         if not (self.data_dir / "data" / "meta.properties").exists():
             fmt = subprocess.run(
-                [*java, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props)],
+                [*java, "kafka.tools.StorageTool", "format", f"--cluster-id={_cluster_id()}",
+                 "-c", str(props)],
                 capture_output=True, text=True)
             if fmt.returncode != 0:
                 raise LocalKafkaError(f"formatting KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kafka import KafkaAdminClient
 
+from streamproc import localkafka
 from streamproc.localkafka import KAFKA_VERSION, LocalBroker, free_port, jars_dir, port_open
 
 
@@ -47,8 +48,10 @@ def test_jars_are_the_official_kafka_artifacts_cached_outside_the_repo() -> None
     assert not libs.resolve().is_relative_to(repo)  # a clean clone never holds them
 
 
-def test_a_temporary_broker_removes_its_data_on_a_clean_stop(tmp_path) -> None:
-    """Benchmarks write gigabytes into a temporary broker; nothing of it may outlive the run."""
+def test_a_temporary_broker_removes_its_data_on_a_clean_stop(tmp_path, monkeypatch) -> None:
+    """Benchmarks write gigabytes into a temporary broker; nothing of it may outlive the run.
+    (Its cluster id starts with "-", as one random id in 64 does: not an option to the tool.)"""
+    monkeypatch.setattr(localkafka, "_cluster_id", lambda: "-t0m0Q7vQwGyKjw2b8pzrw")
     broker = LocalBroker().start()
     d = broker.data_dir
     assert (d / "data" / "meta.properties").exists()
