@@ -9,8 +9,8 @@ record so one bad frame cannot stop a camera.
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import functools
 import logging
 import signal
 import sys
@@ -143,8 +143,8 @@ class Publisher:
         self._cond = threading.Condition(threading.Lock())  # never re-entered; cheaper
         self._closed = False
         self._error_counts: dict[str, int] = {}
-        self._waiting = 0  # publish() calls blocked on the in-flight cap
-        self._resume_bytes = max_in_flight_bytes * 3 // 4
+        # (future, modality, size, payload bytes) of every record not settled yet, in send order
+        self._pending: collections.deque[tuple[Any, str, int, int]] = collections.deque()
         if check_topics:
             check_topic_state(settings, inputs_only=True)
         try:
@@ -177,69 +177,82 @@ class Publisher:
         size = len(value) + len(key) + HEADER_ALLOWANCE
         stats = self._stats
         with self._cond:
+            failures = self._drain()
             if stats.in_flight_bytes + size > self.max_in_flight_bytes:
-                t0 = time.monotonic()
-                # size > cap alone must still go through once nothing else is in flight
-                self._waiting += 1
-                while (stats.in_flight_bytes > 0 and not self._closed
-                       and stats.in_flight_bytes + size > self.max_in_flight_bytes):
-                    self._cond.wait(0.1)
-                self._waiting -= 1
-                stats.blocked_s += time.monotonic() - t0
+                failures += self._wait_for_room(size)
             stats.in_flight_bytes += size
             if stats.in_flight_bytes > stats.peak_in_flight_bytes:
                 stats.peak_in_flight_bytes = stats.in_flight_bytes
             stats.by_modality[mod].sent += 1
+        self._log_failures(failures)
         try:
             future = self._producer.send(self._topics[mod], value=value, key=key,
                                          headers=headers, timestamp_ms=timestamp_ms)
         except (KafkaError, ValueError, TypeError) as e:
-            self._done(mod, size, len(value), e)
+            with self._cond:
+                stats.in_flight_bytes -= size
+                failures = [self._count_failure(mod, e)]
+            self._log_failures(failures)
             return None
-        settled = functools.partial(self._settled, mod, size, len(value))
-        future.add_callback(settled)
-        future.add_errback(settled)
+        # No callback per record: kafka-python would run it in its sender thread for every
+        # acknowledgement, and at 20,000 small frames a second that costs more than all the
+        # rest of publish(). Futures wait here in send order; whoever next publishes, reads
+        # the stats, flushes or waits for room settles those that are done (deque appends
+        # are thread-safe; a record is in flight until it is settled).
+        self._pending.append((future, mod, size, len(value)))
         return future
 
-    def _settled(self, mod: str, size: int, payload: int, result: object) -> None:
-        """Callback and errback in one: ``result`` is RecordMetadata or the exception.
+    def _wait_for_room(self, size: int) -> list[tuple[str, str, int]]:
+        """Block (the lock held on entry and exit) until ``size`` more bytes fit the cap."""
+        stats = self._stats
+        failures: list[tuple[str, str, int]] = []
+        t0 = time.monotonic()
+        # size > cap alone must still go through once nothing else is in flight
+        while (stats.in_flight_bytes > 0 and not self._closed
+               and stats.in_flight_bytes + size > self.max_in_flight_bytes):
+            oldest = self._pending[0][0] if self._pending else None
+            self._cond.release()
+            try:
+                if oldest is None:  # counted by another thread, not queued yet
+                    time.sleep(0.001)
+                else:
+                    with contextlib.suppress(Exception):  # its failure is counted in _drain
+                        oldest.get(timeout=0.1)
+            finally:
+                self._cond.acquire()
+            failures += self._drain()
+        stats.blocked_s += time.monotonic() - t0
+        return failures
 
-        kafka-python's sender thread runs this for every record, so success is counted
-        here, in the fewest steps."""
-        if isinstance(result, BaseException):
-            self._done(mod, size, payload, result)
-            return
-        with self._cond:
-            stats = self._stats
+    def _drain(self) -> list[tuple[str, str, int]]:
+        """Settle the settled futures at the head of the queue (caller holds the lock);
+        the failures, for :meth:`_log_failures` once the lock is released."""
+        pending, stats = self._pending, self._stats
+        failures: list[tuple[str, str, int]] = []
+        while pending and pending[0][0].is_done:
+            future, mod, size, payload = pending.popleft()
             stats.in_flight_bytes -= size
-            counts = stats.by_modality[mod]
-            counts.acked += 1
-            counts.bytes += payload
-            if self._waiting and stats.in_flight_bytes <= self._resume_bytes:
-                self._cond.notify_all()
-
-    def _done(self, mod: str, size: int, payload: int, exc: BaseException | None) -> None:
-        reason, seen = "", 0
-        with self._cond:
-            self._stats.in_flight_bytes -= size
-            counts = self._stats.by_modality[mod]
-            if exc is None:
+            if future.exception is None:
+                counts = stats.by_modality[mod]
                 counts.acked += 1
                 counts.bytes += payload
             else:
-                counts.failed += 1
-                reason = f"{type(exc).__name__}: {exc}"
-                self._stats.last_error = reason
-                seen = self._error_counts.get(reason, 0) + 1
-                self._error_counts[reason] = seen
-            # The sender thread runs this for every record: wake a blocked publish() only
-            # once a quarter of the cap is free again, not after every acknowledgement
-            # (which would wake it, let it send one record and block again, per record).
-            if self._waiting and self._stats.in_flight_bytes <= self._resume_bytes:
-                self._cond.notify_all()
-        if seen and (seen <= 3 or seen % 100 == 0):  # every reason logged, floods thinned
-            log.error("%s record to %s not delivered (%d so far with this reason): %s",
-                      mod, self._topics[mod], seen, reason)
+                failures.append(self._count_failure(mod, future.exception))
+        return failures
+
+    def _count_failure(self, mod: str, exc: BaseException) -> tuple[str, str, int]:
+        self._stats.by_modality[mod].failed += 1
+        reason = f"{type(exc).__name__}: {exc}"
+        self._stats.last_error = reason
+        seen = self._error_counts.get(reason, 0) + 1
+        self._error_counts[reason] = seen
+        return mod, reason, seen
+
+    def _log_failures(self, failures: list[tuple[str, str, int]]) -> None:
+        for mod, reason, seen in failures:
+            if seen <= 3 or seen % 100 == 0:  # every reason logged, floods thinned
+                log.error("%s record to %s not delivered (%d so far with this reason): %s",
+                          mod, self._topics[mod], seen, reason)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -247,17 +260,26 @@ class Publisher:
     def stats(self) -> PublisherStats:
         """A snapshot of the counters (safe to read from any thread)."""
         with self._cond:
+            failures = self._drain()
             s = self._stats
-            return PublisherStats(
+            snapshot = PublisherStats(
                 {m: ModalityCounts(c.sent, c.acked, c.failed, c.bytes)
                  for m, c in s.by_modality.items()},
                 s.in_flight_bytes, s.peak_in_flight_bytes, s.blocked_s, s.last_error)
+        self._log_failures(failures)
+        return snapshot
 
     @property
     def error_reasons(self) -> dict[str, int]:
         """Every distinct delivery failure reason and how often it happened."""
+        self._settle()
         with self._cond:
             return dict(self._error_counts)
+
+    def _settle(self) -> None:
+        with self._cond:
+            failures = self._drain()
+        self._log_failures(failures)
 
     def flush(self, timeout: float | None = 60.0) -> bool:
         """Wait until every record sent so far is acknowledged or failed; False on timeout."""
@@ -266,6 +288,8 @@ class Publisher:
         except KafkaError as e:  # KafkaTimeoutError
             log.error("flush did not finish in %ss: %s", timeout, e)
             return False
+        finally:
+            self._settle()
         return True
 
     def close(self, timeout: float = 60.0) -> None:
@@ -275,8 +299,15 @@ class Publisher:
         self.flush(timeout)
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
         self._producer.close(timeout=timeout)
+        with self._cond:
+            failures = self._drain()
+            while self._pending:  # never settled, not even by close(): lost with the producer
+                _, mod, size, _ = self._pending.popleft()
+                self._stats.in_flight_bytes -= size
+                failures.append(self._count_failure(
+                    mod, KafkaError(f"not acknowledged when the producer closed after {timeout}s")))
+        self._log_failures(failures)
 
     def __enter__(self) -> Publisher:
         return self
