@@ -13,6 +13,7 @@ that OpenCV cannot decode, and it accepts every intact image OpenCV writes.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 
@@ -24,6 +25,8 @@ _SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _SOF_SUPPORTED = {0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive"}
 _SOF_OTHER = {0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _MAX_DIM = 65500  # JPEG_MAX_DIMENSION
+# OpenCV refuses to decode more pixels than this (its default, or the environment's)
+_MAX_PIXELS = int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", 1 << 30))
 _MAX_BLOCKS_IN_MCU = 10
 
 
@@ -112,6 +115,9 @@ def _sof(body: bytes, at: int, progressive: bool) -> dict:
         raise JpegError(f"byte {at}: {precision}-bit samples (8-bit JPEG only)")
     if not (0 < height <= _MAX_DIM and 0 < width <= _MAX_DIM):
         raise JpegError(f"byte {at}: image size {width}x{height}")
+    if width * height > _MAX_PIXELS:
+        raise JpegError(f"byte {at}: {width}x{height} is over OpenCV's limit of {_MAX_PIXELS} "
+                        "pixels (OPENCV_IO_MAX_IMAGE_PIXELS)")
     if nf not in (1, 3, 4):  # grey, YCbCr/RGB, CMYK/YCCK: what OpenCV converts to BGR
         raise JpegError(f"byte {at}: {nf} colour components")
     if len(body) != 6 + 3 * nf:

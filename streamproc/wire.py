@@ -247,9 +247,12 @@ def encode_image(image: np.ndarray, fmt: str = "jpeg", quality: int = 90) -> byt
 
 
 def decode_image(data: bytes, fmt: str = "jpeg") -> np.ndarray:
+    """BGR uint8, as stored: an EXIF orientation tag is ignored, so the array is always
+    sp-w x sp-h (OpenCV would otherwise turn a phone photo tagged 5-8 on its side)."""
     import cv2
 
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8),
+                       cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         raise WireError(f"value is not a decodable {fmt} image ({len(data)} bytes)")
     return img

@@ -12,11 +12,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from streamproc import wire
 from streamproc.jpeg import JpegError, check_structure
+from streamproc.wire import WireError, decode_image
 
 
 def _decodes(data: bytes) -> bool:
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is not None
+    """Whether the model's preprocessing can decode it (wire.decode_image's flags)."""
+    try:
+        return decode_image(data) is not None
+    except (WireError, cv2.error):
+        return False
 
 
 def _images() -> list[np.ndarray]:
@@ -65,9 +71,29 @@ def test_every_intact_jpeg_passes_with_its_size() -> None:
               _without_tables(SOURCES[0]),  # sequential: libjpeg uses the standard tables
               SOURCES[0] + b"\x00" * 100]  # bytes after the end-of-image marker are ignored
     for data in SOURCES + others:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        assert img is not None
+        img = decode_image(data)
         assert check_structure(data) == (img.shape[1], img.shape[0])
+
+
+def test_exif_orientation_is_ignored_so_the_frame_is_as_its_headers_say() -> None:
+    """OpenCV turns a JPEG tagged with orientation 5-8 on its side unless told not to; a
+    frame is used as stored, sp-w x sp-h."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    data = _pil(_images()[0][:9, :17], exif=exif.tobytes())
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).shape == (17, 9, 3)
+    assert check_structure(data) == (17, 9)
+    frame = wire.decode(wire.encode(wire.VideoFrame("cam", 0, 0, data, "jpeg", 17, 9)))
+    assert frame.image().shape == (9, 17, 3)
+
+
+def test_more_pixels_than_opencv_decodes_is_rejected() -> None:
+    d = bytearray(SOURCES[0])
+    k = d.find(b"\xff\xc0")
+    d[k + 5:k + 9] = struct.pack(">HH", 32768, 32769)  # height, width: over 2**30 pixels
+    assert not _decodes(bytes(d))
+    with pytest.raises(JpegError, match="over OpenCV's limit"):
+        check_structure(bytes(d))
 
 
 def _damage(data: bytes, rng: np.random.Generator, how: int) -> bytes:
