@@ -140,7 +140,7 @@ class Publisher:
         self.max_in_flight_bytes = max_in_flight_bytes
         self._topics = {m: settings.topic(m) for m in wire.MODALITIES}
         self._stats = PublisherStats()
-        self._cond = threading.Condition(threading.Lock())  # never re-entered; cheaper
+        self._lock = threading.Lock()
         self._closed = False
         self._error_counts: dict[str, int] = {}
         # (future, modality, size, payload bytes) of every record not settled yet, in send order
@@ -176,7 +176,7 @@ class Publisher:
         # the cap is a memory bound, not an invoice: headers are small and roughly constant
         size = len(value) + len(key) + HEADER_ALLOWANCE
         stats = self._stats
-        with self._cond:
+        with self._lock:
             failures = self._drain()
             if stats.in_flight_bytes + size > self.max_in_flight_bytes:
                 failures += self._wait_for_room(size)
@@ -189,7 +189,7 @@ class Publisher:
             future = self._producer.send(self._topics[mod], value=value, key=key,
                                          headers=headers, timestamp_ms=timestamp_ms)
         except (KafkaError, ValueError, TypeError) as e:
-            with self._cond:
+            with self._lock:
                 stats.in_flight_bytes -= size
                 failures = [self._count_failure(mod, e)]
             self._log_failures(failures)
@@ -211,7 +211,7 @@ class Publisher:
         while (stats.in_flight_bytes > 0 and not self._closed
                and stats.in_flight_bytes + size > self.max_in_flight_bytes):
             oldest = self._pending[0][0] if self._pending else None
-            self._cond.release()
+            self._lock.release()
             try:
                 if oldest is None:  # counted by another thread, not queued yet
                     time.sleep(0.001)
@@ -219,7 +219,7 @@ class Publisher:
                     with contextlib.suppress(Exception):  # its failure is counted in _drain
                         oldest.get(timeout=0.1)
             finally:
-                self._cond.acquire()
+                self._lock.acquire()
             failures += self._drain()
         stats.blocked_s += time.monotonic() - t0
         return failures
@@ -259,7 +259,7 @@ class Publisher:
     @property
     def stats(self) -> PublisherStats:
         """A snapshot of the counters (safe to read from any thread)."""
-        with self._cond:
+        with self._lock:
             failures = self._drain()
             s = self._stats
             snapshot = PublisherStats(
@@ -273,11 +273,11 @@ class Publisher:
     def error_reasons(self) -> dict[str, int]:
         """Every distinct delivery failure reason and how often it happened."""
         self._settle()
-        with self._cond:
+        with self._lock:
             return dict(self._error_counts)
 
     def _settle(self) -> None:
-        with self._cond:
+        with self._lock:
             failures = self._drain()
         self._log_failures(failures)
 
@@ -297,10 +297,10 @@ class Publisher:
         if self._closed:
             return
         self.flush(timeout)
-        with self._cond:
+        with self._lock:
             self._closed = True
         self._producer.close(timeout=timeout)
-        with self._cond:
+        with self._lock:
             failures = self._drain()
             while self._pending:  # never settled, not even by close(): lost with the producer
                 _, mod, size, _ = self._pending.popleft()

@@ -328,6 +328,10 @@ _MOD_HEADERS = {m: ("sp-mod", m.encode("ascii")) for m in MODALITIES}
 _FMT_BYTES = {f: f.encode("ascii") for f in (*VIDEO_FORMATS, *AUDIO_FORMATS)}
 
 
+def _fmt_bytes(fmt: str) -> bytes:
+    return _FMT_BYTES.get(fmt) or fmt.encode("ascii")
+
+
 def encode_parts(record: MediaRecord) -> tuple[bytes, bytes, list[tuple[str, bytes]], int]:
     """(key, value, headers, timestamp_ms): :func:`encode` without the KafkaRecord, in the
     list form kafka-python's ``send`` takes.
@@ -336,13 +340,13 @@ def encode_parts(record: MediaRecord) -> tuple[bytes, bytes, list[tuple[str, byt
     once, numbers formatted with bytes %-formatting.
     """
     if isinstance(record, VideoFrame):
-        fmt = _FMT_BYTES.get(record.fmt) or record.fmt.encode("ascii")
+        fmt = _fmt_bytes(record.fmt)
         headers = [_VERSION_HEADER, _MOD_HEADERS["video"], ("sp-ts", b"%d" % record.ts_ns),
                    ("sp-seq", b"%d" % record.seq), ("sp-fmt", fmt),
                    ("sp-w", b"%d" % record.width), ("sp-h", b"%d" % record.height)]
         value = record.data
     elif isinstance(record, AudioChunk):
-        fmt = _FMT_BYTES.get(record.fmt) or record.fmt.encode("ascii")
+        fmt = _fmt_bytes(record.fmt)
         headers = [_VERSION_HEADER, _MOD_HEADERS["audio"], ("sp-ts", b"%d" % record.ts_ns),
                    ("sp-seq", b"%d" % record.seq), ("sp-fmt", fmt),
                    ("sp-sr", b"%d" % record.sample_rate), ("sp-ch", b"%d" % record.channels)]
@@ -547,7 +551,7 @@ def encode_prediction(p: Prediction) -> KafkaRecord:
     return KafkaRecord(
         key=p.stream_id.encode("utf-8"),
         value=json.dumps(p.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
-        headers=(("sp-v", _h(WIRE_VERSION)), ("sp-mod", b"prediction"),
+        headers=(_VERSION_HEADER, ("sp-mod", b"prediction"),
                  ("sp-ts", _h(p.window_start_ns))),
         timestamp_ms=p.window_start_ns // 1_000_000,
     )

@@ -14,14 +14,13 @@ from PIL import Image
 
 from streamproc import wire
 from streamproc.jpeg import JpegError, check_structure
-from streamproc.wire import WireError, decode_image
 
 
 def _decodes(data: bytes) -> bool:
     """Whether the model's preprocessing can decode it (wire.decode_image's flags)."""
     try:
-        return decode_image(data) is not None
-    except (WireError, cv2.error):
+        return wire.decode_image(data) is not None
+    except (wire.WireError, cv2.error):
         return False
 
 
@@ -71,7 +70,7 @@ def test_every_intact_jpeg_passes_with_its_size() -> None:
               _without_tables(SOURCES[0]),  # sequential: libjpeg uses the standard tables
               SOURCES[0] + b"\x00" * 100]  # bytes after the end-of-image marker are ignored
     for data in SOURCES + others:
-        img = decode_image(data)
+        img = wire.decode_image(data)
         assert check_structure(data) == (img.shape[1], img.shape[0])
 
 
