@@ -19,17 +19,27 @@ arriving ~1 s after they end):
    model thread, prediction JSON, aiokafka publish to a real topic) without faust, against
    the bare model on the batches it formed.
 
+4. **frame sizes** (``--frame-sizes 640x480,1280x720``, instead of 1-3): the live run
+   with W1's frames replaced by camera-like JPEGs of each size (smooth colour regions and
+   sensor noise, q80; about 60 KB at 640x480 and 160 KB at 720p, as real cameras make;
+   W2 is 8 streams of 720p at 15 fps). One row per size with the latency added after a
+   window closed; ``--write-docs`` appends the rows, with the machine's load, to
+   docs/benchmarks.md.
+
 The model is the demo's reference model (``streamproc.demo.prepare_model``: trained once,
 cached) unless ``--model`` names a checkpoint.
 
     .venv/bin/python benchmarks/bench_pipeline.py [--seconds 60] [--backlog-seconds 30]
         [--rounds 3] [--model DIR] [--write-docs]
+    .venv/bin/python benchmarks/bench_pipeline.py --frame-sizes 640x480,1280x720 \
+        [--seconds 30] [--streams 8] [--write-docs]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import re
 import statistics
@@ -50,7 +60,7 @@ from streamproc.demo import Layout, WorkerProcess, default_dir, percentile, prep
 from streamproc.localkafka import existing_or_local, free_port
 from streamproc.producer import Publisher
 from streamproc.topics import create_topics
-from streamproc.wire import MediaRecord, Prediction
+from streamproc.wire import MediaRecord, Prediction, VideoFrame
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_align import w1_records  # one W1 generator for every benchmark
@@ -146,7 +156,36 @@ def collect(settings: Settings, want: int, timeout_s: float, into: list) -> None
 # ---------------------------------------------------------------------------------------
 
 
-def live_phase(bootstrap: str, model: Path, seconds: int, streams: int, tmp: Path) -> dict:
+def camera_frames(width: int, height: int, n: int = 4) -> list[VideoFrame]:
+    """``n`` camera-like JPEGs (q80): smooth colour regions plus a little sensor noise,
+    which compress like real footage (W1's noise frames are the worst case for JPEG)."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    out = []
+    for _ in range(n):
+        small = rng.integers(0, 255, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+        img = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+        img = np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+        out.append(VideoFrame.from_image("x", 0, 0, img, quality=80))
+    return out
+
+
+def with_frames(recs: list[tuple[int, MediaRecord]], frames: Sequence[VideoFrame]
+                ) -> list[tuple[int, MediaRecord]]:
+    """W1 with every video frame's image replaced by ``frames`` in turn."""
+    out = []
+    for arrival, r in recs:
+        if isinstance(r, VideoFrame):
+            f = frames[r.seq % len(frames)]
+            r = dataclasses.replace(r, data=f.data, width=f.width, height=f.height)
+        out.append((arrival, r))
+    return out
+
+
+def live_phase(bootstrap: str, model: Path, seconds: int, streams: int, tmp: Path,
+               frame_size: tuple[int, int] | None = None) -> dict:
     settings = base_settings(bootstrap, model)
     create_topics(settings)
     worker = WorkerProcess(settings, model, tmp / "live" / "worker.log")
@@ -155,6 +194,8 @@ def live_phase(bootstrap: str, model: Path, seconds: int, streams: int, tmp: Pat
         hop = settings.hop_ms * MS
         origin = (time.time_ns() + 2 * S) // hop * hop + hop
         recs = w1_records(seconds, streams, t0=origin)
+        if frame_size is not None:
+            recs = with_frames(recs, camera_frames(*frame_size))
         expected = windows_of(settings, [r for _, r in recs])
         got: list[tuple[Prediction, int]] = []
         reader = threading.Thread(target=collect, args=(settings, len(expected),
@@ -508,6 +549,54 @@ def report(live: dict, summary: dict, sat: dict, model: Path, args: argparse.Nam
             + f"\n\nSaturation rounds, pipeline/bare windows/s: {rounds}." + analysis)
 
 
+FRAME_SECTION = "## Pipeline: frame sizes"
+FRAME_HEADER = ("| date | frames | streams x s | frame KB | windows (missing) | `added` p50 / p99 "
+                "ms | received p50 / p99 ms | queue / inference / publish ms (mean) | preprocess "
+                "ms/batch (mean) | batch mean | worker CPU | load avg before / after | p99 <= "
+                "150 ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def frame_size_rows(bootstrap: str, model: Path, sizes: Sequence[tuple[int, int]],
+                    seconds: int, streams: int, tmp: Path) -> list[str]:
+    """One live run per frame size; a table row each."""
+    rows = []
+    for w, h in sizes:
+        load0 = os.getloadavg()[0]
+        log(f"frame size {w}x{h}: {streams} streams for {seconds} s")
+        live = live_phase(bootstrap, model, seconds, streams, tmp / f"{w}x{h}", (w, h))
+        sm = summarize_live(live)
+        kb = statistics.mean(len(f.data) for f in camera_frames(w, h)) / 1000
+        steady = [p for p, _ in live["preds"].values()
+                  if p.quality.get("closed_by") == "watermark"]
+        pre = statistics.mean(p.latency_ms["preprocess"] for p in steady) if steady else 0.0
+        a, r = sm["added"], sm["received"]
+        ok = percentile(r, 99) <= GOAL_P99_MS and sm["missing"] == 0
+        rows.append(
+            f"| {time.strftime('%Y-%m-%d %H:%M')} | {w}x{h} | {streams} x {seconds} | "
+            f"{kb:.0f} | {sm['windows']} ({sm['missing']}) | {percentile(a, 50):.0f} / "
+            f"{percentile(a, 99):.0f} | {percentile(r, 50):.0f} / {percentile(r, 99):.0f} | "
+            f"{statistics.mean(sm['queue']):.0f} / {statistics.mean(sm['inference']):.0f} / "
+            f"{statistics.mean(sm['publish']):.0f} | {pre:.0f} | {statistics.mean(sm['batches']):.1f} | {sm['cpu']:.0%} | "
+            f"{load0:.1f} / {os.getloadavg()[0]:.1f} | {'met' if ok else '**not met**'} |")
+        log(rows[-1])
+    return rows
+
+
+def write_frame_rows(rows: Sequence[str]) -> None:
+    """Append rows to the frame-size table of docs/benchmarks.md (made if missing)."""
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    if FRAME_SECTION not in text:
+        text = (text.rstrip("\n") + f"\n\n{FRAME_SECTION}\n\n`benchmarks/bench_pipeline.py "
+                "--frame-sizes`: the live run (8 streams at 15 fps unless the row says "
+                "otherwise) with camera-like JPEGs of each size; latency added after a "
+                "window closed, steady state (first 10 s not counted). Every run is a row; "
+                f"machine: {machine()}.\n\n{FRAME_HEADER}\n")
+    m = re.search(re.escape(FRAME_SECTION) + r"\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
+    section = m.group(0).rstrip("\n") + "\n" + "\n".join(rows) + "\n"
+    text = text[:m.start()] + section + ("\n" + text[m.end():] if text[m.end():] else "")
+    DOCS.write_text(text.rstrip("\n") + "\n")
+
+
 def write_docs(body: str) -> None:
     """Replace (or add) the "## Pipeline" section of docs/benchmarks.md, nothing else."""
     text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
@@ -532,8 +621,21 @@ def main() -> int:
                     help="checkpoint [default: the demo's reference model]")
     ap.add_argument("--write-docs", action="store_true",
                     help=f"record the table in {DOCS} and the histogram in {PNG}")
+    ap.add_argument("--frame-sizes", default="",
+                    help="WxH,... : only the live run, once per frame size (e.g. "
+                         "640x480,1280x720), one row each")
     args = ap.parse_args()
     model = args.model or prepare_model(Layout(default_dir()), log=log)
+    if args.frame_sizes:
+        sizes = [tuple(int(x) for x in sz.split("x")) for sz in args.frame_sizes.split(",")]
+        with tempfile.TemporaryDirectory() as tmp, existing_or_local() as bootstrap:
+            rows = frame_size_rows(bootstrap, model, sizes, args.seconds, args.streams,
+                                   Path(tmp))
+        print(FRAME_HEADER + "\n" + "\n".join(rows))
+        if args.write_docs:
+            write_frame_rows(rows)
+            log(f"rows appended to {DOCS}")
+        return 0
     with tempfile.TemporaryDirectory() as tmp, existing_or_local() as bootstrap:
         log(f"live: {args.streams} streams of W1 for {args.seconds} s")
         live = live_phase(bootstrap, model, args.seconds, args.streams, Path(tmp))

@@ -278,10 +278,12 @@ class OffsetGate:
       being re-read never looks idle (the same while the backlog that accumulated before the
       resume is read: :meth:`catching_up`).
 
-    Input topics hold one record per offset (not compacted, not written in
-    transactions), so a hole is never legitimate except after retention deleted
-    records; :meth:`skip_to` handles that. Ignored records are never acked: Kafka
-    delivers them again.
+    Offsets with nothing to deliver are legitimate holes: transaction markers and
+    aborted records (the consumer reads committed data only) or compacted records. The
+    fetcher reports each such range (:meth:`skipped`); the gate then steps over it, and
+    :meth:`jumps` tells the agent, which acks the range in its turn. Records deleted by
+    retention are the other legitimate hole: :meth:`skip_to`. Ignored records are never
+    acked: Kafka delivers them again.
     """
 
     #: Seconds between two seeks of one topic-partition (leftovers may keep coming).
@@ -297,13 +299,17 @@ class OffsetGate:
         self._tries: dict[TP, int] = {}
         self._want_seek: dict[TP, int] = {}
         self._sought_at: dict[TP, float] = {}
+        self._skips: dict[TP, dict[int, int]] = {}  # start -> end of offsets with no record
+        self._jumped: list[tuple[TP, int, int]] = []
 
     def assign(self, tps: set[TP]) -> None:
         self.assigned = set(tps)
         self._floor = {tp: f for tp, f in self._floor.items() if tp in self.assigned}
-        for d in (self._next, self._target, self._hole, self._tries, self._want_seek):
+        for d in (self._next, self._target, self._hole, self._tries, self._want_seek,
+                  self._skips):
             for tp in [tp for tp in d if tp not in self.assigned]:
                 del d[tp]
+        self._jumped = [j for j in self._jumped if j[0] in self.assigned]
 
     def revoke(self, tps: set[TP], lowest_unacked: Callable[[TP], int | None]) -> None:
         for tp in tps:
@@ -312,9 +318,10 @@ class OffsetGate:
             floor = pending if pending is not None else nxt
             if floor is not None:
                 self._floor[tp] = floor
-            for d in (self._target, self._hole, self._tries, self._want_seek):
+            for d in (self._target, self._hole, self._tries, self._want_seek, self._skips):
                 d.pop(tp, None)
         self.assigned -= tps
+        self._jumped = [j for j in self._jumped if j[0] in self.assigned]
 
     def start(self, tp: TP, committed: int, end: int | None = None) -> None:
         """The assignment resumes from ``committed``; ``end`` is the end offset now (what
@@ -329,6 +336,7 @@ class OffsetGate:
         # revocation but not committed yet; they come again as 'redelivered'.
         # floor < committed: committed past a record never acked: it is read again.
         self._next[tp] = committed if floor is None else floor
+        self._step_over_skips(tp)
 
     def admit(self, tp: TP, offset: int) -> str:
         """'ok' to process; 'unassigned', 'rebalancing', 'redelivered' or 'hole' to ignore."""
@@ -337,6 +345,8 @@ class OffsetGate:
         nxt = self._next.get(tp)
         if nxt is None:
             return "rebalancing"
+        if offset > nxt and tp in self._skips:
+            nxt = self._step_over_skips(tp)
         if offset < nxt:
             return "redelivered"
         if offset > nxt:
@@ -351,6 +361,52 @@ class OffsetGate:
         self._hole.pop(tp, None)
         self._tries.pop(tp, None)
         return "ok"
+
+    def skipped(self, tp: TP, start: int, end: int) -> None:
+        """The fetcher found no record to deliver at offsets ``start..end-1`` of ``tp``
+        (transaction markers, aborted or compacted records): a fact about the log, so the
+        gate steps over them whenever it reaches them."""
+        if tp not in self.assigned or end <= start:
+            return
+        nxt = self._next.get(tp)
+        if nxt is not None and end <= nxt:
+            return
+        ranges = self._skips.setdefault(tp, {})
+        ranges[start] = max(end, ranges.get(start, end))
+        self._step_over_skips(tp)
+
+    def settle(self) -> None:
+        """Step over every reported range the gate has reached (call before admitting)."""
+        for tp in list(self._skips):
+            self._step_over_skips(tp)
+
+    def jumps(self) -> list[tuple[TP, int, int]]:
+        """Ranges ``(tp, start, end)`` stepped over since the last call, in order per tp:
+        nothing there to process, acked in their turn like a record."""
+        out, self._jumped = self._jumped, []
+        return out
+
+    def _step_over_skips(self, tp: TP) -> int | None:
+        nxt = self._next.get(tp)
+        ranges = self._skips.get(tp)
+        if nxt is None or not ranges:
+            return nxt
+        to = nxt
+        while True:
+            end = max((e for s, e in ranges.items() if s <= to < e), default=None)
+            if end is None:
+                break
+            to = end
+        for s in [s for s, e in ranges.items() if e <= to]:
+            del ranges[s]
+        if not ranges:
+            del self._skips[tp]
+        if to > nxt:
+            self._jumped.append((tp, nxt, to))
+            self._next[tp] = to
+            self._hole.pop(tp, None)
+            self._tries.pop(tp, None)
+        return to
 
     def seeks(self) -> dict[TP, int]:
         """Topic-partitions to seek back to their next offset (each asked once)."""

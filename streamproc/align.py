@@ -19,13 +19,20 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
+from itertools import pairwise
 from operator import attrgetter
 
 import numpy as np
+
+# Imported with the module, never inside a window: importing scipy.signal takes 1-2 s,
+# which on the worker's event loop would stall every stream at the first resampled window.
+from scipy.signal import firwin, resample_poly
 
 from streamproc.config import MODALITIES, ConfigError, Settings
 from streamproc.wire import (
@@ -42,9 +49,10 @@ from streamproc.wire import (
 OUTCOMES = ("accepted", "duplicate", "late", "replayed", "capped", "future")
 CLOSED_BY = ("watermark", "deadline", "flush")
 
-# The (modality, seq) of records whose windows closed are remembered for this many closed
-# windows per stream, so a copy that comes after its windows closed is still reported as a
-# duplicate, not late. Looked up only on that rare path, so add() pays nothing for it.
+# The identity (modality, seq, span) of records whose windows closed is remembered for this
+# many closed windows per stream, so a copy that comes after its windows closed is still
+# reported as a duplicate, not late. Looked up only on that rare path, so add() pays nothing
+# for it.
 RETIRED_WINDOWS_KEPT = 512
 # Audio at another rate than the model's is resampled with its neighbours as filter context:
 # chunks this close to a window join its bucket, so no filter edge falls inside the window.
@@ -52,6 +60,15 @@ RESAMPLE_PAD_NS = 10_000_000
 # Windows whose every record the cap dropped keep their quality marks (capped_*) for when
 # other data for them arrives later; at most this many such windows per stream.
 MARKED_WINDOWS_KEPT = 4096
+# Largest up/down factor given to the polyphase resampler. A rate whose exact ratio to
+# sample_rate has larger terms (44101 Hz -> 16000/44101) would need a filter with that many
+# phases: 0.26 s of work per 100 ms chunk at 44101 Hz, 1.8 s at 191999 Hz, on the event
+# loop. Such a ratio is approximated instead, by the nearest fraction with terms up to this
+# (typically within a few parts per million: a fraction of a sample per second).
+MAX_RESAMPLE_TERM = 2000
+# Where each expired stream had closed is remembered for this many streams (the oldest
+# forgotten first), so a late record of an expired stream is reported late.
+EXPIRED_STREAMS_KEPT = 100_000
 
 _INF = float("inf")
 _by_ts_seq = attrgetter("ts_ns", "seq")
@@ -138,9 +155,18 @@ class AlignConfig:
     max_buffer_audio_s: float = 60.0
     # Not a Settings option: segments are tiny, this only stops unbounded growth.
     max_buffer_segments: int = 1000
-    # A record this far ahead of the wall clock is refused (0: no limit): one frame from a
-    # producer with a wrong clock would otherwise push a watermark into the future.
+    # A record ending this far ahead of the wall clock is refused (0: no limit, and the
+    # wall clock says nothing about event time): one frame from a producer with a wrong
+    # clock would otherwise push a watermark into the future.
     max_future_ns: int = 0
+    # A record may move its modality's watermark at most this far ahead of both the wall
+    # clock and the stream's other modalities (0, or max_future_ns 0: no limit).
+    max_lead_ns: int = 0
+    # Longest audio chunk / transcript segment accepted (0: only the buffer caps bound it).
+    max_span_audio_ns: int = 0
+    max_span_text_ns: int = 0
+    # A stream with no open window and no record for this long is forgotten (0: never).
+    stream_expiry_ns: int = 0
 
     def __post_init__(self) -> None:
         lateness = {m: int(self.lateness_ns.get(m, 0)) for m in MODALITIES}
@@ -159,6 +185,10 @@ class AlignConfig:
             (self.max_buffer_audio_s > 0, "max_buffer_audio_s must be positive"),
             (self.max_buffer_segments >= 1, "max_buffer_segments must be at least 1"),
             (self.max_future_ns >= 0, "max_future_ns must not be negative"),
+            (self.max_lead_ns >= 0, "max_lead_ns must not be negative"),
+            (self.max_span_audio_ns >= 0 and self.max_span_text_ns >= 0,
+             "max_span_*_ns must not be negative"),
+            (self.stream_expiry_ns >= 0, "stream_expiry_ns must not be negative"),
         ]
         for ok, rule in rules:
             if not ok:
@@ -178,6 +208,10 @@ class AlignConfig:
             max_buffer_frames=s.max_buffer_frames,
             max_buffer_audio_s=s.max_buffer_audio_s,
             max_future_ns=s.max_future_ms * ms,
+            max_lead_ns=s.max_lead_ms * ms,
+            max_span_audio_ns=s.max_span_audio_ms * ms,
+            max_span_text_ns=s.max_span_text_ms * ms,
+            stream_expiry_ns=s.stream_expiry_ms * ms,
         )
 
     @property
@@ -259,9 +293,11 @@ class _Stream:
         self.wm: dict[str, int] = {}
         self.buckets: dict[int, _Bucket] = {}
         self.marked: dict[int, _Bucket] = {}  # open windows emptied by the cap: marks only
-        # seq -> record for every record still held by an open window (also the dedup set)
-        self.buffered: dict[str, dict[int, MediaRecord]] = {m: {} for m in MODALITIES}
-        self.retired: deque[set[tuple[str, int]]] = deque(maxlen=RETIRED_WINDOWS_KEPT)
+        # (seq, start, end) -> record for every record still held by an open window (also
+        # the dedup set)
+        self.buffered: dict[str, dict[tuple[int, int, int], MediaRecord]] = {
+            m: {} for m in MODALITIES}
+        self.retired: deque[set[tuple[str, int, int, int]]] = deque(maxlen=RETIRED_WINDOWS_KEPT)
         self.dropped_any = False  # a cap dropped data: buffered no longer has every seq
         self.audio_ns = 0
         # every window with start < closed_before is closed (emitted, empty, or before resume)
@@ -304,7 +340,8 @@ class Aligner:
 
     ``resume``: stream_id -> start of the last window already emitted (e.g. before a crash).
     Windows with start <= that are never emitted again, and a replayed record that only
-    belongs to such windows gets ``Outcome("replayed")``, not "late".
+    belongs to such windows gets ``Outcome("replayed")``, not "late". It is read whenever a
+    stream opens, so the caller may keep updating it.
     """
 
     def __init__(self, cfg: AlignConfig, resume: Mapping[str, int] | None = None) -> None:
@@ -317,16 +354,27 @@ class Aligner:
         self._audio_cap_ns = int(cfg.max_buffer_audio_s * NS_PER_S)
         self._idle = cfg.idle_ns
         # a span longer than this would pin that many windows open: refused, not buffered
-        self._max_span_ns = max(self._w, self._audio_cap_ns)
+        buffer_span = max(self._w, self._audio_cap_ns)
+        self._max_span = {"video": buffer_span,
+                          "audio": min(cfg.max_span_audio_ns or buffer_span, buffer_span),
+                          "text": min(cfg.max_span_text_ns or buffer_span, buffer_span)}
+        self._lead = cfg.max_lead_ns
+        self._expiry = cfg.stream_expiry_ns
+        self._expiry_check_at = 0
+        # stream_id -> closed_before of streams forgotten by expiry (oldest first)
+        self._expired: dict[str, int] = {}
         self._expected = cfg.expected
-        self._resume = dict(resume or {})
+        # read when a stream opens (also again after it expired), so a map the caller
+        # keeps current (the worker's published progress) is used as it is, not copied
+        self._resume = resume if resume is not None else {}
         self._streams: dict[str, _Stream] = {}
         self._dirty: set[str] = set()
         self._idle_check_at: float = _INF
         self._accepted: dict[int, Outcome] = {}
         self.stats: dict[str, int | float] = dict.fromkeys(
             ("accepted", "duplicates", "late", "late_partial", "late_windows_missed", "replayed",
-             "capped", "capped_frames", "capped_segments", "future", "windows",
+             "capped", "capped_frames", "capped_segments", "too_long", "future", "ahead",
+             "expired", "windows",
              "windows_deadline",
              "windows_flush", "windows_masked"), 0)
         self.stats["capped_audio_s"] = 0.0
@@ -336,26 +384,28 @@ class Aligner:
     def add(self, rec: MediaRecord, now_ns: int) -> Outcome:
         """Take one decoded record; ``now_ns`` is the wall clock (for the idle deadline)."""
         sid = rec.stream_id
-        ahead = rec.ts_ns - now_ns
-        if self.cfg.max_future_ns and ahead > self.cfg.max_future_ns:
-            self.stats["future"] += 1
-            return Outcome("future", f"{rec.modality} record seq {rec.seq} of stream {sid} has "
-                           f"an event time {ahead / NS_PER_S:.1f} s ahead of this worker's clock "
-                           f"(limit {self.cfg.max_future_ns / NS_PER_S:.0f} s, "
-                           "--max-future-ms): is the producer's clock wrong?")
-        st = self._streams.get(sid)
-        if st is None:
-            st = self._open(sid, now_ns)
         mod = rec.modality
-        h = self._h
         if mod == "video":
             s = e = rec.ts_ns
+        elif mod == "audio":
+            s, e = rec.ts_ns, rec.end_ns
+        else:
+            s, e = rec.start_ns, rec.end_ns
+        if self.cfg.max_future_ns and e - now_ns > self.cfg.max_future_ns:
+            return self._future(rec, e - now_ns)
+        if e - s > self._max_span[mod]:
+            return self._too_long(rec, e - s)
+        st = self._streams.get(sid)
+        if self._lead and e - now_ns > self._lead and self.cfg.max_future_ns:
+            ahead = self._ahead(st, rec, e, now_ns)
+            if ahead is not None:
+                return ahead
+        if st is None:
+            st = self._open(sid, now_ns)
+        h = self._h
+        if mod == "video":
             lo, hi = s, s + 1
         else:
-            if mod == "audio":
-                s, e = rec.ts_ns, rec.end_ns
-            else:
-                s, e = rec.start_ns, rec.end_ns
             lo, hi = s, (e if e > s else s + 1)
             if mod == "audio" and rec.sample_rate != self._sr:
                 lo, hi = lo - RESAMPLE_PAD_NS, hi + RESAMPLE_PAD_NS
@@ -363,11 +413,11 @@ class Aligner:
         k_last = ((hi - 1) // h) * h
 
         buffered = st.buffered[mod]
-        seq = rec.seq
-        if seq in buffered or (st.dropped_any and self._seen(st, mod, seq)):
+        # A record is its seq and its span: a producer that restarts its sequence numbers
+        # sends new records under old seqs, and only a copy has the same span too.
+        key = (rec.seq, s, e)
+        if key in buffered or (st.dropped_any and self._seen(st, mod, key)):
             return self._duplicate(st, rec, k_first, k_last)
-        if e - s > self._max_span_ns:
-            return self._too_long(st, rec, e - s)
 
         # Only a record that can move the stream's closing limit makes poll() look at the
         # stream: one of the modality that limits it, or one that comes back from idle.
@@ -384,9 +434,9 @@ class Aligner:
         reason = ""
         if cb is not None and k_first < cb:
             if k_last < cb:
-                if self._seen(st, mod, seq):
+                if self._seen(st, mod, key):
                     return self._duplicate(st, rec, k_first, k_last)
-                return self._too_old(st, rec, s, e, k_first, k_last)
+                return self._too_old(st, rec, key, s, e, k_first, k_last)
             rb = st.resume_before
             missed = (cb - (k_first if rb is None else max(k_first, rb))) // h
             if missed > 0:
@@ -397,7 +447,7 @@ class Aligner:
                           f"(stream closed before {_fmt_ns(cb)})")
             k_first = cb
 
-        buffered[seq] = rec
+        buffered[key] = rec
         buckets = st.buckets
         for k in range(k_first, k_last + h, h):
             b = buckets.get(k)
@@ -434,6 +484,8 @@ class Aligner:
         stream once a modality's idle deadline may have passed, so calling this after each
         record is cheap.
         """
+        if self._expiry and now_ns >= self._expiry_check_at:
+            self._expire(now_ns)
         if now_ns >= self._idle_check_at:
             ids: Iterable[str] = list(self._streams)
             self._idle_check_at = _INF
@@ -458,7 +510,17 @@ class Aligner:
     def forget(self, stream_id: str) -> None:
         """Drop a stream's state (its partition was revoked; the new owner replays it)."""
         self._streams.pop(stream_id, None)
+        self._expired.pop(stream_id, None)
         self._dirty.discard(stream_id)
+
+    def pause(self, ns: int) -> None:
+        """The input could not be read for ``ns`` (broker away, fetches failing): idleness
+        means the source sent nothing, so that time does not count toward any idle
+        deadline; every stream's last-seen times move on by it."""
+        for st in self._streams.values():
+            st.first_seen += ns
+            for m in st.last_seen:
+                st.last_seen[m] += ns
 
     def closed_before(self, stream_id: str) -> int | None:
         """Every window of the stream with start < this has closed (published or empty).
@@ -471,7 +533,9 @@ class Aligner:
         if st is not None:
             return st.closed_before
         r = self._resume.get(stream_id)
-        return None if r is None else (r // self._h + 1) * self._h
+        cb = self._expired.get(stream_id)
+        resumed = None if r is None else (r // self._h + 1) * self._h
+        return cb if resumed is None or (cb is not None and cb > resumed) else resumed
 
     @property
     def streams(self) -> list[str]:
@@ -491,8 +555,29 @@ class Aligner:
     def _open(self, sid: str, now_ns: int) -> _Stream:
         r = self._resume.get(sid)
         st = _Stream(sid, now_ns, None if r is None else (r // self._h + 1) * self._h)
+        cb = self._expired.pop(sid, None)
+        if cb is not None and (st.closed_before is None or cb > st.closed_before):
+            st.closed_before = cb  # expired: what closed stays closed, its records are late
         self._streams[sid] = st
         return st
+
+    def _expire(self, now_ns: int) -> None:
+        """Forget streams with no open window that sent nothing for ``stream_expiry_ns``,
+        remembering only where each had closed."""
+        expiry = self._expiry
+        expired = self._expired
+        for sid, st in list(self._streams.items()):
+            if st.buckets or now_ns - max(st.last_seen.values(), default=st.first_seen) < expiry:
+                continue
+            del self._streams[sid]
+            self._dirty.discard(sid)
+            self.stats["expired"] += 1
+            if st.closed_before is not None:
+                expired[sid] = st.closed_before
+                if len(expired) > EXPIRED_STREAMS_KEPT:
+                    del expired[next(iter(expired))]
+        # looked at every eighth of the expiry: a stream goes within 9/8 of it
+        self._expiry_check_at = now_ns + max(expiry // 8, 1)
 
     def _duplicate(self, st: _Stream, rec: MediaRecord, k_first: int, k_last: int) -> Outcome:
         self.stats["duplicates"] += 1
@@ -502,10 +587,10 @@ class Aligner:
         return Outcome("duplicate", f"duplicate of {rec.modality} seq {rec.seq} of stream "
                                     f"{rec.stream_id!r}: counted once")
 
-    def _too_old(self, st: _Stream, rec: MediaRecord, s: int, e: int, k_first: int,
-                 k_last: int) -> Outcome:
+    def _too_old(self, st: _Stream, rec: MediaRecord, key: tuple[int, int, int], s: int, e: int,
+                 k_first: int, k_last: int) -> Outcome:
         mod = rec.modality
-        self._remember(st, (mod, rec.seq))  # a copy of it is a duplicate, not late again
+        self._remember(st, (mod, *key))  # a copy of it is a duplicate, not late again
         if st.resume_before is not None and k_last < st.resume_before:
             self.stats["replayed"] += 1
             return Outcome("replayed", f"{mod} seq {rec.seq} only belongs to windows emitted "
@@ -521,13 +606,50 @@ class Aligner:
             f"{mod} watermark {_fmt_ns(st.wm.get(mod))}, allowed lateness "
             f"{self._late[mod] // 1_000_000} ms)"))
 
-    def _too_long(self, st: _Stream, rec: MediaRecord, span_ns: int) -> Outcome:
-        self._remember(st, (rec.modality, rec.seq))
+    def _future(self, rec: MediaRecord, ahead_ns: int) -> Outcome:
+        self.stats["future"] += 1
+        what = "an event time" if rec.modality == "video" else "a span ending"
+        return Outcome("future", f"{rec.modality} record seq {rec.seq} of stream "
+                       f"{rec.stream_id!r} has {what} {ahead_ns / NS_PER_S:.1f} s ahead of this "
+                       f"worker's clock (limit {self.cfg.max_future_ns / NS_PER_S:.0f} s, "
+                       "max_future_ms): is the producer's clock wrong?")
+
+    def _ahead(self, st: _Stream | None, rec: MediaRecord, e: int,
+               now_ns: int) -> Outcome | None:
+        """Refuse a record that would move the stream's time more than ``max_lead_ns``
+        ahead of both the wall clock and every watermark the stream has (its own modality's
+        included); None: fine.
+
+        A stream's first record is held only to ``max_future_ns``: a producer whose clock
+        runs a few seconds ahead of the worker's then keeps streaming (each record moves
+        its watermark by one record's length), while one record far ahead of a live
+        stream is refused.
+        """
+        if st is None or not st.wm:
+            return None
+        mod = rec.modality
+        ref = max(now_ns, max(st.wm.values()))
+        if e - ref <= self._lead:
+            return None  # a replay faster than real time: its modalities come together
+        self.stats["future"] += 1
+        self.stats["ahead"] += 1
+        return Outcome("future", f"{mod} record seq {rec.seq} of stream {rec.stream_id!r} ends "
+                       f"{(e - ref) / NS_PER_S:.1f} s ahead of this worker's clock and the "
+                       "stream's other modalities (limit "
+                       f"{self._lead / NS_PER_S:g} s, max_lead_ms): one record may not move "
+                       "a watermark that far, it would make the stream's real data late; "
+                       "is the producer's clock wrong?")
+
+    def _too_long(self, rec: MediaRecord, span_ns: int) -> Outcome:
+        mod = rec.modality
         self.stats["capped"] += 1
-        return Outcome("capped", f"{rec.modality} seq {rec.seq} of stream {rec.stream_id!r} "
-                                 f"spans {span_ns / NS_PER_S:.1f} s, longer than a stream may "
-                                 f"buffer ({self._max_span_ns / NS_PER_S:.1f} s, "
-                                 f"max_buffer_audio_s): dropped")
+        self.stats["too_long"] += 1
+        limit = self._max_span[mod]
+        setting = ("max_buffer_audio_s" if limit == max(self._w, self._audio_cap_ns)
+                   else f"max_span_{mod}_ms")
+        return Outcome("capped", f"{mod} record seq {rec.seq} of stream {rec.stream_id!r} "
+                                 f"spans {span_ns / NS_PER_S:.1f} s, longer than a {mod} "
+                                 f"record may ({limit / NS_PER_S:.1f} s, {setting}): dropped")
 
     def _refused(self, rec: MediaRecord, what: str, cap: float) -> Outcome:
         self.stats["capped"] += 1
@@ -557,10 +679,10 @@ class Aligner:
 
     def _drop(self, st: _Stream, rec: MediaRecord) -> None:
         mod = rec.modality
-        del st.buffered[mod][rec.seq]
-        st.dropped_any = True
-        self._remember(st, (mod, rec.seq))
         s, e = _span(rec)
+        del st.buffered[mod][(rec.seq, s, e)]
+        st.dropped_any = True
+        self._remember(st, (mod, rec.seq, s, e))
         lo, hi = s, (e if e > s else s + 1)
         if mod == "audio":
             dur = e - s
@@ -591,15 +713,15 @@ class Aligner:
                 if len(st.marked) < MARKED_WINDOWS_KEPT:
                     st.marked[k] = b
 
-    def _remember(self, st: _Stream, key: tuple[str, int]) -> None:
+    def _remember(self, st: _Stream, key: tuple[str, int, int, int]) -> None:
         if not st.retired:
             st.retired.append(set())
         st.retired[-1].add(key)
 
-    def _seen(self, st: _Stream, mod: str, seq: int) -> bool:
-        """Was this record retired, dropped or reported late recently?"""
-        key = (mod, seq)
-        return any(key in keys for keys in st.retired)
+    def _seen(self, st: _Stream, mod: str, key: tuple[int, int, int]) -> bool:
+        """Was this record (seq, start, end) retired, dropped or reported late recently?"""
+        mkey = (mod, *key)
+        return any(mkey in keys for keys in st.retired)
 
     # --- closing -----------------------------------------------------------------------
 
@@ -610,10 +732,18 @@ class Aligner:
         next_change = _INF  # when the next active modality goes idle
         active = blocked = False
         blocker = None
+        clock = self.cfg.max_future_ns > 0  # the wall clock is comparable with event time
         for m in self._expected:
             seen = last_seen.get(m, st.first_seen)
             if now_ns - seen >= idle:
-                continue  # idle: does not hold windows back
+                # Idle: its watermark no longer holds windows back. But once it has sent
+                # anything, its next record (a transcript segment after a silence) may
+                # start up to its lateness before now, so windows still wait that long on
+                # the wall clock; one that never sent anything is not waited for.
+                if clock and m in wms and now_ns - late[m] < limit:
+                    limit = now_ns - late[m]
+                    blocker = None  # time, not a record of m, moves this limit
+                continue
             active = True
             if seen + idle < next_change:
                 next_change = seen + idle
@@ -673,11 +803,12 @@ class Aligner:
         buffered = st.buffered
         for rec in b.retire:
             mod = rec.modality
-            if buffered[mod].pop(rec.seq, None) is None:
+            s, e = _span(rec)
+            if buffered[mod].pop((rec.seq, s, e), None) is None:
                 continue  # dropped by the cap earlier
-            keys.add((mod, rec.seq))
+            keys.add((mod, rec.seq, s, e))
             if mod == "audio":
-                st.audio_ns -= rec.end_ns - rec.ts_ns
+                st.audio_ns -= e - s
         st.retired.append(keys)
 
     # --- building a window -------------------------------------------------------------
@@ -688,11 +819,9 @@ class Aligner:
         n = len(frames)
         kk = self.cfg.frames_per_window
         picked = [frames[i] for i in even_indices(n, kk)]
-        if n:
-            seqs = [f.seq for f in frames]
-            frames_dropped = max(seqs) - min(seqs) + 1 - n
-        else:
-            frames_dropped = 0
+        # gaps between consecutive frames' seqs; a seq going back (a producer restarted)
+        # is no gap
+        frames_dropped = sum(max(0, y.seq - x.seq - 1) for x, y in pairwise(frames))
 
         chunks = b.recs["audio"]
         chunks.sort(key=_by_ts_seq)
@@ -761,17 +890,34 @@ class Aligner:
                 out[lo - gs:hi - gs] = x
                 mask[lo - gs:hi - gs] = True
             else:
-                from scipy.signal import resample_poly
-
-                g = math.gcd(sr, rate)
+                up, down, fir = _resampler(sr, rate)
                 x = _mono(pcm_samples(b"".join(datas), fmt, ch))
-                y = resample_poly(x, sr // g, rate // g).astype(np.float32, copy=False)
+                y = resample_poly(x, up, down, window=fir).astype(np.float32, copy=False)
                 g0 = (ts * sr + NS_PER_S // 2) // NS_PER_S
                 lo, hi = max(g0, gs), min(g0 + len(y), gs + n_out)
                 if lo < hi:
                     out[lo - gs:hi - gs] = y[lo - g0:hi - g0]
                     mask[lo - gs:hi - gs] = True
         return out, mask
+
+
+@functools.lru_cache(maxsize=32)
+def _resampler(sr: int, rate: int) -> tuple[int, int, np.ndarray]:
+    """(up, down, low-pass FIR) taking ``rate`` to ``sr``: the filter resample_poly
+    designs itself (Kaiser window, beta 5), designed once per pair of rates rather than
+    for every window (that was 60% of resampling 44.1 kHz)."""
+    g = math.gcd(sr, rate)
+    up, down = sr // g, rate // g
+    if max(up, down) > MAX_RESAMPLE_TERM:
+        m = MAX_RESAMPLE_TERM
+        if up < down:
+            ratio = Fraction(up, down).limit_denominator(m)
+            up, down = ratio.numerator, ratio.denominator
+        else:
+            ratio = Fraction(down, up).limit_denominator(m)
+            up, down = ratio.denominator, ratio.numerator
+    m = max(up, down)
+    return up, down, firwin(2 * 10 * m + 1, 1.0 / m, window=("kaiser", 5.0))
 
 
 def _mono(x: np.ndarray) -> np.ndarray:

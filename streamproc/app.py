@@ -22,14 +22,19 @@ import asyncio
 import dataclasses
 import logging
 import os
+import re
 import socket
+import struct
+import threading
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import faust
+from aiokafka.consumer import fetcher as aiokafka_fetcher
+from aiokafka.record.default_records import _DefaultRecordBatchPy
 from faust.types import TP
 from faust.types.auth import CredentialsT
 
@@ -38,7 +43,15 @@ from streamproc.acks import AckLedger, Entry, OffsetGate, Ticket
 from streamproc.align import AlignConfig, Aligner, Window
 from streamproc.config import MODALITIES, Settings
 from streamproc.errors import UserError
-from streamproc.inference import InferenceSink, Predictor, summary_prediction
+from streamproc.inference import (
+    ALIGN_ONLY_MODEL,
+    InferenceSink,
+    Predictor,
+    log_when_started,
+    other_groups,
+    prediction_headers,
+    summary_prediction,
+)
 from streamproc.metrics import Counters, Metrics
 
 log = logging.getLogger("streamproc.worker")
@@ -53,6 +66,10 @@ STATUS_EVERY_S = 30.0
 GAUGES_EVERY_S = 5.0
 #: Dead letters of one kind logged one by one before only every 100th is.
 DEAD_LETTERS_LOGGED = 20
+#: A partition none of whose input fetches completed for this long is stalled (broker
+#: away, fetches failing; fetches complete every FETCH_MAX_WAIT_MS when all is well): that
+#: time does not count toward idle deadlines.
+FETCH_STALL_NS = 1_000_000_000
 #: Seeks for one hole in an input partition before checking whether retention deleted it.
 HOLE_SEEKS_BEFORE_CHECK = 3
 #: Longest the broker holds a fetch whose partitions have nothing new (faust hard-codes
@@ -79,6 +96,281 @@ def shorten_fetch_wait(consumer: Any, wait_ms: int = FETCH_MAX_WAIT_MS) -> None:
         log.warning("cannot shorten the fetch wait: faust/aiokafka internals changed")
         return
     inner._fetch_max_wait_ms = fetcher._fetch_max_wait_ms = wait_ms
+
+
+# ---------------------------------------------------------------------------------------
+# what the fetcher must survive and report (patches of aiokafka 0.14 internals)
+# ---------------------------------------------------------------------------------------
+
+#: Offset ranges ``(topic, partition, start, end)`` in which the fetcher found nothing to
+#: deliver (transaction markers, aborted transactions, compacted records). Appended by the
+#: consumer's fetcher, drained by the agent (:meth:`AlignState.take_fetch_skips`).
+#: Bounded: a report lost to the bound only costs a seek back, which fetches (and reports)
+#: the range again.
+FETCH_SKIPS: deque[tuple[str, int, int, int]] = deque(maxlen=100_000)
+
+
+class _ReportingPartitionRecords(aiokafka_fetcher.PartitionRecords):
+    """aiokafka's records of one fetched partition, reporting the offsets it skips.
+
+    The agent processes each input offset in turn (acks.OffsetGate); without this, an
+    offset the fetcher legitimately never delivers looks like a hole to seek back over.
+    """
+
+    def _unpack_records(self):  # type: ignore[override]
+        tp, expected = self._tp, self.next_fetch_offset  # the position fetched from
+        for rec in super()._unpack_records():
+            if rec.offset > expected:
+                FETCH_SKIPS.append((tp.topic, tp.partition, expected, rec.offset))
+            expected = rec.offset + 1
+            yield rec
+        if self.next_fetch_offset > expected:  # e.g. a commit marker after the last record
+            FETCH_SKIPS.append((tp.topic, tp.partition, expected, self.next_fetch_offset))
+
+
+class _SurrogateBytes(bytearray):
+    """A header name read back as text whatever its bytes (undecodable bytes become
+    surrogates, as ``os.fsdecode`` does), so the record can be dead-lettered."""
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return bytearray.decode(self, encoding, "surrogateescape")
+
+
+class _LenientBuffer(bytearray):
+    def __getitem__(self, i):  # type: ignore[override]
+        v = bytearray.__getitem__(self, i)
+        return _SurrogateBytes(v) if isinstance(i, slice) else v
+
+
+class _LenientBatch(_DefaultRecordBatchPy):  # type: ignore[misc]
+    """aiokafka's pure-Python record batch, reading header names that are not UTF-8.
+
+    aiokafka decodes header names strictly, and one record with a name like ``ff fe``
+    crashes the fetcher (and the worker again after every restart). Its Python batch
+    slices header names from ``self._buffer``; this buffer's slices decode leniently.
+    """
+
+    def __init__(self, buffer: bytes | bytearray | memoryview) -> None:
+        super().__init__(buffer)
+        self._buffer = _LenientBuffer(self._buffer)
+
+    def _maybe_uncompress(self) -> None:
+        super()._maybe_uncompress()
+        if type(self._buffer) is not _LenientBuffer:
+            self._buffer = _LenientBuffer(self._buffer)
+
+
+class _LenientBatchView:
+    """One batch: aiokafka's fast (C) reader, or, once that refuses a header name, the
+    lenient Python reader of the same bytes from the record it stopped at."""
+
+    def __init__(self, batch: Any, raw: memoryview) -> None:
+        self._batch = batch
+        self._raw = raw
+        self._slow: _LenientBatch | None = None
+        self._read = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._batch, name)
+
+    def __iter__(self) -> _LenientBatchView:
+        return self
+
+    def __next__(self) -> Any:
+        if self._slow is None:
+            try:
+                rec = next(self._batch)
+            except UnicodeDecodeError:
+                self._slow = iter(_LenientBatch(self._raw))
+                for _ in range(self._read):
+                    next(self._slow)
+            else:
+                self._read += 1
+                return rec
+        return next(self._slow)
+
+
+class _LenientMemoryRecords:
+    """aiokafka's MemoryRecords whose batches survive header names that are not UTF-8."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self._records = _MEMORY_RECORDS(data)
+        self._pos = 0  # where the next batch starts: batches lie back to back
+
+    def size_in_bytes(self) -> int:
+        return self._records.size_in_bytes()
+
+    def has_next(self) -> bool:
+        return self._records.has_next()
+
+    def next_batch(self) -> Any:
+        batch = self._records.next_batch()
+        if batch is None:
+            return None
+        start = self._pos
+        self._pos = start + 12 + struct.unpack_from(">i", self._data, start + 8)[0]
+        if getattr(batch, "magic", 2) < 2:
+            return batch  # message format v0/v1 has no headers
+        return _LenientBatchView(batch, self._data[start:self._pos])
+
+
+_MEMORY_RECORDS = aiokafka_fetcher.MemoryRecords
+
+
+def patch_fetcher() -> None:
+    """Make aiokafka's fetcher survive any header bytes and report the offsets it skips
+    (idempotent; process-wide: one worker per process)."""
+    aiokafka_fetcher.MemoryRecords = _LenientMemoryRecords
+    aiokafka_fetcher.PartitionRecords = _ReportingPartitionRecords
+
+
+def read_committed(consumer: Any) -> None:
+    """Read only committed data, as Kafka's own consumers of transactional topics do.
+
+    Another application may write transactions into the input topics; aborted records must
+    never reach a window. faust picks read_committed only for its exactly-once mode, so it
+    is set on aiokafka's consumer here, before the first fetch of the assignment.
+    """
+    inner = getattr(getattr(consumer, "_thread", None), "_consumer", None)
+    fetcher = getattr(inner, "_fetcher", None)
+    if fetcher is None or not hasattr(fetcher, "_isolation_level"):
+        log.warning("cannot read committed data only: faust/aiokafka internals changed")
+        return
+    fetcher._isolation_level = aiokafka_fetcher.READ_COMMITTED
+    inner._isolation_level = "read_committed"
+
+
+def undecodable_header_names(rec: wire.KafkaRecord) -> list[bytes]:
+    """Header names that are not UTF-8 (the fetcher hands them over with surrogates)."""
+    out = []
+    for k, _ in rec.headers:
+        if k.isascii():  # every wire-format header name: no encoding needed to know
+            continue
+        try:
+            k.encode("utf-8")
+        except UnicodeEncodeError:
+            out.append(k.encode("utf-8", "surrogateescape"))
+    return out
+
+
+def _printable_headers(rec: wire.KafkaRecord) -> wire.KafkaRecord:
+    """Invalid bytes of header names as replacement characters, as Java clients read them,
+    so the dead letter can be sent."""
+    headers = tuple((k.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), v)
+                    for k, v in rec.headers)
+    return dataclasses.replace(rec, headers=headers)
+
+
+def misplaced_reason(stream_id: str, home: int, partition: int) -> str:
+    """Why a stream's record on a second partition is a dead letter."""
+    return (f"stream {stream_id!r} seen on partitions {home} and {partition} of the input "
+            f"topics; its records on partition {home} came first and are used. A stream's "
+            "records must all be on one partition: the key must be the stream id and every "
+            "producer must use the same partitioner (likely cause: a producer with another "
+            "partitioner, e.g. librdkafka's default consistent_random; set "
+            "partitioner=murmur2_random there to match Kafka's Java and Python clients)")
+
+
+#: (end offset to read up to, wall time in ns of the consumer's last fetch of it) of one
+#: input topic-partition; None where not known yet.
+FetchState = Callable[[tuple[str, int]], tuple[int | None, int | None]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SkippedOffsets:
+    """Offsets ``offset..end-1`` with nothing to process, acked in their turn like a record
+    (quacks like a faust event: ``message.topic`` etc., ``ack()``)."""
+
+    topic: str
+    partition: int
+    offset: int
+    end: int
+    mark: Callable[[tuple[str, int], int, int], object]
+
+    @property
+    def message(self) -> SkippedOffsets:
+        return self
+
+    def ack(self) -> None:
+        self.mark((self.topic, self.partition), self.offset, self.end)
+
+
+def consumer_fetch_state(app: faust.App) -> FetchState:
+    """Read from the app's aiokafka consumer how far each input partition can be read and
+    when it was last fetched (never raises: unknown is "not known yet")."""
+
+    def state(tp: tuple[str, int]) -> tuple[int | None, int | None]:
+        try:
+            inner = app.consumer._thread._consumer
+            ktp = TP(*tp)
+            # the log end, not the last stable offset: records behind another
+            # application's open transaction exist and will come, so nothing is idle
+            end = inner.highwater(ktp)
+            fetched_ms = inner.last_poll_timestamp(ktp)
+        except Exception:  # not assigned (yet), or mid-rebalance
+            return None, None
+        return end, None if fetched_ms is None else fetched_ms * 1_000_000
+
+    return state
+
+
+class ClientFaults(logging.Filter):
+    """The Kafka client's errors and warnings while something is wrong (a broker away logs
+    thousands of lines a minute): the first is logged, then a summary every
+    ``summary_s``, then one line once none came for ``quiet_s`` (the recovery)."""
+
+    def __init__(self, summary_s: float = 10.0, quiet_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.summary_s, self.quiet_s, self._clock = summary_s, quiet_s, clock
+        self._lock = threading.Lock()  # the consumer's client logs from faust's thread
+        self._since: float | None = None
+        self._last = self._summary_at = 0.0
+        self._kinds: Counter[str] = Counter()
+        self._total = 0
+
+    def install(self, prefix: str = "aiokafka") -> None:
+        """Filter every logger of ``prefix`` (idempotent)."""
+        for name, logger in list(logging.root.manager.loggerDict.items()):
+            if (name == prefix or name.startswith(prefix + ".")) \
+                    and isinstance(logger, logging.Logger) and self not in logger.filters:
+                logger.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        now = self._clock()
+        with self._lock:
+            self._last = now
+            if self._since is None:
+                self._since, self._summary_at = now, now + self.summary_s
+                record.msg = (f"{record.getMessage()} (Kafka client errors are summarised "
+                              f"every {self.summary_s:.0f} s until they stop)")
+                record.args = ()
+                return True
+            self._kinds[re.sub(r"\d+", "N", record.getMessage())[:120]] += 1
+            self._total += 1
+            return False
+
+    def tick(self) -> None:
+        """Log the summary or the recovery when due (from a timer)."""
+        now = self._clock()
+        with self._lock:
+            if self._since is None:
+                return
+            if now - self._last >= self.quiet_s:
+                log.warning("Kafka client errors stopped after %.0f s (%d lines summarised)",
+                            self._last - self._since, self._total)
+                self._since, self._total = None, 0
+                self._kinds.clear()
+            elif now >= self._summary_at and self._kinds:
+                top = "; ".join(f"{n} x {k}" for k, n in self._kinds.most_common(3))
+                log.warning("Kafka client errors go on (%.0f s): %d lines in the last %.0f s: "
+                            "%s", now - self._since, sum(self._kinds.values()),
+                            self.summary_s, top)
+                self._kinds.clear()
+                self._summary_at = now + self.summary_s
 
 
 def _fit_dead_letter(rec: wire.KafkaRecord, reason: str,
@@ -223,7 +515,8 @@ class AlignState:
                  record_progress: Callable[[str, int], asyncio.Future],
                  counters: Counters, crash: Callable[[BaseException], None],
                  clock: Callable[[], int] = time.time_ns,
-                 flowing: Callable[[], bool] = lambda: True) -> None:
+                 flowing: Callable[[], bool] = lambda: True,
+                 fetch_state: FetchState | None = None) -> None:
         self.settings = settings
         self.cfg = AlignConfig.from_settings(settings)
         self.sink = sink
@@ -237,12 +530,21 @@ class AlignState:
         self.crash = crash
         self.clock = clock
         self.flowing = flowing
+        self.fetch_state = fetch_state
         self.aligners: dict[int, Aligner] = {}
         self.ledger: AckLedger[Any] = AckLedger()
         self.gate = OffsetGate()
         self._ignoring: set[tuple[tuple[str, int], str]] = set()  # logged once per rebalance
         self._releasing = False  # True only while the ledger's acks are handed to faust
-        self._frozen: dict[int, int] = {}  # partition -> clock while it catches up
+        # partition -> its idle clock: the wall time up to which every input of the
+        # partition is known to be read (stands still while anything is left to read)
+        self._read_through: dict[int, int] = {}
+        self._fetched_at: dict[int, int] = {}  # partition -> oldest last fetch of its inputs
+        self._ends: dict[tuple[str, int], int | None] = {}  # log ends at the last look
+        # stream -> the partition its records come on (while that partition is ours)
+        self._home: dict[str, int] = {}
+        # acks offsets the fetcher skipped (faust's gap bookkeeping); set by guard_consumer
+        self._ack_skipped: Callable[[tuple[str, int], int, int], object] = lambda *a: None
         # acks released by the ledger, in release order, each batch behind the progress
         # records that must be durable first
         self._acks: deque[tuple[list[asyncio.Future], list[Any]]] = deque()
@@ -257,7 +559,9 @@ class AlignState:
         msg = event.message
         tp, offset = (msg.topic, msg.partition), msg.offset
         modality = self.modality_of[msg.topic]
+        self.take_fetch_skips()
         admitted = self.gate.admit(tp, offset)
+        self._track_jumps()  # stepped-over offsets come before this record
         if admitted != "ok":
             self.counters.inc("ignored", reason=admitted)
             last = self.ledger.last_tracked(tp)
@@ -272,14 +576,33 @@ class AlignState:
             return
         self.counters.inc("events_in", modality=modality)
         rec = wire.KafkaRecord.from_client(msg)
+        bad_names = undecodable_header_names(rec)
+        if bad_names:
+            self.counters.inc("decode_errors", modality=modality)
+            self._dead_letter(tp, offset, event, rec, "header name(s) "
+                              + ", ".join(repr(b[:64]) for b in bad_names)
+                              + " not UTF-8: Kafka header names are UTF-8 strings", "decode")
+            return
         try:
             media = wire.decode(rec, expect_modality=modality,
-                                max_bytes=self.settings.max_message_bytes)
+                                max_bytes=self.settings.max_message_bytes,
+                                max_pixels=self.settings.max_frame_pixels)
         except wire.WireError as e:
             self.counters.inc("decode_errors", modality=modality)
             self._dead_letter(tp, offset, event, rec, str(e), e.kind)
             return
+        except Exception as e:  # a decoder bug must not stop every stream; keep the record
+            log.exception("decoding %s record %s:%d/%d failed", modality, *tp, offset)
+            self.counters.inc("internal_errors")
+            self._dead_letter(tp, offset, event, rec, f"decoder error: {e!r}", "internal")
+            return
+        home = self._home.setdefault(media.stream_id, msg.partition)
+        if home != msg.partition:
+            self._dead_letter(tp, offset, event, rec, misplaced_reason(
+                media.stream_id, home, msg.partition), "partition")
+            return
         aligner = self._aligner(msg.partition)
+        reading = self._note_stall(msg.partition, aligner, fast=True)
         now = self.clock()
         # capture -> worker delay of the stream's newest record of each modality
         self.ingest_ns[(media.stream_id, modality)] = now - media.end_ns
@@ -304,13 +627,23 @@ class AlignState:
             self._dead_letter(tp, offset, event, rec, out.reason or status, kind)
         else:
             raise RuntimeError(f"aligner returned unknown outcome {status!r}")
-        self._poll(msg.partition, aligner, now)
+        self._poll(msg.partition, aligner, now, reading)
 
     def on_tick(self) -> None:
         """Wall clock: close windows whose idle deadline passed, even with no input."""
+        self.take_fetch_skips()
+        self._track_jumps()
         now = self.clock()
         for partition, aligner in list(self.aligners.items()):
             self._poll(partition, aligner, now)
+
+    def take_fetch_skips(self) -> None:
+        """Tell the gate which offsets the fetcher found nothing at (:data:`FETCH_SKIPS`)."""
+        while FETCH_SKIPS:
+            topic, partition, start, end = FETCH_SKIPS.popleft()
+            if topic in self.modality_of:
+                self.gate.skipped((topic, partition), start, end)
+        self.gate.settle()
 
     async def seek_back(self, consumer: Any) -> None:
         """Seek input partitions back over holes in what faust delivered (acks.OffsetGate);
@@ -367,8 +700,13 @@ class AlignState:
         log.info("revoked: oldest unacked offsets %s", {f"{t}:{p}": o for (t, p), o
                                                          in sorted(floors.items()) if o is not None})
         parts = {p for _, p in revoked}
+        for sid in [s for s, p in self._home.items() if p in parts]:
+            del self._home[sid]
         for p in parts:
-            self._frozen.pop(p, None)
+            self._read_through.pop(p, None)
+            self._fetched_at.pop(p, None)
+        for tp in revoked:
+            self._ends.pop(tp, None)
             aligner = self.aligners.pop(p, None)
             if aligner is not None:
                 for k, v in aligner.stats.items():
@@ -421,23 +759,80 @@ class AlignState:
     def _aligner(self, partition: int) -> Aligner:
         aligner = self.aligners.get(partition)
         if aligner is None:
-            # progress was read when the assignment resumed, before any record was let in
-            resume = dict(self.progress)
+            # progress was read when the assignment resumed, before any record was let in;
+            # the aligner reads this live map whenever a stream (re)opens, so an expired
+            # stream never emits a published window again
+            resume = self.progress
             aligner = self.aligners[partition] = Aligner(self.cfg, resume=resume)
             log.info("partition %d: aligner started (progress known for %d stream(s))",
                      partition, len(resume))
         return aligner
 
-    def _poll(self, partition: int, aligner: Aligner, now: int) -> None:
-        if self.gate.catching_up(partition) or not self.flowing():
-            # Reading a backlog, re-reading after a hole, or faust stopped fetching (a
-            # rebalance, a shutdown): a modality whose records are still in Kafka must not
-            # look idle, or a window would close without them. The clock stands still for
-            # the idle deadline (watermarks still close windows).
-            now = self._frozen.setdefault(partition, now)
-        else:
-            self._frozen.pop(partition, None)
-        self._emit(partition, aligner.poll(now))
+    def _poll(self, partition: int, aligner: Aligner, now: int,
+              reading: tuple[bool, int | None] | None = None) -> None:
+        # Idleness means "the source sent nothing", never "we could not read it". The
+        # idle deadlines run on a clock that stands still while anything of the partition
+        # is left to read (a backlog, records fetched but not yet processed, a re-read
+        # after a hole, faust not fetching during a rebalance); watermarks still close
+        # windows meanwhile. Time in which no fetch completed at all (broker away,
+        # fetches failing) does not count toward idleness afterwards either: producers
+        # deliver what they kept once the broker is back.
+        behind, fetched = reading or self._note_stall(partition, aligner)
+        last = self._read_through.get(partition)
+        if not (behind or self.gate.catching_up(partition) or not self.flowing()):
+            known = now if fetched is None else min(now, fetched)
+            if last is None or known > last:
+                last = self._read_through[partition] = known
+        if last is None:
+            last = self._read_through[partition] = now
+        self._emit(partition, aligner.poll(last))
+
+    def _note_stall(self, partition: int, aligner: Aligner,
+                    fast: bool = False) -> tuple[bool, int | None]:
+        """:meth:`_reading`, after pausing the aligner's idle clocks by the time in which
+        no fetch of the partition completed (before records fetched after it are added)."""
+        behind, fetched = self._reading(partition, fast)
+        if fetched is not None:
+            before = self._fetched_at.get(partition)
+            if before is not None and fetched - before > FETCH_STALL_NS:
+                aligner.pause(fetched - before)
+                log.info("partition %d: nothing could be read for %.1f s; idle deadlines do "
+                         "not count that time", partition, (fetched - before) / 1e9)
+            self._fetched_at[partition] = fetched
+        return behind, fetched
+
+    def _reading(self, partition: int, fast: bool = False) -> tuple[bool, int | None]:
+        """Whether anything fetched for ``partition``'s inputs (or known to exist) is left
+        to process, and the oldest of their last fetches (ns; None: not known).
+
+        ``fast`` (per record): below the end the consumer reported at the last look, the
+        answer is "behind" without asking it again (the timer always asks)."""
+        if self.fetch_state is None:
+            return False, None
+        if fast:
+            for topic in self.modality_of:
+                nxt = self.gate.next_offset((topic, partition))
+                end = self._ends.get((topic, partition))
+                if nxt is not None and end is not None and nxt < end:
+                    return True, self._fetched_at.get(partition)
+        behind, oldest = False, None
+        for topic in self.modality_of:
+            tp = (topic, partition)
+            end, fetched_ns = self.fetch_state(tp)
+            self._ends[tp] = end
+            nxt = self.gate.next_offset(tp)
+            if end is None or fetched_ns is None or nxt is None or nxt < end:
+                behind = True
+            if fetched_ns is None:
+                return True, None
+            oldest = fetched_ns if oldest is None else min(oldest, fetched_ns)
+        return behind, oldest
+
+    def _track_jumps(self) -> None:
+        """Offsets the gate stepped over are acked in their turn, like a record."""
+        for tp, start, end in self.gate.jumps():
+            token = SkippedOffsets(tp[0], tp[1], start, end, self._ack_skipped)
+            self._queue_acks(self.ledger.track_done(tp, start, token))
 
     def _emit(self, partition: int, windows: list[Window]) -> None:
         """Hand closed windows to the sink, then tell the ledger how far each stream closed
@@ -482,7 +877,8 @@ class AlignState:
     def _dead_letter(self, tp: tuple[str, int], offset: int, event: Any,
                      rec: wire.KafkaRecord, reason: str, kind: str) -> None:
         entry = self.ledger.track(tp, offset, event)
-        rec, reason = _fit_dead_letter(rec, reason, self.settings.max_message_bytes)
+        rec, reason = _fit_dead_letter(_printable_headers(rec), reason,
+                                       self.settings.max_message_bytes)
         self.counters.inc("dead_letters", kind=kind)
         n = int(self.counters.get("dead_letters", kind=kind))
         if n <= DEAD_LETTERS_LOGGED or n % 100 == 0:  # a broken producer must not flood the log
@@ -556,8 +952,9 @@ class AlignState:
         async def add_gap(tp: Any, offset_from: int, offset_to: int) -> None:
             # faust marks offsets it did not see (compaction, transaction markers) as
             # committable; around a rebalance it also "sees" gaps that are only leftovers
-            # arriving after its seek, and would commit records nobody processed. Input
-            # topics are neither compacted nor transactional: ignore.
+            # arriving after its seek, and would commit records nobody processed. For the
+            # input topics the agent marks the real ones itself, in their turn (the
+            # fetcher reports them: FETCH_SKIPS): ignore faust's guesses.
             if tp.topic in self.modality_of:
                 self.counters.inc("gaps_ignored")
                 return
@@ -585,6 +982,10 @@ class AlignState:
                         await consumer.seek(tp, nxt)
             return committed
 
+        def ack_skipped(tp: tuple[str, int], start: int, end: int) -> object:
+            return asyncio.ensure_future(faust_add_gap(TP(*tp), start, end - 1))
+
+        self._ack_skipped = ack_skipped
         consumer.ack = ack
         consumer._add_gap = add_gap
         consumer.seek_to_committed = seek_to_committed
@@ -689,6 +1090,9 @@ def create_app(settings: Settings, *, partitions: int | None = None,
             metrics=metrics, headers=(("sp-worker", WORKER_ID.encode()),))
     sink = sink or SummarySink(predictions)
     app.streamproc_metrics = metrics  # type: ignore[attr-defined]
+    patch_fetcher()
+    client_faults = ClientFaults()
+    client_faults.install()
 
     crashing: list[asyncio.Future] = []
 
@@ -702,7 +1106,8 @@ def create_app(settings: Settings, *, partitions: int | None = None,
 
     state = AlignState(settings, sink, lambda rec: publish(dead_letters, rec),
                        ProgressWriter(send_progress).record, counters, crash,
-                       flowing=lambda: app.flow_control.is_active())
+                       flowing=lambda: app.flow_control.is_active(),
+                       fetch_state=consumer_fetch_state(app))
     app.streamproc = state  # type: ignore[attr-defined]
 
     @app.agent(inputs, concurrency=1)
@@ -723,22 +1128,28 @@ def create_app(settings: Settings, *, partitions: int | None = None,
     async def close_idle_windows() -> None:
         state.on_tick()
 
+    @app.timer(interval=1.0)
+    async def client_fault_log() -> None:
+        client_faults.tick()
+
     @app.timer(interval=STATUS_EVERY_S)
     async def status() -> None:
         log.info("status: %s", state.status_line())
 
+    fetch_state = state.fetch_state
+    gauge_failed: list[bool] = []
+
     @app.timer(interval=GAUGES_EVERY_S)
     async def gauges() -> None:
-        # consumer lag: log end minus committed offset, per assigned input partition
-        consumer = app.consumer
-        for tp in consumer.assignment():
-            if tp.topic not in settings.input_topics:
-                continue
-            committed = consumer._committed_offset.get(tp)  # faust keeps it; no public API
-            lag = consumer.highwater(tp) - (committed if committed is not None else 0)
-            metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, lag))
-        for kind, value in state.buffered().items():
-            metrics.buffered.labels(kind).set(value)
+        # Metrics must never take the worker down: the consumer's numbers are missing
+        # around an assignment (highwater None before the first fetch) and its internals
+        # may change; a failure is logged once and the gauges keep their last values.
+        try:
+            update_gauges(app.consumer, fetch_state, settings, metrics, state.buffered())
+        except Exception:
+            if not gauge_failed:
+                gauge_failed.append(True)
+                log.exception("could not update the gauges (logged once; the worker goes on)")
 
     @app.task
     async def start_sink() -> None:
@@ -775,6 +1186,7 @@ def create_app(settings: Settings, *, partitions: int | None = None,
             return
         state.guard_consumer(app.consumer)  # before any record of this assignment flows
         shorten_fetch_wait(app.consumer)
+        read_committed(app.consumer)
         state.on_assigned((tp.topic, tp.partition) for tp in assigned)
         log.info("partitions assigned: %s", sorted(parts))
 
@@ -791,6 +1203,23 @@ def create_app(settings: Settings, *, partitions: int | None = None,
             log.warning("final commit failed (%r); records will be replayed", exc)
 
     return app
+
+
+def update_gauges(consumer: Any, fetch_state: FetchState | None, settings: Settings,
+                  metrics: Metrics, buffered: Mapping[str, float]) -> None:
+    """Consumer lag (end offset minus committed offset, per assigned input partition; left
+    as it was while the end is unknown) and what the aligners hold."""
+    for tp in list(consumer.assignment()):
+        if tp.topic not in settings.input_topics or fetch_state is None:
+            continue
+        end, _ = fetch_state((tp.topic, tp.partition))
+        if end is None:
+            continue
+        committed = consumer._committed_offset.get(tp)  # faust keeps it; no public API
+        lag = end - (committed if committed is not None else 0)
+        metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, lag))
+    for kind, value in buffered.items():
+        metrics.buffered.labels(kind).set(value)
 
 
 def progress_topic(settings: Settings) -> str:
@@ -823,7 +1252,11 @@ async def read_progress(settings: Settings) -> dict[str, int]:
             for msgs in (await consumer.getmany(*pending, timeout_ms=1000)).values():
                 for m in msgs:
                     if m.key and m.value:
-                        out[m.key.decode("utf-8")] = int(m.value)
+                        try:
+                            out[m.key.decode("utf-8")] = int(m.value)
+                        except ValueError:  # not ours: must not stop every resume
+                            log.warning("ignoring a record of %s that is not progress: "
+                                        "%r=%r", topic, m.key[:64], m.value[:64])
             for tp in list(pending):
                 if await consumer.position(tp) >= end[tp]:
                     pending.discard(tp)
@@ -844,22 +1277,28 @@ def run_worker(settings: Settings) -> int:
     """``streamproc worker``: check topics, load the model, then run until SIGTERM / Ctrl-C."""
     n = input_partitions(settings)
     predictor = None
+    notes: list[tuple[int, str]] = []  # logged once faust has set up logging
     if settings.model:
         predictor = Predictor(settings.model, settings.device)
         k = predictor.preprocess.frames_per_window
         if k != settings.frames_per_window:
-            log.info("frames_per_window: using the model's K=%d (settings said %d)", k,
-                     settings.frames_per_window)
+            notes.append((logging.INFO, f"frames_per_window: using the model's K={k} "
+                                        f"(settings said {settings.frames_per_window})"))
             settings = settings.replace(frames_per_window=k)
         mismatches = predictor.preprocess.mismatches(settings)
         if mismatches:
             raise UserError(f"model {settings.model} does not fit these window settings: "
                             + "; ".join(mismatches) + " (change the settings to match)")
-        log.info("model %s %s on %s", predictor.info["name"], predictor.info["version"],
-                 predictor.device)
+        notes.append((logging.INFO, f"serving model {predictor.info['name']} version "
+                                    f"{predictor.info['version']} from {settings.model} on "
+                                    f"{predictor.device}"))
     else:
-        log.warning("no --model: align-only mode, predictions carry window summaries "
-                    "without labels")
+        notes.append((logging.WARNING, "NO MODEL: --model is empty, so this worker is "
+                      "ALIGN-ONLY: its predictions are window summaries with empty labels "
+                      "and scores. Give --model a checkpoint (`streamproc demo` trains one "
+                      "into ~/.cache/streamproc/demo/model) to get labels."))
+    model_info = predictor.info if predictor is not None else ALIGN_ONLY_MODEL
+    notes += [(logging.WARNING, line) for line in other_groups(settings, model_info)]
     metrics = Metrics()
     try:
         metrics.serve(settings.metrics_port)
@@ -867,10 +1306,13 @@ def run_worker(settings: Settings) -> int:
         raise UserError(f"cannot serve metrics on port {settings.metrics_port}: {e} "
                         "(--metrics-port 0 turns the endpoint off)") from None
     app = create_app(settings, partitions=n, predictor=predictor, metrics=metrics)
+    if isinstance(app.streamproc.sink, InferenceSink):
+        app.streamproc.sink.headers += prediction_headers(settings, model_info)
+    notes.insert(0, (logging.INFO, f"worker {WORKER_ID}: app {settings.app_id} on "
+                                   f"{settings.bootstrap_servers}, {n} partitions"))
+    log_when_started(app, notes)
     from faust.worker import Worker
 
     worker = Worker(app, loglevel=settings.log_level.upper(), quiet=True)
-    log.info("worker %s: app %s on %s, %d partitions", WORKER_ID, settings.app_id,
-             settings.bootstrap_servers, n)
     worker.execute_from_commandline()  # exits the process (0, or 1 after a crash)
     return 0

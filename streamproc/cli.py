@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 from streamproc.config import Settings, add_settings_args
-from streamproc.errors import UserError
+from streamproc.errors import UserError, quiet_client_logs
 
 Handler = Callable[[argparse.Namespace, Settings], int | None]
 
@@ -77,17 +77,25 @@ def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+    import shlex
     from pathlib import Path
 
     from streamproc import localkafka as lk
 
-    data_dir = Path(args.dir) if args.dir else lk.default_broker_dir()
+    if args.action == "tool":
+        cmd = lk.tool_command(args.tool, args.tool_args)
+        os.execvp(cmd[0], cmd)  # the tool takes over: its stdin, output and exit code
+    data_dir = Path(args.dir).expanduser().absolute() if args.dir else lk.default_broker_dir()
+    # the commands to repeat for this broker: --dir only when it is not the default
+    again = f" --dir {shlex.quote(str(data_dir))}" if args.dir else ""
     if args.action == "fetch":
-        print(f"Kafka {lk.KAFKA_VERSION} jars in {lk.fetch_jars(quiet=False)}")
+        print(f"Kafka {lk.KAFKA_VERSION} jars and tools in {lk.fetch_jars(quiet=False)}")
         return 0
     if args.action == "stop":
         stopped = lk.stop_daemon(data_dir)
-        print("stopped" if stopped else f"no broker running from {data_dir}")
+        print("stopped" if stopped else f"no broker running from {data_dir} (one started "
+              "with --dir is stopped with the same --dir)")
         return 0
     pid = lk.running_pid(data_dir)
     if args.action == "status":
@@ -105,7 +113,7 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
     broker.start()
     print(f"Kafka {lk.KAFKA_VERSION} running, pid {broker.proc.pid}: "
           f"export STREAMPROC_BOOTSTRAP={broker.bootstrap}")
-    print(f"log: {broker.log_file}; stop with `streamproc broker stop`")
+    print(f"log: {broker.log_file}; stop with `streamproc broker stop{again}`")
     return 0
 
 
@@ -121,15 +129,24 @@ def _daemon_bootstrap(data_dir) -> str:
 
 
 def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
-    from streamproc.consume import TABLE_HEADER, ConsumeStats, consume, format_json, format_row
+    from streamproc.consume import (
+        ConsumeStats,
+        PredictionTable,
+        consume,
+        format_json,
+        kafka_consumer,
+    )
 
+    # a wrong address or login fails here, as one line, before any table is printed
+    kafka_consumer(settings).close()
     stats = ConsumeStats()
+    table = PredictionTable(args.stream)
     if not args.json:
-        print(TABLE_HEADER)
+        print(table.header())
     try:
         for p in consume(settings, stream=args.stream, follow=args.follow,
                          from_beginning=not args.from_end, timeout_s=args.timeout, stats=stats):
-            print(format_json(p) if args.json else format_row(p), flush=True)
+            print(format_json(p) if args.json else "\n".join(table.lines(p)), flush=True)
     finally:
         print(f"{stats.yielded} predictions, {stats.duplicates} duplicates collapsed "
               f"({stats.conflicting} with another label), {stats.undecodable} undecodable",
@@ -154,8 +171,6 @@ def _produce_logging(settings: Settings) -> None:
 
     level = getattr(logging, settings.log_level.upper(), logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    # kafka-python narrates every connection at INFO; keep its warnings and errors
-    logging.getLogger("kafka").setLevel(max(level, logging.WARNING))
 
 
 def _device(text: str | None) -> int | str | None:
@@ -209,7 +224,8 @@ def cmd_produce_file(args: argparse.Namespace, settings: Settings) -> int:
     _produce_logging(settings)
     src = FileSource(args.stream_id, args.video, args.audio, args.transcript,
                      chunk_ms=args.chunk_ms, jpeg_quality=args.jpeg_quality,
-                     size=parse_size(args.size) if args.size else None, loop=args.loop)
+                     size=parse_size(args.size) if args.size else None, loop=args.loop,
+                     container_audio=not args.no_audio)
     start = None if args.start_at is None else round(args.start_at * 1e9)
     with PublishSession(settings) as session:
         session.show_status()
@@ -244,13 +260,15 @@ def _produce_parsers(sub: argparse._SubParsersAction) -> None:
 
     def source(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
         p = _command(psub, name, handler, help, settings=False)
-        # --device names a camera or microphone here, not the model's device
-        add_settings_args(p, skip=("device",))
+        # producers read only the connection, topic names and logging settings
+        add_settings_args(p, groups=("kafka", "topics", "logging"))
         p.add_argument("--stream-id", required=True, help="stream id: the Kafka key")
         return p
 
     p = source("camera", cmd_produce_camera, "Capture an OpenCV camera or URL (RTSP, HTTP, "
-               "file) as JPEG frames; drops the oldest frames rather than stall the camera.")
+               "file) as JPEG frames; drops the oldest frames rather than stall the camera. "
+               "A local file or file:// URL plays at its own pace, stamped with its frame "
+               "timestamps (`produce file` also sends its audio and a transcript).")
     p.add_argument("--device", dest="source_device", default="0",
                    help="camera index or URL [default 0]")
     p.add_argument("--fps", type=float, default=None,
@@ -270,10 +288,18 @@ def _produce_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample-format", choices=["s16le", "f32le"], default="s16le",
                    help="PCM sample format [s16le]")
 
-    p = source("file", cmd_produce_file, "Replay a video (+ WAV audio, + SRT/WebVTT/JSONL "
-               "transcript) as one stream; all modalities share one clock origin.")
-    p.add_argument("video", help="video file OpenCV can read (mp4, avi, mkv, ...)")
-    p.add_argument("--audio", default=None, help="WAV file (PCM 8/16/24/32-bit)")
+    p = source("file", cmd_produce_file, "Replay media files as one stream: a video (with "
+               "its own audio track), audio, an SRT/WebVTT/JSONL transcript, any of them as "
+               "long as one is given; all modalities share one clock origin. Frames keep "
+               "the container's timestamps (variable frame rate included).")
+    p.add_argument("video", nargs="?", default=None,
+                   help="video file FFmpeg reads (mp4, mkv, avi, webm, ...); its audio track "
+                        "is sent too unless --audio or --no-audio is given [optional]")
+    p.add_argument("--audio", default=None,
+                   help="audio file instead of the video's own track: WAV (PCM 8/16/24/32-bit, "
+                        "float, WAVE_FORMAT_EXTENSIBLE) or any file with an audio track")
+    p.add_argument("--no-audio", action="store_true",
+                   help="do not send the video's own audio track")
     p.add_argument("--transcript", default=None, help="SRT, WebVTT or JSONL file")
     pace = p.add_mutually_exclusive_group()
     pace.add_argument("--realtime", action="store_true", default=True,
@@ -554,11 +580,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="create: make missing topics, then check; check: report problems")
 
     p = _command(sub, "broker", cmd_broker, "Run a local single-node Kafka (KRaft) for "
-                 "development: fetch, start, stop, status.", settings=False)
-    p.add_argument("action", choices=["start", "stop", "status", "fetch"])
-    p.add_argument("--dir", default="", help="broker data/log directory "
-                   "[default ~/.cache/streamproc/broker]")
-    p.add_argument("--port", type=int, default=9092, help="listener port [default 9092]")
+                 "development: fetch, start, stop, status; `tool NAME ARGS...` runs one of "
+                 "Kafka's own tools with the same jars.", settings=False)
+    bsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, help in (("start", "start a broker in the background"),
+                         ("stop", "stop the broker started from --dir"),
+                         ("status", "is the broker of --dir running, and where"),
+                         ("fetch", "only fetch the Kafka jars and tools (Maven, cached)")):
+        b = bsub.add_parser(action, help=help, description=help)
+        b.add_argument("--dir", default="", help="broker data/log directory "
+                       "[default ~/.cache/streamproc/broker]")
+        if action == "start":
+            b.add_argument("--port", type=int, default=9092,
+                           help="listener port [default 9092]")
+    from streamproc.localkafka import TOOLS
+
+    b = bsub.add_parser("tool", help="run one of Kafka's own tools (kafka-NAME.sh)",
+                        description="Run Kafka's own command-line tool NAME (the kafka-NAME.sh "
+                        "of a Kafka download, same arguments) on the cached jars, e.g. "
+                        "`streamproc broker tool console-consumer --bootstrap-server "
+                        "127.0.0.1:9092 --topic streamproc.video --from-beginning --property "
+                        "print.headers=true`.")
+    b.add_argument("tool", metavar="NAME", help="one of: " + ", ".join(TOOLS))
+    b.add_argument("tool_args", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="the tool's own arguments")
 
     p = _command(sub, "consume", cmd_consume, "Print predictions: a live table, or JSON "
                  "lines; duplicates from worker restarts are collapsed by prediction key.")
@@ -597,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings.load(args)
+        quiet_client_logs(settings.log_level)
         return int(args.handler(args, settings) or 0)
     except UserError as e:
         print(f"streamproc {args.command}: {e}", file=sys.stderr)

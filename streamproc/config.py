@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,8 +24,15 @@ class ConfigError(UserError, ValueError):
     """A setting has a value that cannot work; the message names the setting."""
 
 
-def _opt(default: Any, help: str, env: str | None = None, secret: bool = False) -> Any:
-    return field(default=default, metadata={"help": help, "env": env, "secret": secret})
+def _opt(default: Any, help: str, env: str | None = None, secret: bool = False,
+         choices: tuple[str, ...] = ()) -> Any:
+    return field(default=default, metadata={"help": help, "env": env, "secret": secret,
+                                            "choices": choices})
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 @dataclass(frozen=True)
@@ -34,9 +42,12 @@ class Settings:
         "localhost:9092", "Kafka bootstrap servers, comma separated.", env="STREAMPROC_BOOTSTRAP"
     )
     security_protocol: str = _opt(
-        "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (passed to every client)."
+        "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (passed to every client).",
+        choices=SECURITY_PROTOCOLS,
     )
-    sasl_mechanism: str = _opt("", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 when SASL is used.")
+    sasl_mechanism: str = _opt("", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512; required by "
+                               "SASL_PLAINTEXT and SASL_SSL, refused otherwise.",
+                               choices=SASL_MECHANISMS)
     sasl_username: str = _opt("", "SASL user name.")
     sasl_password: str = _opt("", "SASL password (never printed).", secret=True)
     ssl_cafile: str = _opt("", "CA bundle for SSL.")
@@ -69,13 +80,32 @@ class Settings:
     max_buffer_frames: int = _opt(600, "Cap on buffered video frames per stream.")
     max_buffer_audio_s: float = _opt(60.0, "Cap on buffered audio seconds per stream.")
     max_future_ms: int = _opt(
-        60_000, "Records whose event time is further ahead of the worker's clock are "
-        "dead-lettered (a producer clock is wrong); 0: no limit.")
+        60_000, "Records whose event time (the end, for a span) is further ahead of the "
+        "worker's clock are dead-lettered (a producer clock is wrong); 0: no limit, and the "
+        "worker's clock is not compared with event times at all.")
+    max_lead_ms: int = _opt(
+        2000, "How far one record may end ahead of both the worker's clock and every "
+        "watermark of its stream (ms); records further ahead are dead-lettered, so one "
+        "cannot make the stream's real data late (a stream's first record is held to "
+        "max_future_ms only); 0 (or max_future_ms 0): no limit.")
+    max_span_audio_ms: int = _opt(
+        5000, "Longest audio chunk (ms); longer ones are dead-lettered; 0: no limit but "
+        "max_buffer_audio_s.")
+    max_span_text_ms: int = _opt(
+        30_000, "Longest transcript segment (ms); longer ones are dead-lettered; 0: no limit "
+        "but max_buffer_audio_s.")
+    max_frame_pixels: int = _opt(
+        4096 * 2160, "Most pixels (sp-w x sp-h) in one frame; larger frames are "
+        "dead-lettered before anything decodes them (default: DCI 4K).")
+    stream_expiry_ms: int = _opt(
+        300_000, "A stream with no open window and no record for this long (ms) is "
+        "forgotten by the aligner; a later record starts it afresh (one that belongs to "
+        "windows already closed is still late); 0: never.")
     # --- model and inference -----------------------------------------------------------
     model: str = _opt(
         "",
         "Checkpoint directory/file, or `package.module:factory` for a user model. "
-        "Empty: the reference model that `streamproc demo` trains.",
+        "Empty: no model, the worker is align-only (window summaries, empty labels).",
     )
     batch_size: int = _opt(32, "Largest micro-batch of windows sent to the model at once.")
     batch_max_wait_ms: int = _opt(20, "Longest a window waits for its micro-batch to fill (ms).")
@@ -92,7 +122,10 @@ class Settings:
         "How long a worker that stopped heartbeating (crashed, killed) keeps its partitions "
         "before the group hands them to another worker (ms; brokers allow 6000 and up).",
     )
-    log_level: str = _opt("info", "Log level: debug, info, warning, error.")
+    log_level: str = _opt("info", "Log level: debug, info, warning, error. Below debug the "
+                          "Kafka clients' own connection chatter is not shown; connection "
+                          "failures are reported as one line with their cause.",
+                          choices=LOG_LEVELS)
 
     def __post_init__(self) -> None:
         checks = {
@@ -111,19 +144,38 @@ class Settings:
             "max_buffer_frames": (self.max_buffer_frames >= 1, "must be at least 1"),
             "max_buffer_audio_s": (self.max_buffer_audio_s > 0, "must be positive"),
             "max_future_ms": (self.max_future_ms >= 0, "must not be negative"),
+            "max_lead_ms": (self.max_lead_ms >= 0, "must not be negative"),
+            "max_span_audio_ms": (self.max_span_audio_ms >= 0, "must not be negative"),
+            "max_span_text_ms": (self.max_span_text_ms >= 0, "must not be negative"),
+            "max_frame_pixels": (self.max_frame_pixels >= 1, "must be at least 1"),
+            "stream_expiry_ms": (self.stream_expiry_ms >= 0, "must not be negative"),
             "batch_size": (self.batch_size >= 1, "must be at least 1"),
             "session_timeout_ms": (self.session_timeout_ms >= 1000, "must be at least 1000"),
             "batch_max_wait_ms": (self.batch_max_wait_ms >= 0, "must not be negative"),
             "device": (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                        "must be auto, cpu, cuda or cuda:N"),
             "security_protocol": (
-                self.security_protocol in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+                self.security_protocol in SECURITY_PROTOCOLS,
                 "must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"),
+            "sasl_mechanism": (self.sasl_mechanism in ("", *SASL_MECHANISMS),
+                               "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"),
+            "log_level": (self.log_level in LOG_LEVELS, "must be debug, info, warning or error"),
         }
         for name, (ok, rule) in checks.items():
             if not ok:
                 raise ConfigError(f"invalid setting {name}={getattr(self, name)!r}: {rule} "
                                   f"({_HELP[name]})")
+        # every client (kafka-python, aiokafka, faust) must get the same, complete login
+        sasl = self.security_protocol.startswith("SASL_")
+        if sasl and not self.sasl_mechanism:
+            raise ConfigError(f"security_protocol={self.security_protocol} needs "
+                              "sasl_mechanism (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)")
+        if self.sasl_mechanism and not sasl:
+            raise ConfigError(f"sasl_mechanism={self.sasl_mechanism} needs security_protocol "
+                              f"SASL_PLAINTEXT or SASL_SSL, not {self.security_protocol}")
+        if sasl and not (self.sasl_username and self.sasl_password):
+            raise ConfigError(f"security_protocol={self.security_protocol} needs "
+                              "sasl_username and sasl_password")
         bad = set(self.modalities) - set(MODALITIES)
         if bad or not self.modalities:
             raise ConfigError(
@@ -161,9 +213,13 @@ class Settings:
         if self.security_protocol in ("SSL", "SASL_SSL"):
             import ssl
 
-            ctx = ssl.create_default_context(cafile=self.ssl_cafile or None)
-            if self.ssl_certfile:
-                ctx.load_cert_chain(self.ssl_certfile, self.ssl_keyfile or None)
+            try:
+                ctx = ssl.create_default_context(cafile=self.ssl_cafile or None)
+                if self.ssl_certfile:
+                    ctx.load_cert_chain(self.ssl_certfile, self.ssl_keyfile or None)
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(f"cannot load the SSL files (ssl_cafile={self.ssl_cafile!r}, "
+                                  f"ssl_certfile={self.ssl_certfile!r}): {e}") from None
             kw["ssl_context"] = ctx
         return kw
 
@@ -221,8 +277,16 @@ def flag_name(f: dataclasses.Field) -> str:
     return "--" + f.name.replace("_", "-")
 
 
+def _spelled(choices: tuple[str, ...], raw: str) -> str:
+    """``raw`` as one of ``choices`` spells it, matched case-insensitively (``INFO`` is
+    ``info``, ``sasl_ssl`` is ``SASL_SSL``); anything else unchanged, for the check to name."""
+    return next((c for c in choices if c.lower() == raw.strip().lower()), raw)
+
+
 def _convert(f: dataclasses.Field, raw: Any, where: str) -> Any:
     kind = type(f.default)
+    if f.metadata["choices"] and isinstance(raw, str):
+        raw = _spelled(f.metadata["choices"], raw)
     if isinstance(raw, kind):
         return raw
     try:
@@ -241,20 +305,49 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
-def add_settings_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+# Settings by what uses them, so a command's --help lists only the flags it reads. A
+# setting in no group is offered to every command.
+SETTING_GROUPS: dict[str, tuple[str, ...]] = {
+    "kafka": ("bootstrap_servers", "security_protocol", "sasl_mechanism", "sasl_username",
+              "sasl_password", "ssl_cafile", "ssl_certfile", "ssl_keyfile"),
+    "topics": ("topic_prefix", "max_message_bytes"),
+    "topic_layout": ("partitions", "replication_factor"),
+    "windows": ("window_ms", "hop_ms", "lateness_video_ms", "lateness_audio_ms",
+                "lateness_text_ms", "idle_deadline_ms", "expected_modalities",
+                "frames_per_window", "sample_rate", "max_buffer_frames", "max_buffer_audio_s",
+                "max_future_ms", "max_lead_ms", "max_span_audio_ms", "max_span_text_ms",
+                "max_frame_pixels", "stream_expiry_ms"),
+    "model": ("model", "batch_size", "batch_max_wait_ms", "device"),
+    "worker": ("app_id", "data_dir", "metrics_port", "web_port", "session_timeout_ms"),
+    "logging": ("log_level",),
+}
+
+
+def add_settings_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
+                      groups: tuple[str, ...] | None = None) -> None:
     """Add one ``--flag`` per setting; unset flags stay None so env and defaults apply.
 
     ``skip``: settings whose flag the command uses for something else (``produce camera
-    --device`` is a camera); they still come from the environment.
+    --device`` is a camera); they still come from the environment. ``groups``: only the
+    settings of these :data:`SETTING_GROUPS` (None: all); the others still come from the
+    environment and their defaults.
     """
+    shown = None
+    if groups is not None:
+        grouped = {name for names in SETTING_GROUPS.values() for name in names}
+        shown = {name for g in groups for name in SETTING_GROUPS[g]}
+        shown |= {f.name for f in dataclasses.fields(Settings)} - grouped
     group = parser.add_argument_group("settings (also from STREAMPROC_* environment variables)")
     for f in dataclasses.fields(Settings):
-        if f.name in skip:
+        if f.name in skip or (shown is not None and f.name not in shown):
             continue
         group.add_argument(
             flag_name(f),
             dest=f.name,
             default=None,
-            metavar=type(f.default).__name__.upper(),
+            choices=f.metadata["choices"] or None,
+            type=functools.partial(_spelled, f.metadata["choices"]) if f.metadata["choices"]
+            else None,
+            metavar=None if f.metadata["choices"] else type(f.default).__name__.upper(),
             help=f"{f.metadata['help']} [env {env_name(f)}; default {f.default!r}]",
         )

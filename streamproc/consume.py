@@ -19,7 +19,8 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from streamproc.config import Settings
-from streamproc.errors import UserError
+from streamproc.errors import CONNECT_TIMEOUT_S, UserError
+from streamproc.topics import connection_error
 from streamproc.wire import KafkaRecord, Prediction, WireError, decode_prediction
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class Deduper:
 
 
 def kafka_consumer(settings: Settings) -> KafkaConsumer:
-    """A group-less, read_committed kafka-python consumer sized for streamproc records."""
+    """A group-less, read_committed kafka-python consumer sized for streamproc records;
+    a BrokerError naming the cause when no broker answers within CONNECT_TIMEOUT_S."""
     try:
         return KafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers.split(","),
@@ -75,10 +77,11 @@ def kafka_consumer(settings: Settings) -> KafkaConsumer:
             group_id=None,
             max_partition_fetch_bytes=settings.max_message_bytes,
             fetch_max_bytes=max(settings.max_message_bytes, 52428800),
+            bootstrap_timeout_ms=int(CONNECT_TIMEOUT_S * 1000),
             **settings.security_kwargs(),
         )
     except KafkaError as e:
-        raise UserError(f"no Kafka broker reachable at {settings.bootstrap_servers}: {e}") from e
+        raise connection_error(settings, e) from None
 
 
 def consume(
@@ -152,12 +155,20 @@ def _clock(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%H:%M:%S.%f")[:-3]
 
 
-TABLE_HEADER = (f"{'window (UTC)':<27} {'stream':<12} {'label':<8} {'score':>5}  "
-                f"{'video':>5} {'audio':>6} {'text':>4}  {'missing':<11} {'latency':>8}")
+STREAM_WIDTH = 12  # the stream column's width until a longer id comes
 
 
-def format_row(p: Prediction) -> str:
-    """One human-readable line per prediction for the live table."""
+def table_header(stream_width: int = STREAM_WIDTH) -> str:
+    return (f"{'window (UTC)':<27} {'stream':<{stream_width}} {'label':<8} {'score':>5}  "
+            f"{'video':>5} {'audio':>6} {'text':>4}  {'missing':<11} {'latency':>8}")
+
+
+TABLE_HEADER = table_header()
+
+
+def format_row(p: Prediction, stream_width: int = STREAM_WIDTH) -> str:
+    """One human-readable line per prediction for the live table; the stream id is
+    never cut (a longer one only shifts the columns after it)."""
     m = p.modalities
     video = m.get("video", {}).get("frames", 0)
     audio = m.get("audio", {}).get("seconds", 0.0)
@@ -168,8 +179,31 @@ def format_row(p: Prediction) -> str:
     total = p.latency_ms.get("total")
     lat = f"{total:6.0f}ms" if isinstance(total, (int, float)) else "       -"
     window = f"{_clock(p.window_start_ns)}-{_clock(p.window_end_ns)[:8]}"
-    return (f"{window:<27} {p.stream_id[:12]:<12} {p.label[:8]:<8} {score_s}  "
+    return (f"{window:<27} {p.stream_id:<{stream_width}} {p.label[:8]:<8} {score_s}  "
             f"{video:>4}f {audio:>5.2f}s {text:>4}  {missing:<11} {lat}")
+
+
+class PredictionTable:
+    """The live table: the stream column is as wide as the longest id seen so far, and
+    the header is printed again when a longer id widens it (rows already printed stay)."""
+
+    def __init__(self, stream: str | None = None) -> None:
+        self.width = max(STREAM_WIDTH, len(stream or ""))
+        self._header_due = True
+
+    def lines(self, p: Prediction) -> list[str]:
+        """The lines to print for ``p``: a (new) header when due, then its row."""
+        out = []
+        if len(p.stream_id) > self.width:
+            self.width, self._header_due = len(p.stream_id), True
+        if self._header_due:
+            out.append(self.header())
+        out.append(format_row(p, self.width))
+        return out
+
+    def header(self) -> str:
+        self._header_due = False
+        return table_header(self.width)
 
 
 def format_json(p: Prediction) -> str:

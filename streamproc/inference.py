@@ -3,7 +3,9 @@
 Windows from every stream a worker owns queue up; a batch leaves when it holds
 ``max_batch`` windows or its oldest window has waited ``max_wait_ms``. The model runs in
 one dedicated thread (torch releases the GIL), so the faust event loop keeps consuming
-while a batch computes, and batches run one at a time in arrival order.
+while a batch computes, and batches run one at a time in arrival order. A stream's
+predictions are published in window order (each after the stream's previous one is in
+the broker), so a reader of one partition sees each stream's windows in order.
 """
 
 from __future__ import annotations
@@ -17,13 +19,22 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from kafka import TopicPartition
+from kafka.errors import KafkaError
+
 from streamproc import wire
 from streamproc.align import Window
-from streamproc.config import MODALITIES
+from streamproc.config import MODALITIES, Settings
+from streamproc.consume import kafka_consumer
 
 log = logging.getLogger(__name__)
 
 ALIGN_ONLY_MODEL = {"name": "align-only", "version": "1"}
+#: A prediction from another worker group counts as recent (a group still writing) when
+#: it was emitted less than this long ago.
+RECENT_OTHER_GROUP_S = 600.0
+#: Records read from the end of each predictions partition at start-up.
+TAIL_RECORDS = 50
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -277,6 +288,8 @@ class InferenceSink:
         self.batcher: MicroBatcher[Window, Scored] = MicroBatcher(
             predictor, max_batch, max_wait_ms, on_batch=self._on_batch)
         self._pending: set[asyncio.Future] = set()
+        # each stream's newest window in flight: the next one publishes after it
+        self._last_of: dict[str, asyncio.Future] = {}
         self._last_publish_ms = 0.0
 
     async def start(self) -> None:
@@ -284,9 +297,14 @@ class InferenceSink:
 
     def submit(self, window: Window) -> Awaitable[None]:
         closed_ns = time.time_ns()
-        fut = asyncio.ensure_future(self._finish(window, self.batcher.submit(window), closed_ns))
+        sid = window.stream_id
+        fut = asyncio.ensure_future(self._finish(window, self.batcher.submit(window), closed_ns,
+                                                 self._last_of.get(sid)))
+        self._last_of[sid] = fut
         self._pending.add(fut)
         fut.add_done_callback(self._pending.discard)
+        fut.add_done_callback(lambda f: self._last_of.pop(sid, None)
+                              if self._last_of.get(sid) is f else None)
         return fut
 
     async def stop(self) -> None:
@@ -299,7 +317,8 @@ class InferenceSink:
             self.metrics.batch_size.observe(size)
             self.metrics.inference_seconds.observe(compute_ms / 1000)
 
-    async def _finish(self, window: Window, fut: asyncio.Future, closed_ns: int) -> None:
+    async def _finish(self, window: Window, fut: asyncio.Future, closed_ns: int,
+                      previous: asyncio.Future | None) -> None:
         quality_extra: dict[str, str] = {}
         try:
             done: Batched[Scored] = await fut
@@ -319,6 +338,11 @@ class InferenceSink:
                 log.warning("window %s@%d scored alone after its batch failed: %r",
                             window.stream_id, window.start_ns, batch_error)
             queue_ms, compute_ms = 0.0, (time.perf_counter() - t0) * 1000
+        if previous is not None:
+            # The producer may reorder records sent concurrently (a smaller record fills
+            # the room left in a full batch that an earlier one waits on), so a stream's
+            # windows go out one after the other. Its failure is reported by its own task.
+            await asyncio.wait([previous])
         emitted_ns = time.time_ns()
         pred = summary_prediction(
             window, label=scored.label, scores=scored.scores, model=self.model_info,
@@ -344,3 +368,110 @@ class InferenceSink:
             self.metrics.e2e_latency_seconds.observe((now - window.end_ns) / 1e9)
         log.debug("window %s@%d -> %s (publish %.1f ms)", window.stream_id, window.start_ns,
                   scored.label, publish_ms)
+
+
+# ---------------------------------------------------------------------------------------
+# who wrote a prediction: headers, and other groups on the same predictions topic
+# ---------------------------------------------------------------------------------------
+
+
+def window_settings(settings: Settings) -> str:
+    """The settings that decide a worker group's windows, as the ``sp-window`` header."""
+    return (f"window_ms={settings.window_ms},hop_ms={settings.hop_ms},"
+            f"lateness_video_ms={settings.lateness_video_ms},"
+            f"lateness_audio_ms={settings.lateness_audio_ms},"
+            f"lateness_text_ms={settings.lateness_text_ms},"
+            f"frames_per_window={settings.frames_per_window}")
+
+
+def prediction_headers(settings: Settings, model_info: Mapping[str, str]
+                       ) -> tuple[tuple[str, bytes], ...]:
+    """Headers naming who wrote a prediction: ``sp-app`` (the worker group), ``sp-model``
+    (name/version) and ``sp-window`` (:func:`window_settings`)."""
+    return (("sp-app", settings.app_id.encode("utf-8")),
+            ("sp-model", f"{model_info['name']}/{model_info['version']}".encode()),
+            ("sp-window", window_settings(settings).encode("ascii")))
+
+
+def other_groups(settings: Settings, model_info: Mapping[str, str], *,
+                 now_ns: int | None = None, timeout_s: float = 10.0) -> list[str]:
+    """Warnings about other worker groups writing this group's predictions topic.
+
+    Reads the last :data:`TAIL_RECORDS` records of each partition (blocking: call it
+    before the app starts, never on the event loop). A group other than
+    ``settings.app_id`` that emitted a prediction in the last
+    :data:`RECENT_OTHER_GROUP_S` seconds gets one line, saying how its model and window
+    settings differ from ours.
+    """
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    topic = settings.topic("predictions")
+    mine = {k: v.decode("utf-8") for k, v in prediction_headers(settings, model_info)}
+    seen: dict[str, dict[str, Any]] = {}
+    try:
+        _read_writers(settings, topic, mine["sp-app"], now_ns, timeout_s, seen)
+    except KafkaError as e:  # a check, not a reason to stay down
+        return [f"could not read the end of {topic} to look for other worker groups: {e!r}"]
+    out = []
+    for app, info in sorted(seen.items()):
+        diffs = [f"{name} {info[h]!r} (this worker: {mine[h]!r})"
+                 for h, name in (("sp-model", "model"), ("sp-window", "windows"))
+                 if info[h] != mine[h]]
+        what = ("; ".join(diffs) + ": readers get both groups' windows mixed, and where "
+                "both publish the same window they keep whichever copy came first"
+                if diffs else "with the same model and windows: every window is computed "
+                "and published twice")
+        out.append(f"predictions topic {topic} has {info['count']} prediction(s) from worker "
+                   f"group {app!r} in the last {RECENT_OTHER_GROUP_S:.0f} s, {what}. Give "
+                   "each group its own --topic-prefix, or stop the other group.")
+    return out
+
+
+def _read_writers(settings: Settings, topic: str, app_id: str, now_ns: int, timeout_s: float,
+                  seen: dict[str, dict[str, Any]]) -> None:
+    """Note the writers of the last records of every partition of ``topic``."""
+    consumer = kafka_consumer(settings)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic)
+                                                        or ())]
+        if not tps:
+            return
+        consumer.assign(tps)
+        begin, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, max(begin[tp], end[tp] - TAIL_RECORDS))
+        deadline = time.monotonic() + timeout_s
+        while (any(consumer.position(tp) < end[tp] for tp in tps)
+               and time.monotonic() < deadline):
+            for msgs in consumer.poll(timeout_ms=200).values():
+                for m in msgs:
+                    _note_writer(m, app_id, now_ns, seen)
+    finally:
+        consumer.close()
+
+
+def _note_writer(m: Any, app_id: str, now_ns: int, seen: dict[str, dict[str, Any]]) -> None:
+    """Remember the writer of one predictions record if it is another, recent group."""
+    headers = {k: v for k, v in (m.headers or ())}
+    app = headers.get("sp-app", b"").decode("utf-8", "replace")
+    if not app or app == app_id:
+        return
+    try:
+        pred = wire.decode_prediction(wire.KafkaRecord.from_client(m))
+    except wire.WireError:
+        return
+    if now_ns - pred.emitted_at_ns > RECENT_OTHER_GROUP_S * 1e9:
+        return
+    info = seen.setdefault(app, {"count": 0})
+    info["count"] += 1
+    for h in ("sp-model", "sp-window"):
+        info[h] = headers.get(h, b"").decode("utf-8", "replace")
+
+
+def log_when_started(app: Any, lines: Sequence[tuple[int, str]]) -> None:
+    """Log ``(level, message)`` lines from a task of the faust ``app``: faust sets up
+    logging only when its worker starts, and drops anything logged before."""
+
+    @app.task
+    async def announce() -> None:
+        for level, msg in lines:
+            log.log(level, "%s", msg)

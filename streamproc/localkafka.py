@@ -1,8 +1,11 @@
 """A real single-node Apache Kafka (KRaft) for laptops, tests and the demo.
 
-The official ``org.apache.kafka:kafka_2.13`` jars and their runtime dependencies are
-fetched with Maven into ``~/.cache/streamproc/kafka-<version>-<hash>`` once; a broker
-then formats its own storage, listens on free loopback ports and is stopped cleanly.
+The official ``org.apache.kafka:kafka_2.13`` jars, Kafka's command-line tools
+(``org.apache.kafka:kafka-tools``: console consumer and producer, topics, consumer groups)
+and their runtime dependencies are fetched with Maven into
+``~/.cache/streamproc/kafka-<version>-<hash>`` once; a broker then formats its own storage,
+listens on free loopback ports and is stopped cleanly. Besides its PLAINTEXT listener it can
+serve SASL (PLAIN, SCRAM-SHA-256) and SSL listeners, with keys made by the JDK's keytool.
 Its log stays in its data directory so a failed test run can show why.
 """
 
@@ -17,8 +20,10 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from streamproc.errors import UserError
@@ -38,6 +43,11 @@ _POM = f"""<project xmlns="http://maven.apache.org/POM/4.0.0">
     <dependency>
       <groupId>org.apache.kafka</groupId>
       <artifactId>kafka_{SCALA_VERSION}</artifactId>
+      <version>{KAFKA_VERSION}</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka-tools</artifactId>
       <version>{KAFKA_VERSION}</version>
     </dependency>
     <dependency>
@@ -65,8 +75,88 @@ _LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
 """
 
 
+# Kafka's own tools print their log (connection warnings and the like) to stderr only.
+_LOG4J2_TOOLS = """<?xml version="1.0" encoding="UTF-8"?>
+<Configuration status="WARN">
+  <Appenders>
+    <Console name="stderr" target="SYSTEM_ERR">
+      <PatternLayout pattern="[%d] %p %m (%c)%n"/>
+    </Console>
+  </Appenders>
+  <Loggers>
+    <Root level="WARN"><AppenderRef ref="stderr"/></Root>
+  </Loggers>
+</Configuration>
+"""
+
+# `streamproc broker tool NAME`: the kafka-NAME.sh scripts of a Kafka distribution
+TOOLS: dict[str, str] = {
+    "console-consumer": "org.apache.kafka.tools.consumer.ConsoleConsumer",
+    "console-producer": "org.apache.kafka.tools.ConsoleProducer",
+    "topics": "org.apache.kafka.tools.TopicCommand",
+    "consumer-groups": "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
+    "get-offsets": "org.apache.kafka.tools.GetOffsetShell",
+    "configs": "kafka.admin.ConfigCommand",
+    "dump-log": "kafka.tools.DumpLogSegments",
+}
+
+
+class Listener(StrEnum):
+    """A broker listener's security protocol (also its listener name)."""
+
+    PLAINTEXT = "PLAINTEXT"
+    SASL_PLAINTEXT = "SASL_PLAINTEXT"
+    SSL = "SSL"
+    SASL_SSL = "SASL_SSL"
+
+    @property
+    def sasl(self) -> bool:
+        return self.name.startswith("SASL_")
+
+    @property
+    def ssl(self) -> bool:
+        return self.name.endswith("SSL")
+
+
+# every SASL listener offers both; PLAIN users live in the JAAS line, SCRAM users in storage
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256")
+
+
 class LocalKafkaError(UserError):
     """The local broker could not be fetched, started or reached; the message says why."""
+
+
+@dataclass(frozen=True)
+class KeyStore:
+    """A broker's SSL key and certificate (PKCS12) and the PEM clients trust it by."""
+
+    path: Path
+    password: str
+    ca_pem: Path
+
+
+def make_keystore(directory: str | Path, password: str = "streamproc-ks",
+                  name: str = "broker") -> KeyStore:
+    """A self-signed certificate for 127.0.0.1/localhost made with the JDK's keytool."""
+    keytool = shutil.which("keytool")
+    if keytool is None:
+        raise LocalKafkaError("keytool not found: it comes with the JDK (OpenJDK 17 or newer)")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    ks, pem = d / f"{name}.p12", d / f"{name}-ca.pem"
+    common = ["-keystore", str(ks), "-storepass", password, "-storetype", "PKCS12",
+              "-alias", name]
+    steps = [
+        [keytool, "-genkeypair", *common, "-keypass", password, "-keyalg", "RSA",
+         "-keysize", "2048", "-validity", "3650", "-dname", f"CN=localhost, O={name}",
+         "-ext", "SAN=ip:127.0.0.1,dns:localhost", "-ext", "BC:c=ca:true"],
+        [keytool, "-exportcert", "-rfc", *common, "-file", str(pem)],
+    ]
+    for cmd in steps:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise LocalKafkaError(f"keytool failed: {proc.stdout}{proc.stderr}")
+    return KeyStore(ks, password, pem)
 
 
 def cache_root() -> Path:
@@ -120,8 +210,22 @@ def fetch_jars(quiet: bool = True) -> Path:
     if not list(libs.glob(f"kafka_{SCALA_VERSION}-{KAFKA_VERSION}.jar")):
         raise LocalKafkaError(f"Maven finished but kafka_{SCALA_VERSION}-{KAFKA_VERSION}.jar "
                               f"is not in {libs}")
+    if not list(libs.glob(f"kafka-tools-{KAFKA_VERSION}.jar")):
+        raise LocalKafkaError(f"Maven finished but kafka-tools-{KAFKA_VERSION}.jar is not in {libs}")
     (libs / ".complete").write_text(KAFKA_VERSION)
     return libs
+
+
+def tool_command(name: str, args: Sequence[str] = ()) -> list[str]:
+    """The command line of Kafka's ``kafka-NAME`` tool (see TOOLS) on the cached jars."""
+    if name not in TOOLS:
+        raise LocalKafkaError(f"unknown Kafka tool {name!r}; one of: {', '.join(TOOLS)}")
+    libs = fetch_jars()
+    config = libs.parent / "tools-log4j2.xml"
+    if not config.exists():
+        config.write_text(_LOG4J2_TOOLS)
+    return ["java", f"-Dlog4j2.configurationFile={config}", "-cp", f"{libs}/*", TOOLS[name],
+            *args]
 
 
 def free_port() -> int:
@@ -141,12 +245,18 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
 class LocalBroker:
     """One Kafka process: broker and KRaft controller on loopback.
 
+    It always has a PLAINTEXT listener (``bootstrap``); ``listeners`` adds SASL and SSL
+    ones (``bootstrap_for``). SASL listeners take the PLAIN and SCRAM-SHA-256 logins of
+    ``sasl_users`` (name -> password); SSL listeners need a ``keystore``.
+
     >>> with LocalBroker() as b:   # doctest: +SKIP
     ...     print(b.bootstrap)     # 127.0.0.1:40123
     """
 
     def __init__(self, data_dir: str | Path | None = None, port: int = 0,
-                 heap: str = "1g") -> None:
+                 heap: str = "1g", listeners: Sequence[Listener | str] = (),
+                 sasl_users: Mapping[str, str] | None = None,
+                 keystore: KeyStore | None = None) -> None:
         # A temporary directory we made is ours to remove on a clean stop (benchmarks write
         # gigabytes there); a directory the caller named is left alone.
         self._owns_dir = data_dir is None
@@ -154,25 +264,41 @@ class LocalBroker:
         self.port = port or free_port()
         self.controller_port = free_port()
         self.heap = heap
+        self.ports: dict[Listener, int] = {Listener.PLAINTEXT: self.port}
+        for name in listeners:
+            if Listener(name) not in self.ports:
+                self.ports[Listener(name)] = free_port()
+        self.sasl_users = dict(sasl_users or {})
+        self.keystore = keystore
+        if any(lst.sasl for lst in self.ports) and not self.sasl_users:
+            raise LocalKafkaError("a SASL listener needs sasl_users")
+        if any(lst.ssl for lst in self.ports) and keystore is None:
+            raise LocalKafkaError("an SSL listener needs a keystore (make_keystore)")
         self.proc: subprocess.Popen | None = None
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def bootstrap_for(self, listener: Listener | str) -> str:
+        """The bootstrap address of one listener (PLAINTEXT, SASL_PLAINTEXT, SSL, SASL_SSL)."""
+        return f"127.0.0.1:{self.ports[Listener(listener)]}"
+
     @property
     def log_file(self) -> Path:
         return self.data_dir / "logs" / "server.log"
 
     def properties(self) -> str:
-        return "\n".join([
+        listeners = ",".join(f"{lst}://127.0.0.1:{port}" for lst, port in self.ports.items())
+        protocols = ",".join(f"{lst}:{lst}" for lst in self.ports)
+        lines = [
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
-            f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+            f"listeners={listeners},CONTROLLER://127.0.0.1:{self.controller_port}",
+            f"advertised.listeners={listeners}",
             "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            f"listener.security.protocol.map={protocols},CONTROLLER:PLAINTEXT",
             "inter.broker.listener.name=PLAINTEXT",
             f"log.dirs={self.data_dir / 'data'}",
             # topics are created on purpose (`streamproc topics create`), never by a typo
@@ -186,8 +312,23 @@ class LocalBroker:
             "transaction.state.log.num.partitions=4",
             "group.initial.rebalance.delay.ms=0",
             "num.partitions=1",
-            "",
-        ])
+        ]
+        sasl = [lst for lst in self.ports if lst.sasl]
+        if sasl:
+            lines.append(f"sasl.enabled.mechanisms={','.join(SASL_MECHANISMS)}")
+            users = " ".join(f'user_{u}="{pw}"' for u, pw in self.sasl_users.items())
+            for lst in sasl:
+                prefix = f"listener.name.{lst.lower()}"
+                lines.append(f"{prefix}.plain.sasl.jaas.config=org.apache.kafka.common.security"
+                             f".plain.PlainLoginModule required {users};")
+                lines.append(f"{prefix}.scram-sha-256.sasl.jaas.config=org.apache.kafka.common"
+                             ".security.scram.ScramLoginModule required;")
+        if self.keystore is not None and any(lst.ssl for lst in self.ports):
+            lines += [f"ssl.keystore.location={self.keystore.path}",
+                      "ssl.keystore.type=PKCS12",
+                      f"ssl.keystore.password={self.keystore.password}",
+                      f"ssl.key.password={self.keystore.password}"]
+        return "\n".join([*lines, ""])
 
     def start(self, timeout: float = 90.0) -> LocalBroker:
         libs = fetch_jars()
@@ -202,7 +343,7 @@ class LocalBroker:
         if not (self.data_dir / "data" / "meta.properties").exists():
             fmt = subprocess.run(
                 [*java, "kafka.tools.StorageTool", "format", f"--cluster-id={_cluster_id()}",
-                 "-c", str(props)],
+                 "-c", str(props), *self._scram_args()],
                 capture_output=True, text=True)
             if fmt.returncode != 0:
                 raise LocalKafkaError(f"formatting KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
@@ -213,6 +354,15 @@ class LocalBroker:
         (self.data_dir / "broker.pid").write_text(str(self.proc.pid))
         self._wait_ready(timeout)
         return self
+
+    def _scram_args(self) -> list[str]:
+        """SCRAM users are stored in the cluster metadata, written when storage is formatted."""
+        if not any(lst.sasl for lst in self.ports):
+            return []
+        out = []
+        for user, pw in self.sasl_users.items():
+            out += ["--add-scram", f"SCRAM-SHA-256=[name={user},password={pw}]"]
+        return out
 
     def _wait_ready(self, timeout: float) -> None:
         from kafka import KafkaAdminClient

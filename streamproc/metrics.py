@@ -21,7 +21,8 @@ class Counters:
     """Every worker counter in one place.
 
     Names: events_in, decode_errors, late, duplicates, replayed, capped (label modality);
-    dead_letters (label kind); windows_emitted, windows_published, windows_masked
+    dead_letters (label kind: decode, late, oversize, capacity, clock, internal,
+    partition); windows_emitted, windows_published, windows_masked
     (label modality), internal_errors, inference_errors; ignored (label reason: records of a
     rebalance that Kafka delivers again, see acks.OffsetGate); acks_refused (acks faust
     tried on its own, see app.AlignState.guard_consumer).

@@ -25,8 +25,9 @@ from kafka.errors import KafkaError
 
 from streamproc import wire
 from streamproc.config import Settings
-from streamproc.errors import UserError
+from streamproc.errors import CONNECT_TIMEOUT_S, UserError
 from streamproc.topics import check_topics as check_topic_state
+from streamproc.topics import connection_error
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ DEFAULT_LINGER_MS = 5
 # kafka-python 3 has no buffer_memory cap: without our own bound a slow broker would grow
 # the producer's buffer without limit instead of making the sources drop frames.
 DEFAULT_MAX_IN_FLIGHT_BYTES = 64 * MiB
-BOOTSTRAP_TIMEOUT_MS = 10_000
 HEADER_ALLOWANCE = 128  # bytes counted per record for key framing and wire headers
 
 
@@ -84,7 +84,7 @@ def producer_config(settings: Settings, *, linger_ms: int = DEFAULT_LINGER_MS,
         # No compression: JPEG/PNG payloads are already entropy coded (a codec saves ~1%
         # and costs CPU on every frame); PCM chunks are small next to the frames.
         "compression_type": None,
-        "bootstrap_timeout_ms": BOOTSTRAP_TIMEOUT_MS,
+        "bootstrap_timeout_ms": int(CONNECT_TIMEOUT_S * 1000),
         # topics are created on purpose by `streamproc topics create`, never by a send
         "allow_auto_create_topics": False,
         **settings.security_kwargs(),
@@ -151,8 +151,7 @@ class Publisher:
             self._producer = KafkaProducer(**producer_config(settings, linger_ms=linger_ms,
                                                              batch_bytes=batch_bytes))
         except KafkaError as e:
-            raise UserError(f"cannot produce to Kafka at {settings.bootstrap_servers}: {e} "
-                            "(set --bootstrap-servers or STREAMPROC_BOOTSTRAP)") from None
+            raise connection_error(settings, e) from None
         try:
             # fetch metadata now so the first frame never waits for it
             for topic in self._topics.values():

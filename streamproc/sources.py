@@ -21,14 +21,16 @@ import math
 import queue
 import threading
 import time
-import wave
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from streamproc import wire
 from streamproc.errors import UserError
@@ -273,6 +275,15 @@ def _is_live(device: int | str) -> bool:
     return "://" in device and not device.startswith("file://")
 
 
+def _is_file(device: int | str) -> bool:
+    """A local media file (a path or a file:// URL), not a device node or a stream."""
+    if isinstance(device, int):
+        return False
+    if device.startswith("file://"):
+        return True
+    return "://" not in device and Path(device).is_file()
+
+
 class CameraSource:
     """OpenCV capture of a device index or a URL (RTSP/HTTP/file), published as frames.
 
@@ -280,18 +291,26 @@ class CameraSource:
     raw images into a :class:`DropOldestQueue`; :meth:`run` encodes (JPEG) and publishes
     from the calling thread. When a live source fails it is reopened with exponential
     backoff; a local file ends the capture at its end unless ``reconnect=True``.
+
+    A local file (path or ``file://`` URL) is stamped with its own frame timestamps from
+    the moment it is opened, and ``pace`` (default for files) releases each frame when
+    its time comes, as a camera would; ``produce file`` is the fuller replay (audio,
+    transcript, ``--start-at``).
     """
 
     def __init__(self, sink: Sink, stream_id: str, device: int | str = 0, *,
                  fps: float | None = None, size: tuple[int, int] | None = None,
                  jpeg_quality: int = 90, queue_size: int = 8, reconnect: bool | None = None,
-                 backoff_s: tuple[float, float] = (0.5, 10.0), clock: Clock | None = None) -> None:
+                 backoff_s: tuple[float, float] = (0.5, 10.0), clock: Clock | None = None,
+                 pace: bool | None = None) -> None:
         self.sink = sink
         self.stream_id = check_stream_id(stream_id)
         self.device = device
         self.size = size
         self.jpeg_quality = jpeg_quality
         self.reconnect = _is_live(device) if reconnect is None else reconnect
+        self.is_file = _is_file(device)
+        self.pace = self.is_file if pace is None else pace
         self.backoff_s = backoff_s
         self.clock = clock or Clock()
         self.throttle = FrameThrottle(fps)
@@ -317,9 +336,24 @@ class CameraSource:
                             "reachable or format not supported by this OpenCV build)")
         self._cap = cap
 
+    def _file_time(self, cap: Any, prev_rel: int | None) -> int:
+        """The grabbed frame's presentation time in the file (ns), never before the last."""
+        import cv2
+
+        rel = round(cap.get(cv2.CAP_PROP_POS_MSEC) * 1_000_000)
+        if prev_rel is not None and rel <= prev_rel:  # backends without timestamps
+            fps = cap.get(cv2.CAP_PROP_FPS)
+            rel = prev_rel + (round(NS_PER_S / fps) if fps and math.isfinite(fps) and fps > 0
+                              else 1)
+        return rel
+
     def _capture(self) -> None:
         cap, seq, last_ts = self._cap, 0, 0
         delay = self.backoff_s[0]
+        # a file's frames are at base + their own timestamp; base is set by the first
+        # frame after each (re)open, so a reopened file continues after the last frame
+        base: int | None = None
+        prev_rel: int | None = None
         try:
             while not self._stop.is_set():
                 if cap is None:
@@ -337,12 +371,18 @@ class CameraSource:
                 if not cap.grab():
                     cap.release()
                     cap = None
+                    base = prev_rel = None
                     if not self.reconnect:
                         break
                     log.warning("camera %r: no frame, reconnecting", self.device)
                     continue
-                # stamped at grab: the frame exists now; decoding comes after
-                ts = max(self.clock.now_ns(), last_ts + 1)
+                if self.is_file:
+                    prev_rel = self._file_time(cap, prev_rel)
+                    if base is None:
+                        base = max(self.clock.now_ns(), last_ts + 1) - prev_rel
+                    ts = max(base + prev_rel, last_ts + 1)
+                else:  # stamped at grab: the frame exists now; decoding comes after
+                    ts = max(self.clock.now_ns(), last_ts + 1)
                 if not self.throttle.keep(ts):
                     self.stats.skipped += 1
                     continue
@@ -350,6 +390,8 @@ class CameraSource:
                 if not ok:
                     self.stats.errors += 1
                     continue
+                if self.pace and not self.clock.wait_until(ts, self._stop):
+                    break
                 delay = self.backoff_s[0]
                 last_ts = ts
                 self.stats.captured += 1
@@ -582,70 +624,132 @@ def input_devices(sd: Any) -> str:
 # files
 # ---------------------------------------------------------------------------------------
 
+# Decoded sample formats (FFmpeg's names) that stay 16-bit PCM on the wire; every other
+# format (24/32-bit integer, float, double) becomes f32le in [-1, 1].
+_S16_FORMATS = frozenset({"u8", "u8p", "s16", "s16p"})
+
 
 @dataclass(frozen=True)
-class WavInfo:
+class AudioInfo:
+    """The audio track a file replay publishes: its own rate and channels, unchanged."""
+
     sample_rate: int
     channels: int
-    sample_width: int
-    n_frames: int
-
-    @property
-    def fmt(self) -> str:
-        """16-bit stays s16le byte for byte; 8/24/32-bit become f32le."""
-        return "s16le" if self.sample_width in (1, 2) else "f32le"
+    fmt: str  # wire format: s16le or f32le
 
 
-def open_wav(path: str | Path) -> tuple[wave.Wave_read, WavInfo]:
+def _open_media(path: str | Path, what: str) -> av.container.InputContainer:
+    """An opened PyAV container, or a UserError naming the file and the reason."""
+    if not Path(path).is_file():
+        raise UserError(f"{what} file not found: {path}")
     try:
-        w = wave.open(str(path), "rb")  # noqa: SIM115 - returned to the caller, who closes it
-    except FileNotFoundError:
-        raise UserError(f"audio file not found: {path}") from None
-    except (wave.Error, EOFError, OSError) as e:
-        raise UserError(f"{path}: not a PCM WAV file Python's wave module reads ({e}); "
-                        "convert it, e.g. `ffmpeg -i IN -c:a pcm_s16le OUT.wav`") from None
-    info = WavInfo(w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes())
-    if not 1 <= info.channels <= wire.MAX_CHANNELS or not 0 < info.sample_rate <= wire.MAX_SAMPLE_RATE:
-        w.close()
-        raise UserError(f"{path}: {info.channels} channels at {info.sample_rate} Hz is "
-                        "outside what the wire format carries")
-    return w, info
+        return av.open(str(path))
+    except (av.FFmpegError, OSError) as e:
+        raise UserError(f"{path}: not a media file FFmpeg can read ({e})") from None
 
 
-def _pcm_samples(raw: bytes, width: int) -> np.ndarray:
-    """Raw WAV frames -> int16 (8/16-bit) or float32 in [-1, 1] (24/32-bit)."""
-    if width == 2:
-        return np.frombuffer(raw, "<i2")
-    if width == 1:  # unsigned 8-bit
-        return ((np.frombuffer(raw, np.uint8).astype(np.int16) - 128) << 8).astype(np.int16)
-    if width == 3:
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-        v = np.where(v >= 1 << 23, v - (1 << 24), v)
-        return (v / float(1 << 23)).astype(np.float32)
-    return (np.frombuffer(raw, "<i4") / float(1 << 31)).astype(np.float32)
+def _ns(value: int, time_base: Fraction) -> int:
+    """``value`` ticks of ``time_base`` in integer nanoseconds (exact up to rounding)."""
+    return round(value * time_base.numerator * NS_PER_S / time_base.denominator)
 
 
-def wav_chunks(path: str | Path, stream_id: str, origin_ns: int, chunk_ms: int = 100,
-               seq0: int = 0) -> Iterator[AudioChunk]:
-    """A WAV file as chunks at its own sample rate, sample-continuous from ``origin_ns``."""
-    w, info = open_wav(path)
-    frames = max(1, info.sample_rate * chunk_ms // 1000)
-    ts, seq = origin_ns, seq0
-    with w:
-        while True:
-            raw = w.readframes(frames)
-            if not raw:
-                return
-            samples = _pcm_samples(raw, info.sample_width).reshape(-1, info.channels)
-            chunk = AudioChunk.from_samples(stream_id, ts, seq, samples, info.sample_rate,
-                                            info.fmt)
-            yield chunk
-            ts, seq = chunk.end_ns, seq + 1
+def _media_zero_ns(container: av.container.InputContainer) -> int:
+    """Media time 0 of a file: its earliest audio or video start, so tracks of one
+    container keep their offset to each other and the first of them starts at 0."""
+    starts = [_ns(s.start_time, s.time_base) for s in container.streams
+              if s.type in ("video", "audio") and s.start_time is not None
+              and s.time_base is not None]
+    return min(starts, default=0)
+
+
+def _decoded(container: av.container.InputContainer, stream: Any, path: str | Path,
+             ) -> Iterator[Any]:
+    """Frames of one stream in presentation order; a packet that does not decode is
+    logged and skipped, so one corrupt packet does not end the replay."""
+    errors = 0
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.FFmpegError as e:
+            errors += 1
+            if errors <= 3:
+                log.warning("%s: %s packet at pts %s not decoded, skipped: %s", path,
+                            stream.type, packet.pts, e)
+            continue
+        yield from frames
+
+
+def audio_info(path: str | Path, stream: Any) -> AudioInfo:
+    """What :func:`audio_chunks` will publish for ``stream``; UserError when the wire
+    format cannot carry it."""
+    rate, channels = int(stream.rate or 0), int(stream.channels or 0)
+    if not 1 <= channels <= wire.MAX_CHANNELS or not 0 < rate <= wire.MAX_SAMPLE_RATE:
+        raise UserError(f"{path}: {channels} channels at {rate} Hz is outside what the wire "
+                        f"format carries (1..{wire.MAX_CHANNELS} channels, up to "
+                        f"{wire.MAX_SAMPLE_RATE} Hz)")
+    fmt_name = stream.codec_context.format.name if stream.codec_context.format else ""
+    return AudioInfo(rate, channels, "s16le" if fmt_name in _S16_FORMATS else "f32le")
+
+
+def _samples(frame: Any, channels: int) -> np.ndarray:
+    """A decoded audio frame as (n, channels): int16 for 8/16-bit PCM (8-bit shifted to
+    full scale), float32 in [-1, 1] for 24/32-bit integer, float and double."""
+    arr = frame.to_ndarray()
+    arr = arr.T if frame.format.is_planar else arr.reshape(-1, channels)
+    if arr.dtype == np.uint8:
+        return ((arr.astype(np.int16) - 128) << 8).astype(np.int16)
+    if arr.dtype == np.int16:
+        return arr
+    if arr.dtype == np.int32:  # 24-bit PCM arrives shifted into the top 24 bits
+        return (arr / float(1 << 31)).astype(np.float32)
+    if arr.dtype == np.int64:
+        return (arr / float(1 << 63)).astype(np.float32)
+    return arr.astype(np.float32)
+
+
+def audio_chunks(path: str | Path, stream_id: str, origin_ns: int, chunk_ms: int = 100,
+                 seq0: int = 0) -> Iterator[AudioChunk]:
+    """The first audio track of a file (WAV of any PCM or float format, or any container
+    FFmpeg reads) as chunks of ``chunk_ms`` at the track's own rate and channels.
+
+    Chunks are sample-continuous from the track's first timestamp (relative to the
+    file's media time 0, see :func:`_media_zero_ns`) shifted to ``origin_ns``. 16-bit PCM
+    is published byte for byte (s16le); other formats as f32le.
+    """
+    with _open_media(path, "audio") as container:
+        if not container.streams.audio:
+            raise UserError(f"{path}: no audio track")
+        stream = container.streams.audio[0]
+        info = audio_info(path, stream)
+        zero = _media_zero_ns(container)
+        n = max(1, info.sample_rate * chunk_ms // 1000)
+        pending: list[np.ndarray] = []
+        have, ts, seq = 0, None, seq0
+        for frame in _decoded(container, stream, path):
+            if ts is None:
+                start = 0 if frame.pts is None else _ns(frame.pts, stream.time_base) - zero
+                ts = origin_ns + max(0, start)
+            block = _samples(frame, info.channels)
+            pending.append(block)
+            have += len(block)
+            while have >= n:
+                buf = np.concatenate(pending) if len(pending) > 1 else pending[0]
+                pending = [buf[n:]] if len(buf) > n else []
+                have -= n
+                chunk = AudioChunk.from_samples(stream_id, ts, seq, buf[:n], info.sample_rate,
+                                                info.fmt)
+                yield chunk
+                ts, seq = chunk.end_ns, seq + 1
+        if have and ts is not None:
+            buf = np.concatenate(pending)
+            yield AudioChunk.from_samples(stream_id, ts, seq, buf, info.sample_rate, info.fmt)
 
 
 @dataclass
 class ReplayStats:
+    """What a replay published (counted when handed to the sink, so a stop in between
+    never counts a record that was not sent)."""
+
     stream_id: str
     origin_ns: int = 0
     frames: int = 0
@@ -656,8 +760,18 @@ class ReplayStats:
     transcript_issues: list[ParseIssue] = field(default_factory=list)
     published: int = 0
 
+    def count(self, rec: wire.MediaRecord) -> None:
+        self.published += 1
+        if rec.modality == "video":
+            self.frames += 1
+        elif rec.modality == "audio":
+            self.chunks += 1
+            self.audio_samples += rec.n_samples
+        else:
+            self.segments += 1
+
     def summary(self) -> str:
-        s = (f"{self.stream_id}: {self.frames} frames, {self.chunks} audio chunks, "
+        s = (f"{self.stream_id}: published {self.frames} frames, {self.chunks} audio chunks, "
              f"{self.segments} transcript segments from clock origin {self.origin_ns}")
         if self.transcript_issues:
             s += f"; {len(self.transcript_issues)} transcript line(s) skipped"
@@ -665,29 +779,48 @@ class ReplayStats:
 
 
 class FileSource:
-    """One stream's media files as records: video (OpenCV), WAV audio, a transcript.
+    """One stream's media files as records: video, audio and a transcript, each optional.
 
-    All modalities share one clock origin: frame i is at ``origin + i / fps``, audio is
-    sample-continuous from the origin, transcript spans are shifted by it. Records come
-    out ordered by when a live source would have them: a frame at its timestamp, an
-    audio chunk or transcript span at its end. With ``loop`` each pass starts where the
-    previous one ended (its longest modality).
+    Video and audio are decoded with PyAV (FFmpeg): MP4, MKV, AVI, WebM, WAV (PCM 8 to
+    32-bit, float, WAVE_FORMAT_EXTENSIBLE), ... The audio is ``audio`` when given, else
+    the video file's own audio track (unless ``container_audio=False``).
+
+    All modalities share one clock origin: a frame is at ``origin`` + its presentation
+    timestamp (so variable-frame-rate video keeps the container's timing), audio is
+    sample-continuous from its first timestamp, transcript spans are shifted by the
+    origin. Records come out ordered by when a live source would have them: a frame at
+    its timestamp, an audio chunk or transcript span at its end. With ``loop`` each pass
+    starts where the previous one ended (its longest modality).
     """
 
     def __init__(self, stream_id: str, video: str | Path | None = None,
                  audio: str | Path | None = None, transcript: str | Path | None = None, *,
                  chunk_ms: int = 100, jpeg_quality: int = 90, size: tuple[int, int] | None = None,
-                 video_fps: float | None = None, loop: bool = False) -> None:
+                 loop: bool = False, container_audio: bool = True) -> None:
         if video is None and audio is None and transcript is None:
             raise UserError("nothing to replay: give a video, an audio file or a transcript")
         self.stream_id = check_stream_id(stream_id)
-        self.video, self.audio, self.transcript = video, audio, transcript
         self.chunk_ms, self.jpeg_quality, self.size, self.loop = chunk_ms, jpeg_quality, size, loop
         self.stats = ReplayStats(self.stream_id)
-        self.fps = self._probe_video(video, video_fps) if video is not None else 0.0
+        self.video, self.transcript = video, transcript
+        self.audio: str | Path | None = None
+        self.audio_info: AudioInfo | None = None
+        if video is not None:
+            with _open_media(video, "video") as c:
+                if not c.streams.video:
+                    hint = " (give an audio file with --audio)" if c.streams.audio else ""
+                    raise UserError(f"{video}: no video track{hint}")
+                if audio is None and container_audio and c.streams.audio:
+                    try:
+                        self.audio_info = audio_info(video, c.streams.audio[0])
+                        self.audio = video
+                    except UserError as e:  # not asked for: the video still goes
+                        log.warning("%s; its audio track is not sent", e)
         if audio is not None:
-            w, _ = open_wav(audio)
-            w.close()
+            with _open_media(audio, "audio") as c:
+                if not c.streams.audio:
+                    raise UserError(f"{audio}: no audio track")
+                self.audio, self.audio_info = audio, audio_info(audio, c.streams.audio[0])
         self.cues: list[Cue] = []
         if transcript is not None:
             parsed = load_transcript(transcript)
@@ -696,53 +829,45 @@ class FileSource:
             self.stats.transcript_issues = parsed.issues
             self.cues = sorted(parsed.cues, key=lambda c: (c.start_ns, c.end_ns))
 
-    @staticmethod
-    def _probe_video(video: str | Path, fps: float | None) -> float:
-        import cv2
-
-        if not Path(video).exists():
-            raise UserError(f"video file not found: {video}")
-        cap = cv2.VideoCapture(str(video))
-        try:
-            if not cap.isOpened():
-                raise UserError(f"{video}: OpenCV cannot open this video")
-            fps = fps or cap.get(cv2.CAP_PROP_FPS)
-        finally:
-            cap.release()
-        if not fps or not math.isfinite(fps) or fps <= 0:
-            raise UserError(f"{video}: the frame rate is unknown; pass video_fps")
-        return float(fps)
-
     # --- one pass per modality, each yields (due_ns, record) in order ---------------------
 
     def _video_pass(self, video: str | Path, origin: int, seq0: int,
                     out: dict[str, int]) -> Iterator[tuple[int, Any]]:
         import cv2
 
-        cap = cv2.VideoCapture(str(video))
-        i = 0
-        try:
-            while True:
-                ok, image = cap.read()
-                if not ok:
-                    break
+        with _open_media(video, "video") as container:
+            stream = container.streams.video[0]
+            zero = _media_zero_ns(container)
+            # one reformatter keeps its scaler between frames (a new one per frame costs
+            # more than decoding a 320x240 frame)
+            to_bgr = VideoReformatter()
+            rate = stream.average_rate or stream.guessed_rate
+            period = round(NS_PER_S / rate) if rate else 0
+            tb = stream.time_base
+            prev: int | None = None
+            for i, frame in enumerate(_decoded(container, stream, video)):
+                if frame.pts is None:  # no timestamp: one nominal period after the last
+                    rel = 0 if prev is None else prev + period
+                else:
+                    rel = _ns(frame.pts, tb) - zero
+                # a broken file's timestamps may go back; the stream's never do
+                rel = max(rel, 0 if prev is None else prev + 1)
+                image = to_bgr.reformat(frame, format="bgr24").to_ndarray()
                 if self.size is not None and (image.shape[1], image.shape[0]) != self.size:
                     image = cv2.resize(image, self.size, interpolation=cv2.INTER_AREA)
-                ts = origin + round(i * NS_PER_S / self.fps)
-                rec = VideoFrame.from_image(self.stream_id, ts, seq0 + i, image, "jpeg",
-                                            self.jpeg_quality)
-                i += 1
-                out["video"] = i
-                yield ts, rec
-        finally:
-            cap.release()
+                rec = VideoFrame.from_image(self.stream_id, origin + rel, seq0 + i, image,
+                                            "jpeg", self.jpeg_quality)
+                duration = _ns(frame.duration, tb) if frame.duration else 0
+                out["video"] = i + 1
+                out["video_end"] = rel + (duration or period or (rel - (prev or 0)))
+                prev = rel
+                yield origin + rel, rec
 
     def _audio_pass(self, audio: str | Path, origin: int, seq0: int,
                     out: dict[str, int]) -> Iterator[tuple[int, Any]]:
-        for chunk in wav_chunks(audio, self.stream_id, origin, self.chunk_ms, seq0):
+        for chunk in audio_chunks(audio, self.stream_id, origin, self.chunk_ms, seq0):
             out["audio"] = out.get("audio", 0) + 1
             out["audio_end"] = chunk.end_ns - origin
-            out["samples"] = out.get("samples", 0) + chunk.n_samples
             yield chunk.end_ns, chunk
 
     def _text_pass(self, origin: int, seq0: int, out: dict[str, int]) -> Iterator[tuple[int, Any]]:
@@ -769,24 +894,13 @@ class FileSource:
                 passes.append(self._audio_pass(self.audio, origin, seqs["audio"], out))
             if self.cues:
                 passes.append(self._text_pass(origin, seqs["text"], out))
-            for due, rec in heapq.merge(*passes, key=lambda item: item[0]):
-                if rec.modality == "video":
-                    self.stats.frames += 1
-                elif rec.modality == "audio":
-                    self.stats.chunks += 1
-                    self.stats.audio_samples += rec.n_samples
-                else:
-                    self.stats.segments += 1
-                yield due, rec
+            yield from heapq.merge(*passes, key=lambda item: item[0])
             self.stats.loops += 1
             seqs["video"] += out.get("video", 0)
             seqs["audio"] += out.get("audio", 0)
             seqs["text"] += out.get("text", 0)
-            duration = max(
-                round(out.get("video", 0) * NS_PER_S / self.fps) if self.fps else 0,
-                out.get("audio_end", 0),
-                max((c.end_ns or 0 for c in self.cues), default=0),
-            )
+            duration = max(out.get("video_end", 0), out.get("audio_end", 0),
+                           max((c.end_ns or 0 for c in self.cues), default=0))
             if not self.loop or duration <= 0:
                 return
             origin += duration
@@ -840,7 +954,7 @@ def replay_source(sink: Sink, src: FileSource, *, realtime: bool = True,
         if realtime and not clock.wait_until(pace0 + (due - origin), stop_event):
             break
         sink.publish(rec)
-        src.stats.published += 1
+        src.stats.count(rec)
         if on_record is not None:
             on_record(rec)
     return src.stats

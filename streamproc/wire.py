@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -27,7 +28,10 @@ VIDEO_FORMATS = ("jpeg", "png")
 AUDIO_FORMATS = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
 MAX_STREAM_ID_BYTES = 255
 MAX_IMAGE_SIDE = 16384
-MAX_SAMPLE_RATE = 384_000
+# Audio rates outside this range are refused at the door: telephony to studio. A rate of
+# 1 Hz would make a 55-sample chunk span 55 s and hold every window of it open.
+MIN_SAMPLE_RATE = 8_000
+MAX_SAMPLE_RATE = 192_000
 MAX_CHANNELS = 32
 NS_PER_S = 1_000_000_000
 INT64_MAX = 2**63 - 1
@@ -289,11 +293,13 @@ def samples_to_ns(n: int, sample_rate: int) -> int:
 
 
 def _check_image(data: bytes, fmt: str, width: int, height: int) -> None:
-    """The door check: a frame the worker admits is one OpenCV will decode.
+    """The door check: a frame the worker admits is one OpenCV will decode (a PNG: one
+    whose chunks libpng reads), checked without decoding it (the event loop runs this
+    for every frame).
 
-    A JPEG's markers, tables and scans are checked the way libjpeg reads them (streamproc.jpeg:
-    about 15 µs for a 50 KB frame, against 340 µs to decode it even at 1/8 scale); a PNG is
-    decoded, as OpenCV offers nothing cheaper.
+    A JPEG's markers, tables and scans are checked the way libjpeg reads them
+    (streamproc.jpeg: about 15 µs for a 50 KB frame, against 340 µs to decode it even at
+    1/8 scale); a PNG's chunks the way libpng reads them (:func:`png_size`).
     """
     if fmt == "jpeg":
         try:
@@ -301,17 +307,73 @@ def _check_image(data: bytes, fmt: str, width: int, height: int) -> None:
         except JpegError as e:
             raise WireError(f"value is not a decodable JPEG ({len(data)} bytes): {e}") from None
     else:
-        if not data.startswith(b"\x89PNG\r\n\x1a\n") or len(data) < 33:
-            raise WireError("value is not a PNG (bad signature)", "sp-fmt")
-        if not data.endswith(b"IEND\xaeB`\x82"):
-            raise WireError(f"PNG is truncated: no IEND chunk in its {len(data)} bytes")
-        size = struct.unpack(">II", data[16:24])
+        size = png_size(data)
     if size != (width, height):
         raise WireError(
             f"image is {size[0]}x{size[1]} but headers sp-w/sp-h say {width}x{height}", "sp-w"
         )
-    if fmt == "png":
-        decode_image(data, fmt)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+_PNG_CRITICAL = (b"IHDR", b"PLTE", b"IDAT", b"IEND")
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of a PNG whose chunks libpng reads, else :class:`WireError`.
+
+    Checks the signature, the header's fields, every chunk's length and the CRC of every
+    critical chunk (libpng stops at a bad one), their order, and that IEND ends the value.
+    The compressed pixels are not inflated: that is decoding, which never runs on the
+    event loop. A PNG whose pixel data is damaged behind valid CRCs passes here and is
+    masked in its window like a dropped frame when the model's preprocessing decodes it.
+    """
+    n = len(data)
+    if not data.startswith(_PNG_SIGNATURE) or n < 33:
+        raise WireError("value is not a PNG (bad signature)", "sp-fmt")
+    if data[8:16] != b"\x00\x00\x00\x0dIHDR":
+        raise WireError("PNG does not start with a 13-byte IHDR chunk")
+    width, height, depth, color, compression, filtering, interlace = struct.unpack_from(
+        ">IIBBBBB", data, 16)
+    if not (0 < width < 2**31 and 0 < height < 2**31):
+        raise WireError(f"PNG header says {width}x{height} pixels")
+    if depth not in _PNG_DEPTHS.get(color, ()):
+        raise WireError(f"PNG colour type {color} with bit depth {depth} is not valid")
+    if compression or filtering or interlace > 1:
+        raise WireError(f"PNG header has compression {compression}, filter {filtering}, "
+                        f"interlace {interlace}")
+    i, seen = 8, []
+    while True:
+        if i + 12 > n:
+            raise WireError(f"PNG is truncated: no IEND chunk in its {n} bytes")
+        length = int.from_bytes(data[i:i + 4], "big")
+        kind = data[i + 4:i + 8]
+        end = i + 12 + length
+        if length >= 2**31 or end > n:
+            raise WireError(f"PNG is truncated: chunk {kind!r} at byte {i} needs {length} "
+                            f"bytes, {n - i - 12} left")
+        if not kind.isalpha():
+            raise WireError(f"PNG chunk at byte {i} has an invalid type {kind!r}")
+        if kind[0] & 0x20 == 0:  # upper-case first letter: critical, libpng must know it
+            if kind not in _PNG_CRITICAL:
+                raise WireError(f"PNG has an unknown critical chunk {kind!r} at byte {i}")
+            if zlib.crc32(memoryview(data)[i + 4:end - 4]) != int.from_bytes(
+                    data[end - 4:end], "big"):
+                raise WireError(f"PNG chunk {kind.decode()} at byte {i} fails its CRC "
+                                "(damaged)")
+            if (kind == b"IHDR" and i != 8) or (kind == b"PLTE" and b"IDAT" in seen):
+                raise WireError(f"PNG chunk {kind.decode()} at byte {i} is out of order")
+            seen.append(kind)
+        if kind == b"IEND":
+            break
+        i = end
+    if b"IDAT" not in seen:
+        raise WireError("PNG has no image data (IDAT chunk)")
+    if color == 3 and b"PLTE" not in seen[:seen.index(b"IDAT")]:
+        raise WireError("palette PNG has no PLTE chunk before its image data")
+    if end != n:
+        raise WireError(f"PNG has {n - end} bytes after its IEND chunk")
+    return width, height
 
 
 # ---------------------------------------------------------------------------------------
@@ -419,11 +481,14 @@ def decode(
     *,
     expect_modality: str | None = None,
     max_bytes: int | None = None,
+    max_pixels: int | None = None,
 ) -> MediaRecord:
     """Kafka record -> typed record, or WireError saying what is wrong.
 
     Images are checked to decode (``_check_image``), so a corrupt JPEG is caught at the door
-    rather than inside a model batch.
+    rather than inside a model batch. ``max_pixels``: frames with more pixels (by their
+    sp-w/sp-h, which must match the image's own header) are refused before any check that
+    reads the image (kind ``oversize``).
     """
     h = _headers(rec)
     version = _text_header(h, "sp-v")
@@ -453,6 +518,10 @@ def decode(
             raise WireError(f"video sp-fmt must be jpeg or png, got {fmt[:32]!r}", "sp-fmt")
         w = _int_header(h, "sp-w", 1, MAX_IMAGE_SIDE)
         hh = _int_header(h, "sp-h", 1, MAX_IMAGE_SIDE)
+        if max_pixels is not None and w * hh > max_pixels:
+            raise WireError(f"frame is {w}x{hh} = {w * hh / 1e6:.1f} Mpx, over the limit of "
+                            f"{max_pixels / 1e6:.1f} Mpx (max_frame_pixels)", "sp-w",
+                            kind="oversize")
         _check_image(value, fmt, w, hh)
         return VideoFrame(sid, ts, seq, value, fmt, w, hh, src)
 
@@ -460,7 +529,7 @@ def decode(
         fmt = _text_header(h, "sp-fmt")
         if fmt not in AUDIO_FORMATS:
             raise WireError(f"audio sp-fmt must be s16le or f32le, got {fmt[:32]!r}", "sp-fmt")
-        sr = _int_header(h, "sp-sr", 1, MAX_SAMPLE_RATE)
+        sr = _int_header(h, "sp-sr", MIN_SAMPLE_RATE, MAX_SAMPLE_RATE)
         ch = _int_header(h, "sp-ch", 1, MAX_CHANNELS)
         frame = AUDIO_FORMATS[fmt].itemsize * ch
         if len(value) % frame:
@@ -575,7 +644,7 @@ def decode_prediction(rec: KafkaRecord) -> Prediction:
 # dead letters
 # ---------------------------------------------------------------------------------------
 
-DEAD_LETTER_KINDS = ("decode", "late", "oversize", "capacity", "clock", "internal")
+DEAD_LETTER_KINDS = ("decode", "late", "oversize", "capacity", "clock", "internal", "partition")
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,11 +6,14 @@ Shared by the source and producer tests; nothing here is committed media.
 from __future__ import annotations
 
 import shutil
+import struct
 import subprocess
 import time
 import wave
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
@@ -143,3 +146,116 @@ def decode_all(records: list[wire.KafkaRecord], modality: str) -> list:
     """Decode with the wire format; ordered by sequence number."""
     out = [wire.decode(r, expect_modality=modality) for r in records]
     return sorted(out, key=lambda r: (r.stream_id, r.seq))
+
+
+def write_av(path: Path, frames: list[np.ndarray] | None, pts_ms: list[int] | None = None, *,
+             fps: int = 25, audio: np.ndarray | None = None, rate: int = 48000,
+             vcodec: str = "libx264", acodec: str = "aac") -> Path:
+    """A container written with PyAV: ``frames`` (BGR) at ``pts_ms`` (irregular for a
+    variable frame rate; default 1/fps apart) and ``audio`` (float32 (n, channels) in
+    [-1, 1]) as its own track. The container follows the suffix: mp4, mkv, avi."""
+    out = av.open(str(path), "w")
+    tb = Fraction(1, 1000)
+    v = None
+    if frames:
+        v = out.add_stream(vcodec, rate=fps)
+        v.height, v.width = frames[0].shape[:2]
+        v.pix_fmt = "yuvj420p" if vcodec == "mjpeg" else "yuv420p"
+        v.time_base = tb
+        v.codec_context.time_base = tb
+    a = None
+    if audio is not None:
+        a = out.add_stream(acodec, rate=rate)
+        a.layout = "stereo" if audio.shape[1] == 2 else "mono"
+    if v is not None and frames:
+        pts = pts_ms or [round(i * 1000 / fps) for i in range(len(frames))]
+        for img, p in zip(frames, pts, strict=True):
+            f = av.VideoFrame.from_ndarray(img, format="bgr24")
+            f.pts, f.time_base = p, tb
+            for pkt in v.encode(f):
+                out.mux(pkt)
+        for pkt in v.encode():
+            out.mux(pkt)
+    if a is not None and audio is not None:
+        fmt = "fltp" if acodec == "aac" else "s16"
+        block = 1024
+        for k in range(0, len(audio), block):
+            part = audio[k:k + block]
+            if fmt == "fltp":
+                arr = np.ascontiguousarray(part.T.astype(np.float32))
+            else:
+                arr = np.round(part * 32767).astype(np.int16).reshape(1, -1)
+            f = av.AudioFrame.from_ndarray(arr, format=fmt, layout=a.layout.name)
+            f.sample_rate, f.pts, f.time_base = rate, k, Fraction(1, rate)
+            for pkt in a.encode(f):
+                out.mux(pkt)
+        for pkt in a.encode():
+            out.mux(pkt)
+    out.close()
+    return path
+
+
+def container_times(path: Path, kind: str) -> list[int]:
+    """Presentation times (ns from the file's first audio/video start) of every decoded
+    frame of the first ``kind`` track, as the container says: what replays must stamp."""
+    with av.open(str(path)) as c:
+        starts = [s.start_time * s.time_base for s in c.streams
+                  if s.type in ("video", "audio") and s.start_time is not None]
+        zero = min(starts, default=0)
+        stream = c.streams.video[0] if kind == "video" else c.streams.audio[0]
+        return [round((f.pts * stream.time_base - zero) * 1_000_000_000)
+                for f in c.decode(stream)]
+
+
+def decoded_audio(path: Path) -> tuple[np.ndarray, int]:
+    """The first audio track decoded by PyAV as float32 (n, channels), and its rate."""
+    with av.open(str(path)) as c:
+        s = c.streams.audio[0]
+        parts = []
+        for f in c.decode(s):
+            arr = f.to_ndarray()
+            arr = arr.T if f.format.is_planar else arr.reshape(-1, s.channels)
+            if arr.dtype == np.int16:
+                arr = arr / 32768.0
+            parts.append(arr.astype(np.float32))
+        return np.concatenate(parts), s.rate
+
+
+def tone(seconds: float, rate: int, channels: int = 2) -> np.ndarray:
+    """A stereo test signal: a different tone per channel, float32 in [-0.5, 0.5]."""
+    t = np.arange(round(seconds * rate)) / rate
+    chans = [0.5 * np.sin(2 * np.pi * (330 + 110 * c) * t) for c in range(channels)]
+    return np.stack(chans, axis=1).astype(np.float32)
+
+
+KSDATAFORMAT_PCM = bytes.fromhex("0100000000001000800000aa00389b71")
+KSDATAFORMAT_FLOAT = bytes.fromhex("0300000000001000800000aa00389b71")
+
+
+def write_wav_bytes(path: Path, data: bytes, rate: int, channels: int, bits: int, *,
+                    float_: bool = False, extensible: bool = False) -> Path:
+    """A WAV written byte for byte: PCM (tag 1), IEEE float (tag 3) or
+    WAVE_FORMAT_EXTENSIBLE (tag 65534, with the PCM or float sub-format GUID), the
+    shapes ffmpeg and audio editors write and Python's ``wave`` refuses."""
+    block = channels * bits // 8
+    if extensible:
+        mask = 0x3 if channels == 2 else 0x4
+        fmt = struct.pack("<HHIIHHHHI", 0xFFFE, channels, rate, rate * block, block, bits, 22,
+                          bits, mask) + (KSDATAFORMAT_FLOAT if float_ else KSDATAFORMAT_PCM)
+    else:
+        fmt = struct.pack("<HHIIHH", 3 if float_ else 1, channels, rate, rate * block, block,
+                          bits)
+        if float_:
+            fmt += struct.pack("<H", 0)  # cbSize: non-PCM formats carry it
+    body = (b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+            + b"data" + struct.pack("<I", len(data)) + data)
+    if len(data) % 2:
+        body += b"\0"
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    return path
+
+
+def pcm24(x: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """float (n, ch) -> 24-bit little-endian PCM bytes and the int values they hold."""
+    ints = np.round(np.clip(x, -1, 1) * ((1 << 23) - 1)).astype("<i4")
+    return ints.view(np.uint8).reshape(-1, 4)[:, :3].tobytes(), ints

@@ -113,14 +113,14 @@ class RecordingSink:
 
 
 def replay_clips(settings: Settings, clips: list[av.Clip], origin_ns: int,
-                 on_publish: Callable[[wire.MediaRecord], None] | None = None
-                 ) -> list[wire.MediaRecord]:
-    """Replay the clips in real time from ``origin_ns`` (one thread per stream, as
-    ``streamproc demo`` does); return every record sent, with its source."""
+                 on_publish: Callable[[wire.MediaRecord], None] | None = None,
+                 realtime: bool = True) -> list[wire.MediaRecord]:
+    """Replay the clips from ``origin_ns`` (one thread per stream, as ``streamproc demo``
+    does; in real time, or as fast as they go); return every record sent, with its source."""
     with Publisher(settings) as pub:
         sink = RecordingSink(pub, on_publish)
         replay_many(sink, [ReplaySpec(c.stream_id, c.video, c.audio, c.transcript)
-                           for c in clips], realtime=True, start_at_ns=origin_ns)
+                           for c in clips], realtime=realtime, start_at_ns=origin_ns)
     return sink.records()
 
 

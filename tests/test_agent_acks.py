@@ -1,19 +1,41 @@
-"""Pure parts of the worker: ack-after-emit bookkeeping, the offset gate, the window
-summary that predictions carry, and the counters. No broker needed."""
+"""Pure parts of the worker: ack-after-emit bookkeeping, the offset gate, the agent's
+state fed hand-made events (records that must not stop it, idle clocks), the window
+summary that predictions carry, the counters and the gauges. No broker needed (the broker
+tests of the same behaviour are in test_worker.py and test_worker_faults.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 
 import numpy as np
 import pytest
+from faust.types import TP
 
 from streamproc.acks import AckLedger, OffsetGate
 from streamproc.align import AlignConfig, Aligner
-from streamproc.app import Counters, ProgressWriter
+from streamproc.app import (
+    AlignState,
+    ClientFaults,
+    Counters,
+    ProgressWriter,
+    SkippedOffsets,
+    update_gauges,
+)
+from streamproc.config import Settings
 from streamproc.inference import summary_prediction, window_summary
-from streamproc.wire import AudioChunk, Source, VideoFrame, decode_prediction, encode_prediction
+from streamproc.metrics import Metrics
+from streamproc.wire import (
+    AudioChunk,
+    Source,
+    VideoFrame,
+    decode_dead_letter,
+    decode_prediction,
+    encode,
+    encode_prediction,
+)
 
 V, A, T = ("p.video", 0), ("p.audio", 0), ("p.text", 0)
 MS = 1_000_000
@@ -207,6 +229,223 @@ def test_gate_forgets_floors_of_partitions_that_moved_away() -> None:
     g.assign({V})  # and came back later: read from wherever the committed offset is
     g.start(V, 40)
     assert g.admit(V, 40) == "ok" and g.seeks() == {}
+
+
+def test_gate_steps_over_offsets_the_fetcher_skipped() -> None:
+    """Transaction markers and aborted records are never delivered (read_committed): the
+    fetcher reports them and the gate steps over them, in order, without seeking."""
+    g = _gate(start=0)
+    assert g.admit(V, 0) == "ok"
+    g.skipped(V, 1, 2)  # a commit marker
+    g.skipped(V, 5, 9)  # an aborted transaction and its marker, not reached yet
+    g.settle()
+    assert g.jumps() == [(V, 1, 2)] and g.next_offset(V) == 2
+    assert [g.admit(V, o) for o in (2, 3, 4)] == ["ok"] * 3
+    assert g.admit(V, 9) == "ok" and g.seeks() == {} and g.jumps() == [(V, 5, 9)]
+    g.skipped(V, 10, 11)  # a marker after the last record
+    assert g.jumps() == [(V, 10, 11)] and g.next_offset(V) == 11
+    g.skipped(V, 3, 6)  # behind the gate (a re-fetch): nothing to do
+    g.skipped(("p.video", 3), 0, 4)  # not ours
+    assert g.jumps() == [] and not g.catching_up(0)
+
+
+def test_gate_without_a_skip_report_still_treats_a_gap_as_a_hole() -> None:
+    g = _gate(start=0)
+    g.skipped(V, 3, 4)
+    assert g.admit(V, 0) == "ok" and g.admit(V, 2) == "hole"  # 1..2 never reported
+    assert g.seeks() == {V: 1} and g.jumps() == []
+
+
+def test_skipped_offsets_are_acked_in_their_turn() -> None:
+    """An aborted transaction between two records is acked after the first record's
+    window and before the second record: faust's commit never passes a held record."""
+    led: AckLedger[object] = AckLedger()
+    marks: list[tuple] = []
+    led.track(V, 4, "v4", "s", after_start=0)
+    skip = SkippedOffsets(V[0], V[1], 5, 9, lambda tp, a, b: marks.append((tp, a, b)))
+    assert led.track_done(V, 5, skip) == []  # waits behind v4
+    led.track(V, 9, "v9", "s", after_start=500)
+    t0 = led.window_started("s", 0, 0)
+    led.closed("s", 500, 0)
+    acks = led.window_published(t0).acks
+    assert acks == ["v4", skip]
+    for a in acks:
+        if isinstance(a, SkippedOffsets):
+            a.ack()
+    assert marks == [(V, 5, 9)] and skip.message.offset == 5
+
+
+# ---------------------------------------------------------------------------------------
+# the agent's state: records that must not stop the worker, idle clocks
+# ---------------------------------------------------------------------------------------
+
+
+class _Msg:
+    def __init__(self, rec, topic: str, partition: int, offset: int) -> None:
+        self.key, self.value, self.headers = rec.key, rec.value, list(rec.headers)
+        self.timestamp = rec.timestamp_ms
+        self.topic, self.partition, self.offset = topic, partition, offset
+
+
+class _Event:
+    def __init__(self, msg: _Msg) -> None:
+        self.message = msg
+        self.acked = False
+
+    def ack(self) -> None:
+        self.acked = True
+
+
+def _state(fetch_state=None, clock=None):
+    sent: list = []
+
+    async def send(rec) -> None:
+        sent.append(rec)
+
+    def progress(sid: str, start: int) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+    class _Sink:
+        def __init__(self) -> None:
+            self.windows: list = []
+
+        def submit(self, w):
+            self.windows.append(w)
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+            return fut
+
+    settings = Settings(topic_prefix="p", idle_deadline_ms=1000, expected_modalities="video,audio")
+    st = AlignState(settings, _Sink(), send, progress, Counters(),
+                    crash=lambda e: (_ for _ in ()).throw(e), clock=clock or time.time_ns,
+                    fetch_state=fetch_state)
+    tps = {(settings.topic(m), p) for m in ("video", "audio", "text") for p in range(4)}
+    st.on_assigned(tps)
+    st.on_resume(dict.fromkeys(tps, 0), {})
+    return st, sent
+
+
+def _frame_event(sid: str, seq: int, ts: int, partition: int, offset: int) -> _Event:
+    img = np.zeros((16, 16, 3), np.uint8)
+    rec = encode(VideoFrame.from_image(sid, ts, seq, img))
+    return _Event(_Msg(rec, "p.video", partition, offset))
+
+
+def test_a_stream_on_a_second_partition_is_dead_lettered_and_the_worker_goes_on() -> None:
+    async def run() -> None:
+        st, sent = _state()
+        now = time.time_ns()
+        st.on_event(_frame_event("cam", 0, now, 1, 0))
+        st.on_event(_frame_event("cam", 1, now + 100 * MS, 2, 0))  # another partition
+        st.on_event(_frame_event("cam", 2, now + 200 * MS, 1, 1))
+        await asyncio.sleep(0)
+        assert len(sent) == 1 and st.counters.get("dead_letters", kind="partition") == 1
+        dead = decode_dead_letter(sent[0])
+        assert dead.kind == "partition" and "seen on partitions 1 and 2" in dead.reason
+        assert "partitioner" in dead.reason
+        st.on_revoked([("p.video", 1), ("p.audio", 1), ("p.text", 1)])
+        st.on_event(_frame_event("cam", 3, now + 300 * MS, 2, 1))  # partition 1 gone: fine
+        assert st.counters.get("dead_letters") == 1
+
+    asyncio.run(run())
+
+
+def test_a_header_name_that_is_not_utf8_is_dead_lettered_readably() -> None:
+    async def run() -> None:
+        st, sent = _state()
+        ev = _frame_event("cam", 0, time.time_ns(), 0, 0)
+        bad = b"\xff\xfe".decode("utf-8", "surrogateescape")  # as the lenient fetcher reads it
+        ev.message.headers.append((bad, b"v"))
+        st.on_event(ev)
+        await asyncio.sleep(0)
+        dead = decode_dead_letter(sent[0])
+        assert dead.kind == "decode" and r"b'\xff\xfe'" in dead.reason
+        assert ("\ufffd\ufffd", b"v") in dead.original.headers  # sendable, as Java reads it
+
+    asyncio.run(run())
+
+
+def test_idle_clock_stands_still_while_records_wait_and_while_nothing_is_fetched() -> None:
+    """Audio goes silent; video keeps coming. Idle deadlines count only time in which the
+    partition's inputs were fetched and processed to their end."""
+    now = [time.time_ns()]
+    fetch = {"end": 1, "at": now[0]}
+
+    def fetch_state(tp):
+        if tp[1] != 0:
+            return None, None
+        ends = {"p.video": fetch["end"], "p.audio": 1, "p.text": 0}
+        return ends[tp[0]], fetch["at"]
+
+    async def run() -> None:
+        st, _ = _state(fetch_state, clock=lambda: now[0])
+        windows = st.sink.windows
+
+        def ticks(ms: int, fetching: bool = True) -> None:
+            for _ in range(ms // 100):  # the worker's timer
+                now[0] += 100 * MS
+                if fetching:
+                    fetch["at"] = now[0]
+                st.on_tick()
+
+        t0 = now[0]
+        audio = encode(AudioChunk("cam", t0, 0, b"\0\0" * 1600, "s16le", 16000, 1))
+        st.on_event(_Event(_Msg(audio, "p.audio", 0, 0)))
+        st.on_event(_frame_event("cam", 0, t0, 0, 0))
+        fetch["end"] = 2  # a video record fetched, not processed yet (faust's buffers)
+        ticks(3000)
+        assert windows == []
+        ticks(20_000, fetching=False)  # broker away: no fetch completes
+        assert windows == []
+        ticks(100)
+        st.on_event(_frame_event("cam", 1, t0 + 100 * MS, 0, 1))
+        ticks(500)
+        assert windows == []  # the stall does not count: audio is not idle yet
+        ticks(600)
+        assert windows and windows[0].quality["closed_by"] == "deadline"
+
+    asyncio.run(run())
+
+
+def test_client_errors_are_logged_once_summarised_then_recovered(caplog) -> None:
+    now = [0.0]
+    faults = ClientFaults(summary_s=10, quiet_s=5, clock=lambda: now[0])
+    logger = logging.getLogger("aiokafka.test_faults")
+    logger.addFilter(faults)
+    with caplog.at_level(logging.INFO):
+        for i in range(3000):  # a broker away for 30 s: 100 lines a second
+            now[0] = i / 100
+            logger.error("Unable connect to node with id %d", 1)
+            faults.tick()
+        now[0] += 6
+        faults.tick()
+        logger.info("routine")  # below warning: untouched
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 + 2 + 1 + 1, lines
+    assert "Unable connect to node with id 1 (Kafka client errors are summarised" in lines[0]
+    assert "Kafka client errors go on" in lines[1] and "x Unable connect to node" in lines[1]
+    assert "Kafka client errors stopped after 30 s (2999 lines summarised)" in lines[3]
+
+
+def test_gauges_skip_partitions_whose_end_is_not_known_yet() -> None:
+    """Right after an assignment the consumer has no highwater for a partition: the lag
+    gauge leaves it alone instead of failing (which took a worker down)."""
+    settings = Settings(topic_prefix="p")
+
+    class _Consumer:
+        def __init__(self) -> None:
+            self._committed_offset = {TP("p.video", 0): 3, TP("p.audio", 0): None}
+
+        def assignment(self):
+            return {TP("p.video", 0), TP("p.audio", 0), TP("other", 0)}
+
+    metrics = Metrics()
+    ends = {("p.video", 0): 10, ("p.audio", 0): None}
+    update_gauges(_Consumer(), lambda tp: (ends[tp], None), settings, metrics, {"frames": 2})
+    assert metrics.consumer_lag.labels("p.video", "0")._value.get() == 7
+    assert metrics.buffered.labels("frames")._value.get() == 2
 
 
 # ---------------------------------------------------------------------------------------

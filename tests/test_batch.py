@@ -14,6 +14,7 @@ from streamproc.batch import (
     BOS_ID,
     Preprocess,
     PreprocessError,
+    decode_scale,
     even_indices,
     hash_ngrams,
     log_mel,
@@ -197,11 +198,62 @@ def test_preprocess_round_trip_and_settings_mismatches() -> None:
     assert Preprocess.from_settings(Settings(frames_per_window=4)).frames_per_window == 4
 
 
-def test_jpeg_decode_matches_opencv() -> None:
-    rng = np.random.default_rng(1)
-    img = rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)
-    f = _frame(img)
+def _photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A camera-like BGR image: smooth colour regions with a little sensor noise."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+    img = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+    return np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+
+
+def _full_size_input(data: bytes, size: int) -> np.ndarray:
+    """The model input as a full-size decode makes it: BGR -> grey -> area resize."""
+    img = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
+                       cv2.COLOR_BGR2GRAY)
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA) / 255.0 - 0.5
+
+
+@pytest.mark.parametrize(("width", "height", "size", "scale"), [
+    (1280, 720, 16, 8), (640, 480, 16, 8), (320, 240, 16, 8), (64, 64, 16, 4),
+    (48, 48, 16, 2), (121, 127, 16, 8), (119, 129, 16, 4), (20, 300, 16, 1),
+    (1280, 720, 96, 4), (0, 0, 16, 1)])
+def test_decode_scale_keeps_at_least_the_model_size(width: int, height: int, size: int,
+                                                     scale: int) -> None:
+    assert decode_scale(width, height, size) == scale
+    if width:  # libjpeg rounds the reduced size up, as decode_scale assumes
+        data = _frame(np.zeros((height, width, 3), np.uint8)).data
+        flag = {1: cv2.IMREAD_GRAYSCALE, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+                4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}[scale]
+        h, w = cv2.imdecode(np.frombuffer(data, np.uint8), flag).shape
+        assert min(w, h) >= min(size, width, height)
+
+
+@pytest.mark.parametrize(("width", "height"), [(640, 480), (1280, 720)])
+def test_hd_jpeg_decodes_at_reduced_scale_in_grey(width: int, height: int) -> None:
+    f = _frame(_photo(width, height))
     b = make_batch([_window(frames=[f])], PRE)
-    ref = cv2.resize(cv2.cvtColor(cv2.imdecode(np.frombuffer(f.data, np.uint8), 1),
-                                  cv2.COLOR_BGR2GRAY), (16, 16), interpolation=cv2.INTER_AREA)
-    assert np.allclose(b.video[0, 0, 0].numpy(), ref / 255.0 - 0.5, atol=1e-6)
+    got = b.video[0, 0, 0].numpy()
+    # exactly libjpeg's 1/8 DCT-scaled grey decode, area-resized: what training sees too
+    reduced = cv2.imdecode(np.frombuffer(f.data, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8)
+    want = cv2.resize(reduced, (16, 16), interpolation=cv2.INTER_AREA) / 255.0 - 0.5
+    assert np.allclose(got, want, atol=1e-6)
+    # and within a few grey levels of the full-size decode it replaces
+    diff = np.abs(got - _full_size_input(f.data, 16)) * 255
+    assert diff.max() <= 3 and diff.mean() <= 1
+
+
+def test_reduced_colour_decode_keeps_rgb_and_matches_full_size() -> None:
+    pre = Preprocess(color=True)
+    f = _frame(_photo(1280, 720, seed=3))
+    got = make_batch([_window(frames=[f])], pre).video[0, 0].numpy()  # [3, S, S] RGB
+    full = cv2.imdecode(np.frombuffer(f.data, np.uint8), cv2.IMREAD_COLOR)
+    ref = cv2.resize(cv2.cvtColor(full, cv2.COLOR_BGR2RGB), (16, 16),
+                     interpolation=cv2.INTER_AREA).transpose(2, 0, 1) / 255.0 - 0.5
+    assert np.abs(got - ref).max() * 255 <= 3
+
+
+def test_png_frames_decode_at_full_size() -> None:
+    img = _photo(64, 48)
+    f = _frame(img, fmt="png")
+    got = make_batch([_window(frames=[f])], PRE).video[0, 0, 0].numpy()
+    assert np.allclose(got, _full_size_input(f.data, 16), atol=1e-6)

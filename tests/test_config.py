@@ -85,3 +85,53 @@ def test_every_setting_is_documented_in_the_readme() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert settings_table() in readme, "README settings table is stale: paste " \
         "`streamproc config --markdown` into it"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"security_protocol": "SASL_PLAINTEXT", "sasl_username": "u", "sasl_password": "p"},
+         "security_protocol=SASL_PLAINTEXT needs sasl_mechanism"),
+        ({"sasl_mechanism": "PLAIN", "sasl_username": "u", "sasl_password": "p"},
+         "sasl_mechanism=PLAIN needs security_protocol SASL_PLAINTEXT or SASL_SSL, not "
+         "PLAINTEXT"),
+        ({"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-256"},
+         "security_protocol=SASL_SSL needs sasl_username and sasl_password"),
+        ({"security_protocol": "SASL_SSL", "sasl_mechanism": "GSSAPI", "sasl_username": "u",
+          "sasl_password": "p"}, "sasl_mechanism='GSSAPI': must be PLAIN, SCRAM-SHA-256"),
+        ({"security_protocol": "SSL", "ssl_cafile": "/nonexistent/ca.pem"},
+         "cannot load the SSL files"),
+    ],
+)
+def test_incomplete_security_settings_are_refused(changes, message) -> None:
+    """Each client would otherwise fill the gap its own way (faust's SASL default protocol,
+    kafka-python's default mechanism) or fail only at connect time."""
+    with pytest.raises(ConfigError, match=message):
+        Settings(**changes).security_kwargs()
+
+
+@pytest.mark.parametrize(("protocol", "mechanism"), [
+    ("PLAINTEXT", ""), ("SSL", ""), ("SASL_PLAINTEXT", "PLAIN"),
+    ("SASL_SSL", "SCRAM-SHA-256"), ("SASL_PLAINTEXT", "SCRAM-SHA-512"),
+])
+def test_security_kwargs_mean_the_same_to_kafka_python_aiokafka_and_faust(
+        protocol: str, mechanism: str) -> None:
+    import inspect
+
+    from aiokafka import AIOKafkaConsumer
+    from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+    from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+
+    from streamproc.app import _credentials
+
+    login = {"sasl_mechanism": mechanism, "sasl_username": "u", "sasl_password": "p"}
+    s = Settings(security_protocol=protocol, **(login if mechanism else {}))
+    kw = s.security_kwargs()
+    for client in (KafkaConsumer, KafkaProducer, KafkaAdminClient):
+        assert set(kw) <= set(client.DEFAULT_CONFIG), client
+    assert set(kw) <= set(inspect.signature(AIOKafkaConsumer).parameters)
+    faust_kw = credentials_to_aiokafka_auth(_credentials(s))  # what the worker's faust uses
+    assert faust_kw["security_protocol"] == protocol
+    for key in ("sasl_mechanism", "sasl_plain_username", "sasl_plain_password"):
+        assert faust_kw.get(key) == kw.get(key), key
+    assert (faust_kw.get("ssl_context") is None) == (kw.get("ssl_context") is None)

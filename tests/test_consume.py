@@ -11,7 +11,7 @@ from kafka import KafkaProducer
 
 from streamproc import wire
 from streamproc.config import Settings
-from streamproc.consume import ConsumeStats, Deduper, consume, format_row
+from streamproc.consume import ConsumeStats, Deduper, PredictionTable, consume, format_row
 
 
 def _pred(stream: str, start_s: int, label: str = "7") -> wire.Prediction:
@@ -45,6 +45,24 @@ def test_format_row_is_readable() -> None:
     row = format_row(_pred("cam-1", 0))
     assert "cam-1" in row and " 7 " in row and "0.90" in row and "15f" in row
     assert "42ms" in row
+
+
+def test_table_never_cuts_stream_ids_and_widens_its_column_for_them() -> None:
+    long_id = "warehouse-door-camera-17"
+    assert long_id in format_row(_pred(long_id, 0))
+    table = PredictionTable()
+    first = table.lines(_pred("cam-1", 0))
+    assert len(first) == 2 and first[0].split()[2] == "stream"  # header, then the row
+    assert len(table.lines(_pred("cam-1", 1))) == 1
+    wider = table.lines(_pred(long_id, 0))  # a longer id: a wider header, then its row
+    assert len(wider) == 2 and long_id in wider[1]
+    header, row = wider
+    assert header.index("label") == row.index(" 7 ") + 1  # columns still line up
+    assert table.lines(_pred("cam-1", 2))[0].index(" 7 ") + 1 == header.index("label")
+    # with --stream the width is known from the start: one header
+    only = PredictionTable(long_id)
+    assert only.header().index("label") == 28 + len(long_id) + 1
+    assert len(only.lines(_pred(long_id, 0))) == 1
 
 
 @pytest.mark.broker

@@ -194,3 +194,68 @@ def test_a_failing_window_is_isolated_and_published_with_its_error() -> None:
     assert "model exploded on 'boom'" in bad.quality["error"]
     assert preds[windows[0].key].label == "seven" and preds[windows[2].key].label == "three"
     assert metrics.counters.get("inference_errors") == 1
+
+
+def test_a_streams_predictions_are_published_in_window_order() -> None:
+    """A publish whose records complete out of order (later, smaller ones first) still
+    hands each stream's windows over one after the other; streams do not wait for each
+    other."""
+    started: list[tuple[str, int]] = []
+    done: list[tuple[str, int]] = []
+
+    async def publish(rec):
+        p = wire.decode_prediction(rec)
+        started.append(p.key)
+        # cam1's earlier windows take longer: concurrent sends would finish reversed
+        i = (p.window_start_ns - _window("cam1", 0).start_ns) // 1_000_000_000
+        await asyncio.sleep(0.05 - 0.01 * i if p.stream_id == "cam1" else 0)
+        done.append(p.key)
+
+    async def main():
+        sink = InferenceSink(_Labeller(), publish, model_info={"name": "m", "version": "1"},
+                             max_batch=8, max_wait_ms=20)
+        await sink.start()
+        windows = [_window("cam1", i, "seven") for i in range(4)] + [_window("cam2", 0, "one")]
+        await asyncio.wait_for(asyncio.gather(*(sink.submit(w) for w in windows)), 10)
+        await sink.stop()
+
+    asyncio.run(main())
+    cam1 = [k for k in done if k[0] == "cam1"]
+    assert cam1 == sorted(cam1) and len(cam1) == 4
+    assert [k for k in started if k[0] == "cam1"] == cam1  # each began after the last ended
+    assert done[0][0] == "cam2"  # not held up behind cam1's slow sends
+
+
+def test_other_groups_on_the_predictions_topic_are_named(topics) -> None:
+    """Recent predictions of another group are reported with what differs; this group's
+    own, and another group's older than the recent span, are not."""
+    from kafka import KafkaProducer
+
+    from streamproc.inference import RECENT_OTHER_GROUP_S, other_groups, prediction_headers
+    from streamproc.producer import producer_config
+
+    settings = topics
+    now = time.time_ns()
+    model = {"name": "m", "version": "2"}
+
+    def rec(app: str, emitted_ns: int, hop_ms: int) -> wire.KafkaRecord:
+        p = wire.Prediction("cam", 0, 10**9, "x", {"x": 1.0}, {}, model, emitted_ns)
+        r = wire.encode_prediction(p)
+        return wire.KafkaRecord(r.key, r.value, (*r.headers, *prediction_headers(
+            settings.replace(app_id=app, hop_ms=hop_ms), model)), r.timestamp_ms)
+
+    old = now - int((RECENT_OTHER_GROUP_S + 60) * 1e9)
+    producer = KafkaProducer(**producer_config(settings))
+    for r in (rec(settings.app_id, now, 500), rec("other", now, 1000), rec("other", now, 1000),
+              rec("gone", old, 250)):
+        producer.send(settings.topic("predictions"), key=r.key, value=r.value,
+                      headers=list(r.headers))
+    producer.flush(30)
+    producer.close()
+    assert other_groups(settings.replace(app_id="fresh"), model) != []  # all but "gone"
+    (line,) = other_groups(settings, model)
+    assert "2 prediction(s) from worker group 'other'" in line
+    assert "hop_ms=1000" in line and "hop_ms=500" in line and "'m/2'" not in line
+    assert other_groups(settings.replace(app_id="other", hop_ms=1000), model) == [
+        line.replace("'other'", repr(settings.app_id)).replace("2 prediction", "1 prediction")
+        .replace("hop_ms=1000", "@").replace("hop_ms=500", "hop_ms=1000").replace("@", "hop_ms=500")]

@@ -52,6 +52,8 @@ from streamproc import wire
 from streamproc.config import Settings
 from streamproc.consume import ConsumeStats, consume, kafka_consumer
 from streamproc.demo import expected_windows, summarize
+from streamproc.inference import Predictor
+from streamproc.localkafka import free_port
 from streamproc.topics import create_topics
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -306,3 +308,67 @@ def test_kill_9_and_restart_every_window_once_for_a_consumer(
     _, offline = offline_scores(tiny_model, expected)
     for p in preds:
         assert same_label(p.body, offline[p.key]), p.key
+
+
+# ---------------------------------------------------------------------------------------
+# a backlog: window order per stream, who wrote each prediction
+# ---------------------------------------------------------------------------------------
+
+
+def test_backlog_keeps_window_order_and_names_its_writer(
+        kafka_bootstrap: str, tiny_model: Path, avdigits_tts: Path, tmp_path: Path) -> None:
+    """Four streams' backlog on one partition, read by a fresh worker in big batches:
+    in the predictions partition each stream's windows are in window order, and every
+    prediction names its worker group, model and window settings in headers. The worker
+    logs the model it serves. A second group (align-only, other lateness) started on the
+    same prefix says loudly that it is align-only and that the first group writes there."""
+    clips = make_clips(tmp_path / "clips", {f"o{i}": [(i + j) % 10 for j in range(6)]
+                                            for i in range(4)}, avdigits_tts)
+    settings = pipeline_settings(kafka_bootstrap, tmp_path, tiny_model, clips, partitions=1,
+                                 batch_size=64)
+    create_topics(settings)
+    hop = settings.hop_ms * MS
+    origin = (time.time_ns() - 120 * S) // hop * hop
+    expected = oracle_windows(settings, replay_clips(settings, clips, origin, realtime=False))
+    worker = WorkerProc(settings, tmp_path / "worker.log")
+    workers = [worker]
+    try:
+        msgs = read_all(settings, settings.topic("predictions"),
+                        lambda ms: set(expected) <= {pred_of(m).key for m in ms},
+                        timeout=settings.idle_deadline_ms / 1000 + 90)
+        (served,) = worker.wait_for(r"serving model (\S+ version \S+) from \S+ on (\S+)")
+        other = settings.replace(app_id=f"{settings.app_id}-b", model="",
+                                 lateness_text_ms=4000, web_port=free_port(),
+                                 data_dir=str(tmp_path / "data-b"))
+        second = WorkerProc(other, tmp_path / "second.log")
+        workers.append(second)
+        second.wait_for(r"from worker group", timeout=90)
+        assert second.stop() == 0, second.log()[-3000:]
+        assert worker.stop() == 0, worker.log()[-3000:]
+    finally:
+        for w in workers:
+            w.abandon()
+
+    starts: dict[str, list[int]] = {}
+    for m in sorted(msgs, key=lambda m: m.offset):
+        body = json.loads(m.value)
+        starts.setdefault(body["stream_id"], []).append(body["window_start_ns"])
+    assert {(sid, s) for sid, ss in starts.items() for s in ss} == set(expected)
+    for sid, ss in starts.items():
+        assert ss == sorted(set(ss)), f"{sid}: windows published out of order"
+
+    predictor = Predictor(str(tiny_model), "cpu")
+    name, version = predictor.info["name"], predictor.info["version"]
+    assert served == (f"{name} version {version}", "cpu")
+    window = (f"window_ms=1000,hop_ms=500,lateness_video_ms=250,lateness_audio_ms=250,"
+              f"lateness_text_ms={settings.lateness_text_ms},frames_per_window=8")
+    for m in msgs:
+        h = dict(m.headers)
+        assert (h["sp-app"], h["sp-model"], h["sp-window"]) == (
+            settings.app_id.encode(), f"{name}/{version}".encode(), window.encode())
+    log = second.log()
+    assert "NO MODEL: --model is empty, so this worker is ALIGN-ONLY" in log
+    (line,) = [x for x in log.splitlines() if "from worker group" in x]
+    assert f"worker group {settings.app_id!r}" in line and "WARNING" in line
+    assert f"model '{name}/{version}' (this worker: 'align-only/1')" in line
+    assert "lateness_text_ms=4000" in line

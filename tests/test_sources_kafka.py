@@ -21,12 +21,18 @@ from media_helpers import (
     T0,
     VIDEO_FPS,
     ManualClock,
+    container_times,
     decode_all,
+    decoded_audio,
     make_frames,
+    pcm24,
     read_topic,
     speech_wav,
+    tone,
     wav_pcm,
+    write_av,
     write_video,
+    write_wav_bytes,
 )
 
 from streamproc import wire
@@ -140,7 +146,8 @@ def test_camera_drops_oldest_when_publishing_is_slow_and_gaps_show(topics: Setti
     video = write_video(tmp_path / "cam.avi", frames)
     with Publisher(topics) as pub:
         sink = SlowSink(pub, delay_s=0.15)
-        cam = CameraSource(sink, "cam-slow", video.as_uri(), queue_size=4)
+        # unpaced: the file is read as fast as a camera faster than the sink would deliver
+        cam = CameraSource(sink, "cam-slow", video.as_uri(), queue_size=4, pace=False)
         sink.camera = cam
         st = cam.run()
     # the capture loop read all 40 frames while the slow sink had taken only a few
@@ -234,6 +241,8 @@ def test_cli_sigterm_stops_capture_and_flushes_everything(topics: Settings, medi
     assert m, out
     delivered, sent, n_video, n_text = map(int, m.groups())
     assert delivered == sent and n_video >= 32
+    # the stop summary counts what was published, as `delivered` does
+    assert f"published {n_video} frames, 0 audio chunks, {n_text} transcript segments" in out
     video = decode_all(read_topic(topics, topics.topic("video"), n_video), "video")
     text = decode_all(read_topic(topics, topics.topic("text"), n_text), "text")
     assert len(video) == n_video and len(text) == n_text  # all that was sent, nothing more
@@ -246,11 +255,112 @@ def test_cli_sigterm_stops_capture_and_flushes_everything(topics: Settings, medi
 
 def test_cli_camera_on_a_file_url_resizes_and_ends_with_the_file(topics: Settings,
                                                                  media) -> None:
+    t0 = time.time_ns()
     proc = subprocess.run([CLI, "produce", "camera", "--stream-id", "cam-cli", "--device",
-                           media.video.as_uri(), "--size", "80x60", "--jpeg-quality", "70"],
+                           media.video.as_uri(), "--size", "80x60", "--jpeg-quality", "70",
+                           "--fps", str(VIDEO_FPS)],
                           capture_output=True, text=True, env=cli_env(topics), timeout=120)
+    done = time.time_ns()
     assert proc.returncode == 0, proc.stderr
+    # --fps at the file's own rate keeps every frame: they are stamped by the file
     assert "20 frames captured, 20 published, 0 dropped" in proc.stdout
+    assert "0 skipped by --fps" in proc.stdout
     frames = decode_all(read_topic(topics, topics.topic("video"), 20), "video")
     assert [f.seq for f in frames] == list(range(20))
     assert {(f.width, f.height) for f in frames} == {(80, 60)}
+    assert [f.ts_ns - frames[0].ts_ns for f in frames] == [
+        round(i * S / VIDEO_FPS) for i in range(20)]
+    # paced: the last frame's time had come before the command ended
+    assert t0 < frames[0].ts_ns and frames[-1].ts_ns <= done
+
+
+
+VFR_PTS_MS = [0, 40, 70, 200, 230, 500, 533, 1000, 1010, 1400]
+
+
+def test_cli_mp4_sends_its_own_audio_track_and_keeps_variable_frame_times(
+        topics: Settings, media, tmp_path: Path) -> None:
+    """An MP4 as a phone writes it (H.264 at a variable rate + AAC 48 kHz stereo) with an
+    SRT: every frame at its container time, the AAC track sample-continuous."""
+    clip = write_av(tmp_path / "phone.mp4", make_frames(len(VFR_PTS_MS), (96, 64)),
+                    VFR_PTS_MS, audio=tone(1.6, 48000), rate=48000)
+    origin = 1_790_000_000 * S
+    proc = subprocess.run(
+        [CLI, "produce", "file", "--stream-id", "mp4-1", str(clip), "--transcript",
+         str(media.srt), "--fast", "--start-at", str(origin // S)],
+        capture_output=True, text=True, env=cli_env(topics), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    samples, rate = decoded_audio(clip)
+    n_chunks = -(-len(samples) // (rate // 10))
+    n = len(VFR_PTS_MS) + n_chunks + 3
+    assert f"published {len(VFR_PTS_MS)} frames, {n_chunks} audio chunks, 3 transcript" \
+        in proc.stdout
+    assert f"delivered {n} of {n} records" in proc.stdout
+
+    video = decode_all(read_topic(topics, topics.topic("video"), len(VFR_PTS_MS)), "video")
+    audio = decode_all(read_topic(topics, topics.topic("audio"), n_chunks), "audio")
+    text = decode_all(read_topic(topics, topics.topic("text"), 3), "text")
+    assert (len(video), len(audio), len(text)) == (len(VFR_PTS_MS), n_chunks, 3)
+    assert [f.ts_ns - origin for f in video] == container_times(clip, "video") == [
+        p * MS for p in VFR_PTS_MS]
+    assert {(a.sample_rate, a.channels, a.fmt) for a in audio} == {(48000, 2, "f32le")}
+    assert audio[0].ts_ns == origin + container_times(clip, "audio")[0]
+    assert all(b.ts_ns == a.end_ns for a, b in itertools.pairwise(audio))
+    assert sum(a.n_samples for a in audio) == len(samples)
+    np.testing.assert_allclose(np.concatenate([a.samples() for a in audio]), samples,
+                               atol=1e-6)
+    assert [(t.start_ns - origin, t.end_ns - origin) for t in text] == SRT_SPANS_NS
+
+
+@pytest.mark.parametrize(("rate", "bits", "is_float"), [(44100, 24, False), (48000, 32, True)])
+def test_cli_avi_with_an_extensible_wav_lands_exactly(topics: Settings, media, tmp_path: Path,
+                                                      rate: int, bits: int,
+                                                      is_float: bool) -> None:
+    """AVI + a WAVE_FORMAT_EXTENSIBLE WAV as ffmpeg writes them (24-bit 44.1 kHz stereo,
+    32-bit float 48 kHz stereo): every sample arrives, on the video's clock."""
+    x = tone(1.25, rate) * np.array([0.9, -0.7])
+    if is_float:
+        data, want = x.astype("<f4").tobytes(), x.astype(np.float32)
+    else:
+        data, ints = pcm24(x)
+        want = (ints / float(1 << 23)).astype(np.float32)
+    wav = write_wav_bytes(tmp_path / "ext.wav", data, rate, 2, bits, float_=is_float,
+                          extensible=True)
+    origin = 1_790_000_000 * S
+    proc = subprocess.run(
+        [CLI, "produce", "file", "--stream-id", "avi-1", str(media.video), "--audio", str(wav),
+         "--fast", "--start-at", str(origin // S)],
+        capture_output=True, text=True, env=cli_env(topics), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    n_chunks = -(-len(want) // (rate // 10))
+    assert f"published 20 frames, {n_chunks} audio chunks, 0 transcript" in proc.stdout
+    video = decode_all(read_topic(topics, topics.topic("video"), 20), "video")
+    audio = decode_all(read_topic(topics, topics.topic("audio"), n_chunks), "audio")
+    assert len(video) == 20 and len(audio) == n_chunks
+    assert [f.ts_ns - origin for f in video] == [round(i * S / VIDEO_FPS) for i in range(20)]
+    assert {(a.sample_rate, a.channels, a.fmt) for a in audio} == {(rate, 2, "f32le")}
+    assert audio[0].ts_ns == origin
+    assert all(b.ts_ns == a.end_ns for a, b in itertools.pairwise(audio))
+    np.testing.assert_array_equal(np.concatenate([a.samples() for a in audio]), want)
+
+
+def test_cli_audio_and_transcript_without_a_video(topics: Settings, media) -> None:
+    origin = 1_790_000_000 * S
+    proc = subprocess.run(
+        [CLI, "produce", "file", "--stream-id", "radio-1", "--audio", str(media.speech),
+         "--transcript", str(media.srt), "--fast", "--start-at", str(origin // S)],
+        capture_output=True, text=True, env=cli_env(topics), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    pcm, rate, _ = wav_pcm(media.speech)
+    n_chunks = -(-(len(pcm) // 2) // (rate // 10))
+    assert f"delivered {n_chunks + 3} of {n_chunks + 3} records (video 0, audio {n_chunks}, " \
+        "text 3)" in proc.stdout
+    audio = decode_all(read_topic(topics, topics.topic("audio"), n_chunks), "audio")
+    text = decode_all(read_topic(topics, topics.topic("text"), 3), "text")
+    assert b"".join(a.data for a in audio) == pcm and audio[0].ts_ns == origin
+    assert [(t.start_ns - origin, t.end_ns - origin) for t in text] == SRT_SPANS_NS
+    assert read_topic(topics, topics.topic("video"), 0, settle=1.0) == []
+    nothing = subprocess.run([CLI, "produce", "file", "--stream-id", "x"], capture_output=True,
+                             text=True, env=cli_env(topics), timeout=60)
+    assert nothing.returncode == 2
+    assert "nothing to replay: give a video, an audio file or a transcript" in nothing.stderr

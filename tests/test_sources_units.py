@@ -22,11 +22,17 @@ from media_helpers import (
     T0,
     VIDEO_FPS,
     ManualClock,
+    container_times,
+    decoded_audio,
     make_frames,
+    pcm24,
     speech_wav,
+    tone,
     wav_pcm,
+    write_av,
     write_video,
     write_wav,
+    write_wav_bytes,
 )
 
 from streamproc.errors import UserError
@@ -39,12 +45,12 @@ from streamproc.sources import (
     FrameThrottle,
     MicSource,
     StreamWriter,
+    audio_chunks,
     continue_or_resync,
     file_records,
     import_sounddevice,
     publish_transcript_lines,
     replay,
-    wav_chunks,
 )
 
 MS = 1_000_000
@@ -232,7 +238,7 @@ def test_realtime_replay_never_sends_a_record_before_its_event_time(media, ahead
 
 def test_wav_keeps_its_own_rate_and_speech_is_sample_exact(media) -> None:
     pcm, rate, _ = wav_pcm(media.speech)
-    chunks = list(wav_chunks(media.speech, "s", T0, chunk_ms=100))
+    chunks = list(audio_chunks(media.speech, "s", T0, chunk_ms=100))
     assert {c.sample_rate for c in chunks} == {rate} and rate != 16000
     assert all(c.n_samples == rate // 10 for c in chunks[:-1])
     assert b"".join(c.data for c in chunks) == pcm
@@ -254,7 +260,7 @@ def test_wav_8_24_32_bit_samples_convert_to_full_scale(media, width: int) -> Non
             w.writeframes((values + 128).astype(np.uint8).tobytes())
     else:
         write_wav(path, values.astype(np.int32), 8000, width)
-    (chunk,) = wav_chunks(path, "s", T0)
+    (chunk,) = audio_chunks(path, "s", T0)
     got = chunk.samples()[:, 0]
     assert chunk.fmt == ("s16le" if width == 1 else "f32le")
     np.testing.assert_allclose(got, values / full, atol=1 / 128)
@@ -275,10 +281,10 @@ def test_file_source_errors_are_readable(media, tmp_path) -> None:
     with pytest.raises(UserError, match="video file not found"):
         FileSource("s", tmp_path / "nope.avi")
     (tmp_path / "junk.avi").write_bytes(b"not a video at all" * 10)
-    with pytest.raises(UserError, match="OpenCV cannot open"):
+    with pytest.raises(UserError, match="not a media file FFmpeg can read"):
         FileSource("s", tmp_path / "junk.avi")
     (tmp_path / "junk.wav").write_bytes(b"RIFF....WAVEjunk")
-    with pytest.raises(UserError, match="not a PCM WAV"):
+    with pytest.raises(UserError, match="not a media file FFmpeg can read"):
         FileSource("s", media.video, tmp_path / "junk.wav")
     with pytest.raises(UserError, match="nothing to replay"):
         FileSource("s")
@@ -292,6 +298,165 @@ def test_bad_transcript_lines_are_counted_and_the_rest_replayed(media, tmp_path)
     assert texts == ["seven", "five"]
     assert [(i.line, "bad timing line" in i.message) for i in src.stats.transcript_issues] == [
         (6, True)]
+
+
+# --- containers, variable frame rate, WAV variants ------------------------------------------
+
+VFR_PTS_MS = [0, 40, 70, 200, 230, 500, 533, 1000, 1010, 1400]  # irregular on purpose
+
+
+@pytest.fixture(scope="module")
+def av_media(media: SimpleNamespace) -> SimpleNamespace:
+    """Containers as cameras and editors write them: MP4 (H.264 + AAC 48 kHz stereo, a
+    variable frame rate), MKV (H.264 + AAC 44.1 kHz stereo), AVI (MJPEG + 16-bit PCM
+    44.1 kHz stereo)."""
+    d = media.dir
+    frames = make_frames(len(VFR_PTS_MS), (64, 48))
+    pcm = tone(1.5, 44100)
+    return SimpleNamespace(
+        frames=frames,
+        mp4=write_av(d / "vfr.mp4", frames, VFR_PTS_MS, audio=tone(1.5, 48000), rate=48000),
+        mkv=write_av(d / "cfr.mkv", frames, fps=10, audio=pcm, rate=44100),
+        avi=write_av(d / "cfr.avi", frames, fps=10, audio=pcm, rate=44100, vcodec="mjpeg",
+                     acodec="pcm_s16le"),
+        avi_pcm=np.round(pcm * 32767).astype("<i2"),
+    )
+
+
+@pytest.mark.parametrize("kind", ["mp4", "mkv", "avi"])
+def test_a_containers_own_audio_track_is_replayed_unless_overridden(av_media, media,
+                                                                    kind: str) -> None:
+    path = getattr(av_media, kind)
+    recs = list(file_records("s1", path, origin_ns=T0))
+    audio = [r for r in recs if r.modality == "audio"]
+    want, rate = decoded_audio(path)
+    assert audio, "the container's audio track was ignored"
+    assert {(a.sample_rate, a.channels) for a in audio} == {(rate, 2)}
+    assert rate == (48000 if kind == "mp4" else 44100)
+    assert [a.seq for a in audio] == list(range(len(audio)))
+    assert all(a.n_samples == rate // 10 for a in audio[:-1])
+    assert sum(a.n_samples for a in audio) == len(want)
+    assert all(b.ts_ns == a.end_ns for a, b in itertools.pairwise(audio))
+    assert audio[0].ts_ns == T0 + container_times(path, "audio")[0]
+    got = np.concatenate([a.samples() for a in audio])
+    if kind == "avi":  # 16-bit PCM stays 16-bit, byte for byte
+        assert {a.fmt for a in audio} == {"s16le"}
+        assert b"".join(a.data for a in audio) == av_media.avi_pcm.tobytes()
+    else:  # AAC decodes to float
+        assert {a.fmt for a in audio} == {"f32le"}
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    # --audio replaces the container's track; container_audio=False drops it
+    over = [r for r in file_records("s1", path, media.wav, origin_ns=T0)
+            if r.modality == "audio"]
+    assert {a.sample_rate for a in over} == {16000}
+    assert b"".join(a.data for a in over) == media.pcm.astype("<i2").tobytes()
+    silent = list(file_records("s1", path, origin_ns=T0, container_audio=False))
+    assert {r.modality for r in silent} == {"video"}
+
+
+def test_variable_frame_rate_frames_keep_the_containers_timestamps(av_media) -> None:
+    recs = list(file_records("s1", av_media.mp4, origin_ns=T0, container_audio=False))
+    want = container_times(av_media.mp4, "video")
+    assert want == [p * MS for p in VFR_PTS_MS]  # the file really is variable rate
+    assert [r.ts_ns - T0 for r in recs] == want
+    assert [r.seq for r in recs] == list(range(len(VFR_PTS_MS)))
+    for got, img in zip(recs, av_media.frames, strict=True):
+        assert mean_abs_diff(got.image(), img) < 12  # H.264, then JPEG: close, not equal
+
+
+def test_variable_frame_rate_loop_continues_after_the_last_frames_duration(av_media) -> None:
+    src = FileSource("s1", av_media.mp4, loop=True, container_audio=False)
+    recs = [r for _, r in itertools.islice(src.records(T0), 2 * len(VFR_PTS_MS))]
+    second = recs[len(VFR_PTS_MS)]
+    # pass 2 starts after pass 1's last frame and its own display time, never on it
+    assert second.ts_ns > recs[len(VFR_PTS_MS) - 1].ts_ns
+    assert [r.ts_ns - second.ts_ns for r in recs[len(VFR_PTS_MS):]] == [
+        p * MS for p in VFR_PTS_MS]
+
+
+WAV_CASES = {
+    # name: (rate, bits, float, extensible)
+    "pcm24-extensible-44k1": (44100, 24, False, True),
+    "pcm24-plain-48k": (48000, 24, False, False),
+    "pcm16-extensible-48k": (48000, 16, False, True),
+    "pcm32-extensible-48k": (48000, 32, False, True),
+    "float32-48k": (48000, 32, True, False),
+    "float32-extensible-44k1": (44100, 32, True, True),
+    "float64-48k": (48000, 64, True, False),
+}
+
+
+@pytest.mark.parametrize("case", list(WAV_CASES))
+def test_extensible_24_bit_and_float_wavs_are_read_exactly(media, case: str) -> None:
+    rate, bits, is_float, ext = WAV_CASES[case]
+    x = tone(0.35, rate) * np.array([1.0, -0.8])  # stereo, two different channels
+    x[5] = [0.999, -1.0]  # near full scale on both sides
+    if is_float:
+        data = x.astype("<f4" if bits == 32 else "<f8").tobytes()
+        want = x.astype(np.float32)
+    elif bits == 24:
+        data, ints = pcm24(x)
+        want = (ints / float(1 << 23)).astype(np.float32)
+    elif bits == 16:
+        ints = np.round(x * 32767).astype("<i2")
+        data, want = ints.tobytes(), ints
+    else:
+        ints = np.round(x * ((1 << 31) - 1)).astype("<i4")
+        data, want = ints.tobytes(), (ints / float(1 << 31)).astype(np.float32)
+    path = write_wav_bytes(media.dir / f"{case}.wav", data, rate, 2, bits, float_=is_float,
+                           extensible=ext)
+    chunks = list(audio_chunks(path, "s", T0, chunk_ms=100))
+    assert {(c.sample_rate, c.channels) for c in chunks} == {(rate, 2)}
+    assert {c.fmt for c in chunks} == {"s16le" if bits == 16 else "f32le"}
+    assert [c.n_samples for c in chunks[:-1]] == [rate // 10] * (len(chunks) - 1)
+    assert chunks[0].ts_ns == T0 and all(b.ts_ns == a.end_ns
+                                         for a, b in itertools.pairwise(chunks))
+    got = np.concatenate([c.samples() for c in chunks])
+    assert got.shape == want.shape
+    if bits == 16:
+        assert b"".join(c.data for c in chunks) == data  # byte for byte
+    else:
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_broken_wav_says_what_is_wrong(media, tmp_path) -> None:
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00")  # fmt cut short
+    with pytest.raises(UserError, match=r"cut\.wav: not a media file FFmpeg can read"):
+        FileSource("s", audio=cut)
+    with pytest.raises(UserError, match="no audio track"):
+        FileSource("s", audio=media.video)  # a silent video given as the audio
+    with pytest.raises(UserError, match=r"no video track \(give an audio file with --audio"):
+        FileSource("s", media.wav)  # audio given where the video goes
+    with pytest.raises(UserError, match="audio file not found"):
+        FileSource("s", audio=tmp_path / "nope.wav")
+
+
+def test_audio_and_transcript_replay_without_a_video(media) -> None:
+    recs = list(file_records("s1", audio=media.wav, transcript=media.srt, origin_ns=T0))
+    assert {r.modality for r in recs} == {"audio", "text"}
+    assert b"".join(r.data for r in recs if r.modality == "audio") == \
+        media.pcm.astype("<i2").tobytes()
+
+
+def test_stats_count_only_what_was_handed_to_the_sink(media) -> None:
+    """A stop (Ctrl-C) between reading a record and publishing it must not count it."""
+    stop = threading.Event()
+
+    class StopAfter(ListSink):
+        def publish(self, rec) -> None:
+            super().publish(rec)
+            if len(self.records) == 7:
+                stop.set()
+
+    sink = StopAfter()
+    stats = replay(sink, "s1", media.video, media.wav, media.srt, realtime=False,
+                   stop_event=stop)
+    by = {m: sum(r.modality == m for r in sink.records) for m in ("video", "audio", "text")}
+    assert len(sink.records) == 7 == stats.published
+    assert (stats.frames, stats.chunks, stats.segments) == (by["video"], by["audio"],
+                                                            by["text"])
+    assert f"published {by['video']} frames, {by['audio']} audio chunks" in stats.summary()
 
 
 # --- microphone ----------------------------------------------------------------------------
@@ -450,3 +615,85 @@ def test_camera_reconnects_with_backoff_when_the_source_goes_away(media, tmp_pat
     seqs = [f.seq for f in sink.records]
     assert seqs == list(range(len(seqs)))
     assert all(b.ts_ns > a.ts_ns for a, b in itertools.pairwise(sink.records))
+
+
+def test_camera_on_a_file_is_paced_and_stamped_by_the_files_timestamps(av_media) -> None:
+    """A file played as a camera goes out at its own pace, each frame stamped with its
+    presentation time (variable frame rate kept), never before that time."""
+    sent: list[tuple[int, object]] = []
+
+    class Recording(ListSink):
+        def publish(self, rec) -> None:
+            sent.append((time.time_ns(), rec))
+            super().publish(rec)
+
+    cam = CameraSource(Recording(), "cam-vfr", av_media.mp4.as_uri())
+    assert cam.pace
+    st = cam.run()
+    assert (st.captured, st.published, st.skipped) == (len(VFR_PTS_MS),) * 2 + (0,)
+    ts = [r.ts_ns for _, r in sent]
+    assert [t - ts[0] for t in ts] == [p * MS for p in VFR_PTS_MS]
+    assert all(wall >= r.ts_ns for wall, r in sent)  # released when its time came
+
+
+@pytest.mark.parametrize(("fps", "kept"), [(25, 25), (12.5, 13)])
+def test_camera_fps_on_a_file_keeps_frames_by_their_timestamps(media, fps, kept) -> None:
+    frames = make_frames(25, (64, 48))
+    path = write_video(media.dir / "cam25.avi", frames, fps=25)
+    sink = ListSink()
+    st = CameraSource(sink, "c", str(path), fps=fps, queue_size=32).run()
+    assert (st.captured, st.skipped) == (kept, 25 - kept)
+    step = round(S / 25) * round(25 / fps)
+    assert [b.ts_ns - a.ts_ns for a, b in itertools.pairwise(sink.records)] == \
+        [step] * (kept - 1)
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def _help(*argv: str) -> str:
+    import contextlib
+    import io
+
+    from streamproc.cli import build_parser
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--help"])
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("source", ["camera", "mic", "file", "transcript"])
+def test_produce_help_lists_only_the_settings_producers_use(source: str) -> None:
+    text = _help("produce", source)
+    for flag in ("--bootstrap-servers", "--security-protocol", "--topic-prefix",
+                 "--max-message-bytes", "--log-level", "--stream-id"):
+        assert flag in text
+    from streamproc.config import SETTING_GROUPS
+
+    unused = [n for g in ("windows", "model", "worker", "topic_layout")
+              for n in SETTING_GROUPS[g]]
+    assert {"window_ms", "model", "batch_size", "app_id", "partitions"} <= set(unused)
+    for name in unused:
+        flag = "--" + name.replace("_", "-")
+        if name == "device":  # camera and mic use --device for their own device
+            assert "CUDA" not in text
+            continue
+        assert flag + " " not in text, f"produce {source} --help offers {flag}"
+    assert "--window-ms" in _help("worker")  # the worker still offers every setting
+
+
+def test_setting_groups_name_real_settings_once() -> None:
+    import dataclasses
+
+    from streamproc.config import SETTING_GROUPS, Settings
+
+    names = [n for group in SETTING_GROUPS.values() for n in group]
+    assert len(names) == len(set(names))
+    assert set(names) <= {f.name for f in dataclasses.fields(Settings)}
+
+
+def test_produce_file_help_says_the_video_brings_its_audio_and_all_are_optional() -> None:
+    text = " ".join(_help("produce", "file").split())
+    assert "its audio track is sent too unless --audio or --no" in text
+    assert "any of them as long as one is given" in text

@@ -146,3 +146,24 @@ def test_load_transcript_sniffs_format_and_reports_unreadable_files(tmp_path) ->
     assert load_transcript(tmp_path / "c.log").cues[0].text == "y"
     with pytest.raises(UserError, match="cannot read transcript"):
         load_transcript(tmp_path / "missing.srt")
+
+
+VTT = ("WEBVTT - made on Windows\n\nNOTE a note\n\n1\n00:00.100 --> 00:00.800 align:start\n"
+       "<v Ann>seven</v>\n\nid-2\n00:00:00.900 --> 00:00:01.450\nthree\none\n\n"
+       "00:01.500 --> 00:01.900\nfive &amp; more\n")
+
+
+@pytest.mark.parametrize("name", ["talk.srt", "talk.vtt", "talk.txt", "talk.vtt.bin"])
+def test_files_with_a_bom_and_crlf_line_ends_parse_like_plain_ones(tmp_path, name) -> None:
+    """What Windows editors and many subtitle tools write: UTF-8 BOM, CRLF everywhere,
+    sniffed by content when the extension says nothing."""
+    vtt = ".vtt" in name or name.endswith(".txt")
+    text = VTT if vtt else SRT
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8"))
+    parsed = load_transcript(path)
+    assert parsed.issues == []
+    assert [(c.start_ns, c.end_ns) for c in parsed.cues] == SRT_SPANS_NS
+    want = ["seven", "three\none", "five & more"] if vtt else SRT_TEXTS
+    assert [c.text for c in parsed.cues] == want
+    assert not any("\r" in c.text or "\ufeff" in c.text for c in parsed.cues)

@@ -266,3 +266,115 @@ def test_missing_or_bad_key() -> None:
         with pytest.raises(WireError, match=msg):
             wire.decode(KafkaRecord(key, kr.value, kr.headers, 0))
 
+
+
+# --- hostile sizes and rates ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rate", "ok"), [(1, False), (7999, False), (8000, True),
+                                          (192_000, True), (192_001, False)])
+def test_sample_rates_outside_a_sane_range_are_refused(rate: int, ok: bool) -> None:
+    kr = _with_header(_audio(), "sp-sr", str(rate).encode())
+    if ok:
+        assert wire.decode(kr).sample_rate == rate
+    else:
+        with pytest.raises(WireError, match=f"sp-sr={rate} is out of range"):
+            wire.decode(kr)
+
+
+def _png_bomb(side: int) -> bytes:
+    """A valid grey PNG of side x side zero pixels: small on the wire, huge decoded."""
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (len(body).to_bytes(4, "big") + kind + body
+                + zlib.crc32(kind + body).to_bytes(4, "big"))
+
+    rows = zlib.compressobj(9)
+    zeros = bytes(side + 1)  # filter byte + one row
+    idat = b"".join(rows.compress(zeros) for _ in range(side)) + rows.flush()
+    ihdr = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))
+
+
+def test_frames_over_the_pixel_cap_are_refused_from_their_headers() -> None:
+    side = 8192  # 67 Mpx: 64 MiB of grey pixels in a 65 KB PNG
+    png = _png_bomb(side)
+    kr = wire.encode(VideoFrame("cam", 1, 0, png, "png", side, side))
+    with pytest.raises(WireError, match=r"8192x8192 = 67\.1 Mpx, over the limit of 8\.8 Mpx") \
+            as err:
+        wire.decode(kr, max_pixels=4096 * 2160)
+    assert err.value.kind == "oversize" and err.value.header == "sp-w"
+    # the cap comes before anything reads the image: a value that is no image at all
+    junk = KafkaRecord(kr.key, b"\xff\xd8 not a jpeg", _with_header(
+        _with_header(kr, "sp-fmt", b"jpeg"), "sp-w", b"16384").headers, 0)
+    with pytest.raises(WireError, match="over the limit") as err:
+        wire.decode(junk, max_pixels=4096 * 2160)
+    assert err.value.kind == "oversize"
+
+
+def test_a_png_is_checked_without_decoding_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cv2
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the door decoded an image")
+
+    img = np.random.default_rng(1).integers(0, 256, (24, 32, 3), np.uint8)
+    kr = wire.encode(VideoFrame.from_image("cam", 1, 0, img, "png"))
+    bomb = wire.encode(VideoFrame("cam", 1, 0, _png_bomb(8192), "png", 8192, 8192))
+    monkeypatch.setattr(cv2, "imdecode", no_decoding)
+    assert wire.decode(kr).width == 32
+    assert wire.decode(bomb).width == 8192  # without a cap it passes, still undecoded
+
+
+def _pngs() -> list[bytes]:
+    """PNGs as OpenCV and PIL write them: grey, BGR, BGRA, 16-bit, palette, interlaced."""
+    import io
+
+    import cv2
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    bgr = rng.integers(0, 256, (12, 17, 3), np.uint8)
+    out = [cv2.imencode(".png", bgr)[1].tobytes(),
+           cv2.imencode(".png", bgr[:, :, 0])[1].tobytes(),
+           cv2.imencode(".png", np.dstack([bgr, bgr[:, :, :1]]))[1].tobytes(),
+           cv2.imencode(".png", bgr.astype(np.uint16) * 257)[1].tobytes()]
+    for mode, kw in [("P", {}), ("RGB", {"interlace": 1}), ("1", {}), ("LA", {})]:
+        buf = io.BytesIO()
+        Image.fromarray(bgr).convert(mode).save(buf, "PNG", **kw)
+        out.append(buf.getvalue())
+    return out
+
+
+def test_every_intact_png_passes_with_its_size() -> None:
+    for data in _pngs():
+        assert wire.png_size(data) == (17, 12)
+
+
+def test_a_damaged_png_opencv_cannot_decode_is_refused() -> None:
+    import cv2
+
+    rng = np.random.default_rng(3)
+    refused = 0
+    for data in _pngs():
+        for _ in range(150):
+            bad = bytearray(data)
+            how = rng.integers(3)
+            at = int(rng.integers(8, len(bad)))
+            if how == 0:
+                bad[at] ^= 1 << int(rng.integers(8))
+            elif how == 1:
+                bad = bad[:at]
+            else:
+                bad[at:at] = rng.integers(0, 256, int(rng.integers(1, 9)), np.uint8).tobytes()
+            bad = bytes(bad)
+            try:
+                size = wire.png_size(bad)
+            except WireError:
+                refused += 1
+                continue
+            img = cv2.imdecode(np.frombuffer(bad, np.uint8), cv2.IMREAD_UNCHANGED)
+            assert img is not None and (img.shape[1], img.shape[0]) == size, bad
+    assert refused > 500  # most damage is caught; what passes decodes

@@ -191,3 +191,34 @@ def test_missing_topics_and_unreachable_broker_are_readable(settings: Settings) 
     assert cli.returncode == 2
     assert "no Kafka broker reachable at 127.0.0.1:1" in cli.stderr
     assert "Traceback" not in cli.stderr
+
+
+def test_hostile_frame_sizes_are_refused_at_the_door_after_kafka(topics: Settings) -> None:
+    """Frames whose headers claim 16384x16384 pixels (a fuzzer's PNG of 784 KB decoded to
+    3.7 GB on the event loop): read back from the broker, the door refuses them from
+    their headers (kind oversize) with the settings' cap, before reading the image; a
+    camera frame passes."""
+    import zlib
+
+    side = 16384
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(
+            4, "big")
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", side.to_bytes(4, "big") * 2 + b"\x08\x02\0\0\0")
+           + chunk(b"IDAT", zlib.compress(bytes(side * 3 + 1) * 64)) + chunk(b"IEND", b""))
+    camera = np.random.default_rng(3).integers(0, 256, (720, 1280, 3), dtype=np.uint8)
+    records = [wire.VideoFrame("big", 1_763_000_000_000_000_000, 0, png, "png", side, side),
+               wire.VideoFrame("big", 1_763_000_000_000_000_000, 1, b"\xff\xd8" + bytes(1000),
+                               "jpeg", side, side),
+               wire.VideoFrame.from_image("big", 1_763_000_000_000_000_000, 2, camera)]
+    _produce(topics, topics.topic("video"), [wire.encode(r) for r in records])
+    got = sorted(_consume(topics, topics.topic("video"), 3), key=lambda r: r.offset)
+    cap = topics.max_frame_pixels
+    for kr in got[:2]:
+        with pytest.raises(wire.WireError, match=r"268\.4 Mpx, over the limit of 8\.8 Mpx") \
+                as e:
+            wire.decode(kr, expect_modality="video", max_pixels=cap)
+        assert e.value.kind == "oversize"
+    assert wire.decode(got[2], expect_modality="video", max_pixels=cap).width == 1280

@@ -136,14 +136,15 @@ def start_time() -> int:
 
 
 def produce(settings: Settings, plan: list[Planned],
-            at: Callable[[int], None] | None = None) -> None:
+            at: Callable[[int], None] | None = None, **producer_config: int) -> None:
     """Send in ``send_at_ns`` order on the wall clock; record each record's offset.
 
     ``at(event_offset_ns)`` is called as the schedule passes each planned record (the
     tests kill or stop workers from it).
     """
     producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
-                             linger_ms=2, max_request_size=settings.max_message_bytes)
+                             linger_ms=2, max_request_size=settings.max_message_bytes,
+                             **producer_config)
     futures = []
     try:
         for p in sorted(plan, key=lambda p: p.send_at_ns):
