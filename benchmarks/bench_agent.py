@@ -1,4 +1,4 @@
-"""The faust agent's cost per event against a bare aiokafka consume loop (issue 4).
+"""The faust agent's cost per event against a bare aiokafka consume loop.
 
 The same W1 records (benchmarks/README.md; built by bench_align.w1_records: real 320x240
 JPEGs, real PCM, transcript segments) are produced once to the three input topics; then,

@@ -1,4 +1,4 @@
-"""W1 end to end (issue 6): one ``streamproc worker`` serving the reference model.
+"""W1 end to end: one ``streamproc worker`` serving the reference model.
 
 Three measurements in one run (benchmarks/README.md has W1; the records are
 bench_align.w1_records: real 320x240 JPEGs q80, real PCM, transcript segments ~2 s apart

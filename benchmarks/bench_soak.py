@@ -6,7 +6,7 @@ the latency of the predictions that arrived in that interval (``total``: window 
 prediction published; ``added``: window closed -> published; p50 and p99), and prints a row.
 At the end: the table, and per quantity its least-squares slope per minute with the slope's
 standard error and the residual spread (the noise), after ``--warmup-s`` (the model loads,
-buffers fill). Goal (issue 11): RSS, lag and p99 latency flat, i.e. every slope within
+buffers fill). Goal: RSS, lag and p99 latency flat, i.e. every slope within
 noise (|slope| <= 2 standard errors).
 
 W1 is benchmarks/README.md's (bench_align.w1_records), generated 10 s at a time with

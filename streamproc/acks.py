@@ -1,4 +1,4 @@
-"""Ack-after-emit bookkeeping: which consumed records may be acked now (design.md section 6).
+"""Ack-after-emit bookkeeping: which consumed records may be acked now (docs/design.md §6).
 
 Pure logic, no Kafka and no asyncio: the faust agent feeds it what it consumed and what
 got durably published, and acks exactly the tokens this hands back.

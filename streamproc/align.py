@@ -1,4 +1,4 @@
-"""Event-time alignment of video, audio and transcripts into windows (design.md section 3).
+"""Event-time alignment of video, audio and transcripts into windows (docs/design.md §3).
 
 Pure logic: no Kafka, no asyncio, no clock of its own. The faust agent feeds decoded records
 in with :meth:`Aligner.add` and takes closed windows out with :meth:`Aligner.poll`; wall-clock

@@ -1,4 +1,4 @@
-"""The faust worker (issue 4 part 3): one agent aligns video, audio and transcripts.
+"""The faust worker: one agent aligns video, audio and transcripts.
 
 Shape::
 
@@ -7,7 +7,7 @@ Shape::
     PREFIX.text  ─┘        │ undecodable / late / capped records              (-> PREFIX.predictions)
                            └─> PREFIX.deadletter (reason in sp-error)
 
-Guarantee (design.md section 6): a consumed record is acked only when every window that
+Guarantee (docs/design.md §6): a consumed record is acked only when every window that
 needs it has been durably published and its stream's progress recorded
 ("ack-after-emit"), so offsets never commit past data an unfinished window still needs
 and a crash replays exactly that. Progress (last published window per stream) lives in a
@@ -47,6 +47,7 @@ from streamproc.inference import (
     ALIGN_ONLY_MODEL,
     InferenceSink,
     Predictor,
+    StreamChain,
     log_when_started,
     other_groups,
     prediction_headers,
@@ -391,7 +392,7 @@ def _fit_dead_letter(rec: wire.KafkaRecord, reason: str,
 
 
 # ---------------------------------------------------------------------------------------
-# the seam to inference (issue 4 part 4)
+# the seam to inference
 # ---------------------------------------------------------------------------------------
 
 
@@ -419,30 +420,30 @@ async def publish(topic: faust.TopicT, rec: wire.KafkaRecord) -> None:
 
 
 class SummarySink:
-    """Default sink until the model issue lands: a window summary to the predictions topic."""
+    """The align-only sink: each window's summary to the predictions topic, per stream in
+    window order."""
 
-    def __init__(self, topic: faust.TopicT) -> None:
+    def __init__(self, topic: faust.TopicT, headers: tuple[tuple[str, bytes], ...] = ()) -> None:
         self.topic = topic
-        self._pending: set[asyncio.Future] = set()
+        self.headers = headers
+        self._chain = StreamChain()
 
     async def start(self) -> None:
         pass
 
     def submit(self, window: Window) -> Awaitable[None]:
-        fut = asyncio.ensure_future(self._publish(window))
-        self._pending.add(fut)
-        fut.add_done_callback(self._pending.discard)
-        return fut
+        return self._chain.start(window.stream_id,
+                                 lambda previous: self._publish(window, previous))
 
-    async def _publish(self, window: Window) -> None:
+    async def _publish(self, window: Window, previous: asyncio.Future | None) -> None:
         rec = wire.encode_prediction(summary_prediction(window))
-        rec = wire.KafkaRecord(rec.key, rec.value, (*rec.headers, ("sp-worker",
-                               WORKER_ID.encode())), rec.timestamp_ms)
-        await publish(self.topic, rec)
+        await StreamChain.after(previous)
+        await publish(self.topic, wire.KafkaRecord(rec.key, rec.value,
+                                                   (*rec.headers, *self.headers),
+                                                   rec.timestamp_ms))
 
     async def stop(self) -> None:
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=30)
+        await self._chain.drain(timeout=30)
 
 
 class ProgressWriter:
@@ -1083,12 +1084,15 @@ def create_app(settings: Settings, *, partitions: int | None = None,
     progress = app.topic(progress_topic(settings), key_type=bytes, value_type=bytes,
                          partitions=n, replicas=settings.replication_factor,
                          compacting=True, deleting=False, internal=True)
+    headers = (("sp-worker", WORKER_ID.encode()),
+               *prediction_headers(settings, ALIGN_ONLY_MODEL if predictor is None
+                                   else predictor.info))
     if sink is None and predictor is not None:
         sink = InferenceSink(
             predictor, lambda rec: publish(predictions, rec), model_info=predictor.info,
             max_batch=settings.batch_size, max_wait_ms=settings.batch_max_wait_ms,
-            metrics=metrics, headers=(("sp-worker", WORKER_ID.encode()),))
-    sink = sink or SummarySink(predictions)
+            metrics=metrics, headers=headers)
+    sink = sink or SummarySink(predictions, headers)
     app.streamproc_metrics = metrics  # type: ignore[attr-defined]
     patch_fetcher()
     client_faults = ClientFaults()
@@ -1306,8 +1310,6 @@ def run_worker(settings: Settings) -> int:
         raise UserError(f"cannot serve metrics on port {settings.metrics_port}: {e} "
                         "(--metrics-port 0 turns the endpoint off)") from None
     app = create_app(settings, partitions=n, predictor=predictor, metrics=metrics)
-    if isinstance(app.streamproc.sink, InferenceSink):
-        app.streamproc.sink.headers += prediction_headers(settings, model_info)
     notes.insert(0, (logging.INFO, f"worker {WORKER_ID}: app {settings.app_id} on "
                                    f"{settings.bootstrap_servers}, {n} partitions"))
     log_when_started(app, notes)

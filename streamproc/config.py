@@ -62,7 +62,7 @@ class Settings:
         "Largest record (bytes). Sets topic max.message.bytes, producer max_request_size "
         "and consumer fetch sizes together.",
     )
-    # --- windows (design.md section 3) -------------------------------------------------
+    # --- windows (docs/design.md §3) -------------------------------------------------
     window_ms: int = _opt(1000, "Window length W in milliseconds of event time.")
     hop_ms: int = _opt(500, "Window hop H in milliseconds (H = W gives tumbling windows).")
     lateness_video_ms: int = _opt(250, "Allowed lateness of video frames (ms).")

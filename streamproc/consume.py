@@ -1,7 +1,7 @@
 """Read predictions: the Python API behind ``streamproc consume``.
 
 Workers guarantee at-least-once input and effectively-once output: after a crash a
-window may be published a second time (design.md section 6). Readers therefore collapse
+window may be published a second time (docs/design.md §6). Readers therefore collapse
 predictions by their key ``(stream_id, window_start_ns)``; the first copy wins and later
 copies are counted (``duplicates``, and ``conflicting`` when their label differs).
 """

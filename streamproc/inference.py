@@ -1,4 +1,4 @@
-"""Micro-batched inference off the event loop (design.md section 5).
+"""Micro-batched inference off the event loop (docs/design.md §5).
 
 Windows from every stream a worker owns queue up; a batch leaves when it holds
 ``max_batch`` windows or its oldest window has waited ``max_wait_ms``. The model runs in
@@ -267,6 +267,41 @@ class Predictor:
 # ---------------------------------------------------------------------------------------
 
 
+class StreamChain:
+    """Tasks whose last step runs per stream in submit order.
+
+    The producer may reorder records sent concurrently (a smaller record fills the room
+    left in a full batch that an earlier one waits on), so each stream's windows are
+    published one after the other; different streams still overlap.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, asyncio.Future] = {}
+        self.pending: set[asyncio.Future] = set()
+
+    def start(self, stream_id: str,
+              step: Callable[[asyncio.Future | None], Awaitable[None]]) -> asyncio.Future:
+        """Run ``step(previous)``, where ``previous`` is the stream's task before it (to
+        be awaited before publishing) or None."""
+        fut = asyncio.ensure_future(step(self._last.get(stream_id)))
+        self._last[stream_id] = fut
+        self.pending.add(fut)
+        fut.add_done_callback(self.pending.discard)
+        fut.add_done_callback(lambda f: self._last.pop(stream_id, None)
+                              if self._last.get(stream_id) is f else None)
+        return fut
+
+    async def drain(self, timeout: float) -> None:
+        if self.pending:
+            await asyncio.wait(list(self.pending), timeout=timeout)
+
+    @staticmethod
+    async def after(previous: asyncio.Future | None) -> None:
+        """Wait for ``previous`` to end; its failure is reported by its own task."""
+        if previous is not None:
+            await asyncio.wait([previous])
+
+
 class InferenceSink:
     """The worker's window sink (app.WindowSink) when a model is loaded.
 
@@ -287,9 +322,7 @@ class InferenceSink:
         self.headers = headers
         self.batcher: MicroBatcher[Window, Scored] = MicroBatcher(
             predictor, max_batch, max_wait_ms, on_batch=self._on_batch)
-        self._pending: set[asyncio.Future] = set()
-        # each stream's newest window in flight: the next one publishes after it
-        self._last_of: dict[str, asyncio.Future] = {}
+        self._chain = StreamChain()
         self._last_publish_ms = 0.0
 
     async def start(self) -> None:
@@ -297,19 +330,12 @@ class InferenceSink:
 
     def submit(self, window: Window) -> Awaitable[None]:
         closed_ns = time.time_ns()
-        sid = window.stream_id
-        fut = asyncio.ensure_future(self._finish(window, self.batcher.submit(window), closed_ns,
-                                                 self._last_of.get(sid)))
-        self._last_of[sid] = fut
-        self._pending.add(fut)
-        fut.add_done_callback(self._pending.discard)
-        fut.add_done_callback(lambda f: self._last_of.pop(sid, None)
-                              if self._last_of.get(sid) is f else None)
-        return fut
+        scored = self.batcher.submit(window)
+        return self._chain.start(window.stream_id, lambda previous: self._finish(
+            window, scored, closed_ns, previous))
 
     async def stop(self) -> None:
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=30)
+        await self._chain.drain(timeout=30)
         await self.batcher.stop()
 
     def _on_batch(self, size: int, compute_ms: float) -> None:
@@ -338,11 +364,7 @@ class InferenceSink:
                 log.warning("window %s@%d scored alone after its batch failed: %r",
                             window.stream_id, window.start_ns, batch_error)
             queue_ms, compute_ms = 0.0, (time.perf_counter() - t0) * 1000
-        if previous is not None:
-            # The producer may reorder records sent concurrently (a smaller record fills
-            # the room left in a full batch that an earlier one waits on), so a stream's
-            # windows go out one after the other. Its failure is reported by its own task.
-            await asyncio.wait([previous])
+        await StreamChain.after(previous)
         emitted_ns = time.time_ns()
         pred = summary_prediction(
             window, label=scored.label, scores=scored.scores, model=self.model_info,

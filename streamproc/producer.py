@@ -1,7 +1,7 @@
 """The one producer path: every streamproc source publishes through :class:`Publisher`.
 
 One kafka-python ``KafkaProducer`` per process, tuned for media records, keyed by stream
-id so the three input topics stay co-partitioned (design.md sections 1 and 2). Records
+id so the three input topics stay co-partitioned (docs/design.md §1, §2). Records
 are encoded only by :func:`streamproc.wire.encode`. Delivery failures are counted and
 logged with their reason, never silently dropped; ``publish`` never raises for a failed
 record so one bad frame cannot stop a camera.

@@ -1,4 +1,4 @@
-"""Wire format version 1 (design.md section 2): typed records <-> Kafka records.
+"""Wire format version 1 (docs/design.md §2): typed records <-> Kafka records.
 
 Metadata rides in record headers and the value is the payload itself, so frames are
 never base64-inflated and ``kcat -J`` shows readable headers. Every decode failure is a
@@ -656,7 +656,7 @@ class DeadLetter:
 
 
 def make_dead_letter(rec: KafkaRecord, reason: str, kind: str = "decode") -> KafkaRecord:
-    """The original key, value and headers, plus why and where from (design.md section 2)."""
+    """The original key, value and headers, plus why and where from (docs/design.md §2)."""
     if kind not in DEAD_LETTER_KINDS:
         raise ValueError(f"dead-letter kind must be one of {DEAD_LETTER_KINDS}")
     ours = {"sp-error", "sp-error-kind", "sp-src-topic", "sp-src-partition", "sp-src-offset"}

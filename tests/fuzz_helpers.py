@@ -95,7 +95,7 @@ def _dead(*kinds: str, why: str) -> Rule:
     return Rule(Expect.DEAD, frozenset(kinds), why, at_door=True)
 
 
-#: The documented rule for each category (README *Wire format*, docs/worker.md, issue 11).
+#: The documented rule for each category (README *Wire format*, docs/worker.md).
 RULES: dict[Category, Rule] = {
     Category.HEADER_MISSING: _dead("decode", why="every sp-* header of its modality is required"),
     Category.HEADER_VALUE: _dead("decode", why="values are ASCII decimals / known names"),

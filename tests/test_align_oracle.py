@@ -1,4 +1,4 @@
-"""Property tests (issue 4 part 2): the aligner against a brute-force oracle.
+"""Property tests: the aligner against a brute-force oracle.
 
 Random streams of video frames, audio chunks and transcript segments with random jitter,
 gaps, duplicates and out-of-order arrival. The oracle is written independently of the

@@ -1,4 +1,4 @@
-"""The whole pipeline end to end (issue 6), against a real broker: AV-Digits clips with
+"""The whole pipeline end to end, against a real broker: AV-Digits clips with
 known labels replayed in real time through the real producer path, real ``streamproc
 worker`` subprocesses serving a trained checkpoint, predictions read back read_committed.
 

@@ -1,4 +1,4 @@
-"""The faust worker against a real broker (issue 4 part 3): every test runs real
+"""The faust worker against a real broker: every test runs real
 ``streamproc worker`` subprocesses, produces real JPEG frames, PCM chunks and transcript
 segments with kafka-python + wire.encode, paced on the wall clock with event times near
 "now" (so watermarks, idle deadlines and the timer all run for real), and reads the
