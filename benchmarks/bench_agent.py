@@ -10,7 +10,7 @@ consumer group:
   checked, as the worker does) -- the part of the agent's cost that is validation, not faust;
 - ``faust``: the worker's faust app with an agent body that only acks (faust's own cost:
   its consumer thread, conductor, stream and acks);
-- ``agent``: the real worker (``streamproc.app.create_app``) in a child process: faust
+- ``agent``: the real worker (``streamproc.worker.app.create_app``) in a child process: faust
   consumer, decode, Aligner, window publishing, ack-after-emit and commits.
 
 Events/s is measured from the first record to the last one handled, so start-up and
@@ -40,9 +40,9 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from kafka import KafkaProducer
 
-from streamproc import wire
 from streamproc.config import MODALITIES, Settings
 from streamproc.topics import create_topics
+from streamproc.wire import codec as wire
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_align import w1_records  # one W1 generator for every benchmark
@@ -116,7 +116,7 @@ def run_agent(settings: Settings, n: int, noop: bool = False, profile: str = "")
 def agent_child() -> None:
     from faust.worker import Worker
 
-    from streamproc.app import create_app
+    from streamproc.worker.app import create_app
 
     settings = Settings(**json.loads(os.environ["BENCH_SETTINGS"]))
     n, out = int(os.environ["BENCH_N"]), Path(os.environ["BENCH_OUT"])
@@ -172,7 +172,7 @@ def main() -> int:
     if args.agent_child:
         agent_child()
         return 0
-    from streamproc.localkafka import existing_or_local
+    from streamproc.dev.localkafka import existing_or_local
 
     with existing_or_local() as bootstrap:
         settings = Settings(bootstrap_servers=bootstrap,
@@ -211,7 +211,7 @@ def main() -> int:
             f"{time.strftime('%Y-%m-%d')}.\n\n" + "\n".join(rows) +
             f"\n\nThe agent costs {over:,.0f} µs per event more than the bare loop: faust's "
             f"own machinery about {faust_part:,.0f} µs, decoding (headers, PCM, JSON, each "
-            f"JPEG's structure checked: streamproc.jpeg) "
+            f"JPEG's structure checked: streamproc.wire.jpeg) "
             f"about {decode_part:,.0f} µs, the rest ({over - faust_part - decode_part:,.0f} "
             f"µs) aligning, publishing {windows:.0f} windows per run and the ack "
             f"bookkeeping. W1 is about 204 events/s per worker, so one worker keeps up with "

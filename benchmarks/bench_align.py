@@ -27,9 +27,9 @@ import time
 
 import numpy as np
 
-from streamproc.align import AlignConfig, Aligner
+from streamproc.align.aligner import AlignConfig, Aligner
 from streamproc.config import Settings
-from streamproc.wire import AudioChunk, TranscriptSegment, VideoFrame
+from streamproc.wire.codec import AudioChunk, TranscriptSegment, VideoFrame
 
 S = 1_000_000_000
 MS = 1_000_000

@@ -26,7 +26,7 @@ arriving ~1 s after they end):
    window closed; ``--write-docs`` appends the rows, with the machine's load, to
    docs/benchmarks.md.
 
-The model is the demo's reference model (``streamproc.demo.prepare_model``: trained once,
+The model is the demo's reference model (``streamproc.dev.demo.prepare_model``: trained once,
 cached) unless ``--model`` names a checkpoint.
 
     .venv/bin/python benchmarks/bench_pipeline.py [--seconds 60] [--backlog-seconds 30]
@@ -53,14 +53,14 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from streamproc.align import AlignConfig, Aligner, Window
+from streamproc.align.aligner import AlignConfig, Aligner, Window
+from streamproc.capture.publisher import Publisher
 from streamproc.config import Settings
-from streamproc.consume import consume
-from streamproc.demo import Layout, WorkerProcess, default_dir, percentile, prepare_model
-from streamproc.localkafka import existing_or_local, free_port
-from streamproc.producer import Publisher
+from streamproc.dev.demo import Layout, WorkerProcess, default_dir, percentile, prepare_model
+from streamproc.dev.localkafka import existing_or_local, free_port
+from streamproc.readers import consume
 from streamproc.topics import create_topics
-from streamproc.wire import MediaRecord, Prediction, VideoFrame
+from streamproc.wire.codec import MediaRecord, Prediction, VideoFrame
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_align import w1_records  # one W1 generator for every benchmark
@@ -309,8 +309,8 @@ def saturation_round(settings: Settings, model: Path | str, want: int,
     ``model`` "": the worker runs align-only (window summaries, no inference)."""
     from kafka import TopicPartition
 
-    from streamproc.consume import kafka_consumer
-    from streamproc.wire import KafkaRecord, decode_prediction
+    from streamproc.readers import kafka_consumer
+    from streamproc.wire.codec import KafkaRecord, decode_prediction
 
     s = settings.replace(app_id=f"{settings.topic_prefix}-{uuid.uuid4().hex[:6]}",
                          metrics_port=0)
@@ -348,7 +348,7 @@ def watermark_rate(preds: Sequence[Prediction]) -> float:
 async def _sink_alone(settings: Settings, predictor, windows: list[Window]) -> tuple[float, list]:
     from aiokafka import AIOKafkaProducer
 
-    from streamproc.inference import InferenceSink
+    from streamproc.inference.sink import InferenceSink
 
     batches: list[list[Window]] = []
 
@@ -381,7 +381,7 @@ async def _sink_alone(settings: Settings, predictor, windows: list[Window]) -> t
 
 def saturation_phase(bootstrap: str, model: Path, seconds: int, streams: int, rounds: int,
                      tmp: Path) -> dict:
-    from streamproc.inference import Predictor
+    from streamproc.inference.sink import Predictor
 
     settings = base_settings(bootstrap, model)
     create_topics(settings)
@@ -531,12 +531,12 @@ def report(live: dict, summary: dict, sat: dict, model: Path, args: argparse.Nam
         f"fetch_max_wait_ms=1500 and drops partitions whose stream buffer is under pressure "
         f"from the fetch, so a fetch for partitions with nothing new stalled the reading up "
         f"to 1.5 s, again and again; the worker now sets 100 ms "
-        f"(streamproc.app.shorten_fetch_wait): 78 -> 141 windows/s. The door decoded every "
+        f"(streamproc.worker.app.shorten_fetch_wait): 78 -> 141 windows/s. The door decoded every "
         f"JPEG so a corrupt one becomes a dead letter; decoding at 1/8 scale in grey instead "
         f"of fully: 141 -> about 170. It now checks the JPEG's markers, tables and scans the "
-        f"way libjpeg reads them, without decoding (streamproc.jpeg: 15 µs for a W1 frame "
+        f"way libjpeg reads them, without decoding (streamproc.wire.jpeg: 15 µs for a W1 frame "
         f"against 340 µs at 1/8 scale; it rejects every damaged JPEG OpenCV cannot decode, "
-        f"tests/test_jpeg.py): about 170 -> {med['align_only']:.0f}. Not done: faust's "
+        f"tests/unit/wire/test_jpeg.py): about 170 -> {med['align_only']:.0f}. Not done: faust's "
         f"per-record hand-off between its consumer thread and the event loop (100-400 µs per "
         f"record with the machine quiet or busy, docs/benchmarks.md, Agent) is the next "
         f"cost; with a heavier model than this {1000 / med['bare']:.0f} ms-per-window one "

@@ -31,10 +31,10 @@ import cv2
 import numpy as np
 from kafka import KafkaProducer
 
-from streamproc import wire
+from streamproc.capture.publisher import Publisher, producer_config
 from streamproc.config import Settings
-from streamproc.producer import Publisher, producer_config
 from streamproc.topics import create_topics
+from streamproc.wire import codec as wire
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SIZES = ((320, 240), (1280, 720))
@@ -214,7 +214,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--write-docs", action="store_true", help=f"record the table in {DOCS}")
     args = ap.parse_args()
-    from streamproc.localkafka import existing_or_local
+    from streamproc.dev.localkafka import existing_or_local
 
     with existing_or_local() as bootstrap:
         settings = Settings(bootstrap_servers=bootstrap,

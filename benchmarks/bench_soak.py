@@ -35,12 +35,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from streamproc.capture.publisher import Publisher
 from streamproc.config import Settings
-from streamproc.demo import Layout, WorkerProcess, default_dir, percentile, prepare_model
-from streamproc.localkafka import existing_or_local, free_port
-from streamproc.producer import Publisher
+from streamproc.dev.demo import Layout, WorkerProcess, default_dir, percentile, prepare_model
+from streamproc.dev.localkafka import existing_or_local, free_port
 from streamproc.topics import create_topics
-from streamproc.wire import KafkaRecord, MediaRecord, decode_prediction
+from streamproc.wire.codec import KafkaRecord, MediaRecord, decode_prediction
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_align import w1_records  # one W1 generator for every benchmark

@@ -81,7 +81,7 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
     import shlex
     from pathlib import Path
 
-    from streamproc import localkafka as lk
+    from streamproc.dev import localkafka as lk
 
     if args.action == "tool":
         cmd = lk.tool_command(args.tool, args.tool_args)
@@ -129,7 +129,7 @@ def _daemon_bootstrap(data_dir) -> str:
 
 
 def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
-    from streamproc.consume import (
+    from streamproc.readers import (
         ConsumeStats,
         PredictionTable,
         consume,
@@ -158,7 +158,7 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from streamproc.app import run_worker
+    from streamproc.worker.app import run_worker
 
     return run_worker(settings)
 
@@ -181,8 +181,8 @@ def _device(text: str | None) -> int | str | None:
 
 
 def cmd_produce_camera(args: argparse.Namespace, settings: Settings) -> int:
-    from streamproc.producer import PublishSession
-    from streamproc.sources import CameraSource, parse_size
+    from streamproc.capture.publisher import PublishSession
+    from streamproc.capture.sources import CameraSource, parse_size
 
     _produce_logging(settings)
     size = parse_size(args.size) if args.size else None
@@ -200,8 +200,8 @@ def cmd_produce_camera(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_produce_mic(args: argparse.Namespace, settings: Settings) -> int:
-    from streamproc.producer import PublishSession
-    from streamproc.sources import MicSource, check_input_device
+    from streamproc.capture.publisher import PublishSession
+    from streamproc.capture.sources import MicSource, check_input_device
 
     _produce_logging(settings)
     device = _device(args.source_device)
@@ -218,8 +218,8 @@ def cmd_produce_mic(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_produce_file(args: argparse.Namespace, settings: Settings) -> int:
-    from streamproc.producer import PublishSession
-    from streamproc.sources import FileSource, parse_size, replay_source
+    from streamproc.capture.publisher import PublishSession
+    from streamproc.capture.sources import FileSource, parse_size, replay_source
 
     _produce_logging(settings)
     src = FileSource(args.stream_id, args.video, args.audio, args.transcript,
@@ -236,8 +236,8 @@ def cmd_produce_file(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_produce_transcript(args: argparse.Namespace, settings: Settings) -> int:
-    from streamproc.producer import PublishSession
-    from streamproc.sources import StreamWriter, publish_transcript_lines, stdin_lines
+    from streamproc.capture.publisher import PublishSession
+    from streamproc.capture.sources import StreamWriter, publish_transcript_lines, stdin_lines
 
     _produce_logging(settings)
     with PublishSession(settings) as session:
@@ -329,8 +329,8 @@ def cmd_avdigits_dataset(args: argparse.Namespace, settings: Settings) -> int:
     import dataclasses
     from pathlib import Path
 
-    from streamproc import avdigits as av
-    from streamproc.dataset import Dataset
+    from streamproc.ml import avdigits as av
+    from streamproc.ml.dataset import Dataset
 
     cfg = dataclasses.replace(
         av.PRESETS[args.preset], seed=args.seed, window_ms=settings.window_ms,
@@ -348,7 +348,7 @@ def cmd_avdigits_clip(args: argparse.Namespace, settings: Settings) -> int:
     import dataclasses
     from pathlib import Path
 
-    from streamproc import avdigits as av
+    from streamproc.ml import avdigits as av
 
     digits = [int(c) for c in args.digits if c.isdigit()]
     cfg = dataclasses.replace(av.PRESETS["full"], segment_s=args.seconds_per_digit,
@@ -364,7 +364,7 @@ def cmd_avdigits_clip(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _train_config(args: argparse.Namespace, settings: Settings):
-    from streamproc.train import TrainConfig
+    from streamproc.ml.train import TrainConfig
 
     return TrainConfig(epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
                        patience=args.patience, modality_dropout=args.modality_dropout,
@@ -386,7 +386,7 @@ def _options(pairs: list[str]) -> dict:
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    from streamproc.train import train_command
+    from streamproc.ml.train import train_command
 
     options = _options(args.option)
     if args.text_encoder:
@@ -406,7 +406,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
-    from streamproc.train import benchmark, eval_checkpoints, torch_threads
+    from streamproc.ml.train import benchmark, eval_checkpoints, torch_threads
 
     if args.models:
         with torch_threads(args.threads):
@@ -433,8 +433,8 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_record(args: argparse.Namespace, settings: Settings) -> int:
     import threading
 
-    from streamproc.producer import stop_on_signals
-    from streamproc.record import parse_origin, record
+    from streamproc.capture.publisher import stop_on_signals
+    from streamproc.ml.recording import parse_origin, record
 
     stop = threading.Event()
     with stop_on_signals(stop):
@@ -549,7 +549,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     import os
     from pathlib import Path
 
-    from streamproc.demo import Layout, default_dir, run
+    from streamproc.dev.demo import Layout, default_dir, run
 
     own_broker = args.bootstrap_servers is None and not os.environ.get("STREAMPROC_BOOTSTRAP")
     layout = Layout(Path(args.dir) if args.dir else default_dir())
@@ -593,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "start":
             b.add_argument("--port", type=int, default=9092,
                            help="listener port [default 9092]")
-    from streamproc.localkafka import TOOLS
+    from streamproc.dev.localkafka import TOOLS
 
     b = bsub.add_parser("tool", help="run one of Kafka's own tools (kafka-NAME.sh)",
                         description="Run Kafka's own command-line tool NAME (the kafka-NAME.sh "

@@ -28,7 +28,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if existing:
         yield existing
         return
-    from streamproc.localkafka import LocalBroker
+    from streamproc.dev.localkafka import LocalBroker
 
     _BROKER = LocalBroker(tmp_path_factory.mktemp("kafka")).start()
     try:
@@ -63,7 +63,7 @@ def avdigits_tts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def avdigits_tiny(tmp_path_factory: pytest.TempPathFactory, avdigits_tts: Path) -> Path:
     """The tiny AV-Digits dataset, generated once per session."""
-    from streamproc import avdigits as av
+    from streamproc.ml import avdigits as av
 
     return av.generate(tmp_path_factory.mktemp("avdigits-tiny") / "ds", av.PRESETS["tiny"],
                        avdigits_tts)

@@ -26,8 +26,8 @@ from confluent_kafka import TopicPartition as CkTopicPartition
 from kafka import KafkaProducer
 from kafka.partitioner.default import murmur2
 
-from streamproc import wire
 from streamproc.config import Settings
+from streamproc.wire import codec as wire
 
 MS = 1_000_000
 S = 1_000_000_000

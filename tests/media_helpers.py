@@ -18,9 +18,9 @@ import cv2
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 
-from streamproc import wire
+from streamproc.capture.sources import Clock
 from streamproc.config import Settings
-from streamproc.sources import Clock
+from streamproc.wire import codec as wire
 
 VIDEO_FPS = 10.0
 T0 = 1_700_000_000 * 1_000_000_000

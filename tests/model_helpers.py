@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamproc.align import Window
-from streamproc.wire import TranscriptSegment, VideoFrame
+from streamproc.align.aligner import Window
+from streamproc.wire.codec import TranscriptSegment, VideoFrame
 
 LABELS = [f"c{i}" for i in range(5)]
 

@@ -4,7 +4,7 @@ metrics tests (test_pipeline, test_metrics).
 Clips come from ``avdigits.write_clip`` with the tiny preset's test-split settings, so a
 clip's windows are drawn from the same distribution as the tiny model's held-out test
 windows and its checkpoint accuracy says what to expect. Records go through
-``sources.replay_many`` and the real :class:`~streamproc.producer.Publisher`; a recording
+``sources.replay_many`` and the real :class:`~streamproc.capture.publisher.Publisher`; a recording
 sink keeps each record's delivery future, so the tests know every record's Kafka offset
 and can build the oracle's windows (worker_helpers.oracle_windows) with provenance.
 """
@@ -24,16 +24,16 @@ from pathlib import Path
 import numpy as np
 from kafka import KafkaProducer
 
-from streamproc import avdigits as av
-from streamproc import wire
-from streamproc.align import Window
+from streamproc.align.aligner import Window
+from streamproc.capture.publisher import Publisher, producer_config
+from streamproc.capture.sources import ReplaySpec, replay_many
+from streamproc.capture.transcripts import load_transcript
 from streamproc.config import Settings
-from streamproc.dataset import read_labels
-from streamproc.inference import Predictor, Scored
-from streamproc.localkafka import free_port
-from streamproc.producer import Publisher, producer_config
-from streamproc.sources import ReplaySpec, replay_many
-from streamproc.transcripts import load_transcript
+from streamproc.dev.localkafka import free_port
+from streamproc.inference.sink import Predictor, Scored
+from streamproc.ml import avdigits as av
+from streamproc.ml.dataset import read_labels
+from streamproc.wire import codec as wire
 
 MS = 1_000_000
 S = 1_000_000_000

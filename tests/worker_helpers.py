@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from streamproc import wire
-from streamproc.align import AlignConfig, Aligner, Window
+from streamproc.align.aligner import AlignConfig, Aligner, Window
 from streamproc.config import Settings, env_name
-from streamproc.inference import window_summary
+from streamproc.inference.sink import window_summary
+from streamproc.wire import codec as wire
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from streamproc.batch import Preprocess, WindowBatch, make_batch
 from streamproc.errors import UserError
 from streamproc.models.encoders import DEFAULT_ENCODERS, EncoderConfig, build_encoder
 from streamproc.models.fusion import FUSIONS, build_fusion, count_parameters
-from streamproc.wire import MODALITIES
+from streamproc.models.preprocess import Preprocess, WindowBatch, make_batch
+from streamproc.wire.codec import MODALITIES
 
 __all__ = [
     "FUSIONS",
@@ -257,7 +257,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(d)
 
 
-_PROTOCOL = {"labels": "a list of label strings", "preprocess": "a streamproc.batch.Preprocess",
+_PROTOCOL = {"labels": "a list of label strings", "preprocess": "a streamproc.models.preprocess.Preprocess",
              "name": "a string", "version": "a string"}
 
 

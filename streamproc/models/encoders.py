@@ -1,6 +1,6 @@
 """Per-modality encoders: small, CPU-friendly, trainable from scratch.
 
-Every encoder maps its slice of a :class:`~streamproc.batch.WindowBatch` to an
+Every encoder maps its slice of a :class:`~streamproc.models.preprocess.WindowBatch` to an
 :class:`Encoded`: one pooled vector per window plus a token sequence with its mask (the
 tokens feed cross-modal attention). Rows whose modality is absent come out as zeros with
 all-False masks, and the network never runs on them, so padding cannot leak into batch
@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from streamproc.batch import PAD_ID, Preprocess, WindowBatch
 from streamproc.errors import UserError
-from streamproc.wire import MODALITIES
+from streamproc.models.preprocess import PAD_ID, Preprocess, WindowBatch
+from streamproc.wire.codec import MODALITIES
 
 
 class Encoded(NamedTuple):

@@ -1,0 +1,1 @@
+"""Event-time alignment of a stream's modalities into windows (pure)."""

@@ -1,0 +1,1 @@
+"""Capture: cameras, microphones, file replay and transcripts, published to Kafka."""

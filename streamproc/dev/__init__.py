@@ -1,0 +1,1 @@
+"""Developer tooling: the local Kafka broker and the demo."""

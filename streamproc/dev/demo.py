@@ -1,0 +1,328 @@
+"""``streamproc demo``: the whole pipeline on one machine, from nothing.
+
+It starts (or reuses) a Kafka broker, creates topics, generates AV-Digits clips for a few
+streams, trains the reference model once (cached), runs a real ``streamproc worker``
+process, replays the clips in real time through the real producer, prints predictions as
+they arrive and ends with a summary against the clips' known labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from streamproc.config import Settings
+from streamproc.errors import UserError
+from streamproc.wire.codec import NS_PER_S, Prediction
+
+# The reference model: what `make demo` trains once and the compose stack serves.
+DEMO_PRESET = "small"
+DEMO_MODEL = "lmf"
+DEMO_EPOCHS = 30
+DIGITS_PER_STREAM = 10
+
+Log = Callable[[str], None]
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def default_dir() -> Path:
+    from streamproc.dev.localkafka import cache_root
+
+    return cache_root() / "demo"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the demo keeps what it makes (``--dir``); compose mounts the same layout."""
+
+    root: Path
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def dataset(self) -> Path:
+        return self.root / "avdigits"
+
+    @property
+    def clips(self) -> Path:
+        return self.root / "clips"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+
+def stream_ids(n: int) -> list[str]:
+    return [f"cam{i + 1}" for i in range(n)]
+
+
+def _model_key(preset: str) -> str:
+    """Changes whenever the recipe of the reference model changes (then it is retrained)."""
+    from streamproc.ml.avdigits import PRESETS
+
+    recipe = {"preset": dataclasses.asdict(PRESETS[preset]), "model": DEMO_MODEL,
+              "epochs": DEMO_EPOCHS}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def prepare_model(layout: Layout, retrain: bool = False, preset: str = DEMO_PRESET,
+                  log: Log = _say) -> Path:
+    """The reference model: trained once on AV-Digits, reused while its recipe holds."""
+    from streamproc.ml.avdigits import PRESETS, generate
+    from streamproc.ml.train import TrainConfig, train_command
+
+    if preset not in PRESETS:
+        raise UserError(f"unknown AV-Digits preset {preset!r}; use one of {', '.join(PRESETS)}")
+    stamp = layout.model / "recipe.sha256"
+    key = _model_key(preset)
+    if not retrain and stamp.exists() and stamp.read_text().strip() == key:
+        log(f"reference model: {layout.model} (cached)")
+        return layout.model
+    t0 = time.monotonic()
+    log(f"generating the AV-Digits '{preset}' dataset in {layout.dataset} "
+        "(speech synthesis is cached; a few minutes the first time)")
+    generate(layout.dataset, PRESETS[preset], overwrite=True)
+    log(f"training the reference model ({DEMO_MODEL} fusion) on CPU; cached afterwards")
+    report = train_command(layout.dataset, DEMO_MODEL, layout.model,
+                           TrainConfig(epochs=DEMO_EPOCHS, progress=sys.stderr.isatty()),
+                           log=log)
+    stamp.write_text(key)
+    acc = report.get("test", {}).get("accuracy")
+    log(f"reference model ready in {time.monotonic() - t0:.0f}s"
+        + (f", held-out accuracy {acc:.1%}" if acc is not None else ""))
+    return layout.model
+
+
+def prepare_clips(layout: Layout, streams: int, digits_per_stream: int = DIGITS_PER_STREAM,
+                  seed: int = 7, log: Log = _say) -> list:
+    """One clip per stream (video .avi, .wav, .srt, labels) of random digits, cached."""
+    import numpy as np
+
+    from streamproc.ml.avdigits import write_clip
+
+    clips = []
+    rng = np.random.default_rng(seed)
+    for sid in stream_ids(streams):
+        digits = [int(d) for d in rng.integers(0, 10, digits_per_stream)]
+        clips.append(write_clip(layout.clips, digits, stream_id=sid, seed=seed))
+    log(f"{streams} clip(s) of {digits_per_stream} spoken, shown and transcribed digits in "
+        f"{layout.clips}")
+    return clips
+
+
+def prepare(layout: Layout, streams: int, retrain: bool = False, preset: str = DEMO_PRESET,
+            digits: int = DIGITS_PER_STREAM, log: Log = _say) -> list:
+    if streams < 1 or digits < 1:
+        raise UserError("the demo needs at least one stream of at least one digit")
+    layout.root.mkdir(parents=True, exist_ok=True)
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    prepare_model(layout, retrain, preset, log)
+    return prepare_clips(layout, streams, digits, log=log)
+
+
+# ---------------------------------------------------------------------------------------
+# running it
+# ---------------------------------------------------------------------------------------
+
+
+class WorkerProcess:
+    """A real `streamproc worker` subprocess with its log in a file."""
+
+    def __init__(self, settings: Settings, model: Path, log_path: Path) -> None:
+        from streamproc.dev.localkafka import free_port
+
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
+        args = [sys.executable, "-m", "streamproc.cli", "worker",
+                "--bootstrap-servers", settings.bootstrap_servers,
+                "--topic-prefix", settings.topic_prefix, "--app-id", settings.app_id,
+                "--partitions", str(settings.partitions), "--model", str(model),
+                "--web-port", str(free_port()), "--metrics-port", str(settings.metrics_port),
+                "--data-dir", str(log_path.parent / "worker-state"),
+                "--window-ms", str(settings.window_ms), "--hop-ms", str(settings.hop_ms)]
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "Worker ready" in self.log():
+                return
+            if self.proc.poll() is not None:
+                raise UserError(f"the worker exited with code {self.proc.returncode}; its log "
+                                f"({self.log_path}) ends with:\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+        raise UserError(f"the worker was not ready after {timeout:.0f}s; see {self.log_path}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        from streamproc.dev.localkafka import terminate
+
+        terminate(self.proc, timeout)
+        self._log.close()
+
+
+def expected_windows(settings: Settings, clip, origin_ns: int) -> list[int]:
+    """Starts of every window that overlaps the clip's span (what the worker must emit)."""
+    hop, win = settings.hop_ms * 1_000_000, settings.window_ms * 1_000_000
+    end = origin_ns + round(clip.seconds * NS_PER_S)
+    first = (origin_ns - win) // hop + 1
+    return [k * hop for k in range(first, (end - 1) // hop + 1) if k * hop + win > origin_ns]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+@dataclass
+class Summary:
+    windows: int
+    expected: int
+    scored: int
+    correct: int
+    duplicates: int
+    latency_total: list[float]
+    latency_added: list[float]
+
+    def lines(self) -> list[str]:
+        acc = self.correct / self.scored if self.scored else float("nan")
+        return [
+            f"windows predicted: {self.windows} of {self.expected} expected "
+            f"({self.duplicates} duplicate copies collapsed)",
+            f"accuracy: {acc:.1%} on {self.scored} windows that lie within one digit "
+            "(windows straddling two digits are not scored)",
+            f"latency, window end -> prediction published: p50 "
+            f"{percentile(self.latency_total, 50):.0f} ms, p99 "
+            f"{percentile(self.latency_total, 99):.0f} ms",
+            f"latency added after the window closed (queue + inference + publish): p50 "
+            f"{percentile(self.latency_added, 50):.0f} ms, p99 "
+            f"{percentile(self.latency_added, 99):.0f} ms",
+        ]
+
+
+def summarize(settings: Settings, clips: list, origin_ns: int, preds: list[Prediction],
+              duplicates: int) -> Summary:
+    from streamproc.ml.dataset import read_labels
+
+    want = {(c.stream_id, s) for c in clips for s in expected_windows(settings, c, origin_ns)}
+    got = {p.key: p for p in preds}
+    scored = correct = 0
+    for c in clips:
+        spans = read_labels(c.labels)
+        for s in expected_windows(settings, c, origin_ns):
+            truth = spans.label_for(c.stream_id, s, s + settings.window_ms * 1_000_000,
+                                    origin_ns, min_overlap=1.0)
+            p = got.get((c.stream_id, s))
+            if truth is None or p is None:
+                continue
+            scored += 1
+            correct += p.label == truth
+    return Summary(len(want & set(got)), len(want), scored, correct, duplicates,
+                   [p.latency_ms["total"] for p in preds if "total" in p.latency_ms],
+                   [p.latency_ms["added"] + p.latency_ms.get("publish", 0.0)
+                    for p in preds if "added" in p.latency_ms])
+
+
+def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layout | None = None,
+        retrain: bool = False, prepare_only: bool = False, preset: str = DEMO_PRESET,
+        digits: int = DIGITS_PER_STREAM, out=sys.stdout) -> int:
+    """Prepare, then (unless ``prepare_only``) run the live pipeline and summarise.
+
+    ``own_broker``: start a local broker for the run (when no bootstrap server was given).
+    """
+    from streamproc.capture.publisher import Publisher
+    from streamproc.capture.sources import ReplaySpec, replay_many
+    from streamproc.dev.localkafka import LocalBroker
+    from streamproc.readers import TABLE_HEADER, ConsumeStats, consume, format_json, format_row
+    from streamproc.topics import create_topics
+
+    layout = layout or Layout(default_dir())
+    clips = prepare(layout, streams, retrain, preset, digits)
+    if prepare_only:
+        print(f"model: {layout.model}", file=out)
+        for c in clips:
+            print(f"{c.stream_id}: {c.video} {c.audio} {c.transcript} {c.labels}", file=out)
+        return 0
+
+    broker = None
+    if own_broker:
+        _say("starting a local Kafka broker (set STREAMPROC_BOOTSTRAP to use yours)")
+        broker = LocalBroker(layout.logs / "broker").start()
+        settings = settings.replace(bootstrap_servers=broker.bootstrap)
+    if settings.topic_prefix == Settings().topic_prefix:
+        # a fresh prefix per run, so an earlier demo's records never mix in
+        prefix = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+        settings = settings.replace(topic_prefix=prefix, app_id=prefix)
+    worker = None
+    try:
+        create_topics(settings)
+        _say(f"topics {settings.topic_prefix}.* on {settings.bootstrap_servers}")
+        worker = WorkerProcess(settings, layout.model, layout.logs / "worker.log")
+        _say(f"worker starting (log: {worker.log_path})")
+        worker.wait_ready()
+        publisher = Publisher(settings)
+        # start a second from now, on a hop boundary: each 2 s digit then holds whole
+        # windows exactly as the training windows were cut
+        hop = settings.hop_ms * 1_000_000
+        origin = -(-(time.time_ns() + NS_PER_S) // hop) * hop
+        stop = threading.Event()
+        specs = [ReplaySpec(c.stream_id, c.video, c.audio, c.transcript) for c in clips]
+        _say(f"replaying {len(specs)} stream(s) in real time "
+             f"({clips[0].seconds:.0f} s each); predictions follow")
+        replayer = threading.Thread(
+            target=replay_many, args=(publisher, specs),
+            kwargs={"realtime": True, "start_at_ns": origin, "stop_event": stop},
+            name="replay", daemon=True)
+        replayer.start()
+        want = {(c.stream_id, s) for c in clips for s in expected_windows(settings, c, origin)}
+        deadline = (max(c.seconds for c in clips) + 10 + settings.idle_deadline_ms / 1000
+                    + settings.lateness_text_ms / 1000)
+        stats = ConsumeStats()
+        preds: list[Prediction] = []
+        print(TABLE_HEADER, file=out, flush=True)
+        jsonl = layout.logs / "predictions.jsonl"
+        try:
+            with open(jsonl, "w", encoding="utf-8") as f:
+                for p in consume(settings, follow=True, timeout_s=deadline, stats=stats):
+                    preds.append(p)
+                    print(format_row(p), file=out, flush=True)
+                    f.write(format_json(p) + "\n")
+                    if want <= {q.key for q in preds}:
+                        break
+        finally:
+            stop.set()
+            replayer.join(10)
+            publisher.close()
+        summary = summarize(settings, clips, origin, preds, stats.duplicates)
+        print("", file=out)
+        for line in summary.lines():
+            print(line, file=out)
+        print(f"every prediction as JSON: {jsonl}", file=out)
+        return 0 if summary.windows == summary.expected else 1
+    finally:
+        if worker is not None:
+            worker.stop()
+        if broker is not None:
+            broker.stop()
+            _say("local broker stopped")
+

@@ -1,0 +1,1 @@
+"""Micro-batched inference and the predictions it publishes."""

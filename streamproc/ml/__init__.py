@@ -1,0 +1,1 @@
+"""Datasets, training, evaluation and recording (AV-Digits and your own streams)."""

@@ -1,0 +1,1 @@
+"""The wire format: records <-> Kafka records, and the door checks of media."""

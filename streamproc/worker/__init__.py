@@ -1,0 +1,1 @@
+"""The worker: the faust app around the aligner, acks, progress and metrics."""

@@ -1,0 +1,115 @@
+"""The development broker: `streamproc broker start|status|stop` runs a real KRaft Kafka."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from kafka import KafkaAdminClient, KafkaConsumer
+
+from streamproc.capture.publisher import Publisher
+from streamproc.capture.sources import StreamWriter
+from streamproc.config import Settings
+from streamproc.dev import localkafka
+from streamproc.dev.localkafka import KAFKA_VERSION, LocalBroker, free_port, jars_dir, port_open
+from streamproc.wire import codec as wire
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamproc.cli", "broker", *args],
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_broker_daemon_starts_serves_and_stops(tmp_path) -> None:
+    port = free_port()
+    d = str(tmp_path / "broker")
+    started = _cli("start", "--dir", d, "--port", str(port))
+    assert started.returncode == 0, started.stderr
+    assert f"STREAMPROC_BOOTSTRAP=127.0.0.1:{port}" in started.stdout
+    # the stop command it prints is one that stops this broker
+    assert f"stop with `streamproc broker stop --dir {d}`" in started.stdout
+    try:
+        elsewhere = _cli("stop", "--dir", str(tmp_path / "other"))
+        assert "started with --dir is stopped with the same --dir" in elsewhere.stdout
+        status = _cli("status", "--dir", d)
+        assert status.returncode == 0 and f"127.0.0.1:{port}" in status.stdout
+        assert "already running" in _cli("start", "--dir", d).stdout
+        admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
+        try:
+            assert admin.describe_cluster()["brokers"]
+        finally:
+            admin.close()
+    finally:
+        stopped = _cli("stop", "--dir", d)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert not port_open("127.0.0.1", port)
+    assert _cli("status", "--dir", d).returncode == 1
+    assert (tmp_path / "broker" / "logs" / "server.log").stat().st_size > 0  # kept for failures
+
+
+def test_jars_are_the_official_kafka_artifacts_cached_outside_the_repo() -> None:
+    libs = jars_dir()
+    assert (libs / f"kafka_2.13-{KAFKA_VERSION}.jar").exists()
+    assert (libs / f"kafka-clients-{KAFKA_VERSION}.jar").exists()
+    assert (libs / f"kafka-tools-{KAFKA_VERSION}.jar").exists()  # the console tools
+    repo = Path(__file__).resolve().parents[2]
+    assert not libs.resolve().is_relative_to(repo)  # a clean clone never holds them
+
+
+def test_a_temporary_broker_removes_its_data_on_a_clean_stop(tmp_path, monkeypatch) -> None:
+    """Benchmarks write gigabytes into a temporary broker; nothing of it may outlive the run.
+    (Its cluster id starts with "-", as one random id in 64 does: not an option to the tool.)"""
+    monkeypatch.setattr(localkafka, "_cluster_id", lambda: "-t0m0Q7vQwGyKjw2b8pzrw")
+    broker = LocalBroker().start()
+    d = broker.data_dir
+    assert (d / "data" / "meta.properties").exists()
+    broker.stop()
+    assert not d.exists()
+    named = LocalBroker(tmp_path / "named").start()  # a directory the caller chose stays
+    named.stop()
+    assert (tmp_path / "named" / "logs" / "server.log").exists()
+
+
+def _tool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamproc.cli", "broker", "tool", *args],
+                          capture_output=True, text=True, timeout=120, input=stdin)
+
+
+def test_kafka_console_consumer_prints_the_sp_headers(topics: Settings) -> None:
+    """What the README shows: Kafka's own console consumer, run by `broker tool`."""
+    with Publisher(topics) as pub:
+        StreamWriter(pub, "door").text("seven", 1_000_000_000, 1_500_000_000, final=True)
+    out = _tool("console-consumer", "--bootstrap-server", topics.bootstrap_servers,
+                "--topic", topics.topic("text"), "--from-beginning", "--max-messages", "1",
+                "--property", "print.headers=true", "--property", "print.key=true")
+    assert out.returncode == 0, out.stderr
+    headers, key, value = out.stdout.strip().split("\t")
+    assert headers.split(",") == ["sp-v:1", "sp-mod:text", "sp-ts:1000000000", "sp-seq:0"]
+    assert key == "door" and json.loads(value)["text"] == "seven"
+
+
+def test_kafka_console_producer_writes_a_record_the_wire_format_decodes(
+        topics: Settings) -> None:
+    value = json.dumps({"text": "hi", "start_ns": 2_000_000_000, "end_ns": 2_500_000_000,
+                        "final": True})
+    line = f"sp-v:1,sp-mod:text,sp-ts:2000000000,sp-seq:0\tcam9\t{value}\n"
+    out = _tool("console-producer", "--bootstrap-server", topics.bootstrap_servers,
+                "--topic", topics.topic("text"), "--property", "parse.headers=true",
+                "--property", "parse.key=true", stdin=line)
+    assert out.returncode == 0, out.stderr
+    consumer = KafkaConsumer(topics.topic("text"), bootstrap_servers=topics.bootstrap_servers,
+                             auto_offset_reset="earliest", consumer_timeout_ms=30_000)
+    try:
+        msg = next(iter(consumer))  # the topic holds only this record
+    finally:
+        consumer.close()
+    rec = wire.decode(wire.KafkaRecord.from_client(msg))
+    assert (rec.stream_id, rec.text, rec.ts_ns, rec.seq) == ("cam9", "hi", 2_000_000_000, 0)
+
+
+def test_an_unknown_tool_is_refused_with_the_list() -> None:
+    out = _tool("console-consume")
+    assert out.returncode == 2
+    assert "unknown Kafka tool 'console-consume'; one of: console-consumer" in out.stderr

@@ -1,0 +1,474 @@
+"""The faust worker against a real broker: every test runs real
+``streamproc worker`` subprocesses, produces real JPEG frames, PCM chunks and transcript
+segments with kafka-python + wire.encode, paced on the wall clock with event times near
+"now" (so watermarks, idle deadlines and the timer all run for real), and reads the
+predictions and dead-letter topics back with a read_committed consumer.
+
+Expected windows come from the pure Aligner fed the same records (with the offsets the
+broker gave them) sorted by event time and flushed: an independent, order-free oracle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+import socket
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.partitioner.default import murmur2
+from worker_helpers import (
+    Pred,
+    WorkerProc,
+    assert_windows_equal,
+    oracle_windows,
+    read_all,
+    read_predictions,
+)
+
+from streamproc.align.aligner import Window
+from streamproc.config import Settings
+from streamproc.dev.localkafka import free_port
+from streamproc.topics import create_topics
+from streamproc.wire import codec as wire
+from streamproc.worker.app import progress_topic
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+MS = 1_000_000
+S = 1_000_000_000
+W_MS, H_MS = 500, 250  # hopping: every record belongs to two windows
+LATENESS_MS = {"video": 150, "audio": 150, "text": 300}
+# Send delay after a record's span ends. A record is never late when the watermark of its
+# modality at its arrival stays below (start of its span + lateness): video frames 100 ms
+# apart with up to 140 ms jitter arrive out of order yet in time; audio chunks (100 ms
+# spans) may lag 50 ms; transcript segments, 500 ms apart, never overtake each other.
+JITTER_MS = {"video": 140, "audio": 50, "text": 250}
+IDLE_MS = 1000  # above any gap between two records of one modality (text: 500 ms + jitter)
+FPS, CHUNK_MS, SEG_MS, SR = 10, 100, 500, 16000
+
+
+# ---------------------------------------------------------------------------------------
+# settings and worker processes
+# ---------------------------------------------------------------------------------------
+
+
+def worker_settings(bootstrap: str, tmp: Path) -> Settings:
+    prefix = f"w{uuid.uuid4().hex[:10]}"
+    return Settings(
+        bootstrap_servers=bootstrap, topic_prefix=prefix, app_id=prefix, partitions=4,
+        window_ms=W_MS, hop_ms=H_MS, idle_deadline_ms=IDLE_MS, frames_per_window=4,
+        lateness_video_ms=LATENESS_MS["video"], lateness_audio_ms=LATENESS_MS["audio"],
+        lateness_text_ms=LATENESS_MS["text"], metrics_port=0, web_port=free_port(),
+        session_timeout_ms=6000,  # the broker's minimum: a killed worker's partitions move fast
+        data_dir=str(tmp / f"data-{prefix}"))
+
+
+# ---------------------------------------------------------------------------------------
+# workload: real media, paced on the wall clock with jitter
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Planned:
+    send_at_ns: int
+    modality: str  # the topic it goes to
+    rec: wire.KafkaRecord
+    media: wire.MediaRecord | None  # None: corrupt on purpose
+    role: str = "window"  # window | decode | late | duplicate
+    source: wire.Source | None = None
+    sent_wall_ns: int = 0
+
+
+def _frame(sid: str, i: int, ts: int) -> wire.VideoFrame:
+    img = np.full((48, 64, 3), (hash(sid) % 200, 60, 90), np.uint8)
+    cv2.rectangle(img, (i % 56, 10), (i % 56 + 8, 30), (255, 255, 255), -1)
+    return wire.VideoFrame.from_image(sid, ts, i, img, quality=80)
+
+
+def _chunk(sid: str, i: int, ts: int) -> wire.AudioChunk:
+    n = SR * CHUNK_MS // 1000
+    t = (np.arange(n) + i * n) / SR
+    return wire.AudioChunk.from_samples(sid, ts, i, 0.3 * np.sin(2 * np.pi * 330 * t), SR)
+
+
+def stream_plan(sid: str, t0: int, dur_s: float, rng: np.random.Generator,
+                audio_gap: tuple[int, int] | None = None) -> list[Planned]:
+    """Video 10 fps, audio 100 ms chunks, back-to-back 500 ms transcript segments; each
+    sent when its span ends plus a random jitter below the modality's lateness."""
+    out: list[Planned] = []
+    end = t0 + int(dur_s * S)
+
+    def plan(media: wire.MediaRecord, ready_ns: int) -> None:
+        jitter = int(rng.uniform(0, JITTER_MS[media.modality])) * MS
+        out.append(Planned(ready_ns + jitter, media.modality, wire.encode(media), media))
+
+    for i, ts in enumerate(range(t0, end, S // FPS)):
+        plan(_frame(sid, i, ts), ts)
+    seq = 0
+    for ts in range(t0, end, CHUNK_MS * MS):
+        if audio_gap and audio_gap[0] <= ts < audio_gap[1]:
+            continue  # mic unplugged: nothing sent, the sequence goes on afterwards
+        c = _chunk(sid, seq, ts)
+        seq += 1
+        plan(c, c.end_ns)
+    for k, ts in enumerate(range(t0, end, SEG_MS * MS)):
+        seg = wire.TranscriptSegment(sid, k, f"{sid} says segment {k}", ts, ts + SEG_MS * MS)
+        plan(seg, seg.end_ns)
+    return out
+
+
+def start_time() -> int:
+    """Event time origin: a hop boundary shortly after now."""
+    h = H_MS * MS
+    return (time.time_ns() + 600 * MS) // h * h + h
+
+
+def produce(settings: Settings, plan: list[Planned],
+            at: Callable[[int], None] | None = None, **producer_config: int) -> None:
+    """Send in ``send_at_ns`` order on the wall clock; record each record's offset.
+
+    ``at(event_offset_ns)`` is called as the schedule passes each planned record (the
+    tests kill or stop workers from it).
+    """
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
+                             linger_ms=2, max_request_size=settings.max_message_bytes,
+                             **producer_config)
+    futures = []
+    try:
+        for p in sorted(plan, key=lambda p: p.send_at_ns):
+            delay = (p.send_at_ns - time.time_ns()) / S
+            if delay > 0:
+                time.sleep(delay)
+            if at is not None:
+                at(p.send_at_ns)
+            p.sent_wall_ns = time.time_ns()
+            futures.append((p, producer.send(settings.topic(p.modality), key=p.rec.key,
+                                             value=p.rec.value, headers=list(p.rec.headers),
+                                             timestamp_ms=p.rec.timestamp_ms)))
+        producer.flush(30)
+        for p, fut in futures:
+            md = fut.get(30)
+            p.source = wire.Source(md.topic, md.partition, md.offset)
+    finally:
+        producer.close()
+
+
+def oracle(settings: Settings, plan: list[Planned]) -> dict[tuple[str, int], Window]:
+    """The windows of every record meant for a window (worker_helpers.oracle_windows)."""
+    return oracle_windows(settings, [dataclasses.replace(p.media, source=p.source)
+                                     for p in plan if p.role == "window"])
+
+
+# ---------------------------------------------------------------------------------------
+# one worker, five streams: alignment, a dead microphone, corrupt and late records
+# ---------------------------------------------------------------------------------------
+
+GAP = (1500 * MS, 3500 * MS)  # mic-off's audio is missing over this part of the run
+DUR_S = 5.0
+
+
+def _corrupt(plan: list[Planned], sid: str, t0: int) -> list[Planned]:
+    """Bad records sent mid-stream on each topic, one late frame and one duplicate."""
+    at = t0 + 2000 * MS
+    frame = next(p for p in plan if p.modality == "video" and p.media.ts_ns >= at)
+    chunk = next(p for p in plan if p.modality == "audio" and p.media.ts_ns >= at)
+    seg = next(p for p in plan if p.modality == "text" and p.media.start_ns >= at)
+
+    def variant(p: Planned, value: bytes | None = None, key: bytes | None = b"",
+                drop: str = "", change: dict[str, bytes] | None = None) -> wire.KafkaRecord:
+        headers = tuple((k, (change or {}).get(k, v)) for k, v in p.rec.headers if k != drop)
+        return wire.KafkaRecord(p.rec.key if key == b"" else key,
+                                p.rec.value if value is None else value, headers,
+                                p.rec.timestamp_ms)
+
+    bad = [
+        ("video", variant(frame, value=frame.rec.value[: len(frame.rec.value) // 2])),
+        ("video", variant(frame, change={"sp-v": b"2"})),
+        ("video", variant(frame, key=None)),
+        ("audio", variant(chunk, value=chunk.rec.value + b"\x01")),
+        ("audio", variant(chunk, drop="sp-seq")),
+        ("text", variant(seg, value=b"\xff\xfe not utf-8")),
+    ]
+    out = [Planned(at + i * 20 * MS, m, r, None, "decode") for i, (m, r) in enumerate(bad)]
+    # a frame for windows that closed seconds ago (new seq, so not a duplicate)
+    late = wire.VideoFrame.from_image(sid, t0 + 200 * MS, 9000,
+                                      np.zeros((48, 64, 3), np.uint8))
+    out.append(Planned(t0 + 3000 * MS, "video", wire.encode(late), late, "late"))
+    dup = next(p for p in plan if p.modality == "video" and p.media.ts_ns >= t0 + 2500 * MS)
+    out.append(Planned(dup.send_at_ns + 30 * MS, "video", dup.rec, dup.media, "duplicate"))
+    return out
+
+
+@dataclass
+class LiveRun:
+    t0: int
+    plan: list[Planned]
+    expected: dict[tuple[str, int], Window]
+    preds: list[Pred]
+    dead: list
+    worker: WorkerProc
+
+
+@pytest.fixture(scope="module")
+def live_run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("worker")
+    settings = worker_settings(kafka_bootstrap, tmp)
+    create_topics(settings)
+    worker = WorkerProc(settings, tmp / "worker.log")
+    try:
+        worker.wait_for(r"Worker ready")
+        t0 = start_time()
+        rng = np.random.default_rng(42)
+        plan: list[Planned] = []
+        for sid in ("cam-1", "cam-2", "cam-3", "bad"):
+            plan += stream_plan(sid, t0, DUR_S, rng)
+        plan += stream_plan("mic-off", t0, DUR_S, rng, audio_gap=(t0 + GAP[0], t0 + GAP[1]))
+        plan += _corrupt([p for p in plan if p.rec.key == b"bad"], "bad", t0)
+        produce(settings, plan)
+        expected = oracle(settings, plan)
+        preds = read_predictions(settings, set(expected))
+        n_dead = sum(p.role in ("decode", "late") for p in plan)
+        dead = read_all(settings, settings.topic("deadletter"), lambda m: len(m) >= n_dead, 20)
+        time.sleep(0.5)  # anything extra (it must not be) would show up in the final read
+        dead = read_all(settings, settings.topic("deadletter"), lambda m: False, 1)
+        assert worker.stop() == 0, worker.log()[-3000:]
+        yield LiveRun(t0, plan, expected, preds, dead, worker)
+    finally:
+        worker.abandon()
+
+
+def test_windows_equal_the_oracle(live_run) -> None:
+    """Three streams with jitter and reordering within lateness: the published windows
+    are exactly the oracle's (keys, frame/segment counts, audio seconds, source offsets)."""
+    plan, expected, preds, worker = live_run.plan, live_run.expected, live_run.preds, live_run.worker
+    by_key = assert_windows_equal(preds, expected, {"cam-1", "cam-2", "cam-3"})
+    # every frame and chunk of the run reached a window: offsets cover all that was sent
+    used = {(m, tuple(o)) for ps in by_key.values() for m, offs in ps[0].body["provenance"].items()
+            for o in offs}
+    sent = {(p.modality, (p.source.partition, p.source.offset)) for p in plan
+            if p.role == "window" and p.rec.key.decode() in {"cam-1", "cam-2", "cam-3"}}
+    assert used == sent
+    # reordering really happened in the input (otherwise this test proves little)
+    by_stream = defaultdict(list)
+    for p in sorted(plan, key=lambda p: p.sent_wall_ns):
+        if p.role == "window" and p.modality == "video":
+            by_stream[p.rec.key].append(p.media.ts_ns)
+    assert any(a > b for ts in by_stream.values() for a, b in itertools.pairwise(ts))
+    assert "final status" in worker.log()
+
+
+def test_dead_microphone_masks_audio_and_recovers(live_run) -> None:
+    """Audio stops for 2 s: windows keep coming once the idle deadline passes, with audio
+    masked, before the microphone is back; afterwards windows are full again."""
+    t0, plan, expected, preds = live_run.t0, live_run.plan, live_run.expected, live_run.preds
+    by_key = assert_windows_equal(preds, expected, {"mic-off"})
+    back_wall = min(p.sent_wall_ns for p in plan if p.rec.key == b"mic-off"
+                    and p.modality == "audio" and p.media.ts_ns >= t0 + GAP[1])
+    w, gap_windows, after = W_MS * MS, 0, 0
+    for (_, start), copies in sorted(by_key.items()):
+        body = copies[0].body
+        mods = body["modalities"]
+        if t0 + GAP[0] <= start and start + w <= t0 + GAP[1]:
+            gap_windows += 1
+            assert not mods["audio"]["present"] and mods["missing"] == ["audio"]
+            assert mods["video"]["present"] and mods["text"]["present"]
+            if start + w <= t0 + GAP[1] - 1000 * MS:
+                # closed once audio went idle, without waiting for the microphone to return
+                assert body["quality"]["closed_by"] == "deadline"
+                assert body["emitted_at_ns"] < back_wall, (start - t0) / MS
+        elif start >= t0 + GAP[1] and start + w <= t0 + int(DUR_S * S):
+            after += 1
+            assert mods["audio"]["present"] and mods["missing"] == []
+            assert mods["audio"]["seconds"] == pytest.approx(W_MS / 1000)
+    assert gap_windows == (GAP[1] - GAP[0] - w) // (H_MS * MS) + 1
+    assert after >= 2
+
+
+def test_corrupt_and_late_records_are_dead_lettered(live_run) -> None:
+    """A corrupt record of each kind mid-stream and a late frame go to the dead-letter
+    topic with a readable reason and their source; the stream's windows are unaffected
+    (equal to the oracle of its good records), a duplicate is counted once."""
+    plan, preds, dead, worker = live_run.plan, live_run.preds, live_run.dead, live_run.worker
+    expected = live_run.expected
+    assert_windows_equal(preds, expected, {"bad"})
+    letters = {(d.source.topic, d.source.partition, d.source.offset): d
+               for d in (wire.decode_dead_letter(wire.KafkaRecord.from_client(m)) for m in dead)}
+    assert len(letters) == len(dead)  # each bad record dead-lettered once
+    want = {p.source: p for p in plan if p.role in ("decode", "late")}
+    assert set(letters) == {(s.topic, s.partition, s.offset) for s in want}
+    for src, p in want.items():
+        d = letters[(src.topic, src.partition, src.offset)]
+        assert d.original.value == p.rec.value and d.original.key == p.rec.key
+        if p.role == "decode":
+            assert d.kind == "decode"
+            with pytest.raises(wire.WireError) as err:
+                wire.decode(p.rec, expect_modality=p.modality)
+            assert d.reason == str(err.value)
+        else:
+            assert d.kind == "late"
+            assert "late video record seq 9000" in d.reason and "already closed" in d.reason
+    reasons = " | ".join(d.reason for d in letters.values())
+    for words in ("JPEG", "sp-v=", "no key", "PCM length", "sp-seq", "not UTF-8"):
+        assert words in reasons
+    log = worker.log()
+    assert log.count("dead letter (decode)") == 6 and log.count("dead letter (late)") == 1
+
+
+# ---------------------------------------------------------------------------------------
+# crashes and rebalancing
+# ---------------------------------------------------------------------------------------
+
+
+def _partition_of(sid: str, n: int) -> int:
+    return (murmur2(sid.encode()) & 0x7FFFFFFF) % n
+
+
+def _streams_on_each_partition(n: int, per: int = 1) -> list[str]:
+    out: dict[int, list[str]] = defaultdict(list)
+    i = 0
+    while any(len(out[p]) < per for p in range(n)):
+        sid = f"s{i}"
+        if len(out[_partition_of(sid, n)]) < per:
+            out[_partition_of(sid, n)].append(sid)
+        i += 1
+    return [s for p in range(n) for s in out[p]]
+
+
+def test_kill_9_and_restart_publishes_every_window(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """kill -9 mid-run, restart at once. Asserted, reading predictions read_committed
+    (the worker's producer is not transactional, so that is every acknowledged record):
+    every oracle window is published at least once, nothing else is, and every copy of a
+    window is identical to the oracle's, so collapsing copies by (stream_id,
+    window_start_ns), as the consumer API does, leaves each window exactly once."""
+    settings = worker_settings(kafka_bootstrap, tmp_path)
+    create_topics(settings)
+    streams = _streams_on_each_partition(4)[:3]
+    first = WorkerProc(settings, tmp_path / "first.log")
+    workers = [first]
+    try:
+        first.wait_for(r"Worker ready")
+        t0 = start_time()
+        rng = np.random.default_rng(3)
+        plan = [p for sid in streams for p in stream_plan(sid, t0, 4.0, rng)]
+
+        killed_at: list[int] = []
+
+        def at(send_at: int) -> None:
+            if send_at >= t0 + 2300 * MS and len(workers) == 1:
+                first.kill()
+                killed_at.append(time.time_ns())
+                workers.append(WorkerProc(settings, tmp_path / "second.log"))
+
+        produce(settings, plan, at)
+        expected = oracle(settings, plan)
+        preds = read_predictions(settings, set(expected), timeout=60)
+        second = workers[1]
+        by_key = assert_windows_equal(preds, expected, set(streams))
+        producers = {c.worker for copies in by_key.values() for c in copies}
+        assert producers == {f"{socket.gethostname()}:{first.pid}", f"{socket.gethostname()}:{second.pid}"}
+        dups = sum(len(c) - 1 for c in by_key.values())
+        print(f"kill -9: {len(by_key)} windows, {dups} published twice (identical)")
+        assert second.stop() == 0
+        # the restart resumed from recorded progress and re-read what the first worker
+        # had consumed but not finished (more records than were sent after the kill)
+        assert re.search(r"progress known for [1-9]", second.log())
+        events_in = int(re.search(r"final status: .* events_in=(\d+)", second.log())[1])
+        assert events_in > sum(p.sent_wall_ns > killed_at[0] for p in plan)
+    finally:
+        for w in workers:
+            w.abandon()
+
+
+def test_two_workers_split_partitions_and_take_over(kafka_bootstrap: str,
+                                                    tmp_path: Path) -> None:
+    """Two workers in one group on 4 partitions: each stream's windows come from one
+    worker at a time (never interleaved), both workers take part, and after one is stopped
+    the other takes over its streams with no window lost."""
+    settings = worker_settings(kafka_bootstrap, tmp_path)
+    create_topics(settings)
+    streams = _streams_on_each_partition(4)
+    a = WorkerProc(settings, tmp_path / "a.log")
+    workers = [a]
+    try:
+        a.wait_for(r"partitions assigned: \[0, 1, 2, 3\]")
+        a.wait_for(r"Worker ready")
+        b = WorkerProc(settings.replace(web_port=free_port()), tmp_path / "b.log")
+        workers.append(b)
+        b_parts = b.wait_for(r"partitions assigned: \[([\d, ]+)\]")[0]
+        a.wait_for(r"partitions assigned: \[", count=2)
+        a.wait_for(r"Worker ready", count=2)  # recovered its share after b joined
+        b.wait_for(r"Worker ready")
+        t0 = start_time()
+        plan = [p for sid in streams for p in stream_plan(sid, t0, 4.0,
+                                                          np.random.default_rng(5))]
+        stopper: list[threading.Thread] = []
+
+        def at(send_at: int) -> None:
+            if send_at >= t0 + 2000 * MS and not stopper:
+                stopper.append(threading.Thread(target=a.stop))  # graceful, off the producer
+                stopper[0].start()
+
+        produce(settings, plan, at)
+        stopper[0].join(30)
+        assert a.proc.returncode == 0, a.log()[-3000:]
+        expected = oracle(settings, plan)
+        preds = read_predictions(settings, set(expected), timeout=60)
+        by_key = assert_windows_equal(preds, expected, set(streams))
+        ida, idb = f"{socket.gethostname()}:{a.pid}", f"{socket.gethostname()}:{b.pid}"
+        b_first = {int(x) for x in b_parts.split(", ")}
+        assert 0 < len(b_first) < 4
+        for sid in streams:
+            seq = [c.worker for (s, _), copies in sorted(by_key.items()) if s == sid
+                   for c in sorted(copies, key=lambda c: c.body["emitted_at_ns"])]
+            runs = [w for i, w in enumerate(seq) if i == 0 or seq[i - 1] != w]
+            if _partition_of(sid, 4) in b_first:
+                assert runs == [idb], (sid, runs)
+            else:
+                assert runs == [ida, idb], (sid, runs)  # a's stream, then b took it over
+        assert b.stop() == 0
+        # the progress topic (on each stream's own partition) ends at each stream's last
+        # window: what a next owner would resume from
+        last: dict[str, int] = {}
+        for m in read_all(settings, progress_topic(settings), lambda m: False, 3):
+            sid = m.key.decode()
+            assert m.partition == _partition_of(sid, 4), sid
+            last[sid] = int(m.value)
+        assert last == {sid: max(start for s, start in expected if s == sid) for sid in streams}
+    finally:
+        for w in workers:
+            w.abandon()
+
+
+# ---------------------------------------------------------------------------------------
+# refusal
+# ---------------------------------------------------------------------------------------
+
+
+def test_refuses_topics_that_are_not_co_partitioned(kafka_bootstrap: str,
+                                                    tmp_path: Path) -> None:
+    settings = worker_settings(kafka_bootstrap, tmp_path)
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.create_topics([NewTopic(settings.topic("audio"), 3, 1)])
+    finally:
+        admin.close()
+    create_topics(settings)  # the others with 4 partitions
+    w = WorkerProc(settings, tmp_path / "refused.log")
+    rc = w.proc.wait(60)
+    out = w.log()
+    assert rc == 2, out
+    assert "streamproc worker: topics are not ready" in out
+    assert "input topics are not co-partitioned: partition counts differ" in out
+    assert f"{settings.topic('audio')}=3" in out and "Traceback" not in out

@@ -1,0 +1,137 @@
+"""Settings: defaults < environment < flags, validated with messages that name the setting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from streamproc.cli import build_parser
+from streamproc.config import ConfigError, Settings
+
+
+def test_defaults_env_and_flags_in_that_order() -> None:
+    env = {"STREAMPROC_BOOTSTRAP": "k1:9092", "STREAMPROC_WINDOW_MS": "2000",
+           "STREAMPROC_HOP_MS": "1000"}
+    args = build_parser().parse_args(["config", "--hop-ms", "500"])
+    s = Settings.load(args, environ=env)
+    assert s.bootstrap_servers == "k1:9092"  # env
+    assert s.window_ms == 2000  # env
+    assert s.hop_ms == 500  # the flag beats the env
+    assert s.partitions == Settings().partitions  # default
+    sources = {name: src for name, _, src in Settings.describe(args, environ=env)}
+    assert sources["bootstrap_servers"] == "env STREAMPROC_BOOTSTRAP"
+    assert sources["hop_ms"] == "flag"
+    assert sources["partitions"] == "default"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"hop_ms": 1500}, "hop_ms=1500: must be positive and at most window_ms=1000"),
+        ({"partitions": 0}, "partitions=0: must be at least 1"),
+        ({"device": "tpu"}, "device='tpu': must be auto, cpu, cuda or cuda:N"),
+        ({"expected_modalities": "video,smell"}, "expected_modalities='video,smell'"),
+    ],
+)
+def test_invalid_settings_are_refused_with_the_rule(changes, message) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        Settings(**changes)
+
+
+def test_bad_env_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="STREAMPROC_PARTITIONS: expected int"):
+        Settings.load(environ={"STREAMPROC_PARTITIONS": "four"})
+
+
+def test_derived_topic_names_and_lateness() -> None:
+    s = Settings(topic_prefix="acme", lateness_text_ms=2500)
+    assert s.input_topics == ("acme.video", "acme.audio", "acme.text")
+    assert s.all_topics[-2:] == ("acme.predictions", "acme.deadletter")
+    assert s.lateness_ns("text") == 2_500_000_000
+    assert s.modalities == ("video", "audio", "text")
+
+
+def test_config_command_prints_effective_settings_and_hides_secrets() -> None:
+    env = {"STREAMPROC_SASL_PASSWORD": "hunter2", "STREAMPROC_PARTITIONS": "6", "PATH": ""}
+    out = subprocess.run([sys.executable, "-m", "streamproc.cli", "config", "--json",
+                          "--window-ms", "3000"], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    shown = json.loads(out)
+    assert shown["partitions"] == "6" and shown["window_ms"] == "3000"
+    assert shown["sasl_password"] == "***"
+    table = subprocess.run([sys.executable, "-m", "streamproc.cli", "config"],
+                           capture_output=True, text=True, env=env, check=True).stdout
+    assert "hunter2" not in table
+    assert any(line.startswith("partitions") and "(env STREAMPROC_PARTITIONS)" in line
+               for line in table.splitlines())
+
+
+def test_invalid_setting_exits_2_without_traceback() -> None:
+    proc = subprocess.run([sys.executable, "-m", "streamproc.cli", "config", "--hop-ms", "0"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "invalid setting hop_ms=0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    from pathlib import Path
+
+    from streamproc.config import settings_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert settings_table() in readme, "README settings table is stale: paste " \
+        "`streamproc config --markdown` into it"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"security_protocol": "SASL_PLAINTEXT", "sasl_username": "u", "sasl_password": "p"},
+         "security_protocol=SASL_PLAINTEXT needs sasl_mechanism"),
+        ({"sasl_mechanism": "PLAIN", "sasl_username": "u", "sasl_password": "p"},
+         "sasl_mechanism=PLAIN needs security_protocol SASL_PLAINTEXT or SASL_SSL, not "
+         "PLAINTEXT"),
+        ({"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-256"},
+         "security_protocol=SASL_SSL needs sasl_username and sasl_password"),
+        ({"security_protocol": "SASL_SSL", "sasl_mechanism": "GSSAPI", "sasl_username": "u",
+          "sasl_password": "p"}, "sasl_mechanism='GSSAPI': must be PLAIN, SCRAM-SHA-256"),
+        ({"security_protocol": "SSL", "ssl_cafile": "/nonexistent/ca.pem"},
+         "cannot load the SSL files"),
+    ],
+)
+def test_incomplete_security_settings_are_refused(changes, message) -> None:
+    """Each client would otherwise fill the gap its own way (faust's SASL default protocol,
+    kafka-python's default mechanism) or fail only at connect time."""
+    with pytest.raises(ConfigError, match=message):
+        Settings(**changes).security_kwargs()
+
+
+@pytest.mark.parametrize(("protocol", "mechanism"), [
+    ("PLAINTEXT", ""), ("SSL", ""), ("SASL_PLAINTEXT", "PLAIN"),
+    ("SASL_SSL", "SCRAM-SHA-256"), ("SASL_PLAINTEXT", "SCRAM-SHA-512"),
+])
+def test_security_kwargs_mean_the_same_to_kafka_python_aiokafka_and_faust(
+        protocol: str, mechanism: str) -> None:
+    import inspect
+
+    from aiokafka import AIOKafkaConsumer
+    from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+    from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+
+    from streamproc.worker.app import _credentials
+
+    login = {"sasl_mechanism": mechanism, "sasl_username": "u", "sasl_password": "p"}
+    s = Settings(security_protocol=protocol, **(login if mechanism else {}))
+    kw = s.security_kwargs()
+    for client in (KafkaConsumer, KafkaProducer, KafkaAdminClient):
+        assert set(kw) <= set(client.DEFAULT_CONFIG), client
+    assert set(kw) <= set(inspect.signature(AIOKafkaConsumer).parameters)
+    faust_kw = credentials_to_aiokafka_auth(_credentials(s))  # what the worker's faust uses
+    assert faust_kw["security_protocol"] == protocol
+    for key in ("sasl_mechanism", "sasl_plain_username", "sasl_plain_password"):
+        assert faust_kw.get(key) == kw.get(key), key
+    assert (faust_kw.get("ssl_context") is None) == (kw.get("ssl_context") is None)
