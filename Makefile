@@ -10,6 +10,8 @@ demo: setup  ## the full pipeline on a local broker, with generated sample media
 test: setup  ## the whole test suite against a real local Kafka broker
 	.venv/bin/python -m pytest -q tests
 	.venv/bin/ruff check streamproc tests benchmarks
+	.venv/bin/python -m mypy
 
-lint: setup
+lint: setup  ## ruff, and mypy on the packages pyproject.toml [tool.mypy] lists
 	.venv/bin/ruff check streamproc tests benchmarks
+	.venv/bin/python -m mypy

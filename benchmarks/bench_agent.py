@@ -122,18 +122,18 @@ def agent_child() -> None:
     n, out = int(os.environ["BENCH_N"]), Path(os.environ["BENCH_OUT"])
     app = create_app(settings, partitions=settings.partitions)
     state = app.streamproc
-    on_event = state.on_event
+    on_record = state.on_record
     if os.environ.get("BENCH_NOOP"):
-        def on_event(event) -> None:  # faust's cost alone: hand each record back at once
+        def on_record(record) -> None:  # faust's cost alone: hand each record back at once
             state._releasing = True
-            event.ack()
+            record.handle.ack()
             state._releasing = False
     marks = {"seen": 0}
 
-    def timed(event) -> None:
+    def timed(record) -> None:
         if not marks["seen"]:
             marks["first"] = time.perf_counter()
-        on_event(event)
+        on_record(record)
         marks["seen"] += 1
         if marks["seen"] == n:
             el = time.perf_counter() - marks["first"]
@@ -143,20 +143,20 @@ def agent_child() -> None:
                 "dead_letters": state.counters.get("dead_letters")}))
             os.kill(os.getpid(), signal.SIGTERM)
 
-    state.on_event = timed
+    state.on_record = timed
     if os.environ.get("BENCH_PROFILE"):
         import cProfile
 
         prof = cProfile.Profile()
-        orig_timed = state.on_event
+        orig_timed = state.on_record
 
-        def profiled(event) -> None:
+        def profiled(record) -> None:
             if marks["seen"] == n - 1:
                 prof.disable()
                 prof.dump_stats(os.environ["BENCH_PROFILE"])
-            orig_timed(event)
+            orig_timed(record)
 
-        state.on_event = profiled
+        state.on_record = profiled
         prof.enable()
     Worker(app, loglevel="WARNING", quiet=True).execute_from_commandline()
 

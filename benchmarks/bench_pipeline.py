@@ -15,7 +15,7 @@ arriving ~1 s after they end):
    prediction. Then, in the same process, the bare model (``Predictor``: JPEG decode,
    resize, log-mel, forward) on the same windows in the same batches the worker formed
    (predictions of one batch share its timing fields). Rounds alternate; medians.
-3. **inference stage alone**: the same windows through ``InferenceSink`` (micro-batcher,
+3. **inference stage alone**: the same windows through ``InferenceOutput`` (micro-batcher,
    model thread, prediction JSON, aiokafka publish to a real topic) without faust, against
    the bare model on the batches it formed.
 
@@ -309,12 +309,12 @@ def saturation_round(settings: Settings, model: Path | str, want: int,
     ``model`` "": the worker runs align-only (window summaries, no inference)."""
     from kafka import TopicPartition
 
-    from streamproc.readers import kafka_consumer
+    from streamproc import kafka
     from streamproc.wire.codec import KafkaRecord, decode_prediction
 
     s = settings.replace(app_id=f"{settings.topic_prefix}-{uuid.uuid4().hex[:6]}",
                          metrics_port=0)
-    consumer = kafka_consumer(s)
+    consumer = kafka.consumer(s)
     tps = [TopicPartition(s.topic("predictions"), p) for p in range(s.partitions)]
     consumer.assign(tps)
     for tp, offset in consumer.end_offsets(tps).items():  # earlier rounds' are not ours
@@ -345,10 +345,10 @@ def watermark_rate(preds: Sequence[Prediction]) -> float:
     return (len(emitted) - 1) / ((emitted[-1] - emitted[0]) / S)
 
 
-async def _sink_alone(settings: Settings, predictor, windows: list[Window]) -> tuple[float, list]:
+async def _inference_alone(settings: Settings, predictor, windows: list[Window]) -> tuple[float, list]:
     from aiokafka import AIOKafkaProducer
 
-    from streamproc.inference.sink import InferenceSink
+    from streamproc.inference.outputs import InferenceOutput
 
     batches: list[list[Window]] = []
 
@@ -366,22 +366,23 @@ async def _sink_alone(settings: Settings, predictor, windows: list[Window]) -> t
                                   headers=list(rec.headers), timestamp_ms=rec.timestamp_ms)
         await fut
 
-    sink = InferenceSink(model, publish, model_info=predictor.info,
-                         max_batch=settings.batch_size, max_wait_ms=settings.batch_max_wait_ms)
-    await sink.start()
+    output = InferenceOutput(model, publish, model_info=predictor.info,
+                             max_batch=settings.batch_size,
+                             max_wait_ms=settings.batch_max_wait_ms)
+    await output.start()
     try:
         t0 = time.perf_counter()
-        await asyncio.gather(*(sink.submit(w) for w in windows))
+        await asyncio.gather(*(output.submit(w) for w in windows))
         elapsed = time.perf_counter() - t0
     finally:
-        await sink.stop()
+        await output.stop()
         await producer.stop()
     return len(windows) / elapsed, batches
 
 
 def saturation_phase(bootstrap: str, model: Path, seconds: int, streams: int, rounds: int,
                      tmp: Path) -> dict:
-    from streamproc.inference.sink import Predictor
+    from streamproc.inference.predictor import Predictor
 
     settings = base_settings(bootstrap, model)
     create_topics(settings)
@@ -396,22 +397,22 @@ def saturation_phase(bootstrap: str, model: Path, seconds: int, streams: int, ro
         pipe = watermark_rate(preds)
         batches = batches_of(preds)
         bare, n = bare_rate(predictor, windows, batches)
-        sink_rate, sink_batches = asyncio.run(_sink_alone(settings, predictor,
-                                                          list(windows.values())))
-        sink_bare, _ = bare_rate(predictor, windows, sink_batches)
+        stage_rate, stage_batches = asyncio.run(_inference_alone(settings, predictor,
+                                                                 list(windows.values())))
+        stage_bare, _ = bare_rate(predictor, windows, stage_batches)
         out["pipeline"].append(pipe)
         out["align_only"].append(align_only)
         out["bare"].append(bare)
         out["ratio"].append(pipe / bare)
         out["batch_mean"].append(statistics.mean(len(b) for b in batches))
-        out["sink"].append(sink_rate)
-        out["sink_bare"].append(sink_bare)
-        out["sink_ratio"].append(sink_rate / sink_bare)
-        out["sink_batch_mean"].append(statistics.mean(len(b) for b in sink_batches))
+        out["stage"].append(stage_rate)
+        out["stage_bare"].append(stage_bare)
+        out["stage_ratio"].append(stage_rate / stage_bare)
+        out["stage_batch_mean"].append(statistics.mean(len(b) for b in stage_batches))
         log(f"round {r + 1}: align-only worker {align_only:.1f} windows/s; "
             f"pipeline {pipe:.1f} windows/s, bare model {bare:.1f} on the same "
             f"{len(batches)} batches ({n} windows), ratio {pipe / bare:.2f}; inference stage "
-            f"{sink_rate:.1f} vs {sink_bare:.1f} ({sink_rate / sink_bare:.2f})")
+            f"{stage_rate:.1f} vs {stage_bare:.1f} ({stage_rate / stage_bare:.2f})")
     out["windows"] = [len(windows)]
     return dict(out)
 
@@ -493,10 +494,10 @@ def report(live: dict, summary: dict, sat: dict, model: Path, args: argparse.Nam
         f"| saturation: bare model windows/s, same batches (mean size "
         f"{med['batch_mean']:.1f}) | {med['bare']:.1f} | |",
         f"| **ratio pipeline / bare model** | **{med['ratio']:.2f}** | >= {GOAL_RATIO} |",
-        f"| inference stage alone (InferenceSink + publish) windows/s | {med['sink']:.1f} | |",
-        f"| bare model, the stage's batches (mean size {med['sink_batch_mean']:.1f}) | "
-        f"{med['sink_bare']:.1f} | |",
-        f"| **ratio inference stage / bare model** | **{med['sink_ratio']:.2f}** | "
+        f"| inference stage alone (InferenceOutput + publish) windows/s | {med['stage']:.1f} | |",
+        f"| bare model, the stage's batches (mean size {med['stage_batch_mean']:.1f}) | "
+        f"{med['stage_bare']:.1f} | |",
+        f"| **ratio inference stage / bare model** | **{med['stage_ratio']:.2f}** | "
         f">= {GOAL_RATIO} |",
     ]
     rounds = ", ".join(f"{p:.1f}/{b:.1f}" for p, b in zip(sat["pipeline"], sat["bare"],
@@ -510,7 +511,7 @@ def report(live: dict, summary: dict, sat: dict, model: Path, args: argparse.Nam
         f"({percentile(a, 99):.0f} ms in the worker, {percentile(r, 99):.0f} ms until a "
         f"consumer has it); ratio pipeline / bare model >= {GOAL_RATIO}: "
         f"{met[med['ratio'] >= GOAL_RATIO]} ({med['ratio']:.2f}); the inference stage alone: "
-        f"{met[med['sink_ratio'] >= GOAL_RATIO]} ({med['sink_ratio']:.2f}).\n\n"
+        f"{met[med['stage_ratio'] >= GOAL_RATIO]} ({med['stage_ratio']:.2f}).\n\n"
         f"Where the time goes at saturation: the same worker without a model reads the "
         f"backlog at {med['align_only']:.0f} windows/s ({1000 / med['align_only']:.1f} ms per "
         f"window), {'slower' if med['align_only'] < med['bare'] else 'faster'} than the bare "
@@ -531,7 +532,7 @@ def report(live: dict, summary: dict, sat: dict, model: Path, args: argparse.Nam
         f"fetch_max_wait_ms=1500 and drops partitions whose stream buffer is under pressure "
         f"from the fetch, so a fetch for partitions with nothing new stalled the reading up "
         f"to 1.5 s, again and again; the worker now sets 100 ms "
-        f"(streamproc.worker.app.shorten_fetch_wait): 78 -> 141 windows/s. The door decoded every "
+        f"(streamproc.worker.patches.shorten_fetch_wait): 78 -> 141 windows/s. The door decoded every "
         f"JPEG so a corrupt one becomes a dead letter; decoding at 1/8 scale in grey instead "
         f"of fully: 141 -> about 170. It now checks the JPEG's markers, tables and scans the "
         f"way libjpeg reads them, without decoding (streamproc.wire.jpeg: 15 µs for a W1 frame "

@@ -31,7 +31,8 @@ import cv2
 import numpy as np
 from kafka import KafkaProducer
 
-from streamproc.capture.publisher import Publisher, producer_config
+from streamproc import kafka
+from streamproc.capture.publisher import Publisher
 from streamproc.config import Settings
 from streamproc.topics import create_topics
 from streamproc.wire import codec as wire
@@ -128,7 +129,7 @@ def run(settings: Settings, rounds: int) -> list[dict]:
     rows = []
     for w, h in SIZES:
         probe = [wire.encode(f) for f in jpeg_frames(w, h, 300)]
-        probe_s = time_raw(producer_config(settings), topic, probe)[0]
+        probe_s = time_raw(kafka.producer_config(settings), topic, probe)[0]
         n = int(min(max(300 / probe_s * ROUND_S, 300), 40_000))
         frames = jpeg_frames(w, h, n)
         records = [wire.encode(f) for f in frames]
@@ -136,7 +137,7 @@ def run(settings: Settings, rounds: int) -> list[dict]:
         runs: dict[str, list[tuple[float, float]]] = {"ours": [], "raw": [], "raw_default": []}
         contenders: dict[str, Callable[[], tuple[float, float]]] = {
             "ours": lambda f=frames: time_publisher(settings, f),
-            "raw": lambda r=records: time_raw(producer_config(settings), topic, r),
+            "raw": lambda r=records: time_raw(kafka.producer_config(settings), topic, r),
             "raw_default": lambda r=records: time_raw(default_cfg, topic, r),
         }
         for r in range(rounds):

@@ -111,12 +111,12 @@ class Collector:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self) -> None:
-        from kafka import KafkaConsumer, TopicPartition
+        from kafka import TopicPartition
+
+        from streamproc import kafka
 
         s = self.settings
-        consumer = KafkaConsumer(bootstrap_servers=s.bootstrap_servers,
-                                 isolation_level="read_committed", enable_auto_commit=False,
-                                 max_partition_fetch_bytes=s.max_message_bytes)
+        consumer = kafka.consumer(s)
         try:
             tps = [TopicPartition(s.topic("predictions"), p) for p in range(s.partitions)]
             consumer.assign(tps)

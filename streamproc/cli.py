@@ -129,16 +129,16 @@ def _daemon_bootstrap(data_dir) -> str:
 
 
 def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
+    from streamproc import kafka
     from streamproc.readers import (
         ConsumeStats,
         PredictionTable,
         consume,
         format_json,
-        kafka_consumer,
     )
 
     # a wrong address or login fails here, as one line, before any table is printed
-    kafka_consumer(settings).close()
+    kafka.consumer(settings).close()
     stats = ConsumeStats()
     table = PredictionTable(args.stream)
     if not args.json:

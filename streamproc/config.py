@@ -13,11 +13,15 @@ import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 from streamproc.errors import UserError
 
-MODALITIES: tuple[str, ...] = ("video", "audio", "text")
+# The sp-mod values of wire format v1, here rather than in the codec so that reading
+# settings imports no numpy. A Literal, not an Enum: modalities key the aligner's
+# per-record dicts, where plain strings hash and compare fastest.
+Modality = Literal["video", "audio", "text"]
+MODALITIES: tuple[Modality, ...] = get_args(Modality)
 
 
 class ConfigError(UserError, ValueError):
@@ -185,8 +189,10 @@ class Settings:
 
     # --- derived values --------------------------------------------------------------
     @property
-    def modalities(self) -> tuple[str, ...]:
-        return tuple(m.strip() for m in self.expected_modalities.split(",") if m.strip())
+    def modalities(self) -> tuple[Modality, ...]:
+        """``expected_modalities`` as a tuple (each one checked when the settings are built)."""
+        names = tuple(m.strip() for m in self.expected_modalities.split(",") if m.strip())
+        return cast(tuple[Modality, ...], names)
 
     def topic(self, kind: str) -> str:
         """Topic name for ``video``, ``audio``, ``text``, ``predictions`` or ``deadletter``."""
@@ -283,8 +289,8 @@ def _spelled(choices: tuple[str, ...], raw: str) -> str:
     return next((c for c in choices if c.lower() == raw.strip().lower()), raw)
 
 
-def _convert(f: dataclasses.Field, raw: Any, where: str) -> Any:
-    kind = type(f.default)
+def _convert(f: dataclasses.Field[Any], raw: Any, where: str) -> Any:
+    kind: type[Any] = type(f.default)
     if f.metadata["choices"] and isinstance(raw, str):
         raw = _spelled(f.metadata["choices"], raw)
     if isinstance(raw, kind):
@@ -341,13 +347,14 @@ def add_settings_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
     for f in dataclasses.fields(Settings):
         if f.name in skip or (shown is not None and f.name not in shown):
             continue
+        choices = f.metadata["choices"]
+        by_kind: dict[str, Any] = (
+            {"choices": choices, "type": functools.partial(_spelled, choices)} if choices
+            else {"metavar": type(f.default).__name__.upper()})
         group.add_argument(
             flag_name(f),
             dest=f.name,
             default=None,
-            choices=f.metadata["choices"] or None,
-            type=functools.partial(_spelled, f.metadata["choices"]) if f.metadata["choices"]
-            else None,
-            metavar=None if f.metadata["choices"] else type(f.default).__name__.upper(),
             help=f"{f.metadata['help']} [env {env_name(f)}; default {f.default!r}]",
+            **by_kind,
         )

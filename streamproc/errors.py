@@ -3,7 +3,7 @@
 Also the words for a broker that cannot be used: the Kafka clients retry a refused password
 or an untrusted certificate until their bootstrap timeout and then say only "unable to
 bootstrap"; :func:`broker_error` names the cause a probe found
-(:func:`streamproc.topics.connection_error`).
+(:func:`streamproc.kafka.connection_error`).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def broker_error(bootstrap: str, cause: BaseException | None) -> BrokerError:
     None when a probe connected and the broker answered, which leaves only the timeout.
     """
     kind = Fault.UNKNOWN if cause is None else classify(cause)
-    if kind in (Fault.UNREACHABLE, Fault.UNKNOWN):
+    if cause is None or kind in (Fault.UNREACHABLE, Fault.UNKNOWN):
         listening = [a for a in bootstrap.split(",") if _accepts_tcp(a.strip())]
         if not listening:
             return BrokerError(f"no Kafka broker reachable at {bootstrap} within "

@@ -15,12 +15,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
+from kafka import TopicPartition
 
+from streamproc import kafka
 from streamproc.config import Settings
-from streamproc.errors import CONNECT_TIMEOUT_S, UserError
-from streamproc.topics import connection_error
+from streamproc.errors import UserError
 from streamproc.wire.codec import KafkaRecord, Prediction, WireError, decode_prediction
 
 log = logging.getLogger(__name__)
@@ -66,24 +65,6 @@ class Deduper:
         return "new"
 
 
-def kafka_consumer(settings: Settings) -> KafkaConsumer:
-    """A group-less, read_committed kafka-python consumer sized for streamproc records;
-    a BrokerError naming the cause when no broker answers within CONNECT_TIMEOUT_S."""
-    try:
-        return KafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers.split(","),
-            isolation_level="read_committed",
-            enable_auto_commit=False,
-            group_id=None,
-            max_partition_fetch_bytes=settings.max_message_bytes,
-            fetch_max_bytes=max(settings.max_message_bytes, 52428800),
-            bootstrap_timeout_ms=int(CONNECT_TIMEOUT_S * 1000),
-            **settings.security_kwargs(),
-        )
-    except KafkaError as e:
-        raise connection_error(settings, e) from None
-
-
 def consume(
     settings: Settings | None = None,
     *,
@@ -105,7 +86,7 @@ def consume(
     settings = settings or Settings.load()
     stats = stats if stats is not None else ConsumeStats()
     topic = settings.topic("predictions")
-    consumer = kafka_consumer(settings)
+    consumer = kafka.consumer(settings)
     try:
         parts = consumer.partitions_for_topic(topic)
         if not parts:

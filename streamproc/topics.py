@@ -7,18 +7,14 @@ letters get the same count so a stream's outputs stay on "its" partition too.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from dataclasses import dataclass
 
-from aiokafka.conn import create_conn
-from aiokafka.protocol.metadata import MetadataRequest
-from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from streamproc import kafka
 from streamproc.config import Settings
-from streamproc.errors import CONNECT_TIMEOUT_S, BrokerError, UserError, broker_error, classify
+from streamproc.errors import UserError
 
 
 class TopicError(UserError):
@@ -41,64 +37,9 @@ def topic_configs(settings: Settings) -> dict[str, str]:
     }
 
 
-def admin_client(settings: Settings) -> KafkaAdminClient:
-    """An admin client, or a BrokerError that names why the broker cannot be used
-    (unreachable, wrong credentials, untrusted certificate, wrong security protocol)."""
-    try:
-        return KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers.split(","),
-                                request_timeout_ms=15000,
-                                bootstrap_timeout_ms=int(CONNECT_TIMEOUT_S * 1000),
-                                **settings.security_kwargs())
-    except KafkaError as e:  # kafka-python 3.x: KafkaTimeoutError "Unable to bootstrap"
-        raise connection_error(settings, e) from None
-
-
-def connection_error(settings: Settings, raised: BaseException | None = None) -> BrokerError:
-    """The one-line error for a client that could not bootstrap: why, as a probe found it.
-
-    kafka-python reports only "unable to bootstrap" after retrying, and can lose the cause
-    on the way (it drops a response that arrives together with the broker closing the
-    connection, as after a refused password). One aiokafka connection per bootstrap
-    address, with the same security settings and a metadata request, names it: refused,
-    authentication failed, certificate not trusted, no SASL on that listener, closed.
-    """
-    failures = _probe(settings)
-    best = max(failures, key=classify, default=raised)
-    if raised is not None and best is not None and classify(raised) > classify(best):
-        best = raised
-    return broker_error(settings.bootstrap_servers, best)
-
-
-def _probe(settings: Settings, timeout_s: float = 3.0) -> list[BaseException]:
-    """Connect once to every bootstrap address as the clients would; the failures."""
-    kw = settings.security_kwargs()
-    addresses = [a.strip() for a in settings.bootstrap_servers.split(",") if a.strip()]
-
-    async def one(address: str) -> None:
-        host, _, port = address.rpartition(":")
-        conn = await create_conn(host.strip("[]"), int(port),
-                                 request_timeout_ms=int(timeout_s * 1000), **kw)
-        try:
-            await conn.send(MetadataRequest([]))
-        finally:
-            conn.close()
-
-    async def every() -> list:
-        return await asyncio.gather(*(asyncio.wait_for(one(a), timeout_s) for a in addresses),
-                                    return_exceptions=True)
-
-    results: list = []
-    # its own thread and loop: callers may be inside an event loop (the worker) or not
-    probe = threading.Thread(target=lambda: results.extend(asyncio.run(every())),
-                             name="broker-probe", daemon=True)
-    probe.start()
-    probe.join(timeout_s + 2)
-    return [r for r in results if isinstance(r, BaseException)]
-
-
 def create_topics(settings: Settings) -> list[str]:
     """Create every missing streamproc topic; return the names created."""
-    admin = admin_client(settings)
+    admin = kafka.admin(settings)
     created = []
     try:
         existing = set(admin.list_topics())
@@ -121,7 +62,7 @@ def create_topics(settings: Settings) -> list[str]:
 
 def describe(settings: Settings, names: tuple[str, ...] | None = None) -> list[TopicState]:
     names = names or settings.all_topics
-    admin = admin_client(settings)
+    admin = kafka.admin(settings)
     try:
         existing = set(admin.list_topics())
         present = [n for n in names if n in existing]
@@ -152,8 +93,7 @@ def problems(settings: Settings, states: list[TopicState]) -> list[str]:
     missing = [s.name for s in states if s.partitions is None]
     if missing:
         out.append(f"missing topic(s): {', '.join(missing)} (run `streamproc topics create`)")
-    inputs = [by_name[n] for n in settings.input_topics if by_name[n].partitions is not None]
-    counts = {s.name: s.partitions for s in inputs}
+    counts = {n: c for n in settings.input_topics if (c := by_name[n].partitions) is not None}
     if len(set(counts.values())) > 1:
         detail = ", ".join(f"{n}={c}" for n, c in counts.items())
         out.append(

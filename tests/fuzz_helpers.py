@@ -4,8 +4,8 @@ must follow, and readers that survive whatever the topics hold.
 
 Every bad record carries its :class:`Category`; :data:`RULES` says what the worker must do
 with a record of that category (dead-letter it with some kinds, use it in a window, skip
-it). Records are sent with kafka-python (any header name: :class:`RawName` writes bytes that
-are not UTF-8), confluent-kafka with its default partitioner (a stream split across
+it). Records are sent with kafka-python (any header name: worker_helpers.RawName writes bytes
+that are not UTF-8), confluent-kafka with its default partitioner (a stream split across
 partitions) and a confluent-kafka transactional producer (committed and aborted batches).
 """
 
@@ -21,19 +21,29 @@ from enum import Enum
 
 import cv2
 import numpy as np
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer
 from confluent_kafka import TopicPartition as CkTopicPartition
-from kafka import KafkaProducer
-from kafka.partitioner.default import murmur2
+from worker_helpers import (
+    SEG_MS,
+    KafkaSender,
+    RawName,
+    camera_frame,
+    confluent_producer,
+    keys_on_partitions,
+    paced,
+    partition_of,
+    send_confluent,
+    stream_plan,
+    tone_chunk,
+)
 
 from streamproc.config import Settings
+from streamproc.testing import MS, S, segment
 from streamproc.wire import codec as wire
 
-MS = 1_000_000
-S = 1_000_000_000
-FPS, CHUNK_MS, SEG_MS, SR = 10, 100, 500, 16000
-# Send delay after a record's span ends, below each modality's lateness (test_fuzz), so a
-# valid record is never late however the jitter reorders it.
+# Send delay after a record's span ends, below each modality's lateness
+# (worker_helpers.LATENESS_MS), so a valid record is never late however the jitter
+# reorders it.
 JITTER_MS = {"video": 120, "audio": 40, "text": 200}
 LIVE_SEQ = 10_000_000  # bad records on a live key take sequence numbers it never uses
 
@@ -80,7 +90,7 @@ class Expect(Enum):
 
 #: every dead-letter kind but the two that never fit a hostile record: ``late`` (it is not
 #: late, it is wrong) and ``internal`` (a worker bug)
-REFUSALS = frozenset(wire.DEAD_LETTER_KINDS) - {"late", "internal"}
+REFUSALS = frozenset(k.value for k in wire.DeadLetterKind) - {"late", "internal"}
 
 
 @dataclass(frozen=True)
@@ -181,77 +191,16 @@ class Sent:
     source: wire.Source | None = None
 
 
-class RawName(str):
-    """A header name sent as any bytes: kafka-python writes ``name.encode("utf-8")``."""
-
-    raw: bytes
-
-    def __new__(cls, raw: bytes) -> RawName:
-        obj = super().__new__(cls, raw.decode("utf-8", "replace"))
-        obj.raw = raw
-        return obj
-
-    def encode(self, *args: object, **kwargs: object) -> bytes:  # type: ignore[override]
-        return self.raw
-
-
-def partition_of(key: bytes, n: int) -> int:
-    """The partition every streamproc client picks for a key (murmur2, as Java's)."""
-    return (murmur2(key) & 0x7FFFFFFF) % n
-
-
-def keys_on_partitions(prefix: str, n: int) -> list[str]:
-    """One stream id per partition, in partition order."""
-    out: dict[int, str] = {}
-    i = 0
-    while len(out) < n:
-        sid = f"{prefix}{i}"
-        out.setdefault(partition_of(sid.encode(), n), sid)
-        i += 1
-    return [out[p] for p in range(n)]
-
-
 # ---------------------------------------------------------------------------------------
 # media
 # ---------------------------------------------------------------------------------------
 
 
-def frame(sid: str, seq: int, ts: int, shade: int = 0, size: tuple[int, int] = (48, 64)
-          ) -> wire.VideoFrame:
-    img = np.full((*size, 3), (shade % 200, 60 + seq % 100, 90), np.uint8)
-    cv2.rectangle(img, (seq % (size[1] - 8), 4), (seq % (size[1] - 8) + 6, 20), (255, 255, 255), -1)
-    return wire.VideoFrame.from_image(sid, ts, seq, img, quality=80)
-
-
-def chunk(sid: str, seq: int, ts: int, hz: float = 330.0) -> wire.AudioChunk:
-    n = SR * CHUNK_MS // 1000
-    t = (np.arange(n) + seq * n) / SR
-    return wire.AudioChunk.from_samples(sid, ts, seq, 0.3 * np.sin(2 * np.pi * hz * t), SR)
-
-
-def segment(sid: str, seq: int, start: int, end: int) -> wire.TranscriptSegment:
-    return wire.TranscriptSegment(sid, seq, f"{sid} says {seq}", start, end)
-
-
 def valid_stream(sid: str, t0: int, dur_s: float, rng: np.random.Generator) -> list[Sent]:
-    """Video 10 fps, 100 ms audio chunks, back-to-back 500 ms segments; each sent when its
-    span ends plus a jitter below the modality's lateness."""
-    out: list[Sent] = []
-    end = t0 + int(dur_s * S)
-
-    def plan(media: wire.MediaRecord, ready_ns: int) -> None:
-        jitter = int(rng.uniform(0, JITTER_MS[media.modality])) * MS
-        out.append(Sent(ready_ns + jitter, media.modality, wire.encode(media), media=media))
-
-    for i, ts in enumerate(range(t0, end, S // FPS)):
-        plan(frame(sid, i, ts, zlib.crc32(sid.encode())), ts)
-    for i, ts in enumerate(range(t0, end, CHUNK_MS * MS)):
-        c = chunk(sid, i, ts)
-        plan(c, c.end_ns)
-    for i, ts in enumerate(range(t0, end, SEG_MS * MS)):
-        s = segment(sid, i, ts, ts + SEG_MS * MS)
-        plan(s, s.end_ns)
-    return out
+    """worker_helpers.stream_plan's stream, each record sent with a jitter below the
+    modality's lateness."""
+    return [Sent(p.send_at_ns, p.modality, p.rec, media=p.media)
+            for p in stream_plan(sid, t0, dur_s, rng, jitter_ms=JITTER_MS)]
 
 
 def forged_png(width: int, height: int) -> bytes:
@@ -349,9 +298,9 @@ class Planner:
         self._n += 1
         sid, seq = key.decode(), LIVE_SEQ + self._n
         if modality == "video":
-            media: wire.MediaRecord = frame(sid, seq, at)
+            media: wire.MediaRecord = camera_frame(sid, seq, at)
         elif modality == "audio":
-            media = chunk(sid, seq, at)
+            media = tone_chunk(sid, seq, at)
         else:
             media = segment(sid, seq, at, at + SEG_MS * MS)
         return wire.encode(media)
@@ -463,7 +412,7 @@ class Planner:
                 sid = f"fz-{cat.name.lower()}-{s}"
                 for i in range(10):
                     at = self.t0 + i * step * 3 + s * MS
-                    rec = wire.encode(frame(sid, i, at))
+                    rec = wire.encode(camera_frame(sid, i, at))
                     if cat is Category.HEADER_EXTRA:  # names distinct: see wire._headers
                         extra = list({_random_name(rng): rng.integers(
                             0, 256, int(rng.integers(0, 64)), np.uint8).tobytes()
@@ -482,7 +431,7 @@ class Planner:
             sid = f"fz-corrupt-{s}"
             for i in range(15):
                 at = self.t0 + i * step * 2 + s * MS
-                rec = wire.encode(frame(sid, i, at, s * 40))
+                rec = wire.encode(camera_frame(sid, i, at, s * 40))
                 data = bytearray(rec.value)
                 for _ in range(int(rng.integers(1, 4))):
                     data[int(rng.integers(2, len(data)))] = int(rng.integers(256))
@@ -494,8 +443,9 @@ class Planner:
             for run in range(2):
                 for i in range(5):
                     at = self.t0 + (run * 6 + i) * 100 * MS + 3 * self.dur_ns // 10
-                    media: wire.MediaRecord = (frame(sid, i, at, 100 * run) if mod == "video"
-                                               else chunk(sid, i, at, 330.0 + 200 * run))
+                    media: wire.MediaRecord = (
+                        camera_frame(sid, i, at, 100 * run) if mod == "video"
+                        else tone_chunk(sid, i, at, 330.0 + 200 * run))
                     self.add(Category.SEQ_REUSE, mod, wire.encode(media), at + 120 * MS, media)
         # new streams far in the past (in order per stream)
         day = 86_400 * S
@@ -503,11 +453,12 @@ class Planner:
             sid = f"fz-past-{s}"
             for i in range(4):
                 ts = origin + i * 100 * MS
-                self.add(Category.CLOCK_BEHIND_NEW, "video", wire.encode(frame(sid, i, ts)),
-                         self.t0 + (2 + i) * step)
+                self.add(Category.CLOCK_BEHIND_NEW, "video",
+                         wire.encode(camera_frame(sid, i, ts)), self.t0 + (2 + i) * step)
         for s, mod in enumerate(("video", "audio", "text")):
             sid = f"fz-epoch-{mod}"
-            media = (frame(sid, 0, 0) if mod == "video" else chunk(sid, 0, 0) if mod == "audio"
+            media = (camera_frame(sid, 0, 0) if mod == "video"
+                     else tone_chunk(sid, 0, 0) if mod == "audio"
                      else segment(sid, 0, 0, 100 * MS))
             self.add(Category.CLOCK_EPOCH, mod, wire.encode(media), self.t0 + (3 + s) * step)
         # a stream whose video a librdkafka producer sends with its default partitioner
@@ -523,7 +474,7 @@ class Planner:
             for cat, via, prefix in ((Category.TXN_COMMITTED, Via.TXN_COMMIT, "fz-txn-c"),
                                      (Category.TXN_ABORTED, Via.TXN_ABORT, "fz-txn-a")):
                 for sid in keys_on_partitions(prefix, self.partitions):
-                    for media in (frame(sid, k, at), chunk(sid, k, at),
+                    for media in (camera_frame(sid, k, at), tone_chunk(sid, k, at),
                                   segment(sid, k, at, at + 200 * MS)):
                         self.add(cat, media.modality, wire.encode(media), at + 250 * MS + k,
                                  media, via, batch)
@@ -597,15 +548,15 @@ class Planner:
         for i in range(6):
             at = self.when(0.3, 0.8)
             sid = self.live[i % len(self.live)]
-            media = [frame(sid, LIVE_SEQ + 700 + i, at + 55 * S),
-                     chunk(sid, LIVE_SEQ + 700 + i, at + 55 * S),
+            media = [camera_frame(sid, LIVE_SEQ + 700 + i, at + 55 * S),
+                     tone_chunk(sid, LIVE_SEQ + 700 + i, at + 55 * S),
                      segment(sid, LIVE_SEQ + 700 + i, at + 55 * S, at + 56 * S)][i % 3]
             self.add(Category.CLOCK_AHEAD_NEAR, media.modality, wire.encode(media), at, media)
         for i in range(8):
             at = self.when(0.5, 0.9)  # the live streams' first windows closed long before
             sid = self.live[i % len(self.live)]
-            media = [frame(sid, LIVE_SEQ + 600 + i, at - 3600 * S),
-                     chunk(sid, LIVE_SEQ + 600 + i, at - 3600 * S)][i % 2]
+            media = [camera_frame(sid, LIVE_SEQ + 600 + i, at - 3600 * S),
+                     tone_chunk(sid, LIVE_SEQ + 600 + i, at - 3600 * S)][i % 2]
             self.add(Category.CLOCK_BEHIND_LIVE, media.modality, wire.encode(media), at, media)
 
 
@@ -617,61 +568,35 @@ class Planner:
 def send_all(settings: Settings, plan: list[Sent]) -> None:
     """Send every record at its ``send_at_ns`` on the wall clock, each by its client, and
     note where the broker put it. Transactional batches go out whole at their time."""
-    kp = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all", linger_ms=2,
-                       max_request_size=settings.max_message_bytes * 2)
-    conf = {"bootstrap.servers": settings.bootstrap_servers,
-            "message.max.bytes": settings.max_message_bytes * 2}
-    cp = Producer(conf)  # its default partitioner: consistent_random (CRC32)
-    tp = Producer({**conf, "transactional.id": f"{settings.topic_prefix}-fuzz",
-                   "partitioner": "murmur2_random"})
+    max_bytes = settings.max_message_bytes * 2  # oversized records must reach the worker
+    cp = confluent_producer(settings, **{"message.max.bytes": max_bytes})  # CRC32 partitioner
+    tp = confluent_producer(settings, **{"message.max.bytes": max_bytes,
+                                         "transactional.id": f"{settings.topic_prefix}-fuzz",
+                                         "partitioner": "murmur2_random"})
     tp.init_transactions(30)
-    futures: list[tuple[Sent, object]] = []
-
-    def delivered(s: Sent) -> Callable:
-        def cb(err: object, msg: object) -> None:
-            if err is None:
-                s.source = wire.Source(msg.topic(), msg.partition(), msg.offset())
-        return cb
-
-    def ck_send(producer: Producer, s: Sent) -> None:
-        producer.produce(settings.topic(s.modality), value=s.rec.value, key=s.rec.key,
-                         headers=list(s.rec.headers), timestamp=s.rec.timestamp_ms or 0,
-                         on_delivery=delivered(s))
-
-    try:
-        batches: dict[int, list[Sent]] = {}
-        for s in plan:
-            if s.batch >= 0:
-                batches.setdefault(s.batch, []).append(s)
-        done_batches: set[int] = set()
-        for s in sorted(plan, key=lambda s: s.send_at_ns):
-            delay = (s.send_at_ns - time.time_ns()) / S
-            if delay > 0:
-                time.sleep(delay)
+    batches: dict[int, list[Sent]] = {}
+    for s in plan:
+        if s.batch >= 0:
+            batches.setdefault(s.batch, []).append(s)
+    done_batches: set[int] = set()
+    with KafkaSender(settings, max_request_size=max_bytes) as kp:
+        for s in paced(plan):
             if s.via is Via.KAFKA:
-                futures.append((s, kp.send(settings.topic(s.modality), key=s.rec.key,
-                                           value=s.rec.value, headers=list(s.rec.headers),
-                                           timestamp_ms=s.rec.timestamp_ms)))
+                kp.send(s)
             elif s.via is Via.DEFAULT_PARTITIONER:
-                ck_send(cp, s)
+                send_confluent(cp, settings, s, wait=False)
                 cp.poll(0)
             elif s.batch not in done_batches:
                 done_batches.add(s.batch)
                 tp.begin_transaction()
                 for b in batches[s.batch]:
-                    ck_send(tp, b)
+                    send_confluent(tp, settings, b, wait=False)
                 tp.flush(30)  # every record has its offset, also the ones aborted next
                 if s.via is Via.TXN_COMMIT:
                     tp.commit_transaction(30)
                 else:
                     tp.abort_transaction(30)
-        kp.flush(60)
         cp.flush(60)
-        for s, fut in futures:
-            md = fut.get(60)
-            s.source = wire.Source(md.topic, md.partition, md.offset)
-    finally:
-        kp.close()
     missing = [s for s in plan if s.source is None]
     assert not missing, f"{len(missing)} records not delivered, e.g. {missing[0]}"
 

@@ -18,23 +18,10 @@ import cv2
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 
-from streamproc.capture.sources import Clock
 from streamproc.config import Settings
 from streamproc.wire import codec as wire
 
 VIDEO_FPS = 10.0
-T0 = 1_700_000_000 * 1_000_000_000
-
-
-class ManualClock(Clock):
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: int = T0) -> None:
-        self.now = now
-
-    def now_ns(self) -> int:
-        return self.now
-
 VIDEO_SIZE = (160, 120)  # w, h
 
 

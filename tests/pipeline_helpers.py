@@ -1,5 +1,5 @@
 """AV-Digits clips replayed live through the real producer path, for the end-to-end and
-metrics tests (test_pipeline, test_metrics).
+metrics tests (test_pipeline, test_metrics_endpoint).
 
 Clips come from ``avdigits.write_clip`` with the tiny preset's test-split settings, so a
 clip's windows are drawn from the same distribution as the tiny model's held-out test
@@ -22,21 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from kafka import KafkaProducer
 
+from streamproc import kafka
 from streamproc.align.aligner import Window
-from streamproc.capture.publisher import Publisher, producer_config
+from streamproc.capture.publisher import Publisher
 from streamproc.capture.sources import ReplaySpec, replay_many
 from streamproc.capture.transcripts import load_transcript
 from streamproc.config import Settings
 from streamproc.dev.localkafka import free_port
-from streamproc.inference.sink import Predictor, Scored
+from streamproc.inference.predictor import Predictor, Scored
 from streamproc.ml import avdigits as av
 from streamproc.ml.dataset import read_labels
+from streamproc.testing import MS, S
 from streamproc.wire import codec as wire
 
-MS = 1_000_000
-S = 1_000_000_000
 #: The tiny model's test split: held-out voices and images, the same difficulty.
 CLIP_CFG = av.PRESETS["tiny"]
 #: Every latency stage an inference prediction reports (docs/pipeline.md).
@@ -188,7 +187,7 @@ def bad_records(sid: str, ts_ns: int, max_bytes: int) -> list[Bad]:
 
 def send_raw(settings: Settings, bad: list[Bad]) -> None:
     """Send records as they are (the Publisher only sends valid typed records)."""
-    producer = KafkaProducer(**producer_config(settings))
+    producer = kafka.producer(settings)
     try:
         futs = [producer.send(settings.topic(b.modality), key=b.rec.key, value=b.rec.value,
                               headers=list(b.rec.headers), timestamp_ms=b.rec.timestamp_ms)

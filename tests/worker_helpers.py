@@ -1,6 +1,7 @@
-"""Real ``streamproc worker`` subprocesses and what they publish, for the broker tests
-(test_worker, test_pipeline, test_metrics): start/stop/kill a worker, read a topic
-read_committed, and compare published windows with an oracle.
+"""Real ``streamproc worker`` subprocesses, what they are sent and what they publish, for
+the broker and end-to-end tests: the workers' settings, a paced workload of real media,
+senders (kafka-python, librdkafka), start/stop/kill a worker, read a topic read_committed,
+and compare published windows with an oracle.
 
 The oracle is the pure Aligner fed the records that were sent (with the offsets the broker
 gave them), sorted by event time and flushed: independent of arrival order and timing.
@@ -16,17 +17,26 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
+import cv2
+import numpy as np
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from confluent_kafka import Producer as ConfluentProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.partitioner.default import murmur2
 
 from streamproc.align.aligner import AlignConfig, Aligner, Window
 from streamproc.config import Settings, env_name
-from streamproc.inference.sink import window_summary
+from streamproc.dev.localkafka import free_port
+from streamproc.inference.predictions import window_summary
+from streamproc.testing import MS, SAMPLE_RATE, S, segment
 from streamproc.wire import codec as wire
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,3 +172,243 @@ def assert_windows_equal(preds: list[Pred], expected: dict[tuple[str, int], Wind
             assert c.content() == exp, (f"window {key} differs from the oracle's (published by "
                                         f"{c.worker}, {c.body['quality']})")
     return by_key
+
+
+# ---------------------------------------------------------------------------------------
+# settings: hopping windows short enough that a few seconds of streams make many
+# ---------------------------------------------------------------------------------------
+
+W_MS, H_MS = 500, 250  # hopping: every record belongs to two windows
+LATENESS_MS = {"video": 150, "audio": 150, "text": 300}
+IDLE_MS = 1000  # above any gap between two records of one modality (text: 500 ms + jitter)
+# A worker's record limit below what the topics accept (8 MiB): a record between the two
+# reaches the worker and is dead-lettered as oversized.
+WORKER_MAX_BYTES = 256 * 1024
+FPS, CHUNK_MS, SEG_MS = 10, 100, 500  # what stream_plan sends
+# Send delay after a record's span ends. A record is never late when the watermark of its
+# modality at its arrival stays below (start of its span + lateness): video frames 100 ms
+# apart with up to 140 ms jitter arrive out of order yet in time; audio chunks (100 ms
+# spans) may lag 50 ms; transcript segments, 500 ms apart, never overtake each other.
+JITTER_MS = {"video": 140, "audio": 50, "text": 250}
+
+
+def worker_settings(bootstrap: str, tmp: Path) -> Settings:
+    """A worker of the settings above on topics (and a group) no other test uses."""
+    prefix = f"w{uuid.uuid4().hex[:10]}"
+    return Settings(
+        bootstrap_servers=bootstrap, topic_prefix=prefix, app_id=prefix, partitions=4,
+        window_ms=W_MS, hop_ms=H_MS, idle_deadline_ms=IDLE_MS, frames_per_window=4,
+        lateness_video_ms=LATENESS_MS["video"], lateness_audio_ms=LATENESS_MS["audio"],
+        lateness_text_ms=LATENESS_MS["text"], metrics_port=0, web_port=free_port(),
+        session_timeout_ms=6000,  # the broker's minimum: a killed worker's partitions move fast
+        data_dir=str(tmp / f"data-{prefix}"))
+
+
+def start_time() -> int:
+    """Event time origin: a hop boundary shortly after now."""
+    h = H_MS * MS
+    return (time.time_ns() + 600 * MS) // h * h + h
+
+
+def partition_of(key: str | bytes, n: int) -> int:
+    """The partition every streamproc client picks for a key (murmur2, as Java's)."""
+    raw = key.encode() if isinstance(key, str) else key
+    return (murmur2(raw) & 0x7FFFFFFF) % n
+
+
+def keys_on_partitions(prefix: str, n: int) -> list[str]:
+    """One stream id per partition, in partition order."""
+    out: dict[int, str] = {}
+    i = 0
+    while len(out) < n:
+        sid = f"{prefix}{i}"
+        out.setdefault(partition_of(sid, n), sid)
+        i += 1
+    return [out[p] for p in range(n)]
+
+
+# ---------------------------------------------------------------------------------------
+# workload: real media, paced on the wall clock with jitter
+# ---------------------------------------------------------------------------------------
+
+
+def camera_frame(sid: str, seq: int, ts: int, shade: int = 0,
+                 size: tuple[int, int] = (48, 64)) -> wire.VideoFrame:
+    """A real JPEG (height, width ``size``): a plain colour and a bar that moves with seq."""
+    img = np.full((*size, 3), (shade % 200, 60 + seq % 100, 90), np.uint8)
+    cv2.rectangle(img, (seq % (size[1] - 8), 4), (seq % (size[1] - 8) + 6, 20), (255, 255, 255), -1)
+    return wire.VideoFrame.from_image(sid, ts, seq, img, quality=80)
+
+
+def tone_chunk(sid: str, seq: int, ts: int, hz: float = 330.0) -> wire.AudioChunk:
+    """CHUNK_MS of a sine tone, continuous from one seq to the next."""
+    n = SAMPLE_RATE * CHUNK_MS // 1000
+    t = (np.arange(n) + seq * n) / SAMPLE_RATE
+    return wire.AudioChunk.from_samples(sid, ts, seq, 0.3 * np.sin(2 * np.pi * hz * t),
+                                        SAMPLE_RATE)
+
+
+@dataclass
+class Planned:
+    """One record to send at ``send_at_ns``; ``source`` is where the broker put it."""
+
+    send_at_ns: int
+    modality: str  # the topic it goes to
+    rec: wire.KafkaRecord
+    media: wire.MediaRecord | None  # None: corrupt on purpose
+    role: str = "window"  # window | decode | late | duplicate, or what a test names
+    source: wire.Source | None = None
+    sent_wall_ns: int = 0
+
+
+def stream_plan(sid: str, t0: int, dur_s: float, rng: np.random.Generator,
+                audio_gap: tuple[int, int] | None = None,
+                jitter_ms: dict[str, int] = JITTER_MS) -> list[Planned]:
+    """Video FPS, CHUNK_MS audio chunks, back-to-back SEG_MS transcript segments; each sent
+    when its span ends plus a random jitter below ``jitter_ms`` (under the lateness)."""
+    out: list[Planned] = []
+    end = t0 + int(dur_s * S)
+
+    def plan(media: wire.MediaRecord, ready_ns: int) -> None:
+        jitter = int(rng.uniform(0, jitter_ms[media.modality])) * MS
+        out.append(Planned(ready_ns + jitter, media.modality, wire.encode(media), media))
+
+    for i, ts in enumerate(range(t0, end, S // FPS)):
+        plan(camera_frame(sid, i, ts, zlib.crc32(sid.encode())), ts)
+    seq = 0
+    for ts in range(t0, end, CHUNK_MS * MS):
+        if audio_gap and audio_gap[0] <= ts < audio_gap[1]:
+            continue  # mic unplugged: nothing sent, the sequence goes on afterwards
+        c = tone_chunk(sid, seq, ts)
+        seq += 1
+        plan(c, c.end_ns)
+    for k, ts in enumerate(range(t0, end, SEG_MS * MS)):
+        s = segment(sid, k, ts, ts + SEG_MS * MS, f"{sid} says segment {k}")
+        plan(s, s.end_ns)
+    return out
+
+
+def oracle(settings: Settings, plan: list[Planned]) -> dict[tuple[str, int], Window]:
+    """The windows of every record meant for a window (``role`` "window")."""
+    return oracle_windows(settings, [dataclasses.replace(p.media, source=p.source)
+                                     for p in plan if p.role == "window" and p.media is not None])
+
+
+# ---------------------------------------------------------------------------------------
+# sending: kafka-python (murmur2, as every streamproc client) or librdkafka
+# ---------------------------------------------------------------------------------------
+
+
+class Outgoing(Protocol):
+    """A record to send at ``send_at_ns``; ``source`` is set once the broker has it."""
+
+    send_at_ns: int
+    modality: str
+    rec: wire.KafkaRecord
+    source: wire.Source | None
+
+
+Item = TypeVar("Item", bound=Outgoing)
+
+
+class RawName(str):
+    """A header name sent as any bytes (kafka-python writes ``name.encode("utf-8")``): Kafka's
+    own clients cannot write a name that is not UTF-8, but the protocol carries any bytes."""
+
+    raw: bytes
+
+    def __new__(cls, raw: bytes) -> RawName:
+        obj = super().__new__(cls, raw.decode("utf-8", "replace"))
+        obj.raw = raw
+        return obj
+
+    def encode(self, *args: object, **kwargs: object) -> bytes:  # type: ignore[override]
+        return self.raw
+
+
+def paced(plan: Iterable[Item]) -> Iterator[Item]:
+    """``plan`` in ``send_at_ns`` order, each as the wall clock reaches its time."""
+    for p in sorted(plan, key=lambda p: p.send_at_ns):
+        delay = (p.send_at_ns - time.time_ns()) / S
+        if delay > 0:
+            time.sleep(delay)
+        yield p
+
+
+class KafkaSender:
+    """kafka-python onto the input topics; on a clean exit every record sent is delivered
+    and has its ``source``."""
+
+    def __init__(self, settings: Settings, max_request_size: int | None = None) -> None:
+        self.settings = settings
+        self.producer = KafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers, acks="all", linger_ms=2,
+            max_request_size=max_request_size or settings.max_message_bytes)
+        self._futures: list[tuple[Outgoing, Any]] = []
+
+    def send(self, item: Outgoing) -> None:
+        self._futures.append((item, self.producer.send(
+            self.settings.topic(item.modality), key=item.rec.key, value=item.rec.value,
+            headers=list(item.rec.headers), timestamp_ms=item.rec.timestamp_ms)))
+
+    def __enter__(self) -> KafkaSender:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        try:
+            if exc_type is None:
+                self.producer.flush(60)
+                for item, fut in self._futures:
+                    md = fut.get(60)
+                    item.source = wire.Source(md.topic, md.partition, md.offset)
+        finally:
+            self.producer.close()
+
+
+def confluent_producer(settings: Settings, **conf: object) -> ConfluentProducer:
+    """A librdkafka producer (its default partitioner unless ``conf`` names one)."""
+    return ConfluentProducer({"bootstrap.servers": settings.bootstrap_servers, "acks": "all",
+                              "message.max.bytes": settings.max_message_bytes, **conf})
+
+
+def send_confluent(producer: ConfluentProducer, settings: Settings, item: Outgoing,
+                   partition: int | None = None, wait: bool = True) -> None:
+    """Send one record with librdkafka; its ``source`` is set on delivery, before this
+    returns when ``wait`` (then a failed delivery fails the test)."""
+    errors: list[object] = []
+
+    def delivered(err: object, msg: Any) -> None:
+        if err is None:
+            item.source = wire.Source(msg.topic(), msg.partition(), msg.offset())
+        else:
+            errors.append(err)
+
+    kw: dict[str, Any] = {} if partition is None else {"partition": partition}
+    producer.produce(settings.topic(item.modality), key=item.rec.key, value=item.rec.value,
+                     headers=list(item.rec.headers), timestamp=item.rec.timestamp_ms or 0,
+                     on_delivery=delivered, **kw)
+    if wait:
+        producer.flush(30)
+        assert not errors and item.source is not None, errors
+
+
+def produce(settings: Settings, plan: list[Planned],
+            at: Callable[[int], None] | None = None,
+            confluent: ConfluentProducer | None = None,
+            via_confluent: Collection[str] = ()) -> None:
+    """Send ``plan`` on the wall clock with kafka-python, except records whose role is in
+    ``via_confluent``: those go through ``confluent``. Every record's source is noted.
+
+    ``at(send_at_ns)`` is called as the schedule passes each planned record (the tests
+    kill or stop workers from it).
+    """
+    with KafkaSender(settings) as sender:
+        for p in paced(plan):
+            if at is not None:
+                at(p.send_at_ns)
+            p.sent_wall_ns = time.time_ns()
+            if p.role in via_confluent:
+                assert confluent is not None
+                send_confluent(confluent, settings, p)
+            else:
+                sender.send(p)

@@ -24,9 +24,11 @@ import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from fractions import Fraction
 from itertools import pairwise
 from operator import attrgetter
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +36,7 @@ import numpy as np
 # which on the worker's event loop would stall every stream at the first resampled window.
 from scipy.signal import firwin, resample_poly
 
-from streamproc.config import MODALITIES, ConfigError, Settings
+from streamproc.config import MODALITIES, ConfigError, Modality, Settings
 from streamproc.wire.codec import (
     AUDIO_FORMATS,
     NS_PER_S,
@@ -46,8 +48,24 @@ from streamproc.wire.codec import (
     pcm_samples,
 )
 
-OUTCOMES = ("accepted", "duplicate", "late", "replayed", "capped", "future")
-CLOSED_BY = ("watermark", "deadline", "flush")
+
+class OutcomeStatus(StrEnum):
+    """What :meth:`Aligner.add` did with a record (:attr:`Outcome.status`)."""
+
+    ACCEPTED = "accepted"  # buffered for its windows (perhaps only the open ones)
+    DUPLICATE = "duplicate"  # a copy of a record already had: counted, not buffered
+    LATE = "late"  # every window it belongs to has closed
+    REPLAYED = "replayed"  # only belongs to windows emitted before a restart
+    CAPPED = "capped"  # refused or dropped by a buffer cap or the span limit
+    FUTURE = "future"  # ends too far ahead of the wall clock or the stream's watermarks
+
+
+class ClosedBy(StrEnum):
+    """Why a window closed: its ``quality["closed_by"]``."""
+
+    WATERMARK = "watermark"  # every expected modality's data for it had arrived
+    DEADLINE = "deadline"  # closed while an expected modality was idle
+    FLUSH = "flush"  # end of input or shutdown
 
 # The identity (modality, seq, span) of records whose windows closed is remembered for this
 # many closed windows per stream, so a copy that comes after its windows closed is still
@@ -84,12 +102,14 @@ class Window:
       samples, zeros where nothing arrived; ``audio_mask`` is True where a real sample is.
     - ``segments``: every transcript segment that overlaps the window, by start time.
     - ``present``: per modality, whether it contributed anything (the model's mask).
-    - ``quality``: closed_by ("watermark", "deadline" or "flush"), frames_dropped
+    - ``quality``: closed_by (a :class:`ClosedBy`), frames_dropped
       (sequence gaps between this window's frames), audio_missing_s, duplicates (copies
       received for this window), late_events (records of the stream found late since its
       previous window), capped_frames / capped_audio_s / capped_segments (dropped from this
       window by the memory cap). docs/alignment.md has the details.
     - ``provenance``: per modality, the Kafka source of every input record used.
+    - ``ingest_ms``: per modality, capture -> worker of the stream's newest record of it
+      (ms); the worker fills it in, the aligner leaves it empty.
     """
 
     stream_id: str
@@ -101,9 +121,10 @@ class Window:
     audio_mask: np.ndarray
     sample_rate: int
     segments: list[TranscriptSegment]
-    present: dict[str, bool]
+    present: dict[Modality, bool]
     quality: dict[str, float | int | str] = field(default_factory=dict)
-    provenance: dict[str, list[Source]] = field(default_factory=dict)
+    provenance: dict[Modality, list[Source]] = field(default_factory=dict)
+    ingest_ms: dict[Modality, float] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -146,9 +167,9 @@ class AlignConfig:
 
     window_ns: int
     hop_ns: int
-    lateness_ns: Mapping[str, int]
+    lateness_ns: Mapping[Modality, int]
     idle_ns: int
-    expected: tuple[str, ...] = MODALITIES
+    expected: tuple[Modality, ...] = MODALITIES
     frames_per_window: int = 8
     sample_rate: int = 16000
     max_buffer_frames: int = 600
@@ -240,7 +261,7 @@ class Outcome:
     (that window and every earlier one of the stream closed and was published).
     """
 
-    status: str
+    status: OutcomeStatus
     reason: str = ""
     release_after_ns: int | None = None
 
@@ -256,7 +277,8 @@ class _Bucket:
     __slots__ = ("capped_audio_ns", "capped_frames", "capped_segments", "dups", "recs", "retire")
 
     def __init__(self) -> None:
-        self.recs: dict[str, list] = {"video": [], "audio": [], "text": []}
+        # per modality; Any: the aligner knows each modality's record type by its key
+        self.recs: dict[Modality, list[Any]] = {m: [] for m in MODALITIES}
         self.retire: list[MediaRecord] = []  # records whose LAST window this is
         self.dups = 0
         self.capped_frames = 0
@@ -264,8 +286,7 @@ class _Bucket:
         self.capped_segments = 0
 
     def empty(self) -> bool:
-        r = self.recs
-        return not (r["video"] or r["audio"] or r["text"])
+        return not any(self.recs.values())
 
 
 class _Stream:
@@ -289,13 +310,13 @@ class _Stream:
     def __init__(self, sid: str, now_ns: int, resume_before: int | None) -> None:
         self.sid = sid
         self.first_seen = now_ns
-        self.last_seen: dict[str, int] = {}
-        self.wm: dict[str, int] = {}
+        self.last_seen: dict[Modality, int] = {}
+        self.wm: dict[Modality, int] = {}
         self.buckets: dict[int, _Bucket] = {}
         self.marked: dict[int, _Bucket] = {}  # open windows emptied by the cap: marks only
         # (seq, start, end) -> record for every record still held by an open window (also
         # the dedup set)
-        self.buffered: dict[str, dict[tuple[int, int, int], MediaRecord]] = {
+        self.buffered: dict[Modality, dict[tuple[int, int, int], MediaRecord]] = {
             m: {} for m in MODALITIES}
         self.retired: deque[set[tuple[str, int, int, int]]] = deque(maxlen=RETIRED_WINDOWS_KEPT)
         self.dropped_any = False  # a cap dropped data: buffered no longer has every seq
@@ -306,7 +327,15 @@ class _Stream:
         self.late_pending = 0  # late records since this stream last emitted a window
         # the expected modality whose watermark limited closing at the last look, None when
         # all are idle or one was never seen (then every record may change things)
-        self.blocker: str | None = None
+        self.blocker: Modality | None = None
+
+    def open_bucket(self, k: int) -> _Bucket:
+        """The bucket of a window that gets its first record, with the cap's marks if any."""
+        b = self.marked.pop(k, None) if self.marked else None
+        if b is None:
+            b = _Bucket()
+        self.buckets[k] = b
+        return b
 
 
 def _span(rec: MediaRecord) -> tuple[int, int]:
@@ -340,7 +369,7 @@ class Aligner:
 
     ``resume``: stream_id -> start of the last window already emitted (e.g. before a crash).
     Windows with start <= that are never emitted again, and a replayed record that only
-    belongs to such windows gets ``Outcome("replayed")``, not "late". It is read whenever a
+    belongs to such windows gets status ``REPLAYED``, not ``LATE``. It is read whenever a
     stream opens, so the caller may keep updating it.
     """
 
@@ -385,9 +414,9 @@ class Aligner:
         """Take one decoded record; ``now_ns`` is the wall clock (for the idle deadline)."""
         sid = rec.stream_id
         mod = rec.modality
-        if mod == "video":
+        if rec.modality == "video":
             s = e = rec.ts_ns
-        elif mod == "audio":
+        elif rec.modality == "audio":
             s, e = rec.ts_ns, rec.end_ns
         else:
             s, e = rec.start_ns, rec.end_ns
@@ -403,11 +432,11 @@ class Aligner:
         if st is None:
             st = self._open(sid, now_ns)
         h = self._h
-        if mod == "video":
+        if rec.modality == "video":
             lo, hi = s, s + 1
         else:
             lo, hi = s, (e if e > s else s + 1)
-            if mod == "audio" and rec.sample_rate != self._sr:
+            if rec.modality == "audio" and rec.sample_rate != self._sr:
                 lo, hi = lo - RESAMPLE_PAD_NS, hi + RESAMPLE_PAD_NS
         k_first = ((lo - self._w) // h + 1) * h
         k_last = ((hi - 1) // h) * h
@@ -450,9 +479,7 @@ class Aligner:
         buffered[key] = rec
         buckets = st.buckets
         for k in range(k_first, k_last + h, h):
-            b = buckets.get(k)
-            if b is None:
-                b = buckets[k] = (st.marked.pop(k, None) if st.marked else None) or _Bucket()
+            b = buckets.get(k) or st.open_bucket(k)
             b.recs[mod].append(rec)
         b.retire.append(rec)  # b is the bucket of k_last
 
@@ -467,14 +494,14 @@ class Aligner:
             return self._refused(rec, "segments", self.cfg.max_buffer_segments)
         self.stats["accepted"] += 1
         if reason:
-            return Outcome("accepted", reason, k_last)
+            return Outcome(OutcomeStatus.ACCEPTED, reason, k_last)
         # Outcomes are immutable: records released by the same window share one (building
         # a frozen dataclass is ~15% of add())
         out = self._accepted.get(k_last)
         if out is None:
             if len(self._accepted) >= 64:
                 self._accepted.clear()
-            out = self._accepted[k_last] = Outcome("accepted", "", k_last)
+            out = self._accepted[k_last] = Outcome(OutcomeStatus.ACCEPTED, "", k_last)
         return out
 
     def poll(self, now_ns: int) -> list[Window]:
@@ -504,7 +531,7 @@ class Aligner:
         out: list[Window] = []
         for st in self._streams.values():
             if st.buckets:
-                self._close_upto(st, sorted(st.buckets), "flush", out)
+                self._close_upto(st, sorted(st.buckets), ClosedBy.FLUSH, out)
         return out
 
     def forget(self, stream_id: str) -> None:
@@ -584,8 +611,9 @@ class Aligner:
         for k, b in st.buckets.items():  # the open ones only, however long the span
             if k_first <= k <= k_last:
                 b.dups += 1
-        return Outcome("duplicate", f"duplicate of {rec.modality} seq {rec.seq} of stream "
-                                    f"{rec.stream_id!r}: counted once")
+        return Outcome(OutcomeStatus.DUPLICATE,
+                       f"duplicate of {rec.modality} seq {rec.seq} of stream "
+                       f"{rec.stream_id!r}: counted once")
 
     def _too_old(self, st: _Stream, rec: MediaRecord, key: tuple[int, int, int], s: int, e: int,
                  k_first: int, k_last: int) -> Outcome:
@@ -593,14 +621,15 @@ class Aligner:
         self._remember(st, (mod, *key))  # a copy of it is a duplicate, not late again
         if st.resume_before is not None and k_last < st.resume_before:
             self.stats["replayed"] += 1
-            return Outcome("replayed", f"{mod} seq {rec.seq} only belongs to windows emitted "
-                                       f"before the restart (up to {_fmt_ns(k_last)})")
+            return Outcome(OutcomeStatus.REPLAYED,
+                           f"{mod} seq {rec.seq} only belongs to windows emitted "
+                           f"before the restart (up to {_fmt_ns(k_last)})")
         self.stats["late"] += 1
         st.late_pending += 1
         what = f"at {_fmt_ns(s)}" if s == e else f"spanning {_fmt_ns(s)}..{_fmt_ns(e)}"
         windows = (f"window {_fmt_ns(k_last)}..{_fmt_ns(k_last + self._w)}" if k_first == k_last
                    else f"windows {_fmt_ns(k_first)}..{_fmt_ns(k_last + self._w)}")
-        return Outcome("late", (
+        return Outcome(OutcomeStatus.LATE, (
             f"late {mod} record seq {rec.seq} of stream {rec.stream_id!r} {what}: its "
             f"{windows} already closed (stream closed before {_fmt_ns(st.closed_before)}; "
             f"{mod} watermark {_fmt_ns(st.wm.get(mod))}, allowed lateness "
@@ -609,7 +638,7 @@ class Aligner:
     def _future(self, rec: MediaRecord, ahead_ns: int) -> Outcome:
         self.stats["future"] += 1
         what = "an event time" if rec.modality == "video" else "a span ending"
-        return Outcome("future", f"{rec.modality} record seq {rec.seq} of stream "
+        return Outcome(OutcomeStatus.FUTURE, f"{rec.modality} record seq {rec.seq} of stream "
                        f"{rec.stream_id!r} has {what} {ahead_ns / NS_PER_S:.1f} s ahead of this "
                        f"worker's clock (limit {self.cfg.max_future_ns / NS_PER_S:.0f} s, "
                        "max_future_ms): is the producer's clock wrong?")
@@ -633,7 +662,8 @@ class Aligner:
             return None  # a replay faster than real time: its modalities come together
         self.stats["future"] += 1
         self.stats["ahead"] += 1
-        return Outcome("future", f"{mod} record seq {rec.seq} of stream {rec.stream_id!r} ends "
+        return Outcome(OutcomeStatus.FUTURE,
+                       f"{mod} record seq {rec.seq} of stream {rec.stream_id!r} ends "
                        f"{(e - ref) / NS_PER_S:.1f} s ahead of this worker's clock and the "
                        "stream's other modalities (limit "
                        f"{self._lead / NS_PER_S:g} s, max_lead_ms): one record may not move "
@@ -647,17 +677,19 @@ class Aligner:
         limit = self._max_span[mod]
         setting = ("max_buffer_audio_s" if limit == max(self._w, self._audio_cap_ns)
                    else f"max_span_{mod}_ms")
-        return Outcome("capped", f"{mod} record seq {rec.seq} of stream {rec.stream_id!r} "
-                                 f"spans {span_ns / NS_PER_S:.1f} s, longer than a {mod} "
-                                 f"record may ({limit / NS_PER_S:.1f} s, {setting}): dropped")
+        return Outcome(OutcomeStatus.CAPPED,
+                       f"{mod} record seq {rec.seq} of stream {rec.stream_id!r} "
+                       f"spans {span_ns / NS_PER_S:.1f} s, longer than a {mod} "
+                       f"record may ({limit / NS_PER_S:.1f} s, {setting}): dropped")
 
     def _refused(self, rec: MediaRecord, what: str, cap: float) -> Outcome:
         self.stats["capped"] += 1
-        return Outcome("capped", f"{rec.modality} seq {rec.seq} of stream {rec.stream_id!r} "
-                                 f"dropped: buffer cap of {cap} {what} per stream reached and "
-                                 f"it is the oldest buffered (its windows cannot close yet)")
+        return Outcome(OutcomeStatus.CAPPED,
+                       f"{rec.modality} seq {rec.seq} of stream {rec.stream_id!r} "
+                       f"dropped: buffer cap of {cap} {what} per stream reached and "
+                       f"it is the oldest buffered (its windows cannot close yet)")
 
-    def _cap(self, st: _Stream, mod: str, new: MediaRecord) -> bool:
+    def _cap(self, st: _Stream, mod: Modality, new: MediaRecord) -> bool:
         """Drop the oldest buffered records of ``mod`` until under the cap.
 
         Returns True when the record just added was itself dropped.
@@ -684,7 +716,7 @@ class Aligner:
         st.dropped_any = True
         self._remember(st, (mod, rec.seq, s, e))
         lo, hi = s, (e if e > s else s + 1)
-        if mod == "audio":
+        if rec.modality == "audio":
             dur = e - s
             st.audio_ns -= dur
             self.stats["capped_audio_s"] += dur / NS_PER_S
@@ -718,7 +750,7 @@ class Aligner:
             st.retired.append(set())
         st.retired[-1].add(key)
 
-    def _seen(self, st: _Stream, mod: str, key: tuple[int, int, int]) -> bool:
+    def _seen(self, st: _Stream, mod: Modality, key: tuple[int, int, int]) -> bool:
         """Was this record (seq, start, end) retired, dropped or reported late recently?"""
         mkey = (mod, *key)
         return any(mkey in keys for keys in st.retired)
@@ -763,7 +795,8 @@ class Aligner:
             return
         if blocked:
             return
-        k_max = (limit - self._w) // self._h * self._h  # last window whose end <= limit
+        # the last window whose end <= limit (finite here: an active modality has a watermark)
+        k_max = int((limit - self._w) // self._h * self._h)
         cb = st.closed_before
         if cb is not None and k_max < cb:
             return  # the usual case: the watermark moved but no new window can close
@@ -772,17 +805,17 @@ class Aligner:
             self._close_upto(st, ready, None, out)
         self._advance(st, k_max + self._h)
 
-    def _close_upto(self, st: _Stream, ready: list[int], closed_by: str | None,
+    def _close_upto(self, st: _Stream, ready: list[int], closed_by: ClosedBy | None,
                     out: list[Window]) -> None:
         for k in ready:
             b = st.buckets.pop(k)
             if closed_by is None:
-                why = "watermark"
+                why = ClosedBy.WATERMARK
                 end = k + self._w
                 for m in self.cfg.expected:
                     wm = st.wm.get(m)
                     if wm is None or wm - self._late[m] < end:
-                        why = "deadline"
+                        why = ClosedBy.DEADLINE
                         break
             else:
                 why = closed_by
@@ -799,7 +832,7 @@ class Aligner:
 
     def _retire(self, st: _Stream, b: _Bucket) -> None:
         """Forget the records whose last window this was (remembering their seqs)."""
-        keys = set()
+        keys: set[tuple[str, int, int, int]] = set()
         buffered = st.buffered
         for rec in b.retire:
             mod = rec.modality
@@ -813,7 +846,7 @@ class Aligner:
 
     # --- building a window -------------------------------------------------------------
 
-    def _build(self, st: _Stream, k: int, b: _Bucket, closed_by: str) -> Window:
+    def _build(self, st: _Stream, k: int, b: _Bucket, closed_by: ClosedBy) -> Window:
         frames = b.recs["video"]
         frames.sort(key=_by_ts_seq)
         n = len(frames)
@@ -831,7 +864,7 @@ class Aligner:
         segs = b.recs["text"]
         segs.sort(key=_by_ts_seq)  # ts_ns of a segment is its start
 
-        present = {"video": n > 0, "audio": have > 0, "text": bool(segs)}
+        present: dict[Modality, bool] = {"video": n > 0, "audio": have > 0, "text": bool(segs)}
         quality: dict[str, float | int | str] = {
             "closed_by": closed_by,
             "frames_dropped": frames_dropped,
@@ -845,7 +878,7 @@ class Aligner:
         st.late_pending = 0
         stats = self.stats
         stats["windows"] += 1
-        if closed_by != "watermark":
+        if closed_by is not ClosedBy.WATERMARK:
             stats["windows_" + closed_by] += 1
         if not all(present[m] for m in self.cfg.expected):
             stats["windows_masked"] += 1
@@ -854,11 +887,8 @@ class Aligner:
             frames=picked, frame_count=n,
             audio=audio, audio_mask=mask, sample_rate=self._sr,
             segments=segs, present=present, quality=quality,
-            provenance={
-                "video": [r.source for r in frames if r.source is not None],
-                "audio": [r.source for r in chunks if r.source is not None],
-                "text": [r.source for r in segs if r.source is not None],
-            },
+            provenance={m: [r.source for r in recs if r.source is not None]
+                        for m, recs in b.recs.items()},
         )
 
     def _assemble_audio(self, k: int, chunks: list[AudioChunk]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,10 +1,10 @@
 """The one producer path: every streamproc source publishes through :class:`Publisher`.
 
-One kafka-python ``KafkaProducer`` per process, tuned for media records, keyed by stream
-id so the three input topics stay co-partitioned (docs/design.md §1, §2). Records
-are encoded only by :func:`streamproc.wire.codec.encode`. Delivery failures are counted and
-logged with their reason, never silently dropped; ``publish`` never raises for a failed
-record so one bad frame cannot stop a camera.
+One kafka-python producer per process (:func:`streamproc.kafka.producer`, tuned for media
+records), keyed by stream id so the three input topics stay co-partitioned
+(docs/design.md §1, §2). Records are encoded only by :func:`streamproc.wire.codec.encode`.
+Delivery failures are counted and logged with their reason, never silently dropped;
+``publish`` never raises for a failed record so one bad frame cannot stop a camera.
 """
 
 from __future__ import annotations
@@ -20,38 +20,31 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
-from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from streamproc.config import Settings
-from streamproc.errors import CONNECT_TIMEOUT_S, UserError
+from streamproc import kafka
+from streamproc.config import MODALITIES, Settings
+from streamproc.errors import UserError
+from streamproc.kafka import DEFAULT_BATCH_BYTES, DEFAULT_LINGER_MS, MiB
 from streamproc.topics import check_topics as check_topic_state
-from streamproc.topics import connection_error
 from streamproc.wire import codec as wire
 
 log = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
-# A 320x240 JPEG is ~10-20 KB and a 720p one ~100-200 KB: a 1 MiB batch holds a burst of
-# small frames (or one large one) per partition request.
-DEFAULT_BATCH_BYTES = 1 * MiB
-# 5 ms lets the frames, chunks and segments of a moment share a request without adding
-# latency a 33 ms frame interval would notice.
-DEFAULT_LINGER_MS = 5
 # kafka-python 3 has no buffer_memory cap: without our own bound a slow broker would grow
 # the producer's buffer without limit instead of making the sources drop frames.
 DEFAULT_MAX_IN_FLIGHT_BYTES = 64 * MiB
 HEADER_ALLOWANCE = 128  # bytes counted per record for key framing and wire headers
 
 
-class Sink(Protocol):
-    """Anything sources can publish typed records to (a Publisher, or a list in tests)."""
+class Outbox(Protocol):
+    """Where sources put their typed records to be sent: a Publisher, or a ListOutbox."""
 
     def publish(self, record: wire.MediaRecord) -> object: ...
 
 
-class ListSink:
-    """Collects records in memory: the offline sink for tests and for tools without Kafka."""
+class ListOutbox:
+    """Collects records in memory: the offline outbox for tests and tools without Kafka."""
 
     def __init__(self) -> None:
         self.records: list[wire.MediaRecord] = []
@@ -60,35 +53,6 @@ class ListSink:
     def publish(self, record: wire.MediaRecord) -> None:
         with self._lock:
             self.records.append(record)
-
-
-def producer_config(settings: Settings, *, linger_ms: int = DEFAULT_LINGER_MS,
-                    batch_bytes: int = DEFAULT_BATCH_BYTES) -> dict[str, Any]:
-    """kafka-python producer options for media (the benchmark's raw baseline uses them too)."""
-    return {
-        "bootstrap_servers": settings.bootstrap_servers.split(","),
-        "client_id": f"streamproc-producer-{settings.app_id}",
-        # every replica in sync must have the record before it counts as sent
-        "acks": "all",
-        # kafka-python 3.0 puts an idempotent producer into a permanent fatal state on
-        # any non-retriable batch error (say one record outside the topic's timestamp
-        # bounds), failing every later record. So: no idempotence, and one request in
-        # flight per broker so retries cannot reorder a partition. A retry after a lost
-        # ack may duplicate a record; the worker counts a (stream, modality, sp-seq) once.
-        "enable_idempotence": False,
-        "max_in_flight_requests_per_connection": 1,
-        "linger_ms": linger_ms,
-        # a batch may never exceed what the topic accepts (max.message.bytes bounds a batch)
-        "batch_size": min(batch_bytes, settings.max_message_bytes),
-        "max_request_size": settings.max_message_bytes,
-        # No compression: JPEG/PNG payloads are already entropy coded (a codec saves ~1%
-        # and costs CPU on every frame); PCM chunks are small next to the frames.
-        "compression_type": None,
-        "bootstrap_timeout_ms": int(CONNECT_TIMEOUT_S * 1000),
-        # topics are created on purpose by `streamproc topics create`, never by a send
-        "allow_auto_create_topics": False,
-        **settings.security_kwargs(),
-    }
 
 
 @dataclass
@@ -104,7 +68,7 @@ class PublisherStats:
     """A consistent copy of the publisher's counters."""
 
     by_modality: dict[str, ModalityCounts] = field(
-        default_factory=lambda: {m: ModalityCounts() for m in wire.MODALITIES})
+        default_factory=lambda: {m: ModalityCounts() for m in MODALITIES})
     in_flight_bytes: int = 0
     peak_in_flight_bytes: int = 0
     blocked_s: float = 0.0  # time publish() waited on the in-flight cap (backpressure)
@@ -138,7 +102,7 @@ class Publisher:
                  max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES) -> None:
         self.settings = settings
         self.max_in_flight_bytes = max_in_flight_bytes
-        self._topics = {m: settings.topic(m) for m in wire.MODALITIES}
+        self._topics = {m: settings.topic(m) for m in MODALITIES}
         self._stats = PublisherStats()
         self._lock = threading.Lock()
         self._closed = False
@@ -147,11 +111,7 @@ class Publisher:
         self._pending: collections.deque[tuple[Any, str, int, int]] = collections.deque()
         if check_topics:
             check_topic_state(settings, inputs_only=True)
-        try:
-            self._producer = KafkaProducer(**producer_config(settings, linger_ms=linger_ms,
-                                                             batch_bytes=batch_bytes))
-        except KafkaError as e:
-            raise connection_error(settings, e) from None
+        self._producer = kafka.producer(settings, linger_ms=linger_ms, batch_bytes=batch_bytes)
         try:
             # fetch metadata now so the first frame never waits for it
             for topic in self._topics.values():
@@ -356,7 +316,7 @@ class StatusLine:
             now_stats, t = self.publisher.stats, time.monotonic()
             dt = max(t - t_prev, 1e-9)
             rates = {m: (now_stats.by_modality[m].acked - prev.by_modality[m].acked) / dt
-                     for m in wire.MODALITIES}
+                     for m in MODALITIES}
             line = format_status(rates, self.drops(), now_stats.failed,
                                  now_stats.in_flight_bytes)
             self.stream.write("\r" + line + "\x1b[K")

@@ -1,8 +1,9 @@
 """Sources: live camera, live microphone, media files and transcripts -> typed records.
 
-Every source hands :mod:`streamproc.wire.codec` records to a *sink* (anything with
+Every source hands :mod:`streamproc.wire.codec` records to an *outbox* (anything with
 ``publish(record)``: a :class:`streamproc.capture.publisher.Publisher`, or a
-:class:`~streamproc.capture.publisher.ListSink` offline), so capture logic never touches Kafka.
+:class:`~streamproc.capture.publisher.ListOutbox` offline), so capture logic never touches
+Kafka.
 
 Time: event times are wall-clock nanoseconds read from a :class:`Clock` that is anchored
 to the monotonic clock once, so an NTP step or a manual clock change never reorders a
@@ -32,7 +33,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from streamproc.capture.publisher import Sink
+from streamproc.capture.publisher import Outbox
 from streamproc.capture.transcripts import (
     Cue,
     LineError,
@@ -40,6 +41,7 @@ from streamproc.capture.transcripts import (
     load_transcript,
     parse_json_cue,
 )
+from streamproc.config import MODALITIES
 from streamproc.errors import UserError
 from streamproc.wire import codec as wire
 from streamproc.wire.codec import NS_PER_S, AudioChunk, TranscriptSegment, VideoFrame, samples_to_ns
@@ -196,16 +198,16 @@ class StreamWriter:
     >>> w.text("hello", start_ns, end_ns, final=False)  # doctest: +SKIP
     """
 
-    def __init__(self, sink: Sink, stream_id: str, *, clock: Clock | None = None,
+    def __init__(self, outbox: Outbox, stream_id: str, *, clock: Clock | None = None,
                  image_format: str = "jpeg", jpeg_quality: int = 90,
                  max_drift_ns: int = DEFAULT_MAX_DRIFT_NS) -> None:
-        self.sink = sink
+        self.outbox = outbox
         self.stream_id = check_stream_id(stream_id)
         self.clock = clock or Clock()
         self.image_format = image_format
         self.jpeg_quality = jpeg_quality
         self.max_drift_ns = max_drift_ns
-        self._seq = dict.fromkeys(wire.MODALITIES, 0)
+        self._seq = dict.fromkeys(MODALITIES, 0)
         self._audio_end: int | None = None
         self._audio_shape: tuple[int, int] | None = None
         self._lock = threading.Lock()
@@ -222,7 +224,7 @@ class StreamWriter:
         ts = self.clock.now_ns() if ts_ns is None else ts_ns
         rec = VideoFrame.from_image(self.stream_id, ts, self.next_seq("video"), image,
                                     self.image_format, self.jpeg_quality)
-        self.sink.publish(rec)
+        self.outbox.publish(rec)
         return rec
 
     def audio(self, samples: np.ndarray, sample_rate: int, ts_ns: int | None = None,
@@ -238,7 +240,7 @@ class StreamWriter:
         rec = AudioChunk.from_samples(self.stream_id, ts_ns, self.next_seq("audio"), arr,
                                       sample_rate, fmt)
         self._audio_end, self._audio_shape = rec.end_ns, shape
-        self.sink.publish(rec)
+        self.outbox.publish(rec)
         return rec
 
     def text(self, text: str, start_ns: int | None = None, end_ns: int | None = None, *,
@@ -253,7 +255,7 @@ class StreamWriter:
             raise ValueError(f"transcript span ends before it starts ({start_ns} > {end_ns})")
         rec = TranscriptSegment(self.stream_id, self.next_seq("text"), text, start_ns, end_ns,
                                 final, confidence, lang)
-        self.sink.publish(rec)
+        self.outbox.publish(rec)
         return rec
 
 
@@ -304,12 +306,12 @@ class CameraSource:
     transcript, ``--start-at``).
     """
 
-    def __init__(self, sink: Sink, stream_id: str, device: int | str = 0, *,
+    def __init__(self, outbox: Outbox, stream_id: str, device: int | str = 0, *,
                  fps: float | None = None, size: tuple[int, int] | None = None,
                  jpeg_quality: int = 90, queue_size: int = 8, reconnect: bool | None = None,
                  backoff_s: tuple[float, float] = (0.5, 10.0), clock: Clock | None = None,
                  pace: bool | None = None) -> None:
-        self.sink = sink
+        self.outbox = outbox
         self.stream_id = check_stream_id(stream_id)
         self.device = device
         self.size = size
@@ -450,7 +452,7 @@ class CameraSource:
             self.stats.errors += 1
             log.error("camera %r: frame %d not encoded: %s", self.device, seq, e)
             return
-        self.sink.publish(frame)
+        self.outbox.publish(frame)
         self.stats.published += 1
 
     def stop(self) -> None:
@@ -512,7 +514,7 @@ class MicSource:
     ``max_drift_ns``; then it is re-anchored and counted.
     """
 
-    def __init__(self, sink: Sink, stream_id: str, device: int | str | None = None, *,
+    def __init__(self, outbox: Outbox, stream_id: str, device: int | str | None = None, *,
                  rate: int = 16000, channels: int = 1, chunk_ms: int = 100,
                  fmt: str = "s16le", queue_blocks: int = 50, clock: Clock | None = None,
                  max_drift_ns: int = DEFAULT_MAX_DRIFT_NS) -> None:
@@ -523,7 +525,7 @@ class MicSource:
         self.chunk_frames = rate * chunk_ms // 1000
         if self.chunk_frames < 1:
             raise UserError(f"--chunk-ms {chunk_ms} holds no sample at {rate} Hz")
-        self.sink = sink
+        self.outbox = outbox
         self.stream_id = check_stream_id(stream_id)
         self.device = device
         self.rate, self.channels, self.fmt = rate, channels, fmt
@@ -570,7 +572,7 @@ class MicSource:
         n = 0
         block = self.queue.get(timeout)
         while block is not None:
-            self.sink.publish(self.chunk_of(block))
+            self.outbox.publish(self.chunk_of(block))
             self.stats.published += 1
             n += 1
             block = self.queue.get(0)
@@ -753,7 +755,7 @@ def audio_chunks(path: str | Path, stream_id: str, origin_ns: int, chunk_ms: int
 
 @dataclass
 class ReplayStats:
-    """What a replay published (counted when handed to the sink, so a stop in between
+    """What a replay published (counted when handed to the outbox, so a stop in between
     never counts a record that was not sent)."""
 
     stream_id: str
@@ -890,7 +892,7 @@ class FileSource:
         """(due time, record) for every record, in due order; loops when configured."""
         self.stats.origin_ns = origin_ns
         origin = origin_ns
-        seqs = dict.fromkeys(wire.MODALITIES, 0)
+        seqs = dict.fromkeys(MODALITIES, 0)
         while True:
             out: dict[str, int] = {}
             passes = []
@@ -921,24 +923,24 @@ def file_records(stream_id: str, video: str | Path | None = None,
         yield rec
 
 
-def replay(sink: Sink, stream_id: str, video: str | Path | None = None,
+def replay(outbox: Outbox, stream_id: str, video: str | Path | None = None,
            audio: str | Path | None = None, transcript: str | Path | None = None, *,
            realtime: bool = True, start_at_ns: int | None = None, loop: bool = False,
            stop_event: threading.Event | None = None, clock: Clock | None = None,
            on_record: Callable[[wire.MediaRecord], None] | None = None,
            **options: Any) -> ReplayStats:
-    """Replay one stream's files through ``sink`` (a Publisher); thread-safe per stream.
+    """Replay one stream's files through ``outbox`` (a Publisher); thread-safe per stream.
 
     ``realtime`` paces records by event time (a 10 s clip takes 10 s); otherwise they go
-    as fast as the sink takes them. Event times start at ``start_at_ns`` (default: now).
+    as fast as the outbox takes them. Event times start at ``start_at_ns`` (default: now).
     Returns when the files end (never with ``loop``) or ``stop_event`` is set.
     """
     src = FileSource(stream_id, video, audio, transcript, loop=loop, **options)
-    return replay_source(sink, src, realtime=realtime, start_at_ns=start_at_ns,
+    return replay_source(outbox, src, realtime=realtime, start_at_ns=start_at_ns,
                          stop_event=stop_event, clock=clock, on_record=on_record)
 
 
-def replay_source(sink: Sink, src: FileSource, *, realtime: bool = True,
+def replay_source(outbox: Outbox, src: FileSource, *, realtime: bool = True,
                   start_at_ns: int | None = None, stop_event: threading.Event | None = None,
                   clock: Clock | None = None,
                   on_record: Callable[[wire.MediaRecord], None] | None = None) -> ReplayStats:
@@ -959,7 +961,7 @@ def replay_source(sink: Sink, src: FileSource, *, realtime: bool = True,
             break
         if realtime and not clock.wait_until(pace0 + (due - origin), stop_event):
             break
-        sink.publish(rec)
+        outbox.publish(rec)
         src.stats.count(rec)
         if on_record is not None:
             on_record(rec)
@@ -974,7 +976,7 @@ class ReplaySpec:
     transcript: str | Path | None = None
 
 
-def replay_many(sink: Sink, specs: Iterable[ReplaySpec], *, realtime: bool = True,
+def replay_many(outbox: Outbox, specs: Iterable[ReplaySpec], *, realtime: bool = True,
                 start_at_ns: int | None = None, loop: bool = False,
                 stop_event: threading.Event | None = None, **options: Any) -> list[ReplayStats]:
     """Replay several streams at once, one thread each, sharing one clock origin."""
@@ -986,7 +988,7 @@ def replay_many(sink: Sink, specs: Iterable[ReplaySpec], *, realtime: bool = Tru
 
     def one(i: int, spec: ReplaySpec) -> None:
         try:
-            results[i] = replay(sink, spec.stream_id, spec.video, spec.audio, spec.transcript,
+            results[i] = replay(outbox, spec.stream_id, spec.video, spec.audio, spec.transcript,
                                 realtime=realtime, start_at_ns=origin, loop=loop,
                                 stop_event=stop_event, clock=clock, **options)
         except BaseException as e:  # re-raised in the caller's thread below

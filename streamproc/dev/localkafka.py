@@ -365,8 +365,10 @@ class LocalBroker:
         return out
 
     def _wait_ready(self, timeout: float) -> None:
-        from kafka import KafkaAdminClient
+        from streamproc import kafka
+        from streamproc.config import Settings
 
+        settings = Settings(bootstrap_servers=self.bootstrap)
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -376,8 +378,7 @@ class LocalBroker:
                                       f"lines:\n{self.log_tail()}")
             if port_open("127.0.0.1", self.port):
                 try:
-                    admin = KafkaAdminClient(bootstrap_servers=self.bootstrap,
-                                             request_timeout_ms=5000)
+                    admin = kafka.admin(settings, request_timeout_ms=5000)
                     try:
                         admin.describe_cluster()
                         return

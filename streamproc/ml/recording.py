@@ -17,11 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from streamproc.align.aligner import AlignConfig, Aligner, Window
+from streamproc.align.aligner import AlignConfig, Aligner, OutcomeStatus, Window
 from streamproc.config import Settings
 from streamproc.errors import UserError
 from streamproc.ml.dataset import DatasetWriter, LabelSpans, read_labels
-from streamproc.readers import kafka_consumer
 from streamproc.wire.codec import NS_PER_S, KafkaRecord, MediaRecord, WireError, decode
 
 
@@ -100,6 +99,7 @@ def record(settings: Settings, labels: str | Path, out: str | Path, *,
     (or ``max_windows`` are written, or ``stop`` is set); then flush what is buffered."""
     from kafka import TopicPartition
 
+    from streamproc import kafka
     from streamproc.topics import check_topics
 
     spans = read_labels(labels)
@@ -107,7 +107,7 @@ def record(settings: Settings, labels: str | Path, out: str | Path, *,
     check_topics(settings, inputs_only=True)
     stats = RecordStats()
     aligner = Aligner(AlignConfig.from_settings(settings))
-    consumer = kafka_consumer(settings)
+    consumer = kafka.consumer(settings)
     modality = {settings.topic(m): m for m in ("video", "audio", "text")}
     source = {"recorded_from": settings.bootstrap_servers, "topics": list(modality),
               "labels_file": str(labels), "origin": str(origin), "min_overlap": min_overlap,
@@ -151,13 +151,13 @@ def record(settings: Settings, labels: str | Path, out: str | Path, *,
                         continue
                     labeler.observe(rec)
                     outcome = aligner.add(rec, now)
-                    if outcome.status == "late":
+                    if outcome.status is OutcomeStatus.LATE:
                         stats.late += 1
-                    elif outcome.status == "duplicate":
+                    elif outcome.status is OutcomeStatus.DUPLICATE:
                         stats.duplicates += 1
-                    elif outcome.status == "capped":
+                    elif outcome.status is OutcomeStatus.CAPPED:
                         stats.capped += 1
-                    elif outcome.status == "future":
+                    elif outcome.status is OutcomeStatus.FUTURE:
                         stats.future += 1
             emit(aligner.poll(now))
             if got:

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from streamproc.config import MODALITIES
 from streamproc.errors import UserError
 from streamproc.ml.dataset import Dataset, Example
 from streamproc.models import model_device
 from streamproc.models.preprocess import Preprocess, WindowBatch, make_batches
-from streamproc.wire.codec import MODALITIES
 
 Log = Callable[[str], None]
 

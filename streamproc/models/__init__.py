@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from streamproc.config import MODALITIES
 from streamproc.errors import UserError
 from streamproc.models.encoders import DEFAULT_ENCODERS, EncoderConfig, build_encoder
 from streamproc.models.fusion import FUSIONS, build_fusion, count_parameters
 from streamproc.models.preprocess import Preprocess, WindowBatch, make_batch
-from streamproc.wire.codec import MODALITIES
 
 __all__ = [
     "FUSIONS",

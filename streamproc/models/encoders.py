@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from streamproc.config import MODALITIES
 from streamproc.errors import UserError
 from streamproc.models.preprocess import PAD_ID, Preprocess, WindowBatch
-from streamproc.wire.codec import MODALITIES
 
 
 class Encoded(NamedTuple):

@@ -27,8 +27,9 @@ import torch
 from scipy.signal import resample_poly
 
 from streamproc.align.aligner import Window, even_indices
+from streamproc.config import MODALITIES
 from streamproc.errors import UserError
-from streamproc.wire.codec import MODALITIES, WireError
+from streamproc.wire.codec import WireError
 
 if TYPE_CHECKING:
     from streamproc.config import Settings

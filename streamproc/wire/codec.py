@@ -15,17 +15,18 @@ import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any, Literal
 
 import numpy as np
 
+from streamproc.config import MODALITIES
 from streamproc.wire.jpeg import JpegError
 from streamproc.wire.jpeg import check_structure as check_jpeg_structure
 
 WIRE_VERSION = 1
-MODALITIES = ("video", "audio", "text")
 VIDEO_FORMATS = ("jpeg", "png")
-AUDIO_FORMATS = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
+AUDIO_FORMATS: dict[str, np.dtype[Any]] = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
 MAX_STREAM_ID_BYTES = 255
 MAX_IMAGE_SIDE = 16384
 # Audio rates outside this range are refused at the door: telephony to studio. A rate of
@@ -39,14 +40,27 @@ INT64_MAX = 2**63 - 1
 Headers = tuple[tuple[str, bytes], ...]
 
 
+class DeadLetterKind(StrEnum):
+    """Why a record went to the dead-letter topic: its ``sp-error-kind`` header."""
+
+    DECODE = "decode"  # not wire format v1 (WireError)
+    LATE = "late"  # every window it belongs to had closed
+    OVERSIZE = "oversize"  # over the value-size or pixel limit
+    CAPACITY = "capacity"  # dropped by a buffer cap, or a span longer than allowed
+    CLOCK = "clock"  # event time too far ahead of the worker's clock
+    INTERNAL = "internal"  # the worker failed on it (a bug, not the producer's fault)
+    PARTITION = "partition"  # its key belongs to another partition
+
+
 class WireError(ValueError):
     """A record that does not follow wire format v1. ``str(err)`` is for people."""
 
-    def __init__(self, reason: str, header: str | None = None, kind: str = "decode") -> None:
+    def __init__(self, reason: str, header: str | None = None,
+                 kind: DeadLetterKind = DeadLetterKind.DECODE) -> None:
         super().__init__(reason)
         self.reason = reason
         self.header = header
-        self.kind = kind  # the dead-letter kind: "decode", or "oversize" for the size limit
+        self.kind = kind  # DECODE, or OVERSIZE for the size limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,7 +521,7 @@ def decode(
     value = rec.value if rec.value is not None else b""
     if max_bytes is not None and len(value) > max_bytes:
         raise WireError(f"value is {len(value)} bytes, over the {max_bytes}-byte limit",
-                        kind="oversize")
+                        kind=DeadLetterKind.OVERSIZE)
     if not value:
         raise WireError(f"{mod} record has an empty value")
     src = rec.source if rec.topic else None
@@ -521,7 +535,7 @@ def decode(
         if max_pixels is not None and w * hh > max_pixels:
             raise WireError(f"frame is {w}x{hh} = {w * hh / 1e6:.1f} Mpx, over the limit of "
                             f"{max_pixels / 1e6:.1f} Mpx (max_frame_pixels)", "sp-w",
-                            kind="oversize")
+                            kind=DeadLetterKind.OVERSIZE)
         _check_image(value, fmt, w, hh)
         return VideoFrame(sid, ts, seq, value, fmt, w, hh, src)
 
@@ -644,21 +658,22 @@ def decode_prediction(rec: KafkaRecord) -> Prediction:
 # dead letters
 # ---------------------------------------------------------------------------------------
 
-DEAD_LETTER_KINDS = ("decode", "late", "oversize", "capacity", "clock", "internal", "partition")
+_DEAD_LETTER_VALUES = tuple(k.value for k in DeadLetterKind)
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     reason: str
-    kind: str
+    kind: str  # a DeadLetterKind value; kept as read, so a newer worker's kind still decodes
     source: Source
     original: KafkaRecord
 
 
-def make_dead_letter(rec: KafkaRecord, reason: str, kind: str = "decode") -> KafkaRecord:
+def make_dead_letter(rec: KafkaRecord, reason: str,
+                     kind: DeadLetterKind = DeadLetterKind.DECODE) -> KafkaRecord:
     """The original key, value and headers, plus why and where from (docs/design.md §2)."""
-    if kind not in DEAD_LETTER_KINDS:
-        raise ValueError(f"dead-letter kind must be one of {DEAD_LETTER_KINDS}")
+    if kind not in _DEAD_LETTER_VALUES:
+        raise ValueError(f"dead-letter kind must be one of {_DEAD_LETTER_VALUES}")
     ours = {"sp-error", "sp-error-kind", "sp-src-topic", "sp-src-partition", "sp-src-offset"}
     headers = (
         *((k, v) for k, v in rec.headers if k not in ours),

@@ -1,1 +1,2 @@
-"""The worker: the faust app around the aligner, acks, progress and metrics."""
+"""The worker: the faust app (app) around the worker core (core, no faust), with acks,
+progress, metrics and what it patches inside faust and aiokafka (patches)."""

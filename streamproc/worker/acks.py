@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -42,7 +43,7 @@ class Entry(Generic[T]):
 
 @dataclass(eq=False, slots=True)
 class Ticket:
-    """One window handed to the sink; ``window_published(ticket)`` when it is durable."""
+    """One window handed to the output; ``window_published(ticket)`` when it is durable."""
 
     stream_id: str
     start_ns: int
@@ -254,6 +255,16 @@ class AckLedger(Generic[T]):
         return out
 
 
+class Admit(StrEnum):
+    """What :meth:`OffsetGate.admit` says of a consumed record; only OK is processed."""
+
+    OK = "ok"
+    UNASSIGNED = "unassigned"  # its partition is not ours (any more)
+    REBALANCING = "rebalancing"  # assigned, but the resume position is not known yet
+    REDELIVERED = "redelivered"  # an offset already processed
+    HOLE = "hole"  # past the next offset: faust skipped records, the gate seeks back
+
+
 class OffsetGate:
     """Which consumed records the agent may process: each input topic-partition strictly
     in offset order, without holes.
@@ -338,17 +349,17 @@ class OffsetGate:
         self._next[tp] = committed if floor is None else floor
         self._step_over_skips(tp)
 
-    def admit(self, tp: TP, offset: int) -> str:
-        """'ok' to process; 'unassigned', 'rebalancing', 'redelivered' or 'hole' to ignore."""
+    def admit(self, tp: TP, offset: int) -> Admit:
+        """OK to process the record at ``offset``; anything else: ignore it."""
         if tp not in self.assigned:
-            return "unassigned"
+            return Admit.UNASSIGNED
         nxt = self._next.get(tp)
         if nxt is None:
-            return "rebalancing"
+            return Admit.REBALANCING
         if offset > nxt and tp in self._skips:
-            nxt = self._step_over_skips(tp)
+            nxt = self._step_over_skips(tp) or nxt  # not None: the partition has a next offset
         if offset < nxt:
-            return "redelivered"
+            return Admit.REDELIVERED
         if offset > nxt:
             self._hole.setdefault(tp, offset)
             now = self._clock()
@@ -356,11 +367,11 @@ class OffsetGate:
                 self._want_seek[tp] = nxt
                 self._sought_at[tp] = now
                 self._tries[tp] = self._tries.get(tp, 0) + 1
-            return "hole"
+            return Admit.HOLE
         self._next[tp] = offset + 1
         self._hole.pop(tp, None)
         self._tries.pop(tp, None)
-        return "ok"
+        return Admit.OK
 
     def skipped(self, tp: TP, start: int, end: int) -> None:
         """The fetcher found no record to deliver at offsets ``start..end-1`` of ``tp``

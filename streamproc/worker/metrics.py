@@ -1,4 +1,5 @@
-"""A worker's counters and histograms, served for Prometheus at ``/metrics``.
+"""What a worker reports: counters and histograms served for Prometheus at ``/metrics``,
+the gauges, and a summarised log of the Kafka client's errors.
 
 :class:`Counters` is the one place every worker count goes (plain dict, no Prometheus
 types in the agent's hot path); :class:`Metrics` exports it as ``streamproc_<name>_total``
@@ -9,10 +10,23 @@ process never share numbers.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import logging
+import re
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily
+
+from streamproc.config import Settings
+
+if TYPE_CHECKING:
+    from streamproc.worker.core import FetchState
+
+log = logging.getLogger("streamproc.worker")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -25,7 +39,7 @@ class Counters:
     partition); windows_emitted, windows_published, windows_masked
     (label modality), internal_errors, inference_errors; ignored (label reason: records of a
     rebalance that Kafka delivers again, see acks.OffsetGate); acks_refused (acks faust
-    tried on its own, see app.AlignState.guard_consumer).
+    tried on its own, see patches.guard_consumer).
     """
 
     def __init__(self) -> None:
@@ -58,7 +72,7 @@ class _CountersCollector:
     def __init__(self, counters: Counters) -> None:
         self.counters = counters
 
-    def collect(self):
+    def collect(self) -> Iterator[CounterMetricFamily]:
         items = self.counters.items()
         # a family's labels are every label any of its series uses (a series without one
         # gets ""), so series never collide: one duplicate fails the whole scrape
@@ -105,3 +119,78 @@ class Metrics:
         """Expose /metrics over HTTP (port 0: not at all)."""
         if port:
             start_http_server(port, addr=addr, registry=self.registry)
+
+
+def update_gauges(consumer: Any, fetch_state: FetchState | None, settings: Settings,
+                  metrics: Metrics, buffered: Mapping[str, float]) -> None:
+    """Consumer lag (end offset minus committed offset, per assigned input partition; left
+    as it was while the end is unknown) and what the aligners hold."""
+    for tp in list(consumer.assignment()):
+        if tp.topic not in settings.input_topics or fetch_state is None:
+            continue
+        end, _ = fetch_state((tp.topic, tp.partition))
+        if end is None:
+            continue
+        committed = consumer._committed_offset.get(tp)  # faust keeps it; no public API
+        lag = end - (committed if committed is not None else 0)
+        metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, lag))
+    for kind, value in buffered.items():
+        metrics.buffered.labels(kind).set(value)
+
+
+class ClientFaults(logging.Filter):
+    """The Kafka client's errors and warnings while something is wrong (a broker away logs
+    thousands of lines a minute): the first is logged, then a summary every
+    ``summary_s``, then one line once none came for ``quiet_s`` (the recovery)."""
+
+    def __init__(self, summary_s: float = 10.0, quiet_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.summary_s, self.quiet_s, self._clock = summary_s, quiet_s, clock
+        self._lock = threading.Lock()  # the consumer's client logs from faust's thread
+        self._since: float | None = None
+        self._last = self._summary_at = 0.0
+        self._kinds: Counter[str] = Counter()
+        self._total = 0
+
+    def install(self, prefix: str = "aiokafka") -> None:
+        """Filter every logger of ``prefix`` (idempotent)."""
+        for name, logger in list(logging.root.manager.loggerDict.items()):
+            if (name == prefix or name.startswith(prefix + ".")) \
+                    and isinstance(logger, logging.Logger) and self not in logger.filters:
+                logger.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        now = self._clock()
+        with self._lock:
+            self._last = now
+            if self._since is None:
+                self._since, self._summary_at = now, now + self.summary_s
+                record.msg = (f"{record.getMessage()} (Kafka client errors are summarised "
+                              f"every {self.summary_s:.0f} s until they stop)")
+                record.args = ()
+                return True
+            self._kinds[re.sub(r"\d+", "N", record.getMessage())[:120]] += 1
+            self._total += 1
+            return False
+
+    def tick(self) -> None:
+        """Log the summary or the recovery when due (from a timer)."""
+        now = self._clock()
+        with self._lock:
+            if self._since is None:
+                return
+            if now - self._last >= self.quiet_s:
+                log.warning("Kafka client errors stopped after %.0f s (%d lines summarised)",
+                            self._last - self._since, self._total)
+                self._since, self._total = None, 0
+                self._kinds.clear()
+            elif now >= self._summary_at and self._kinds:
+                top = "; ".join(f"{n} x {k}" for k, n in self._kinds.most_common(3))
+                log.warning("Kafka client errors go on (%.0f s): %d lines in the last %.0f s: "
+                            "%s", now - self._since, sum(self._kinds.values()),
+                            self.summary_s, top)
+                self._kinds.clear()
+                self._summary_at = now + self.summary_s

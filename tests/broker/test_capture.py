@@ -1,4 +1,4 @@
-"""Sources through the real broker: file replay (CLI and API), camera under a slow sink,
+"""Sources through the real broker: file replay (CLI and API), camera under a slow outbox,
 microphone chunks, transcript stdin, unreachable broker, clean flush on SIGTERM."""
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from media_helpers import (
     SRT,
     SRT_SPANS_NS,
     SRT_TEXTS,
-    T0,
     VIDEO_FPS,
-    ManualClock,
     container_times,
     decode_all,
     decoded_audio,
@@ -39,6 +37,7 @@ from streamproc.capture.publisher import Publisher
 from streamproc.capture.sources import CameraSource, MicSource, ReplaySpec, replay_many
 from streamproc.config import Settings
 from streamproc.dev.localkafka import free_port
+from streamproc.testing import T0, ManualClock
 from streamproc.wire import codec as wire
 
 pytestmark = pytest.mark.broker
@@ -122,7 +121,7 @@ def test_replay_many_streams_at_once_in_real_time(topics: Settings, media) -> No
                 for t in segs] == SRT_SPANS_NS
 
 
-class SlowSink:
+class SlowOutbox:
     """A Publisher behind a deliberately slow hop, noting when capture had finished."""
 
     def __init__(self, publisher: Publisher, delay_s: float) -> None:
@@ -145,15 +144,15 @@ def test_camera_drops_oldest_when_publishing_is_slow_and_gaps_show(topics: Setti
     frames = make_frames(40)
     video = write_video(tmp_path / "cam.avi", frames)
     with Publisher(topics) as pub:
-        sink = SlowSink(pub, delay_s=0.15)
-        # unpaced: the file is read as fast as a camera faster than the sink would deliver
-        cam = CameraSource(sink, "cam-slow", video.as_uri(), queue_size=4, pace=False)
-        sink.camera = cam
+        outbox = SlowOutbox(pub, delay_s=0.15)
+        # unpaced: the file is read as fast as a camera faster than the outbox would deliver
+        cam = CameraSource(outbox, "cam-slow", video.as_uri(), queue_size=4, pace=False)
+        outbox.camera = cam
         st = cam.run()
-    # the capture loop read all 40 frames while the slow sink had taken only a few
+    # the capture loop read all 40 frames while the slow outbox had taken only a few
     assert st.captured == 40
-    assert sink.published_when_capture_done is not None
-    assert sink.published_when_capture_done < 10
+    assert outbox.published_when_capture_done is not None
+    assert outbox.published_when_capture_done < 10
     assert st.dropped > 0 and st.published + st.dropped == st.captured
     got = decode_all(read_topic(topics, topics.topic("video"), st.published), "video")
     seqs = [f.seq for f in got]

@@ -16,14 +16,12 @@ import dataclasses
 import json
 import subprocess
 import time
-import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fuzz_helpers import (
-    MS,
     REFUSALS,
     RULES,
     SPLIT_CHOSEN_PARTITION,
@@ -31,7 +29,6 @@ from fuzz_helpers import (
     Expect,
     Planner,
     Read,
-    S,
     Sent,
     check_plan,
     dead_letters,
@@ -43,34 +40,25 @@ from fuzz_helpers import (
     valid_stream,
     verdict,
 )
-from worker_helpers import WorkerProc, expected_content, oracle_windows
+from worker_helpers import (
+    WORKER_MAX_BYTES,
+    WorkerProc,
+    expected_content,
+    oracle_windows,
+    start_time,
+    worker_settings,
+)
 
 from streamproc.config import Settings
-from streamproc.dev.localkafka import free_port
+from streamproc.testing import S
+from streamproc.topics import create_topics
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 SEED = 11
 N_BAD = 2400  # bad records per run
 DUR_S = 10.0  # the valid streams' length, over which the bad records are spread
-W_MS, H_MS, IDLE_MS = 500, 250, 1000
-LATENESS_MS = {"video": 150, "audio": 150, "text": 300}
-WORKER_MAX_BYTES = 256 * 1024  # the topics take 8 MiB: oversized records reach the worker
 STAYS_UP_S = 8.0  # longer than a crash loop's period (a fetch crashes ~3 s after a start)
-
-
-def fuzz_settings(topics: Settings, tmp: Path) -> Settings:
-    return topics.replace(
-        window_ms=W_MS, hop_ms=H_MS, idle_deadline_ms=IDLE_MS, frames_per_window=4,
-        lateness_video_ms=LATENESS_MS["video"], lateness_audio_ms=LATENESS_MS["audio"],
-        lateness_text_ms=LATENESS_MS["text"], metrics_port=0, web_port=free_port(),
-        session_timeout_ms=6000, data_dir=str(tmp / f"data-{uuid.uuid4().hex[:6]}"))
-
-
-def start_time() -> int:
-    """Event time origin: a hop boundary shortly after now."""
-    h = H_MS * MS
-    return (time.time_ns() + 600 * MS) // h * h + h
 
 
 def provenance(settings: Settings, preds: list[dict]) -> set[tuple[str, int, int]]:
@@ -104,13 +92,14 @@ def judge_split(split: list[Sent], used: set[tuple[str, int, int]], n: int) -> l
     return failures
 
 
-def test_fuzz_run_dead_letters_or_uses_every_record_and_never_stops(topics: Settings,
+def test_fuzz_run_dead_letters_or_uses_every_record_and_never_stops(kafka_bootstrap: str,
                                                                     tmp_path: Path) -> None:
     """Rule per category (fuzz_helpers.RULES) for every bad record, the worker alive after
     the run and after a restart, the valid streams' windows each published once and equal
     to the oracle's."""
-    settings = fuzz_settings(topics, tmp_path)
-    worker_settings = settings.replace(max_message_bytes=WORKER_MAX_BYTES)
+    settings = worker_settings(kafka_bootstrap, tmp_path)
+    create_topics(settings)
+    capped = settings.replace(max_message_bytes=WORKER_MAX_BYTES)  # below the topics' limit
     rng = np.random.default_rng(SEED)
     live = keys_on_partitions("live-", settings.partitions)
     failures: list[str] = []
@@ -119,7 +108,7 @@ def test_fuzz_run_dead_letters_or_uses_every_record_and_never_stops(topics: Sett
     def phase(what: str) -> None:  # shown with a failure: where the time went
         print(f"{time.monotonic() - began:5.1f} s: {what}")
 
-    workers = [WorkerProc(worker_settings, tmp_path / "worker.log")]
+    workers = [WorkerProc(capped, tmp_path / "worker.log")]
     try:
         workers[0].wait_for(r"Worker ready")
         phase("worker ready")
@@ -167,7 +156,7 @@ def test_fuzz_run_dead_letters_or_uses_every_record_and_never_stops(topics: Sett
                 failures.append(f"the worker {how} after SIGTERM:\n{first.log()[-2500:]}")
         # restart: the same group replays what was not committed; it must stay up
         phase("worker stopped")
-        second = WorkerProc(worker_settings, tmp_path / "restart.log")
+        second = WorkerProc(capped, tmp_path / "restart.log")
         workers.append(second)
         try:
             second.wait_for(r"Worker ready", timeout=30)

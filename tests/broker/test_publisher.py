@@ -10,10 +10,11 @@ import pytest
 from kafka.admin import ConfigResource, ConfigResourceType
 from media_helpers import make_frames, read_topic
 
-from streamproc.capture.publisher import Publisher, StatusLine, format_status, producer_config
-from streamproc.config import Settings
+from streamproc import kafka
+from streamproc.capture.publisher import Publisher, StatusLine, format_status
+from streamproc.config import MODALITIES, Settings
 from streamproc.errors import UserError
-from streamproc.topics import admin_client, create_topics
+from streamproc.topics import create_topics
 from streamproc.wire import codec as wire
 
 pytestmark = pytest.mark.broker
@@ -36,7 +37,7 @@ def test_records_go_to_their_modality_topic_keyed_and_co_partitioned(topics: Set
             pub.publish(r)
     st = pub.stats
     assert (st.sent, st.acked, st.failed, st.in_flight_bytes) == (18, 18, 0, 0)
-    assert [st.by_modality[m].acked for m in wire.MODALITIES] == [9, 6, 3]
+    assert [st.by_modality[m].acked for m in MODALITIES] == [9, 6, 3]
     partitions: dict[str, set[int]] = {}
     got = []
     for mod, n in (("video", 9), ("audio", 6), ("text", 3)):
@@ -63,7 +64,7 @@ def test_start_refuses_topics_that_would_reject_large_frames(settings: Settings)
 
 
 def test_config_matches_topics_and_does_not_compress_frames(settings: Settings) -> None:
-    cfg = producer_config(settings.replace(max_message_bytes=300_000))
+    cfg = kafka.producer_config(settings.replace(max_message_bytes=300_000))
     assert cfg["acks"] == "all" and cfg["compression_type"] is None
     assert cfg["max_request_size"] == 300_000 and cfg["batch_size"] <= 300_000
     assert cfg["max_in_flight_requests_per_connection"] == 1  # retries keep order
@@ -72,7 +73,7 @@ def test_config_matches_topics_and_does_not_compress_frames(settings: Settings) 
 def test_delivery_failures_are_counted_with_reasons_and_later_records_still_go(
         topics: Settings) -> None:
     # the broker refuses records older than an hour on this topic
-    admin = admin_client(topics)
+    admin = kafka.admin(topics)
     try:
         admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topics.topic("text"),
                                             configs={"message.timestamp.before.max.ms":

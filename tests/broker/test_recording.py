@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
-from kafka import KafkaProducer
 
-from streamproc.capture.publisher import Publisher, producer_config
+from streamproc import kafka
+from streamproc.capture.publisher import Publisher
 from streamproc.capture.sources import replay
 from streamproc.cli import main
 from streamproc.config import Settings
@@ -34,7 +34,7 @@ def test_record_writes_labelled_windows_from_the_topics(
         stats = replay(pub, "rec-1", clip.video, clip.audio, clip.transcript, realtime=False,
                        start_at_ns=origin)
     assert stats.frames == len(digits) * 30
-    raw = KafkaProducer(**producer_config(settings))
+    raw = kafka.producer(settings)
     raw.send(settings.topic("video"), key=b"rec-1", value=b"not a frame")  # no headers
     raw.flush()
     raw.close()

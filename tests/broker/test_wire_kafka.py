@@ -12,8 +12,9 @@ from aiokafka import AIOKafkaConsumer
 from kafka import KafkaProducer
 from kafka.admin import NewTopic
 
+from streamproc import kafka
 from streamproc.config import Settings
-from streamproc.topics import TopicError, admin_client, check_topics, create_topics, topic_configs
+from streamproc.topics import TopicError, check_topics, create_topics, topic_configs
 from streamproc.wire import codec as wire
 
 pytestmark = pytest.mark.broker
@@ -146,7 +147,7 @@ def test_frame_over_the_topic_limit_is_refused_by_the_broker(settings: Settings)
 
 
 def test_topics_check_detects_mismatched_partition_counts(settings: Settings) -> None:
-    admin = admin_client(settings)
+    admin = kafka.admin(settings)
     try:
         admin.create_topics([NewTopic(settings.topic("video"), 3, 1,
                                       topic_configs=topic_configs(settings))])

@@ -10,166 +10,45 @@ broker gave them) sorted by event time and flushed: an independent, order-free o
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import re
 import socket
 import threading
 import time
-import uuid
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
-from kafka import KafkaAdminClient, KafkaProducer
+from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
-from kafka.partitioner.default import murmur2
 from worker_helpers import (
+    H_MS,
+    W_MS,
+    Planned,
     Pred,
     WorkerProc,
     assert_windows_equal,
-    oracle_windows,
+    keys_on_partitions,
+    oracle,
+    partition_of,
+    produce,
     read_all,
     read_predictions,
+    start_time,
+    stream_plan,
+    worker_settings,
 )
 
 from streamproc.align.aligner import Window
-from streamproc.config import Settings
 from streamproc.dev.localkafka import free_port
+from streamproc.testing import MS, S
 from streamproc.topics import create_topics
 from streamproc.wire import codec as wire
-from streamproc.worker.app import progress_topic
+from streamproc.worker.progress import progress_topic
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
-
-MS = 1_000_000
-S = 1_000_000_000
-W_MS, H_MS = 500, 250  # hopping: every record belongs to two windows
-LATENESS_MS = {"video": 150, "audio": 150, "text": 300}
-# Send delay after a record's span ends. A record is never late when the watermark of its
-# modality at its arrival stays below (start of its span + lateness): video frames 100 ms
-# apart with up to 140 ms jitter arrive out of order yet in time; audio chunks (100 ms
-# spans) may lag 50 ms; transcript segments, 500 ms apart, never overtake each other.
-JITTER_MS = {"video": 140, "audio": 50, "text": 250}
-IDLE_MS = 1000  # above any gap between two records of one modality (text: 500 ms + jitter)
-FPS, CHUNK_MS, SEG_MS, SR = 10, 100, 500, 16000
-
-
-# ---------------------------------------------------------------------------------------
-# settings and worker processes
-# ---------------------------------------------------------------------------------------
-
-
-def worker_settings(bootstrap: str, tmp: Path) -> Settings:
-    prefix = f"w{uuid.uuid4().hex[:10]}"
-    return Settings(
-        bootstrap_servers=bootstrap, topic_prefix=prefix, app_id=prefix, partitions=4,
-        window_ms=W_MS, hop_ms=H_MS, idle_deadline_ms=IDLE_MS, frames_per_window=4,
-        lateness_video_ms=LATENESS_MS["video"], lateness_audio_ms=LATENESS_MS["audio"],
-        lateness_text_ms=LATENESS_MS["text"], metrics_port=0, web_port=free_port(),
-        session_timeout_ms=6000,  # the broker's minimum: a killed worker's partitions move fast
-        data_dir=str(tmp / f"data-{prefix}"))
-
-
-# ---------------------------------------------------------------------------------------
-# workload: real media, paced on the wall clock with jitter
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Planned:
-    send_at_ns: int
-    modality: str  # the topic it goes to
-    rec: wire.KafkaRecord
-    media: wire.MediaRecord | None  # None: corrupt on purpose
-    role: str = "window"  # window | decode | late | duplicate
-    source: wire.Source | None = None
-    sent_wall_ns: int = 0
-
-
-def _frame(sid: str, i: int, ts: int) -> wire.VideoFrame:
-    img = np.full((48, 64, 3), (hash(sid) % 200, 60, 90), np.uint8)
-    cv2.rectangle(img, (i % 56, 10), (i % 56 + 8, 30), (255, 255, 255), -1)
-    return wire.VideoFrame.from_image(sid, ts, i, img, quality=80)
-
-
-def _chunk(sid: str, i: int, ts: int) -> wire.AudioChunk:
-    n = SR * CHUNK_MS // 1000
-    t = (np.arange(n) + i * n) / SR
-    return wire.AudioChunk.from_samples(sid, ts, i, 0.3 * np.sin(2 * np.pi * 330 * t), SR)
-
-
-def stream_plan(sid: str, t0: int, dur_s: float, rng: np.random.Generator,
-                audio_gap: tuple[int, int] | None = None) -> list[Planned]:
-    """Video 10 fps, audio 100 ms chunks, back-to-back 500 ms transcript segments; each
-    sent when its span ends plus a random jitter below the modality's lateness."""
-    out: list[Planned] = []
-    end = t0 + int(dur_s * S)
-
-    def plan(media: wire.MediaRecord, ready_ns: int) -> None:
-        jitter = int(rng.uniform(0, JITTER_MS[media.modality])) * MS
-        out.append(Planned(ready_ns + jitter, media.modality, wire.encode(media), media))
-
-    for i, ts in enumerate(range(t0, end, S // FPS)):
-        plan(_frame(sid, i, ts), ts)
-    seq = 0
-    for ts in range(t0, end, CHUNK_MS * MS):
-        if audio_gap and audio_gap[0] <= ts < audio_gap[1]:
-            continue  # mic unplugged: nothing sent, the sequence goes on afterwards
-        c = _chunk(sid, seq, ts)
-        seq += 1
-        plan(c, c.end_ns)
-    for k, ts in enumerate(range(t0, end, SEG_MS * MS)):
-        seg = wire.TranscriptSegment(sid, k, f"{sid} says segment {k}", ts, ts + SEG_MS * MS)
-        plan(seg, seg.end_ns)
-    return out
-
-
-def start_time() -> int:
-    """Event time origin: a hop boundary shortly after now."""
-    h = H_MS * MS
-    return (time.time_ns() + 600 * MS) // h * h + h
-
-
-def produce(settings: Settings, plan: list[Planned],
-            at: Callable[[int], None] | None = None, **producer_config: int) -> None:
-    """Send in ``send_at_ns`` order on the wall clock; record each record's offset.
-
-    ``at(event_offset_ns)`` is called as the schedule passes each planned record (the
-    tests kill or stop workers from it).
-    """
-    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
-                             linger_ms=2, max_request_size=settings.max_message_bytes,
-                             **producer_config)
-    futures = []
-    try:
-        for p in sorted(plan, key=lambda p: p.send_at_ns):
-            delay = (p.send_at_ns - time.time_ns()) / S
-            if delay > 0:
-                time.sleep(delay)
-            if at is not None:
-                at(p.send_at_ns)
-            p.sent_wall_ns = time.time_ns()
-            futures.append((p, producer.send(settings.topic(p.modality), key=p.rec.key,
-                                             value=p.rec.value, headers=list(p.rec.headers),
-                                             timestamp_ms=p.rec.timestamp_ms)))
-        producer.flush(30)
-        for p, fut in futures:
-            md = fut.get(30)
-            p.source = wire.Source(md.topic, md.partition, md.offset)
-    finally:
-        producer.close()
-
-
-def oracle(settings: Settings, plan: list[Planned]) -> dict[tuple[str, int], Window]:
-    """The windows of every record meant for a window (worker_helpers.oracle_windows)."""
-    return oracle_windows(settings, [dataclasses.replace(p.media, source=p.source)
-                                     for p in plan if p.role == "window"])
-
 
 # ---------------------------------------------------------------------------------------
 # one worker, five streams: alignment, a dead microphone, corrupt and late records
@@ -331,21 +210,6 @@ def test_corrupt_and_late_records_are_dead_lettered(live_run) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def _partition_of(sid: str, n: int) -> int:
-    return (murmur2(sid.encode()) & 0x7FFFFFFF) % n
-
-
-def _streams_on_each_partition(n: int, per: int = 1) -> list[str]:
-    out: dict[int, list[str]] = defaultdict(list)
-    i = 0
-    while any(len(out[p]) < per for p in range(n)):
-        sid = f"s{i}"
-        if len(out[_partition_of(sid, n)]) < per:
-            out[_partition_of(sid, n)].append(sid)
-        i += 1
-    return [s for p in range(n) for s in out[p]]
-
-
 def test_kill_9_and_restart_publishes_every_window(kafka_bootstrap: str, tmp_path: Path) -> None:
     """kill -9 mid-run, restart at once. Asserted, reading predictions read_committed
     (the worker's producer is not transactional, so that is every acknowledged record):
@@ -354,7 +218,7 @@ def test_kill_9_and_restart_publishes_every_window(kafka_bootstrap: str, tmp_pat
     window_start_ns), as the consumer API does, leaves each window exactly once."""
     settings = worker_settings(kafka_bootstrap, tmp_path)
     create_topics(settings)
-    streams = _streams_on_each_partition(4)[:3]
+    streams = keys_on_partitions("s", 4)[:3]
     first = WorkerProc(settings, tmp_path / "first.log")
     workers = [first]
     try:
@@ -398,7 +262,7 @@ def test_two_workers_split_partitions_and_take_over(kafka_bootstrap: str,
     the other takes over its streams with no window lost."""
     settings = worker_settings(kafka_bootstrap, tmp_path)
     create_topics(settings)
-    streams = _streams_on_each_partition(4)
+    streams = keys_on_partitions("s", 4)
     a = WorkerProc(settings, tmp_path / "a.log")
     workers = [a]
     try:
@@ -433,7 +297,7 @@ def test_two_workers_split_partitions_and_take_over(kafka_bootstrap: str,
             seq = [c.worker for (s, _), copies in sorted(by_key.items()) if s == sid
                    for c in sorted(copies, key=lambda c: c.body["emitted_at_ns"])]
             runs = [w for i, w in enumerate(seq) if i == 0 or seq[i - 1] != w]
-            if _partition_of(sid, 4) in b_first:
+            if partition_of(sid, 4) in b_first:
                 assert runs == [idb], (sid, runs)
             else:
                 assert runs == [ida, idb], (sid, runs)  # a's stream, then b took it over
@@ -443,7 +307,7 @@ def test_two_workers_split_partitions_and_take_over(kafka_bootstrap: str,
         last: dict[str, int] = {}
         for m in read_all(settings, progress_topic(settings), lambda m: False, 3):
             sid = m.key.decode()
-            assert m.partition == _partition_of(sid, 4), sid
+            assert m.partition == partition_of(sid, 4), sid
             last[sid] = int(m.value)
         assert last == {sid: max(start for s, start in expected if s == sid) for sid in streams}
     finally:

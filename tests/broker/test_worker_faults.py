@@ -4,7 +4,7 @@ a header name that is not UTF-8, transactions (committed and aborted) written in
 input topics by another application, and a broker that goes away mid-stream.
 
 Each test runs real ``streamproc worker`` subprocesses and the same paced workload and
-oracle as tests/broker/test_worker.py.
+oracle as tests/broker/test_worker.py (worker_helpers).
 """
 
 from __future__ import annotations
@@ -21,87 +21,38 @@ from pathlib import Path
 import numpy as np
 import pytest
 from confluent_kafka import Producer as ConfluentProducer
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from test_worker import (
-    MS,
+from kafka import KafkaConsumer, TopicPartition
+from worker_helpers import (
     Planned,
-    S,
-    _partition_of,
+    RawName,
+    WorkerProc,
+    assert_windows_equal,
+    confluent_producer,
     oracle,
+    partition_of,
     produce,
+    read_all,
+    read_predictions,
+    send_confluent,
     start_time,
     stream_plan,
     worker_settings,
 )
-from worker_helpers import WorkerProc, assert_windows_equal, read_all, read_predictions
 
 from streamproc.config import Settings
 from streamproc.dev.localkafka import LocalBroker
+from streamproc.testing import MS, S
 from streamproc.topics import create_topics
 from streamproc.wire import codec as wire
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
-class _RawName(str):
-    """A header name kafka-python writes as the bytes ff fe (not UTF-8); Kafka's own
-    clients cannot write such a name, but the protocol carries any bytes."""
-
-    def encode(self, *args, **kwargs) -> bytes:  # type: ignore[override]
-        return b"\xff\xfe"
-
-
-def _confluent(settings: Settings, **conf) -> ConfluentProducer:
-    return ConfluentProducer({"bootstrap.servers": settings.bootstrap_servers, "acks": "all",
-                              "message.max.bytes": settings.max_message_bytes, **conf})
-
-
-def _send_confluent(producer: ConfluentProducer, settings: Settings, p: Planned,
-                    partition: int | None = None) -> None:
-    """Send one planned record with librdkafka and record where it landed."""
-    got: list = []
-    kw = {} if partition is None else {"partition": partition}
-    producer.produce(settings.topic(p.modality), key=p.rec.key, value=p.rec.value,
-                     headers=list(p.rec.headers), timestamp=p.rec.timestamp_ms,
-                     on_delivery=lambda err, msg: got.append((err, msg)), **kw)
-    producer.flush(30)
-    err, msg = got[0]
-    assert err is None, err
-    p.source = wire.Source(msg.topic(), msg.partition(), msg.offset())
-
-
-def produce_mixed(settings: Settings, plan: list[Planned], confluent: ConfluentProducer,
-                  via_confluent: set[str]) -> None:
-    """Like test_worker.produce, on the wall clock; records whose role is in
-    ``via_confluent`` go through librdkafka on its default partitioner."""
-    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
-                             linger_ms=2, max_request_size=settings.max_message_bytes)
-    futures = []
-    try:
-        for p in sorted(plan, key=lambda p: p.send_at_ns):
-            delay = (p.send_at_ns - time.time_ns()) / S
-            if delay > 0:
-                time.sleep(delay)
-            p.sent_wall_ns = time.time_ns()
-            if p.role in via_confluent:
-                _send_confluent(confluent, settings, p)
-                continue
-            futures.append((p, producer.send(settings.topic(p.modality), key=p.rec.key,
-                                             value=p.rec.value, headers=list(p.rec.headers),
-                                             timestamp_ms=p.rec.timestamp_ms)))
-        producer.flush(30)
-        for p, fut in futures:
-            md = fut.get(30)
-            p.source = wire.Source(md.topic, md.partition, md.offset)
-    finally:
-        producer.close()
-
-
 def _misplaced_id(n: int) -> str:
     """A stream id that librdkafka's default partitioner (CRC32) puts on another partition
     than Kafka's default (murmur2)."""
     i = 0
-    while (zlib.crc32(f"lib{i}".encode()) % n) == _partition_of(f"lib{i}", n):
+    while (zlib.crc32(f"lib{i}".encode()) % n) == partition_of(f"lib{i}", n):
         i += 1
     return f"lib{i}"
 
@@ -120,7 +71,7 @@ def _bad_name_copy(p: Planned, seq: int) -> wire.KafkaRecord:
     """A well-formed frame (a new seq) with one more header whose name is ff fe."""
     frame = dataclasses.replace(p.media, seq=seq)
     rec = wire.encode(frame)
-    return wire.KafkaRecord(rec.key, rec.value, (*rec.headers, (_RawName("xx"), b"v")),
+    return wire.KafkaRecord(rec.key, rec.value, (*rec.headers, (RawName(b"\xff\xfe"), b"v")),
                             rec.timestamp_ms)
 
 
@@ -135,7 +86,7 @@ def test_misplaced_stream_and_bad_header_name_are_dead_lettered(kafka_bootstrap:
     settings = worker_settings(kafka_bootstrap, tmp_path)
     create_topics(settings)
     lib = _misplaced_id(settings.partitions)
-    confluent = _confluent(settings)  # librdkafka's default partitioner: consistent_random
+    confluent = confluent_producer(settings)  # librdkafka's default partitioner: consistent_random
     first = WorkerProc(settings, tmp_path / "first.log")
     workers = [first]
     try:
@@ -151,8 +102,8 @@ def test_misplaced_stream_and_bad_header_name_are_dead_lettered(kafka_bootstrap:
                      and p.media.ts_ns >= t0 + 2000 * MS)
         plan.append(Planned(frame.send_at_ns + 10 * MS, "video", _bad_name_copy(frame, 9001),
                             None, "badname"))
-        produce_mixed(settings, plan, confluent, {"partition"})
-        home = _partition_of(lib, settings.partitions)
+        produce(settings, plan, confluent=confluent, via_confluent={"partition"})
+        home = partition_of(lib, settings.partitions)
         moved = [p for p in plan if p.role == "partition"]
         assert moved and all(p.source.partition != home for p in moved)
 
@@ -187,7 +138,7 @@ def test_misplaced_stream_and_bad_header_name_are_dead_lettered(kafka_bootstrap:
         later = [Planned(0, "video", wire.encode(lib_frame), lib_frame, "window"),
                  Planned(0, "text", wire.encode(lib_seg), lib_seg, "partition"),
                  Planned(0, "video", _bad_name_copy(frame, 9002), None, "badname")]
-        produce_mixed(settings, later, confluent, {"partition"})
+        produce(settings, later, confluent=confluent, via_confluent={"partition"})
         assert later[1].source.partition != later[0].source.partition
         second = WorkerProc(settings, tmp_path / "second.log")
         workers.append(second)
@@ -208,7 +159,7 @@ def test_misplaced_stream_and_bad_header_name_are_dead_lettered(kafka_bootstrap:
 
 def _same_partition_id(prefix: str, partition: int, n: int) -> str:
     i = 0
-    while _partition_of(f"{prefix}{i}", n) != partition:
+    while partition_of(f"{prefix}{i}", n) != partition:
         i += 1
     return f"{prefix}{i}"
 
@@ -220,11 +171,11 @@ def _transactions(settings: Settings, txn: ConfluentProducer, partition: int, ok
     committed = sorted(stream_plan(ok, t, 0.5, rng), key=lambda p: p.send_at_ns)
     txn.begin_transaction()
     for p in committed:
-        _send_confluent(txn, settings, p)
+        send_confluent(txn, settings, p)
     txn.commit_transaction(30)
     txn.begin_transaction()
     for p in stream_plan(ghost, t, 0.5, rng):
-        _send_confluent(txn, settings, p, partition=partition)
+        send_confluent(txn, settings, p, partition=partition)
     txn.abort_transaction(30)
     return committed
 
@@ -240,8 +191,9 @@ def test_transactions_in_the_input_topics_are_read_committed(kafka_bootstrap: st
     part = 2
     live, ok, ghost = (_same_partition_id(x, part, settings.partitions)
                        for x in ("live", "txn-ok", "ghost"))
-    txn = _confluent(settings, **{"transactional.id": f"other-app-{uuid.uuid4().hex[:8]}",
-                                  "partitioner": "murmur2_random"})
+    txn = confluent_producer(settings,
+                             **{"transactional.id": f"other-app-{uuid.uuid4().hex[:8]}",
+                                "partitioner": "murmur2_random"})
     txn.init_transactions(30)
     rng = np.random.default_rng(11)
     workers: list[WorkerProc] = []

@@ -39,6 +39,7 @@ from pipeline_helpers import (
 )
 from worker_helpers import (
     REPO,
+    WORKER_MAX_BYTES,
     Pred,
     WorkerProc,
     assert_windows_equal,
@@ -48,21 +49,18 @@ from worker_helpers import (
     read_predictions,
 )
 
+from streamproc import kafka
 from streamproc.config import Settings
 from streamproc.dev.demo import expected_windows, summarize
 from streamproc.dev.localkafka import free_port
-from streamproc.inference.sink import Predictor
-from streamproc.readers import ConsumeStats, consume, kafka_consumer
+from streamproc.inference.predictor import Predictor
+from streamproc.readers import ConsumeStats, consume
+from streamproc.testing import MS, S
 from streamproc.topics import create_topics
 from streamproc.wire import codec as wire
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
-MS = 1_000_000
-S = 1_000_000_000
-# The worker's record limit in the first run, below what the topics accept: a record
-# between the two reaches the worker and is dead-lettered as oversized.
-WORKER_MAX_BYTES = 256 * 1024
 BAD_AT_S = 5.0  # bad records are injected when the bad stream's replay reaches this
 
 
@@ -253,7 +251,7 @@ def test_kill_9_and_restart_every_window_once_for_a_consumer(
         replayer = threading.Thread(target=lambda: sent.extend(replay_clips(settings, clips,
                                                                             origin)))
         replayer.start()
-        watcher = kafka_consumer(settings)
+        watcher = kafka.consumer(settings)
         try:
             while _published(settings, watcher) < 4 and replayer.is_alive():
                 time.sleep(0.05)

@@ -122,7 +122,7 @@ def test_security_kwargs_mean_the_same_to_kafka_python_aiokafka_and_faust(
     from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
     from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
-    from streamproc.worker.app import _credentials
+    from streamproc.worker.app import faust_credentials
 
     login = {"sasl_mechanism": mechanism, "sasl_username": "u", "sasl_password": "p"}
     s = Settings(security_protocol=protocol, **(login if mechanism else {}))
@@ -130,7 +130,7 @@ def test_security_kwargs_mean_the_same_to_kafka_python_aiokafka_and_faust(
     for client in (KafkaConsumer, KafkaProducer, KafkaAdminClient):
         assert set(kw) <= set(client.DEFAULT_CONFIG), client
     assert set(kw) <= set(inspect.signature(AIOKafkaConsumer).parameters)
-    faust_kw = credentials_to_aiokafka_auth(_credentials(s))  # what the worker's faust uses
+    faust_kw = credentials_to_aiokafka_auth(faust_credentials(s))  # what the worker's faust uses
     assert faust_kw["security_protocol"] == protocol
     for key in ("sasl_mechanism", "sasl_plain_username", "sasl_plain_password"):
         assert faust_kw.get(key) == kw.get(key), key

@@ -2,62 +2,27 @@
 
 No broker: the aligner is pure logic. Records carry real media (an OpenCV JPEG, real PCM)
 even though the aligner never decodes images, so window contents are what a model gets.
-The helpers here are shared with tests/unit/align/test_oracle.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import json
 import tracemalloc
 
 import numpy as np
 import pytest
+from align_helpers import feed_live
 
-from streamproc.align.aligner import AlignConfig, Aligner, Window
+from streamproc.align.aligner import AlignConfig, Aligner, ClosedBy, OutcomeStatus, Window
 from streamproc.config import ConfigError, Settings
-from streamproc.wire.codec import AudioChunk, Source, TranscriptSegment, VideoFrame
+from streamproc.testing import MS, SAMPLE_RATE, S, align_config, chunk, frame, segment
+from streamproc.wire.codec import AudioChunk, Source
 
-MS = 1_000_000
-S = 1_000_000_000
-SR = 16_000
-NS_PER_SAMPLE = S // SR  # 62_500: 16 kHz sample times are whole nanoseconds
+NS_PER_SAMPLE = S // SAMPLE_RATE  # 62_500: 16 kHz sample times are whole nanoseconds
 
 
-# --- shared helpers ----------------------------------------------------------------------
-
-
-@functools.cache
-def _base_frame() -> VideoFrame:
-    img = np.zeros((12, 16, 3), np.uint8)
-    img[:, :, 1] = np.arange(16, dtype=np.uint8) * 16
-    return VideoFrame.from_image("s", 0, 0, img)
-
-
-def frame(sid: str, ts: int, seq: int, src: Source | None = None) -> VideoFrame:
-    """A real 16x12 JPEG frame (encoded once) at ``ts``."""
-    return dataclasses.replace(_base_frame(), stream_id=sid, ts_ns=ts, seq=seq, source=src)
-
-
-def chunk(sid: str, ts: int, seq: int, samples: np.ndarray, sr: int = SR,
-          src: Source | None = None) -> AudioChunk:
-    """Real s16le PCM from int16 (or float) samples, shaped (n,) or (n, channels)."""
-    c = AudioChunk.from_samples(sid, ts, seq, samples, sr)
-    return dataclasses.replace(c, source=src) if src is not None else c
-
-
-def seg(sid: str, seq: int, start: int, end: int, text: str | None = None,
-        src: Source | None = None) -> TranscriptSegment:
-    return TranscriptSegment(sid, seq, text if text is not None else f"word{seq}", start, end,
-                             source=src)
-
-
-def config(window_ms: int = 1000, hop_ms: int | None = None, late_ms: int = 0,
-           idle_ms: int = 10**9, **kw) -> AlignConfig:
-    """Milliseconds in, nanoseconds out; idle is practically off unless asked for."""
-    lateness = kw.pop("lateness_ns", {m: late_ms * MS for m in ("video", "audio", "text")})
-    return AlignConfig(window_ns=window_ms * MS, hop_ns=(hop_ms or window_ms) * MS,
-                       lateness_ns=lateness, idle_ns=idle_ms * MS, **kw)
+# --- helpers ------------------------------------------------------------------------------
 
 
 def run(aligner: Aligner, records, now: int = 0, poll_each: bool = True) -> list[Window]:
@@ -111,7 +76,7 @@ def test_config_rejects_impossible_values(change, words):
 
 
 def test_window_starts_are_epoch_aligned_and_cover_exactly_the_overlap():
-    c = config(1000, 500)
+    c = align_config(1000, 500)
     # a point belongs to the W/H windows that contain it
     assert list(c.window_starts(1200 * MS, 1200 * MS)) == [500 * MS, 1000 * MS]
     # a point on a window edge starts that window and is outside the one ending there
@@ -119,7 +84,7 @@ def test_window_starts_are_epoch_aligned_and_cover_exactly_the_overlap():
     # a span [0.9, 1.0) ends exactly where windows 1.0.. start: not in them
     assert list(c.window_starts(900 * MS, 1000 * MS)) == [0, 500 * MS]
     assert list(c.window_starts(900 * MS, 1000 * MS + 1)) == [0, 500 * MS, 1000 * MS]
-    t = config(1000)
+    t = align_config(1000)
     assert list(t.window_starts(999 * MS, 2001 * MS)) == [0, S, 2 * S]
 
 
@@ -127,7 +92,7 @@ def test_window_starts_are_epoch_aligned_and_cover_exactly_the_overlap():
 
 
 def test_frames_go_to_every_window_containing_them_in_time_order():
-    a = Aligner(config(1000, 500))
+    a = Aligner(align_config(1000, 500))
     recs = [frame("s", ts * MS, i) for i, ts in enumerate([1200, 100, 700, 1499])]
     got = {w.start_ns: [f.ts_ns // MS for f in w.frames] for w in run(a, recs, poll_each=False)}
     assert got == {-500 * MS: [100], 0: [100, 700], 500 * MS: [700, 1200, 1499],
@@ -135,19 +100,19 @@ def test_frames_go_to_every_window_containing_them_in_time_order():
 
 
 def test_k_frames_are_sampled_evenly_by_index_and_the_count_is_kept():
-    a = Aligner(config(1000, frames_per_window=4))
+    a = Aligner(align_config(1000, frames_per_window=4))
     recs = [frame("s", i * 50 * MS, i) for i in range(20)]
     (w,) = run(a, recs)
     assert w.frame_count == 20
     # centres of 4 equal bins of 20 frames: 2.5, 7.5, 12.5, 17.5 -> indices 2, 7, 12, 17
     assert [f.seq for f in w.frames] == [2, 7, 12, 17]
-    b = Aligner(config(1000, frames_per_window=8))
+    b = Aligner(align_config(1000, frames_per_window=8))
     (w,) = run(b, recs[:5])
     assert [f.seq for f in w.frames] == [0, 1, 2, 3, 4] and w.frame_count == 5
 
 
 def test_frames_dropped_counts_sequence_gaps_inside_the_window():
-    a = Aligner(config(1000))
+    a = Aligner(align_config(1000))
     recs = [frame("s", i * 100 * MS, i) for i in range(10) if i not in (3, 4, 8)]
     (w,) = run(a, recs)
     assert w.quality["frames_dropped"] == 3
@@ -158,26 +123,26 @@ def test_frames_dropped_counts_sequence_gaps_inside_the_window():
 
 
 def test_audio_is_cut_sample_exactly_at_window_edges():
-    a = Aligner(config(1000, 500))
+    a = Aligner(align_config(1000, 500))
     # 3 chunks of 0.3 s = 4800 samples from t = 0.3 s: samples numbered 0.. by value
     recs = [chunk("s", (300 + 300 * i) * MS, i, ramp(4800, 4800 * i)) for i in range(3)]
     wins = {w.start_ns: w for w in run(a, recs)}
     assert sorted(wins) == [-500 * MS, 0, 500 * MS, 1000 * MS]
     w0 = wins[0]
-    assert w0.audio.shape == (SR,) and w0.audio.dtype == np.float32
+    assert w0.audio.shape == (SAMPLE_RATE,) and w0.audio.dtype == np.float32
     first = 300 * MS // NS_PER_SAMPLE  # input sample 0 sits at output index 4800
     assert not w0.audio_mask[:first].any() and w0.audio_mask[first:].all()
-    np.testing.assert_array_equal(w0.audio[first:] * 32768, np.arange(SR - first))
+    np.testing.assert_array_equal(w0.audio[first:] * 32768, np.arange(SAMPLE_RATE - first))
     w1 = wins[500 * MS]  # [0.5, 1.5): input samples from t=0.5 (number 3200) to 1.2 (14400)
     n_in = 14400 - 3200
     np.testing.assert_array_equal(w1.audio[:n_in] * 32768, np.arange(3200, 14400))
     assert w1.audio_mask[:n_in].all() and not w1.audio_mask[n_in:].any()
-    assert w1.quality["audio_missing_s"] == pytest.approx((SR - n_in) / SR)
-    assert w0.quality["audio_missing_s"] == pytest.approx(first / SR)
+    assert w1.quality["audio_missing_s"] == pytest.approx((SAMPLE_RATE - n_in) / SAMPLE_RATE)
+    assert w0.quality["audio_missing_s"] == pytest.approx(first / SAMPLE_RATE)
 
 
 def test_audio_gap_is_zeros_with_a_false_mask():
-    a = Aligner(config(1000))
+    a = Aligner(align_config(1000))
     recs = [chunk("s", i * 100 * MS, i, np.full(1600, 1000, np.int16)) for i in range(10)
             if i != 4]
     (w,) = run(a, recs)
@@ -191,7 +156,7 @@ def test_audio_gap_is_zeros_with_a_false_mask():
 def test_stereo_is_mixed_to_mono():
     left = np.full(1600, 0.5)
     right = np.full(1600, -0.25)
-    a = Aligner(config(100))
+    a = Aligner(align_config(100))
     (w,) = run(a, [chunk("s", 0, 0, np.stack([left, right], axis=1))])
     assert np.allclose(w.audio, 0.125, atol=1e-4) and w.audio_mask.all()
 
@@ -200,7 +165,7 @@ def test_f32le_and_s16le_chunks_side_by_side_and_an_odd_window_length():
     """W * rate need not be whole: the window still has round(W * rate) samples, and
     chunks of either PCM format land where their timestamps say."""
     sr = 44100
-    a = Aligner(config(333, sample_rate=sr))
+    a = Aligner(align_config(333, sample_rate=sr))
     n = round(0.333 * sr)  # 14685.3 -> 14685
     first = np.full(4410, 0.25)
     second = np.full(4410, -0.5)
@@ -221,20 +186,20 @@ def test_other_sample_rates_are_resampled_without_edge_artefacts(sr_in: int):
     to 16 kHz would need a filter of tens of thousands of phases, come out as well."""
     f = 440.0
     n = sr_in // 10
-    a = Aligner(config(1000, 500))
+    a = Aligner(align_config(1000, 500))
     recs = []
     for i in range(40):  # 4 s of audio
         t = np.arange(i * n, (i + 1) * n) / sr_in
         ts = round(i * n * S / sr_in)  # on the input's sample grid
-        recs.append(chunk("s", ts, i, np.sin(2 * np.pi * f * t) * 0.5, sr=sr_in))
+        recs.append(chunk("s", ts, i, np.sin(2 * np.pi * f * t) * 0.5, sample_rate=sr_in))
     wins = {w.start_ns: w for w in run(a, recs)}
     # a run's first sample goes to the nearest 16 kHz grid point: with chunks off that grid
     # the sine may be shifted by up to half a sample (0.043 at 440 Hz, amplitude 0.5)
     tolerance = 0.01 if sr_in % 100 == 0 else 0.05
     for start in (500 * MS, S, 1500 * MS, 2 * S, 2500 * MS):
         w = wins[start]
-        assert w.audio.shape == (SR,) and w.audio_mask.all()
-        expect = 0.5 * np.sin(2 * np.pi * f * (start / S + np.arange(SR) / SR))
+        assert w.audio.shape == (SAMPLE_RATE,) and w.audio_mask.all()
+        expect = 0.5 * np.sin(2 * np.pi * f * (start / S + np.arange(SAMPLE_RATE) / SAMPLE_RATE))
         assert np.max(np.abs(w.audio - expect)) < tolerance, start
 
 
@@ -242,11 +207,11 @@ def test_other_sample_rates_are_resampled_without_edge_artefacts(sr_in: int):
 
 
 def test_segments_belong_to_every_window_they_overlap_by_start_time():
-    a = Aligner(config(1000))
-    recs = [seg("s", 0, 1500 * MS, 2500 * MS, "late words"),  # arrives first, starts later
-            seg("s", 1, 200 * MS, 1800 * MS, "spanning"),
-            seg("s", 2, 3000 * MS, 3000 * MS, "blip"),  # zero length: the window of its start
-            seg("s", 3, 2500 * MS, 3000 * MS, "edge")]  # ends where window 3 s starts
+    a = Aligner(align_config(1000))
+    recs = [segment("s", 0, 1500 * MS, 2500 * MS, "late words"),  # arrives first, starts later
+            segment("s", 1, 200 * MS, 1800 * MS, "spanning"),
+            segment("s", 2, 3000 * MS, 3000 * MS, "blip"),  # zero length: the window of its start
+            segment("s", 3, 2500 * MS, 3000 * MS, "edge")]  # ends where window 3 s starts
     wins = {w.start_ns // S: w for w in run(a, recs)}
     assert {k: [s.seq for s in w.segments] for k, w in wins.items()} == {
         0: [1], 1: [1, 0], 2: [0, 3], 3: [2]}
@@ -258,17 +223,17 @@ def test_segments_belong_to_every_window_they_overlap_by_start_time():
 
 
 def test_window_closes_only_when_every_expected_modality_passed_end_plus_lateness():
-    a = Aligner(config(1000, lateness_ns={"video": 200 * MS, "audio": 100 * MS,
+    a = Aligner(align_config(1000, lateness_ns={"video": 200 * MS, "audio": 100 * MS,
                                           "text": 3000 * MS}))
     a.add(frame("s", 500 * MS, 0), 0)
     a.add(chunk("s", 0, 0, ramp(16000)), 0)
-    a.add(seg("s", 0, 0, 800 * MS), 0)
+    a.add(segment("s", 0, 0, 800 * MS), 0)
     a.add(frame("s", 1200 * MS, 1), 0)  # video watermark 1.2 = end + lateness
     a.add(chunk("s", S, 1, ramp(1600)), 0)  # audio watermark 1.1 = end + lateness
     assert a.poll(0) == []  # text watermark 0.8 < 1.0 + 3.0
-    a.add(seg("s", 1, 3000 * MS, 3999 * MS), 0)
+    a.add(segment("s", 1, 3000 * MS, 3999 * MS), 0)
     assert a.poll(0) == []  # text watermark 3.999 < 4.0
-    a.add(seg("s", 2, 3999 * MS, 4000 * MS), 0)
+    a.add(segment("s", 2, 3999 * MS, 4000 * MS), 0)
     (w,) = a.poll(0)
     assert w.start_ns == 0 and w.quality["closed_by"] == "watermark"
     assert w.present == {"video": True, "audio": True, "text": True}
@@ -276,8 +241,8 @@ def test_window_closes_only_when_every_expected_modality_passed_end_plus_latenes
 
 
 def test_only_expected_modalities_hold_windows_back():
-    a = Aligner(config(1000, expected=("video",)))
-    a.add(seg("s", 0, 0, 500 * MS), 0)
+    a = Aligner(align_config(1000, expected=("video",)))
+    a.add(segment("s", 0, 0, 500 * MS), 0)
     a.add(frame("s", 100 * MS, 0), 0)
     a.add(frame("s", S, 1), 0)
     (w,) = a.poll(0)
@@ -285,27 +250,12 @@ def test_only_expected_modalities_hold_windows_back():
     assert w.quality["closed_by"] == "watermark"
 
 
-def _live(a: Aligner, t0: int, t1: int, audio: bool, seqs: dict, out: list, step: int = 100):
-    """Real-time feed with a fake clock: 20 fps video, 100 ms audio chunks, poll each step."""
-    for t in range(t0, t1, step):
-        now = (t + step) * MS  # everything of [t, t+step) is there by t+step
-        for j in range(0, step, 50):
-            a.add(frame("cam", (t + j) * MS, seqs.setdefault("v", [0])[0]), now)
-            seqs["v"][0] += 1
-        if audio:
-            a.add(chunk("cam", t * MS, seqs.setdefault("a", [0])[0],
-                        np.full(step * SR // 1000, 800, np.int16)), now)
-            seqs["a"][0] += 1
-        for w in a.poll(now):
-            out.append((now, w))
-
-
 def test_mic_unplugged_masked_windows_keep_coming_and_full_ones_resume():
-    a = Aligner(config(1000, 500, late_ms=250, idle_ms=1000, expected=("video", "audio")))
+    a = Aligner(align_config(1000, 500, late_ms=250, idle_ms=1000, expected=("video", "audio")))
     out: list[tuple[int, Window]] = []
     seqs: dict = {}
-    _live(a, 0, 3000, True, seqs, out)
-    _live(a, 3000, 6000, False, seqs, out)  # unplugged for 3 s
+    feed_live(a, 0, 3000, True, seqs, out)
+    feed_live(a, 3000, 6000, False, seqs, out)  # unplugged for 3 s
     during = [(now, w) for now, w in out if w.start_ns >= 3000 * MS]
     # audio idle from 4.0 s: windows close on video alone, masked, before the mic returns
     assert [w.start_ns // MS for _, w in during] == [3000, 3500, 4000, 4500]
@@ -313,17 +263,17 @@ def test_mic_unplugged_masked_windows_keep_coming_and_full_ones_resume():
         assert w.present == {"video": True, "audio": False, "text": False}
         assert w.quality["closed_by"] == "deadline" and w.frame_count == 20
         assert not w.audio_mask.any()
-    _live(a, 6000, 9000, True, seqs, out)  # plugged back in
+    feed_live(a, 6000, 9000, True, seqs, out)  # plugged back in
     wins = {w.start_ns // MS: w for _, w in out}
     assert len(wins) == len(out)  # nothing twice
-    assert wins[5500].present["audio"] and wins[5500].audio_mask.sum() == SR // 2
+    assert wins[5500].present["audio"] and wins[5500].audio_mask.sum() == SAMPLE_RATE // 2
     for k in (6000, 6500, 7000, 7500):
         assert wins[k].audio_mask.all() and wins[k].quality["closed_by"] == "watermark"
     assert a.stats["late"] == 0
 
 
 def test_a_modality_that_never_arrives_goes_idle_from_the_streams_first_record():
-    a = Aligner(config(1000, idle_ms=3000, expected=("video", "audio")))
+    a = Aligner(align_config(1000, idle_ms=3000, expected=("video", "audio")))
     for i in range(25):
         a.add(frame("s", i * 100 * MS, i), 10 * S + i * 100 * MS)
         assert a.poll(10 * S + i * 100 * MS) == []  # audio not idle yet: it may still come
@@ -334,7 +284,7 @@ def test_a_modality_that_never_arrives_goes_idle_from_the_streams_first_record()
 
 
 def test_when_every_modality_is_idle_all_buffered_windows_close():
-    a = Aligner(config(1000, late_ms=5000, idle_ms=1000, expected=("video", "audio")))
+    a = Aligner(align_config(1000, late_ms=5000, idle_ms=1000, expected=("video", "audio")))
     a.add(frame("s", 100 * MS, 0), 0)
     a.add(chunk("s", 0, 0, ramp(1600)), 0)
     a.add(frame("s", 1100 * MS, 1), 0)
@@ -346,7 +296,7 @@ def test_when_every_modality_is_idle_all_buffered_windows_close():
 
 
 def test_windows_without_data_are_not_emitted():
-    a = Aligner(config(1000))
+    a = Aligner(align_config(1000))
     wins = run(a, [frame("s", 100 * MS, 0), frame("s", 5100 * MS, 1), frame("s", 9 * S, 2)])
     assert [w.start_ns // S for w in wins] == [0, 5, 9]
 
@@ -355,7 +305,7 @@ def test_windows_without_data_are_not_emitted():
 
 
 def test_late_record_is_reported_with_the_window_and_watermark_and_counted_on_the_next():
-    a = Aligner(config(1000, late_ms=100, expected=("video",)))
+    a = Aligner(align_config(1000, late_ms=100, expected=("video",)))
     for i, ts in enumerate((100, 900, 1150)):
         a.add(frame("s", ts * MS, i), 0)
     (w0,) = a.poll(0)
@@ -371,7 +321,7 @@ def test_late_record_is_reported_with_the_window_and_watermark_and_counted_on_th
 
 
 def test_span_partly_in_closed_windows_feeds_the_open_ones_and_counts_the_loss():
-    a = Aligner(config(1000, 500, expected=("video",)))
+    a = Aligner(align_config(1000, 500, expected=("video",)))
     for i, ts in enumerate((200, 1400)):
         a.add(frame("s", ts * MS, i), 0)
     assert [w.start_ns for w in a.poll(0)] == [-500 * MS, 0]  # windows ending <= 1.4 s
@@ -386,7 +336,7 @@ def test_span_partly_in_closed_windows_feeds_the_open_ones_and_counts_the_loss()
 
 
 def test_duplicates_are_counted_once_even_after_their_window_closed():
-    a = Aligner(config(1000, expected=("video",)))
+    a = Aligner(align_config(1000, expected=("video",)))
     f = frame("s", 100 * MS, 0, Source("v", 0, 10))
     assert a.add(f, 0).status == "accepted"
     again = dataclasses.replace(f, source=Source("v", 0, 11))  # a producer retry
@@ -403,7 +353,7 @@ def test_duplicates_are_counted_once_even_after_their_window_closed():
 
 
 def test_frame_cap_drops_the_oldest_counts_it_and_marks_the_windows():
-    a = Aligner(config(1000, expected=("video", "audio"), max_buffer_frames=10))
+    a = Aligner(align_config(1000, expected=("video", "audio"), max_buffer_frames=10))
     outs = [a.add(frame("s", i * 100 * MS, i), 0) for i in range(25)]  # audio never came
     assert all(o.status == "accepted" for o in outs)
     assert a.buffered()["frames"] == 10
@@ -419,7 +369,7 @@ def test_frame_cap_drops_the_oldest_counts_it_and_marks_the_windows():
 
 
 def test_audio_cap_drops_the_oldest_seconds():
-    a = Aligner(config(1000, expected=("video", "audio"), max_buffer_audio_s=1.0))
+    a = Aligner(align_config(1000, expected=("video", "audio"), max_buffer_audio_s=1.0))
     for i in range(15):
         assert a.add(chunk("s", i * 100 * MS, i, ramp(1600)), 0).status == "accepted"
     assert a.buffered()["audio_s"] == pytest.approx(1.0)
@@ -433,11 +383,11 @@ def test_audio_cap_drops_the_oldest_seconds():
 
 
 def test_provenance_lists_every_record_used_in_time_order():
-    a = Aligner(config(1000))
+    a = Aligner(align_config(1000))
     recs = [frame("s", 300 * MS, 1, Source("p.video", 2, 41)),
             frame("s", 100 * MS, 0, Source("p.video", 2, 40)),
-            chunk("s", 0, 0, ramp(16000), src=Source("p.audio", 2, 7)),
-            seg("s", 0, 0, 10, src=Source("p.text", 2, 3))]
+            chunk("s", 0, 0, ramp(16000), source=Source("p.audio", 2, 7)),
+            segment("s", 0, 0, 10, source=Source("p.text", 2, 3))]
     (w,) = run(a, recs)
     assert w.provenance == {"video": [Source("p.video", 2, 40), Source("p.video", 2, 41)],
                             "audio": [Source("p.audio", 2, 7)],
@@ -445,7 +395,7 @@ def test_provenance_lists_every_record_used_in_time_order():
 
 
 def test_release_after_is_the_last_window_and_closed_before_tells_when():
-    a = Aligner(config(1000, 500, expected=("video",)))
+    a = Aligner(align_config(1000, 500, expected=("video",)))
     out = a.add(chunk("s", 900 * MS, 0, ramp(3200)), 0)  # [0.9, 1.1): windows 0, 0.5, 1.0
     assert out.release_after_ns == S
     assert a.closed_before("s") is None
@@ -458,7 +408,7 @@ def test_release_after_is_the_last_window_and_closed_before_tells_when():
 
 
 def test_resume_never_emits_a_window_again_and_replays_are_not_late():
-    a = Aligner(config(1000, expected=("video",)), resume={"s": S})
+    a = Aligner(align_config(1000, expected=("video",)), resume={"s": S})
     assert a.closed_before("s") == 2 * S
     assert a.add(frame("s", 500 * MS, 0), 0).status == "replayed"
     assert a.add(frame("s", 1500 * MS, 1), 0).status == "replayed"
@@ -471,7 +421,7 @@ def test_resume_never_emits_a_window_again_and_replays_are_not_late():
 
 
 def test_forget_drops_a_streams_state():
-    a = Aligner(config(1000, expected=("video",)))
+    a = Aligner(align_config(1000, expected=("video",)))
     a.add(frame("s", 100 * MS, 0), 0)
     a.add(frame("t", 100 * MS, 0), 0)
     a.forget("s")
@@ -481,7 +431,7 @@ def test_forget_drops_a_streams_state():
 
 
 def test_streams_are_independent():
-    a = Aligner(config(1000, expected=("video",)))
+    a = Aligner(align_config(1000, expected=("video",)))
     a.add(frame("a", 100 * MS, 0), 0)
     a.add(frame("b", 100 * MS, 0), 0)
     a.add(frame("a", 1100 * MS, 1), 0)  # closes a's first window only
@@ -492,14 +442,14 @@ def test_streams_are_independent():
 def test_memory_stays_bounded_when_a_modality_lags_far_behind():
     """Audio stamped 30 s behind video keeps every window open: the frame cap holds the
     buffer (and the open windows) bounded, counts what it drops, and windows still come."""
-    a = Aligner(config(1000, 500, expected=("video", "audio"), max_buffer_frames=40))
+    a = Aligner(align_config(1000, 500, expected=("video", "audio"), max_buffer_frames=40))
     wins = []
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
         for i in range(1500):  # 100 s of 15 fps video, audio 30 s behind
-            big = dataclasses.replace(frame("s", i * S // 15, i),
-                                      data=_base_frame().data + bytes(20_000))
+            f = frame("s", i * S // 15, i)
+            big = dataclasses.replace(f, data=f.data + bytes(20_000))
             a.add(big, 0)
             if i % 3 == 0:
                 a.add(chunk("s", i * S // 15 - 30 * S, i // 3, ramp(3200)), 0)
@@ -520,7 +470,7 @@ def test_memory_stays_bounded_when_a_modality_lags_far_behind():
 
 
 def test_a_copy_of_a_late_or_capped_record_is_a_duplicate():
-    a = Aligner(config(1000, expected=("video",), max_buffer_frames=2))
+    a = Aligner(align_config(1000, expected=("video",), max_buffer_frames=2))
     a.add(frame("s", 2100 * MS, 0), 0)
     a.poll(0)
     late = frame("s", 100 * MS, 7)
@@ -534,11 +484,11 @@ def test_a_copy_of_a_late_or_capped_record_is_a_duplicate():
 
 
 def test_a_span_longer_than_the_buffer_is_refused_not_buffered():
-    a = Aligner(config(1000, expected=("text",), max_buffer_audio_s=10.0))
-    out = a.add(seg("s", 0, 0, 3600 * S, "an hour-long segment"), 0)
+    a = Aligner(align_config(1000, expected=("text",), max_buffer_audio_s=10.0))
+    out = a.add(segment("s", 0, 0, 3600 * S, "an hour-long segment"), 0)
     assert out.status == "capped" and "3600.0 s" in out.reason and "10.0 s" in out.reason
     assert a.buffered()["windows"] == 0 and a.stats["capped"] == 1
-    assert a.add(seg("s", 1, 0, 10 * S), 0).status == "accepted"  # 10 s is allowed
+    assert a.add(segment("s", 1, 0, 10 * S), 0).status == "accepted"  # 10 s is allowed
 
 
 def test_window_text_prefers_final_segments_over_the_partials_they_revise() -> None:
@@ -574,3 +524,23 @@ def test_records_from_a_clock_far_in_the_future_are_refused_not_buffered() -> No
     assert a.streams == [] and a.stats["future"] == 1  # nothing buffered, no watermark moved
     fine = AudioChunk.from_samples("s", now + 30_000_000_000, 1, np.zeros(160), 16000)
     assert a.add(fine, now).status == "accepted"
+
+
+def test_statuses_and_closed_by_are_enums_equal_to_their_strings() -> None:
+    a = Aligner(align_config(window_ms=1000, expected=("video",)))
+    out = a.add(frame("s", 100 * MS, 0), 0)
+    assert out.status is OutcomeStatus.ACCEPTED and out.status == "accepted"
+    (w,) = a.flush()
+    assert w.quality["closed_by"] is ClosedBy.FLUSH
+    assert json.loads(json.dumps(w.quality))["closed_by"] == "flush"
+    assert a.add(frame("s", 100 * MS, 0), 0).status is OutcomeStatus.DUPLICATE
+    assert {str(s) for s in OutcomeStatus} == {
+        "accepted", "duplicate", "late", "replayed", "capped", "future"}
+
+
+def test_ingest_timings_are_a_field_the_aligner_leaves_empty() -> None:
+    a = Aligner(align_config(window_ms=1000))
+    a.add(frame("s", 100 * MS, 0), 0)
+    (w,) = a.flush()
+    assert w.ingest_ms == {} and not any(k.startswith("ingest") for k in w.quality)
+    assert list(w.provenance) == ["video", "audio", "text"]

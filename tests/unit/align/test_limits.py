@@ -12,11 +12,11 @@ import dataclasses
 
 import numpy as np
 import pytest
-from test_aligner import MS, S, chunk, config, frame, seg
 
 from streamproc.align import aligner as align
 from streamproc.align.aligner import AlignConfig, Aligner, Window
 from streamproc.config import Settings
+from streamproc.testing import MS, S, align_config, chunk, frame, segment
 from streamproc.wire.codec import AudioChunk
 
 T0 = 1_800_000_000 * S  # hop-aligned; the wall clock is event time in these tests
@@ -38,7 +38,7 @@ def live(a: Aligner, t0: int, t1: int, sid: str, seqs: dict, outcomes: list,
                                            np.full(1600, 100, np.int16))))
         seqs["audio"] += 1
         if (t - T0) % (2 * S) == 0:
-            events.append((t + 1200 * MS, seg(sid, seqs.setdefault("text", 0), t, t + S)))
+            events.append((t + 1200 * MS, segment(sid, seqs.setdefault("text", 0), t, t + S)))
             seqs["text"] += 1
     for now, rec in sorted(events, key=lambda x: x[0]):
         outcomes.append(a.add(rec, now))
@@ -59,7 +59,7 @@ def test_three_records_far_ahead_do_not_make_the_next_ten_seconds_late() -> None
         frame("cam", now + 55 * S, 10_000),                            # 55 s ahead
         AudioChunk("cam", now, 10_000, np.zeros(55, "<i2").tobytes(),  # 55 samples at 1 Hz
                    "s16le", 1, 1),
-        seg("cam", 10_000, now, now + 55 * S, "a 55 s segment"),
+        segment("cam", 10_000, now, now + 55 * S, "a 55 s segment"),
     ]
     refused = [a.add(r, now) for r in hostile]
     assert [o.status for o in refused] == ["future", "capped", "capped"], refused
@@ -77,9 +77,9 @@ def test_three_records_far_ahead_do_not_make_the_next_ten_seconds_late() -> None
 
 
 def test_a_span_is_checked_at_its_end_against_the_clock() -> None:
-    a = Aligner(config(1000, expected=("text",), max_buffer_audio_s=600.0,
+    a = Aligner(align_config(1000, expected=("text",), max_buffer_audio_s=600.0,
                        max_future_ns=60 * S))
-    out = a.add(seg("s", 0, T0, T0 + 61 * S), T0)  # starts now, ends 61 s ahead
+    out = a.add(segment("s", 0, T0, T0 + 61 * S), T0)  # starts now, ends 61 s ahead
     assert out.status == "future" and "61.0 s ahead" in out.reason
     assert "a span ending" in out.reason and a.streams == []
 
@@ -87,7 +87,7 @@ def test_a_span_is_checked_at_its_end_against_the_clock() -> None:
 def test_fifty_long_segments_on_new_streams_make_no_windows() -> None:
     a = defaults()
     now = T0 + 60 * S
-    outs = [a.add(seg(f"new-{i}", 0, now - 59 * S, now), now) for i in range(50)]
+    outs = [a.add(segment(f"new-{i}", 0, now - 59 * S, now), now) for i in range(50)]
     assert {o.status for o in outs} == {"capped"}
     assert all("max_span_text_ms" in o.reason for o in outs)
     assert a.poll(now + 10 * S) == [] and a.flush() == []
@@ -97,7 +97,7 @@ def test_fifty_long_segments_on_new_streams_make_no_windows() -> None:
 def test_spans_up_to_the_limits_are_accepted() -> None:
     a = defaults()
     now = T0 + 60 * S
-    assert a.add(seg("s", 0, now - 30 * S, now), now).status == "accepted"
+    assert a.add(segment("s", 0, now - 30 * S, now), now).status == "accepted"
     five_s = chunk("s", now - 5 * S, 0, np.zeros(5 * 16_000, np.int16))
     assert a.add(five_s, now).status == "accepted"
     longer = chunk("s", now - 6 * S, 1, np.zeros(5 * 16_000 + 16, np.int16))
@@ -147,7 +147,7 @@ def test_the_lead_is_measured_from_the_clock_or_the_streams_watermarks() -> None
 
 
 def test_a_producer_that_restarts_its_seqs_loses_no_frame() -> None:
-    a = Aligner(config(1000, expected=("video",)))
+    a = Aligner(align_config(1000, expected=("video",)))
     first = [frame("s", T0 + i * 100 * MS, 100 + i) for i in range(5)]
     # restarted at 100 in the same window: seqs 100..104 again, later frames, other pixels
     again = [dataclasses.replace(frame("s", T0 + (5 + i) * 100 * MS, 100 + i),
@@ -161,7 +161,7 @@ def test_a_producer_that_restarts_its_seqs_loses_no_frame() -> None:
 
 
 def test_a_restarted_seq_for_a_closed_window_is_late_not_a_duplicate() -> None:
-    a = Aligner(config(1000, expected=("video",)))
+    a = Aligner(align_config(1000, expected=("video",)))
     a.add(frame("s", T0, 0), T0)
     a.add(frame("s", T0 + 2 * S, 1), T0)
     assert [w.start_ns for w in a.poll(T0)] == [T0]
@@ -246,7 +246,7 @@ def test_the_first_segment_after_a_text_silence_keeps_its_first_windows() -> Non
         events.append((t + 100 * MS, chunk("talk", t, i, np.full(1600, 100, np.int16))))
         events.append((t, frame("mute", t, i)))
     for i, (s0, e0) in enumerate([(0, 1000), (2000, 3000), (8200, 9700), (10_000, 11_000)]):
-        events.append((T0 + (e0 + 300) * MS, seg("talk", i, T0 + s0 * MS, T0 + e0 * MS)))
+        events.append((T0 + (e0 + 300) * MS, segment("talk", i, T0 + s0 * MS, T0 + e0 * MS)))
     windows: list[tuple[int, Window]] = []
     for now, rec in sorted(events, key=lambda x: x[0]):
         out = a.add(rec, now)

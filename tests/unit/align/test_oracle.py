@@ -15,14 +15,16 @@ import random
 from collections import defaultdict
 
 import numpy as np
+from align_helpers import feed_live
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_aligner import MS, NS_PER_SAMPLE, SR, _live, chunk, config, frame, seg
 
 from streamproc.align.aligner import AlignConfig, Aligner, Window
+from streamproc.testing import MS, SAMPLE_RATE, S, align_config, chunk, frame, segment
 from streamproc.wire.codec import Source
 
 MODS = ("video", "audio", "text")
+NS_PER_SAMPLE = S // SAMPLE_RATE  # 62_500: 16 kHz sample times are whole nanoseconds
 T0 = 1_700_000_000 * 1_000_000_000  # a realistic epoch time, on the 16 kHz sample grid
 SETTINGS = settings(max_examples=100, deadline=None, derandomize=False,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -59,7 +61,7 @@ def oracle_windows(cfg: AlignConfig, records) -> dict[tuple[str, int], dict]:
             if member(rec, k * h, w) and (allowed is None or k * h in allowed):
                 held[(rec.stream_id, k * h)][rec.modality].append(rec)
     out = {}
-    n_out = w * SR // 1_000_000_000
+    n_out = w * SAMPLE_RATE // 1_000_000_000
     kk = cfg.frames_per_window
     for (sid, start), recs in held.items():
         frames = sorted(recs["video"], key=lambda f: (f.ts_ns, f.seq))
@@ -106,7 +108,7 @@ def assert_same(got: list[Window], want: dict[tuple[str, int], dict]) -> None:
             assert g[name] == o[name], (w.key, name)
         np.testing.assert_array_equal(g["mask"], o["mask"], err_msg=str(w.key))
         np.testing.assert_array_equal(g["audio"], o["audio"], err_msg=str(w.key))
-        assert round(w.quality["audio_missing_s"] * SR) == (~o["mask"]).sum()
+        assert round(w.quality["audio_missing_s"] * SAMPLE_RATE) == (~o["mask"]).sum()
 
 
 def assert_start_order(got: list[Window]) -> None:
@@ -149,7 +151,7 @@ def scenarios(draw, tumbling: bool = False, with_text: bool = True) -> Scenario:
                 "text": seg_max + draw(st.integers(0, 400))}
     jitter = {"video": lateness["video"], "audio": lateness["audio"] - chunk_max,
               "text": lateness["text"] - seg_max}  # arrival delay that keeps within budget
-    cfg = config(window_ms, hop_ms, lateness_ns={m: v * MS for m, v in lateness.items()},
+    cfg = align_config(window_ms, hop_ms, lateness_ns={m: v * MS for m, v in lateness.items()},
                  frames_per_window=draw(st.integers(1, 12)))
     drop_p = draw(st.sampled_from([0.0, 0.1, 0.4]))
     queues = []
@@ -169,14 +171,14 @@ def scenarios(draw, tumbling: bool = False, with_text: bool = True) -> Scenario:
             n_samples = rnd.randint(1, chunk_max * 16)
             if rnd.random() >= drop_p:
                 pcm = rng.integers(-32768, 32767, n_samples, dtype=np.int16)
-                recs["audio"].append(chunk(sid, t, i, pcm, src=Source(f"{sid}.a", 0, i)))
+                recs["audio"].append(chunk(sid, t, i, pcm, source=Source(f"{sid}.a", 0, i)))
             t += n_samples * NS_PER_SAMPLE
             i += 1
         if with_text:
             starts = sorted(start + rnd.randrange(dur) for _ in range(rnd.randint(0, 6)))
             for i, s0 in enumerate(starts):
-                recs["text"].append(seg(sid, i, s0, s0 + rnd.randint(0, seg_max) * MS,
-                                        src=Source(f"{sid}.t", 0, i)))
+                recs["text"].append(segment(sid, i, s0, s0 + rnd.randint(0, seg_max) * MS,
+                                        source=Source(f"{sid}.t", 0, i)))
         for m in MODS:
             originals += recs[m]
             delayed = sorted(recs[m], key=lambda r: r.ts_ns + rnd.randint(0, jitter[m] * MS))
@@ -353,14 +355,14 @@ def test_mic_unplugged_then_back_with_a_fake_clock(window_ms, hop_div, late_ms, 
     """Live feed (clock = event time): 20 fps video, 100 ms audio chunks; the microphone
     is silent from outage_at to outage_at + outage_len (in 100 ms steps)."""
     hop_ms = max(50, window_ms // hop_div)
-    a = Aligner(config(window_ms, hop_ms, late_ms=late_ms, idle_ms=idle_ms,
+    a = Aligner(align_config(window_ms, hop_ms, late_ms=late_ms, idle_ms=idle_ms,
                        expected=("video", "audio")))
     off, on = outage_at * 100, (outage_at + outage_len) * 100
     out: list[tuple[int, Window]] = []
     seqs: dict = {}
-    _live(a, 0, off, True, seqs, out)
-    _live(a, off, on, False, seqs, out)
-    _live(a, on, on + 3000, True, seqs, out)
+    feed_live(a, 0, off, True, seqs, out)
+    feed_live(a, off, on, False, seqs, out)
+    feed_live(a, on, on + 3000, True, seqs, out)
     out += [(None, w) for w in a.flush()]
     keys = [w.key for _, w in out]
     assert len(keys) == len(set(keys))

@@ -19,9 +19,7 @@ from media_helpers import (
     SRT,
     SRT_SPANS_NS,
     SRT_TEXTS,
-    T0,
     VIDEO_FPS,
-    ManualClock,
     container_times,
     decoded_audio,
     make_frames,
@@ -35,7 +33,7 @@ from media_helpers import (
     write_wav_bytes,
 )
 
-from streamproc.capture.publisher import ListSink
+from streamproc.capture.publisher import ListOutbox
 from streamproc.capture.sources import (
     CameraSource,
     Clock,
@@ -52,6 +50,7 @@ from streamproc.capture.sources import (
     replay,
 )
 from streamproc.errors import UserError
+from streamproc.testing import T0, ManualClock
 
 MS = 1_000_000
 S = 1_000_000_000
@@ -118,8 +117,8 @@ def test_continue_or_resync() -> None:
 
 
 def test_stream_writer_numbers_each_modality_and_keeps_audio_continuous() -> None:
-    sink, clock = ListSink(), ManualClock()
-    w = StreamWriter(sink, "cam-1", clock=clock)
+    outbox, clock = ListOutbox(), ManualClock()
+    w = StreamWriter(outbox, "cam-1", clock=clock)
     img = make_frames(1)[0]
     f0, f1 = w.frame(img), w.frame(img, ts_ns=T0 + 5)
     assert (f0.seq, f1.seq, f0.ts_ns, f1.ts_ns) == (0, 1, T0, T0 + 5)
@@ -136,14 +135,14 @@ def test_stream_writer_numbers_each_modality_and_keeps_audio_continuous() -> Non
     assert late.ts_ns == clock.now - 100 * MS and w.resyncs == 1
     seg = w.text("hello", T0, T0 + S, final=False)
     assert (seg.seq, seg.final) == (0, False)
-    assert sink.records == [f0, f1, *chunks, late, seg]
+    assert outbox.records == [f0, f1, *chunks, late, seg]
     with pytest.raises(UserError, match="stream id"):
-        StreamWriter(sink, " bad id")
+        StreamWriter(outbox, " bad id")
 
 
 def test_transcript_lines_are_stamped_on_arrival_and_bad_jsonl_lines_skipped() -> None:
-    sink, clock = ListSink(), ManualClock()
-    w = StreamWriter(sink, "s", clock=clock)
+    outbox, clock = ListOutbox(), ManualClock()
+    w = StreamWriter(outbox, "s", clock=clock)
 
     def arriving(lines: list[str], step_s: float):
         for line in lines:
@@ -152,18 +151,18 @@ def test_transcript_lines_are_stamped_on_arrival_and_bad_jsonl_lines_skipped() -
 
     st = publish_transcript_lines(w, arriving(["first\n", "\n", "second\n"], 1.0),
                                   max_span_ns=3 * S)
-    segs = sink.records
+    segs = outbox.records
     assert st.segments == 2 and not st.issues
     assert [(s.text, s.start_ns - T0, s.end_ns - T0) for s in segs] == [
         ("first", 0, 1 * S), ("second", 2 * S, 3 * S)]
-    sink.records.clear()
+    outbox.records.clear()
     lines = ['{"text": "partial", "final": false}',
              "{oops",
              f'{{"text": "exact", "start_ns": {T0}, "end_ns": {T0 + 7}}}']
     st = publish_transcript_lines(w, arriving(lines, 10.0), jsonl=True, max_span_ns=3 * S)
     assert (st.segments, st.partial) == (2, 1)
     assert [(i.line, i.message[:8]) for i in st.issues] == [(2, "not JSON")]
-    partial, exact = sink.records
+    partial, exact = outbox.records
     assert partial.end_ns - partial.start_ns == 3 * S and not partial.final  # capped span
     assert (exact.start_ns, exact.end_ns, exact.seq) == (T0, T0 + 7, 3)
 
@@ -224,12 +223,12 @@ def test_realtime_replay_never_sends_a_record_before_its_event_time(media, ahead
     clock = Instant()
     sent: list[tuple[int, object]] = []
 
-    class Sink:
+    class Outbox:
         def publish(self, rec) -> None:
             sent.append((clock.now, rec))
 
     start = T0 + ahead_s * S
-    replay(Sink(), "s1", media.video, media.wav, media.srt, start_at_ns=start, clock=clock)
+    replay(Outbox(), "s1", media.video, media.wav, media.srt, start_at_ns=start, clock=clock)
     assert {r.modality for _, r in sent} == {"video", "audio", "text"}
     assert all(now >= rec.end_ns for now, rec in sent)
     first_audio = next(now for now, r in sent if r.modality == "audio")
@@ -443,17 +442,17 @@ def test_stats_count_only_what_was_handed_to_the_sink(media) -> None:
     """A stop (Ctrl-C) between reading a record and publishing it must not count it."""
     stop = threading.Event()
 
-    class StopAfter(ListSink):
+    class StopAfter(ListOutbox):
         def publish(self, rec) -> None:
             super().publish(rec)
             if len(self.records) == 7:
                 stop.set()
 
-    sink = StopAfter()
-    stats = replay(sink, "s1", media.video, media.wav, media.srt, realtime=False,
+    outbox = StopAfter()
+    stats = replay(outbox, "s1", media.video, media.wav, media.srt, realtime=False,
                    stop_event=stop)
-    by = {m: sum(r.modality == m for r in sink.records) for m in ("video", "audio", "text")}
-    assert len(sink.records) == 7 == stats.published
+    by = {m: sum(r.modality == m for r in outbox.records) for m in ("video", "audio", "text")}
+    assert len(outbox.records) == 7 == stats.published
     assert (stats.frames, stats.chunks, stats.segments) == (by["video"], by["audio"],
                                                             by["text"])
     assert f"published {by['video']} frames, {by['audio']} audio chunks" in stats.summary()
@@ -468,8 +467,8 @@ def _time_info(adc: float, latency: float = 0.005, block_s: float = 0.1) -> Simp
 
 
 def test_mic_callback_chunks_are_sample_continuous_and_losses_counted() -> None:
-    clock, sink = ManualClock(), ListSink()
-    mic = MicSource(sink, "mic-1", rate=16000, chunk_ms=100, queue_blocks=4, clock=clock)
+    clock, outbox = ManualClock(), ListOutbox()
+    mic = MicSource(outbox, "mic-1", rate=16000, chunk_ms=100, queue_blocks=4, clock=clock)
     rng = np.random.default_rng(5)
     blocks = [rng.integers(-3000, 3000, (1600, 1), dtype=np.int16) for _ in range(12)]
     stream_t0 = 5000.0  # PortAudio's own time base
@@ -490,7 +489,7 @@ def test_mic_callback_chunks_are_sample_continuous_and_losses_counted() -> None:
         feed(k, adc_extra=0.3)
     mic.publish_pending()
 
-    chunks = sink.records
+    chunks = outbox.records
     assert [c.seq for c in chunks] == [0, 1, 2, 3, 4, 5, 8, 9, 10, 11]  # 6, 7 dropped: a gap
     assert (mic.stats.overflows, mic.stats.queue_drops, mic.stats.drops) == (1, 2, 3)
     assert mic.stats.resyncs == 2  # after the overflow and after the drop
@@ -509,12 +508,12 @@ def test_mic_callback_chunks_are_sample_continuous_and_losses_counted() -> None:
 
 
 def test_mic_callback_without_host_timing_falls_back_to_arrival_time() -> None:
-    clock, sink = ManualClock(), ListSink()
-    mic = MicSource(sink, "m", rate=8000, channels=2, chunk_ms=50, fmt="f32le", clock=clock)
+    clock, outbox = ManualClock(), ListOutbox()
+    mic = MicSource(outbox, "m", rate=8000, channels=2, chunk_ms=50, fmt="f32le", clock=clock)
     block = np.zeros((400, 2), np.float32)
     mic.callback(block, 400, SimpleNamespace(inputBufferAdcTime=0.0, currentTime=0.0), None)
     mic.publish_pending()
-    (chunk,) = sink.records
+    (chunk,) = outbox.records
     assert chunk.ts_ns == T0 - 50 * MS and (chunk.channels, chunk.fmt) == (2, "f32le")
 
 
@@ -566,13 +565,13 @@ def test_cli_mic_with_a_device_that_does_not_exist_lists_the_inputs() -> None:
 
 
 def test_camera_on_a_video_file_url_publishes_every_frame_in_order(media) -> None:
-    sink = ListSink()
+    outbox = ListOutbox()
     # a file:// URL goes through the same OpenCV/FFmpeg path as rtsp:// or http://
-    cam = CameraSource(sink, "cam-1", media.video.as_uri(), jpeg_quality=95)
+    cam = CameraSource(outbox, "cam-1", media.video.as_uri(), jpeg_quality=95)
     assert not cam.reconnect  # a local file ends; a live URL would be reopened
     t_before = time.time_ns()
     st = cam.run()
-    frames = sink.records
+    frames = outbox.records
     assert (st.captured, st.published, st.dropped, st.skipped) == (12, 12, 0, 0)
     assert [f.seq for f in frames] == list(range(12))
     assert all(b.ts_ns > a.ts_ns for a, b in itertools.pairwise(frames))
@@ -583,18 +582,18 @@ def test_camera_on_a_video_file_url_publishes_every_frame_in_order(media) -> Non
 
 
 def test_camera_resizes_and_refuses_a_device_it_cannot_open(media, tmp_path) -> None:
-    sink = ListSink()
-    CameraSource(sink, "c", str(media.video), size=(80, 60)).run()
-    assert {(f.width, f.height) for f in sink.records} == {(80, 60)}
+    outbox = ListOutbox()
+    CameraSource(outbox, "c", str(media.video), size=(80, 60)).run()
+    assert {(f.width, f.height) for f in outbox.records} == {(80, 60)}
     with pytest.raises(UserError, match="cannot open camera"):
-        CameraSource(sink, "c", str(tmp_path / "no-such-camera.avi")).open()
+        CameraSource(outbox, "c", str(tmp_path / "no-such-camera.avi")).open()
 
 
 def test_camera_reconnects_with_backoff_when_the_source_goes_away(media, tmp_path) -> None:
     path = tmp_path / "cam.avi"
     write_video(path, media.frames[:5])
-    sink = ListSink()
-    cam = CameraSource(sink, "c", str(path), reconnect=True, backoff_s=(0.05, 0.2))
+    outbox = ListOutbox()
+    cam = CameraSource(outbox, "c", str(path), reconnect=True, backoff_s=(0.05, 0.2))
     stop = threading.Event()
     runner = threading.Thread(target=cam.run, args=(stop,))
     cam.open()
@@ -612,9 +611,9 @@ def test_camera_reconnects_with_backoff_when_the_source_goes_away(media, tmp_pat
     assert not runner.is_alive()
     assert cam.stats.open_failures >= 2 and cam.stats.reconnects >= 1
     assert cam.stats.published >= 8
-    seqs = [f.seq for f in sink.records]
+    seqs = [f.seq for f in outbox.records]
     assert seqs == list(range(len(seqs)))
-    assert all(b.ts_ns > a.ts_ns for a, b in itertools.pairwise(sink.records))
+    assert all(b.ts_ns > a.ts_ns for a, b in itertools.pairwise(outbox.records))
 
 
 def test_camera_on_a_file_is_paced_and_stamped_by_the_files_timestamps(av_media) -> None:
@@ -622,7 +621,7 @@ def test_camera_on_a_file_is_paced_and_stamped_by_the_files_timestamps(av_media)
     presentation time (variable frame rate kept), never before that time."""
     sent: list[tuple[int, object]] = []
 
-    class Recording(ListSink):
+    class Recording(ListOutbox):
         def publish(self, rec) -> None:
             sent.append((time.time_ns(), rec))
             super().publish(rec)
@@ -640,11 +639,11 @@ def test_camera_on_a_file_is_paced_and_stamped_by_the_files_timestamps(av_media)
 def test_camera_fps_on_a_file_keeps_frames_by_their_timestamps(media, fps, kept) -> None:
     frames = make_frames(25, (64, 48))
     path = write_video(media.dir / "cam25.avi", frames, fps=25)
-    sink = ListSink()
-    st = CameraSource(sink, "c", str(path), fps=fps, queue_size=32).run()
+    outbox = ListOutbox()
+    st = CameraSource(outbox, "c", str(path), fps=fps, queue_size=32).run()
     assert (st.captured, st.skipped) == (kept, 25 - kept)
     step = round(S / 25) * round(25 / fps)
-    assert [b.ts_ns - a.ts_ns for a, b in itertools.pairwise(sink.records)] == \
+    assert [b.ts_ns - a.ts_ns for a, b in itertools.pairwise(outbox.records)] == \
         [step] * (kept - 1)
 
 

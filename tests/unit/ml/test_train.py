@@ -12,7 +12,7 @@ import torch
 from streamproc.align.aligner import AlignConfig, Aligner
 from streamproc.capture.sources import file_records
 from streamproc.cli import main
-from streamproc.config import Settings
+from streamproc.config import MODALITIES, Settings
 from streamproc.errors import UserError
 from streamproc.ml import avdigits as av
 from streamproc.ml.dataset import Dataset, read_labels
@@ -31,7 +31,6 @@ from streamproc.ml.train import (
 )
 from streamproc.models import create_model, load_model
 from streamproc.models.preprocess import make_batch
-from streamproc.wire.codec import MODALITIES
 
 pytestmark = pytest.mark.slow
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from model_helpers import LABELS, windows
 
+from streamproc.config import MODALITIES
 from streamproc.errors import UserError
 from streamproc.models import (
     FUSION_MODELS,
@@ -21,7 +22,6 @@ from streamproc.models import (
 from streamproc.models.encoders import EncoderConfig, Pool
 from streamproc.models.fusion import LowRankFusion, TensorFusion
 from streamproc.models.preprocess import Preprocess, WindowBatch, make_batch
-from streamproc.wire.codec import MODALITIES
 
 PRE = Preprocess()
 PATTERNS = list(itertools.product([True, False], repeat=3))  # all 8, incl. none present

@@ -124,7 +124,7 @@ def test_predictions_round_trip(p: Prediction) -> None:
 
 @SETTINGS
 @given(records, st.text(min_size=1, max_size=200),
-       st.sampled_from(wire.DEAD_LETTER_KINDS), st.integers(0, 99), st.integers(0, 2**40))
+       st.sampled_from(wire.DeadLetterKind), st.integers(0, 99), st.integers(0, 2**40))
 def test_dead_letters_keep_the_original_record(rec, reason, kind, partition, offset) -> None:
     kr = wire.encode(rec)
     consumed = KafkaRecord(kr.key, kr.value, kr.headers, kr.timestamp_ms, "sp.video",
@@ -378,3 +378,16 @@ def test_a_damaged_png_opencv_cannot_decode_is_refused() -> None:
             img = cv2.imdecode(np.frombuffer(bad, np.uint8), cv2.IMREAD_UNCHANGED)
             assert img is not None and (img.shape[1], img.shape[0]) == size, bad
     assert refused > 500  # most damage is caught; what passes decodes
+
+
+def test_dead_letter_kinds_are_their_header_values() -> None:
+    assert [str(k) for k in wire.DeadLetterKind] == [
+        "decode", "late", "oversize", "capacity", "clock", "internal", "partition"]
+    consumed = KafkaRecord(b"cam", b"x", (), 0, "sp.video", 0, 7)
+    for kind in wire.DeadLetterKind:
+        dl = wire.make_dead_letter(consumed, "why", kind)
+        assert dict(dl.headers)["sp-error-kind"] == kind.value.encode("ascii")
+        assert wire.decode_dead_letter(dl).kind == kind
+    assert WireError("bad").kind is wire.DeadLetterKind.DECODE
+    with pytest.raises(ValueError, match="dead-letter kind must be one of"):
+        wire.make_dead_letter(consumed, "why", "exploded")

@@ -6,7 +6,6 @@ tests of the same behaviour are in tests/broker/test_worker.py and test_worker_f
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 
@@ -14,28 +13,19 @@ import numpy as np
 import pytest
 from faust.types import TP
 
-from streamproc.align.aligner import AlignConfig, Aligner
 from streamproc.config import Settings
-from streamproc.inference.sink import summary_prediction, window_summary
+from streamproc.testing import ListOutput, consumed
 from streamproc.wire.codec import (
     AudioChunk,
-    Source,
+    KafkaRecord,
     VideoFrame,
     decode_dead_letter,
-    decode_prediction,
     encode,
-    encode_prediction,
 )
 from streamproc.worker.acks import AckLedger, OffsetGate
-from streamproc.worker.app import (
-    AlignState,
-    ClientFaults,
-    Counters,
-    ProgressWriter,
-    SkippedOffsets,
-    update_gauges,
-)
-from streamproc.worker.metrics import Metrics
+from streamproc.worker.core import Consumed, SkippedOffsets, WorkerCore
+from streamproc.worker.metrics import ClientFaults, Counters, Metrics, update_gauges
+from streamproc.worker.progress import ProgressWriter
 
 V, A, T = ("p.video", 0), ("p.audio", 0), ("p.text", 0)
 MS = 1_000_000
@@ -280,22 +270,6 @@ def test_skipped_offsets_are_acked_in_their_turn() -> None:
 # ---------------------------------------------------------------------------------------
 
 
-class _Msg:
-    def __init__(self, rec, topic: str, partition: int, offset: int) -> None:
-        self.key, self.value, self.headers = rec.key, rec.value, list(rec.headers)
-        self.timestamp = rec.timestamp_ms
-        self.topic, self.partition, self.offset = topic, partition, offset
-
-
-class _Event:
-    def __init__(self, msg: _Msg) -> None:
-        self.message = msg
-        self.acked = False
-
-    def ack(self) -> None:
-        self.acked = True
-
-
 def _state(fetch_state=None, clock=None):
     sent: list = []
 
@@ -307,46 +281,37 @@ def _state(fetch_state=None, clock=None):
         fut.set_result(None)
         return fut
 
-    class _Sink:
-        def __init__(self) -> None:
-            self.windows: list = []
-
-        def submit(self, w):
-            self.windows.append(w)
-            fut = asyncio.get_running_loop().create_future()
-            fut.set_result(None)
-            return fut
-
     settings = Settings(topic_prefix="p", idle_deadline_ms=1000, expected_modalities="video,audio")
-    st = AlignState(settings, _Sink(), send, progress, Counters(),
+    out = ListOutput()
+    st = WorkerCore(settings, submit=out.submit, send_dead_letter=send,
+                    record_progress=progress, counters=Counters(),
                     crash=lambda e: (_ for _ in ()).throw(e), clock=clock or time.time_ns,
                     fetch_state=fetch_state)
     tps = {(settings.topic(m), p) for m in ("video", "audio", "text") for p in range(4)}
     st.on_assigned(tps)
     st.on_resume(dict.fromkeys(tps, 0), {})
-    return st, sent
+    return st, sent, out
 
 
-def _frame_event(sid: str, seq: int, ts: int, partition: int, offset: int) -> _Event:
+def _frame_event(sid: str, seq: int, ts: int, partition: int, offset: int) -> Consumed:
     img = np.zeros((16, 16, 3), np.uint8)
-    rec = encode(VideoFrame.from_image(sid, ts, seq, img))
-    return _Event(_Msg(rec, "p.video", partition, offset))
+    return consumed(VideoFrame.from_image(sid, ts, seq, img), "p.video", partition, offset)
 
 
 def test_a_stream_on_a_second_partition_is_dead_lettered_and_the_worker_goes_on() -> None:
     async def run() -> None:
-        st, sent = _state()
+        st, sent, _ = _state()
         now = time.time_ns()
-        st.on_event(_frame_event("cam", 0, now, 1, 0))
-        st.on_event(_frame_event("cam", 1, now + 100 * MS, 2, 0))  # another partition
-        st.on_event(_frame_event("cam", 2, now + 200 * MS, 1, 1))
+        st.on_record(_frame_event("cam", 0, now, 1, 0))
+        st.on_record(_frame_event("cam", 1, now + 100 * MS, 2, 0))  # another partition
+        st.on_record(_frame_event("cam", 2, now + 200 * MS, 1, 1))
         await asyncio.sleep(0)
         assert len(sent) == 1 and st.counters.get("dead_letters", kind="partition") == 1
         dead = decode_dead_letter(sent[0])
         assert dead.kind == "partition" and "seen on partitions 1 and 2" in dead.reason
         assert "partitioner" in dead.reason
         st.on_revoked([("p.video", 1), ("p.audio", 1), ("p.text", 1)])
-        st.on_event(_frame_event("cam", 3, now + 300 * MS, 2, 1))  # partition 1 gone: fine
+        st.on_record(_frame_event("cam", 3, now + 300 * MS, 2, 1))  # partition 1 gone: fine
         assert st.counters.get("dead_letters") == 1
 
     asyncio.run(run())
@@ -354,11 +319,13 @@ def test_a_stream_on_a_second_partition_is_dead_lettered_and_the_worker_goes_on(
 
 def test_a_header_name_that_is_not_utf8_is_dead_lettered_readably() -> None:
     async def run() -> None:
-        st, sent = _state()
+        st, sent, _ = _state()
         ev = _frame_event("cam", 0, time.time_ns(), 0, 0)
         bad = b"\xff\xfe".decode("utf-8", "surrogateescape")  # as the lenient fetcher reads it
-        ev.message.headers.append((bad, b"v"))
-        st.on_event(ev)
+        rec = ev.record
+        ev = consumed(KafkaRecord(rec.key, rec.value, (*rec.headers, (bad, b"v")),
+                                  rec.timestamp_ms), ev.topic, ev.partition, ev.offset)
+        st.on_record(ev)
         await asyncio.sleep(0)
         dead = decode_dead_letter(sent[0])
         assert dead.kind == "decode" and r"b'\xff\xfe'" in dead.reason
@@ -380,8 +347,8 @@ def test_idle_clock_stands_still_while_records_wait_and_while_nothing_is_fetched
         return ends[tp[0]], fetch["at"]
 
     async def run() -> None:
-        st, _ = _state(fetch_state, clock=lambda: now[0])
-        windows = st.sink.windows
+        st, _, out = _state(fetch_state, clock=lambda: now[0])
+        windows = out.windows
 
         def ticks(ms: int, fetching: bool = True) -> None:
             for _ in range(ms // 100):  # the worker's timer
@@ -392,15 +359,15 @@ def test_idle_clock_stands_still_while_records_wait_and_while_nothing_is_fetched
 
         t0 = now[0]
         audio = encode(AudioChunk("cam", t0, 0, b"\0\0" * 1600, "s16le", 16000, 1))
-        st.on_event(_Event(_Msg(audio, "p.audio", 0, 0)))
-        st.on_event(_frame_event("cam", 0, t0, 0, 0))
+        st.on_record(consumed(audio, "p.audio", 0, 0))
+        st.on_record(_frame_event("cam", 0, t0, 0, 0))
         fetch["end"] = 2  # a video record fetched, not processed yet (faust's buffers)
         ticks(3000)
         assert windows == []
         ticks(20_000, fetching=False)  # broker away: no fetch completes
         assert windows == []
         ticks(100)
-        st.on_event(_frame_event("cam", 1, t0 + 100 * MS, 0, 1))
+        st.on_record(_frame_event("cam", 1, t0 + 100 * MS, 0, 1))
         ticks(500)
         assert windows == []  # the stall does not count: audio is not idle yet
         ticks(600)
@@ -446,51 +413,6 @@ def test_gauges_skip_partitions_whose_end_is_not_known_yet() -> None:
     update_gauges(_Consumer(), lambda tp: (ends[tp], None), settings, metrics, {"frames": 2})
     assert metrics.consumer_lag.labels("p.video", "0")._value.get() == 7
     assert metrics.buffered.labels("frames")._value.get() == 2
-
-
-# ---------------------------------------------------------------------------------------
-# window summary (what every prediction says about its window)
-# ---------------------------------------------------------------------------------------
-
-
-def _window():
-    cfg = AlignConfig(window_ns=500 * MS, hop_ns=500 * MS,
-                      lateness_ns={"video": 0, "audio": 0, "text": 0}, idle_ns=10**9,
-                      frames_per_window=2)
-    al = Aligner(cfg)
-    img = np.zeros((8, 8, 3), np.uint8)
-    for i in range(3):
-        f = VideoFrame.from_image("s", i * 100 * MS, i, img)
-        al.add(VideoFrame(f.stream_id, f.ts_ns, f.seq, f.data, f.fmt, f.width, f.height,
-                          Source("p.video", 2, 10 + i)), 0)
-    c = AudioChunk.from_samples("s", 0, 0, np.zeros(4000), 16000)  # 0.25 s
-    al.add(AudioChunk("s", 0, 0, c.data, c.fmt, 16000, 1, Source("p.audio", 2, 4)), 0)
-    (w,) = al.flush()
-    return w
-
-
-def test_window_summary_reports_contributions_and_provenance() -> None:
-    w = _window()
-    s = window_summary(w)
-    assert (s["stream_id"], s["window_start_ns"], s["window_end_ns"]) == ("s", 0, 500 * MS)
-    m = s["modalities"]
-    assert m["video"] == {"present": True, "frames": 3, "sampled": 2}
-    assert m["audio"] == {"present": True, "seconds": 0.25}
-    assert m["text"] == {"present": False, "segments": 0}
-    assert m["missing"] == ["text"]
-    assert s["provenance"] == {"video": [[2, 10], [2, 11], [2, 12]], "audio": [[2, 4]],
-                               "text": []}
-    assert s["quality"]["closed_by"] == "flush"
-    json.dumps(s)  # plain JSON, no numpy scalars
-
-
-def test_summary_prediction_round_trips_the_wire() -> None:
-    w = _window()
-    p = summary_prediction(w, emitted_at_ns=w.end_ns + 7 * MS)
-    assert p.label == "" and p.scores == {} and p.model == {"name": "align-only", "version": "1"}
-    assert p.latency_ms == {"total": 7.0}
-    back = decode_prediction(encode_prediction(p))
-    assert back.key == ("s", 0) and back.modalities == window_summary(w)["modalities"]
 
 
 # ---------------------------------------------------------------------------------------

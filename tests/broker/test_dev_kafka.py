@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
+import pytest
 from kafka import KafkaAdminClient, KafkaConsumer
 
 from streamproc.capture.publisher import Publisher
 from streamproc.capture.sources import StreamWriter
 from streamproc.config import Settings
 from streamproc.dev import localkafka
-from streamproc.dev.localkafka import KAFKA_VERSION, LocalBroker, free_port, jars_dir, port_open
+from streamproc.dev.localkafka import LocalBroker, free_port, port_open
 from streamproc.wire import codec as wire
+
+pytestmark = pytest.mark.broker
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -47,15 +49,6 @@ def test_broker_daemon_starts_serves_and_stops(tmp_path) -> None:
     assert not port_open("127.0.0.1", port)
     assert _cli("status", "--dir", d).returncode == 1
     assert (tmp_path / "broker" / "logs" / "server.log").stat().st_size > 0  # kept for failures
-
-
-def test_jars_are_the_official_kafka_artifacts_cached_outside_the_repo() -> None:
-    libs = jars_dir()
-    assert (libs / f"kafka_2.13-{KAFKA_VERSION}.jar").exists()
-    assert (libs / f"kafka-clients-{KAFKA_VERSION}.jar").exists()
-    assert (libs / f"kafka-tools-{KAFKA_VERSION}.jar").exists()  # the console tools
-    repo = Path(__file__).resolve().parents[2]
-    assert not libs.resolve().is_relative_to(repo)  # a clean clone never holds them
 
 
 def test_a_temporary_broker_removes_its_data_on_a_clean_stop(tmp_path, monkeypatch) -> None:
@@ -107,9 +100,3 @@ def test_kafka_console_producer_writes_a_record_the_wire_format_decodes(
         consumer.close()
     rec = wire.decode(wire.KafkaRecord.from_client(msg))
     assert (rec.stream_id, rec.text, rec.ts_ns, rec.seq) == ("cam9", "hi", 2_000_000_000, 0)
-
-
-def test_an_unknown_tool_is_refused_with_the_list() -> None:
-    out = _tool("console-consume")
-    assert out.returncode == 2
-    assert "unknown Kafka tool 'console-consume'; one of: console-consumer" in out.stderr

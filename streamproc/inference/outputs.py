@@ -1,0 +1,197 @@
+"""Where the worker's closed windows go: the :class:`WindowOutput` seam and its two kinds.
+
+:class:`SummaryOutput` (align-only) publishes each window's summary; :class:`InferenceOutput`
+runs the windows of every stream through one micro-batched model first. Both publish a
+stream's predictions in window order (each after the stream's previous one is in the
+broker), so a reader of one partition sees each stream's windows in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from streamproc.align.aligner import Window
+from streamproc.inference.batcher import Batched, MicroBatcher
+from streamproc.inference.predictions import prediction_record, summary_prediction
+from streamproc.inference.predictor import Scored
+from streamproc.wire import codec as wire
+
+if TYPE_CHECKING:
+    from streamproc.worker.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+#: Sends one record and resolves once the broker has it.
+Publish = Callable[[wire.KafkaRecord], Awaitable[None]]
+
+
+class WindowOutput(Protocol):
+    """Where closed windows go.
+
+    ``submit`` must return at once (the agent never waits on one window); the awaitable
+    resolves only when the window's output is durably published (the agent then records
+    progress and acks the inputs) and raises if it cannot be (the worker then crashes and
+    a restart replays the window).
+    """
+
+    async def start(self) -> None: ...
+
+    def submit(self, window: Window) -> Awaitable[None]: ...
+
+    async def stop(self) -> None: ...
+
+
+class StreamChain:
+    """Tasks whose last step runs per stream in submit order.
+
+    The producer may reorder records sent concurrently (a smaller record fills the room
+    left in a full batch that an earlier one waits on), so each stream's windows are
+    published one after the other; different streams still overlap.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, asyncio.Future[None]] = {}
+        self.pending: set[asyncio.Future[None]] = set()
+
+    def start(self, stream_id: str,
+              step: Callable[[asyncio.Future[None] | None], Awaitable[None]]
+              ) -> asyncio.Future[None]:
+        """Run ``step(previous)``, where ``previous`` is the stream's task before it (to
+        be awaited before publishing) or None."""
+        fut = asyncio.ensure_future(step(self._last.get(stream_id)))
+        self._last[stream_id] = fut
+        self.pending.add(fut)
+        fut.add_done_callback(self.pending.discard)
+
+        def forget(done: asyncio.Future[None]) -> None:
+            if self._last.get(stream_id) is done:
+                del self._last[stream_id]
+
+        fut.add_done_callback(forget)
+        return fut
+
+    async def drain(self, timeout: float) -> None:
+        if self.pending:
+            await asyncio.wait(list(self.pending), timeout=timeout)
+
+    @staticmethod
+    async def after(previous: asyncio.Future[None] | None) -> None:
+        """Wait for ``previous`` to end; its failure is reported by its own task."""
+        if previous is not None:
+            await asyncio.wait([previous])
+
+
+class SummaryOutput:
+    """The align-only output: each window's summary, published with ``publish``."""
+
+    def __init__(self, publish: Publish, headers: wire.Headers = ()) -> None:
+        self.publish = publish
+        self.headers = headers
+        self._chain = StreamChain()
+
+    async def start(self) -> None:
+        pass
+
+    def submit(self, window: Window) -> Awaitable[None]:
+        return self._chain.start(window.stream_id,
+                                 lambda previous: self._publish(window, previous))
+
+    async def _publish(self, window: Window, previous: asyncio.Future[None] | None) -> None:
+        rec = prediction_record(summary_prediction(window), self.headers)
+        await StreamChain.after(previous)
+        await self.publish(rec)
+
+    async def stop(self) -> None:
+        await self._chain.drain(timeout=30)
+
+
+class InferenceOutput:
+    """The output when a model is loaded: windows -> micro-batched model -> predictions.
+
+    Windows from every stream queue into one micro-batcher; each result becomes a
+    prediction published with ``publish``. A batch that fails is retried window by
+    window, so one bad window cannot take its neighbours down; a window that fails alone is
+    published with an empty label and the reason in ``quality["error"]`` (counted as
+    ``inference_errors``) and the stream goes on.
+    """
+
+    def __init__(self, predictor: Callable[[Sequence[Window]], Sequence[Scored]],
+                 publish: Publish, *, model_info: Mapping[str, str], max_batch: int,
+                 max_wait_ms: float, metrics: Metrics | None = None,
+                 headers: wire.Headers = ()) -> None:
+        self.publish = publish
+        self.model_info = dict(model_info)
+        self.metrics = metrics
+        self.headers = headers
+        self.batcher: MicroBatcher[Window, Scored] = MicroBatcher(
+            predictor, max_batch, max_wait_ms, on_batch=self._on_batch)
+        self._chain = StreamChain()
+        self._last_publish_ms = 0.0
+
+    async def start(self) -> None:
+        await self.batcher.start()
+
+    def submit(self, window: Window) -> Awaitable[None]:
+        closed_ns = time.time_ns()
+        scored = self.batcher.submit(window)
+        return self._chain.start(window.stream_id, lambda previous: self._finish(
+            window, scored, closed_ns, previous))
+
+    async def stop(self) -> None:
+        await self._chain.drain(timeout=30)
+        await self.batcher.stop()
+
+    def _on_batch(self, size: int, compute_ms: float) -> None:
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(size)
+            self.metrics.inference_seconds.observe(compute_ms / 1000)
+
+    async def _finish(self, window: Window, fut: asyncio.Future[Batched[Scored]],
+                      closed_ns: int, previous: asyncio.Future[None] | None) -> None:
+        quality_extra: dict[str, str] = {}
+        try:
+            done = await fut
+            scored, queue_ms, compute_ms = done.result, done.queue_ms, done.compute_ms
+        except Exception as batch_error:
+            t0 = time.perf_counter()
+            try:
+                scored = await self.batcher.run_alone(window)
+            except Exception as e:
+                log.error("inference failed for window %s@%d: %r", window.stream_id,
+                          window.start_ns, e)
+                if self.metrics is not None:
+                    self.metrics.counters.inc("inference_errors")
+                scored = Scored("", {}, 0.0, 0.0)
+                quality_extra["error"] = f"inference failed: {e!r}"[:500]
+            else:
+                log.warning("window %s@%d scored alone after its batch failed: %r",
+                            window.stream_id, window.start_ns, batch_error)
+            queue_ms, compute_ms = 0.0, (time.perf_counter() - t0) * 1000
+        await StreamChain.after(previous)
+        emitted_ns = time.time_ns()
+        pred = summary_prediction(
+            window, label=scored.label, scores=scored.scores, model=self.model_info,
+            emitted_at_ns=emitted_ns,
+            latency_ms={"close": round((closed_ns - window.end_ns) / 1e6, 3),
+                        "queue": round(queue_ms, 3), "inference": round(compute_ms, 3),
+                        "preprocess": round(scored.preprocess_ms, 3),
+                        "model": round(scored.model_ms, 3),
+                        "added": round((emitted_ns - closed_ns) / 1e6, 3),
+                        # a record cannot carry its own delivery time: the worker's most
+                        # recent publish round trip stands in for it
+                        "publish": round(self._last_publish_ms, 3)})
+        pred.quality.update(quality_extra)
+        rec = prediction_record(pred, self.headers)
+        t_pub = time.perf_counter()
+        await self.publish(rec)
+        publish_ms = self._last_publish_ms = (time.perf_counter() - t_pub) * 1000
+        if self.metrics is not None:
+            now = time.time_ns()
+            self.metrics.added_latency_seconds.observe((now - closed_ns) / 1e9)
+            self.metrics.e2e_latency_seconds.observe((now - window.end_ns) / 1e9)
+        log.debug("window %s@%d -> %s (publish %.1f ms)", window.stream_id, window.start_ns,
+                  scored.label, publish_ms)

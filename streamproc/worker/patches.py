@@ -1,0 +1,332 @@
+"""Everything the worker changes inside faust-streaming and aiokafka, in one place.
+
+These replace or wrap private parts of the two libraries, so they are written against the
+pinned versions and :func:`check_versions` refuses others at start-up:
+
+- the fetcher survives header names that are not UTF-8 and reports the offsets it skips
+  (:func:`patch_fetcher`, :data:`FETCH_SKIPS`);
+- the consumer reads committed data only (:func:`read_committed`) and holds empty fetches
+  briefly (:func:`shorten_fetch_wait`);
+- the consumer's ``ack``, ``_add_gap``, ``seek_to_committed`` and ``_read_offset`` leave
+  the input topics' commits to the worker core (:func:`guard_consumer`).
+
+docs/worker.md says why each is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections import defaultdict, deque
+from collections.abc import Mapping
+from importlib import metadata
+from typing import Any
+
+import faust
+from aiokafka.consumer import fetcher as aiokafka_fetcher
+from aiokafka.record.default_records import _DefaultRecordBatchPy
+from faust.types import TP
+
+from streamproc.errors import UserError
+from streamproc.worker.core import TP as TopicPartition
+from streamproc.worker.core import FetchState, WorkerCore
+
+log = logging.getLogger("streamproc.worker")
+
+#: The versions these patches were written and tested against (pyproject.toml pins them).
+TESTED_VERSIONS = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0"}
+
+
+def check_versions(installed: Mapping[str, str] | None = None) -> None:
+    """Refuse faust-streaming or aiokafka versions the patches were not tested against
+    (``installed``: name -> version; the installed distributions when None)."""
+    for name, tested in TESTED_VERSIONS.items():
+        have = installed[name] if installed is not None else metadata.version(name)
+        if have != tested:
+            raise UserError(f"{name} {have} is installed, but the worker patches its internals "
+                            f"and was tested with {name}=={tested} only: install that "
+                            f"version (pip install '{name}=={tested}')")
+
+
+#: Longest the broker holds a fetch whose partitions have nothing new (faust hard-codes
+#: 1500 ms). See :func:`shorten_fetch_wait`.
+FETCH_MAX_WAIT_MS = 100
+
+
+def shorten_fetch_wait(consumer: Any, wait_ms: int = FETCH_MAX_WAIT_MS) -> None:
+    """Let the broker hold an empty fetch at most ``wait_ms`` instead of faust's 1500 ms.
+
+    faust takes a partition whose stream buffer is under pressure out of the fetches
+    (records of a big fetch pile up quickly); the next fetch then asks only for partitions
+    with nothing new, the broker holds it for the whole wait, and aiokafka sends no other
+    fetch to that broker meanwhile. A worker catching up on a backlog stalled that way
+    again and again (benchmarks/bench_pipeline.py: 78 -> about 140 windows/s align-only).
+    An idle worker now fetches ten times a second instead of once in 1.5 s: negligible.
+    """
+    inner: Any = getattr(getattr(consumer, "_thread", None), "_consumer", None)
+    fetcher = getattr(inner, "_fetcher", None)
+    if fetcher is None or not hasattr(fetcher, "_fetch_max_wait_ms"):
+        log.warning("cannot shorten the fetch wait: faust/aiokafka internals changed")
+        return
+    inner._fetch_max_wait_ms = fetcher._fetch_max_wait_ms = wait_ms
+
+
+# ---------------------------------------------------------------------------------------
+# what the fetcher must survive and report (patches of aiokafka 0.14 internals)
+# ---------------------------------------------------------------------------------------
+
+#: Offset ranges ``(topic, partition, start, end)`` in which the fetcher found nothing to
+#: deliver (transaction markers, aborted transactions, compacted records). Appended by the
+#: consumer's fetcher, drained by the worker core (``WorkerCore.take_fetch_skips``).
+#: Bounded: a report lost to the bound only costs a seek back, which fetches (and reports)
+#: the range again.
+FETCH_SKIPS: deque[tuple[str, int, int, int]] = deque(maxlen=100_000)
+
+
+class _ReportingPartitionRecords(aiokafka_fetcher.PartitionRecords):
+    """aiokafka's records of one fetched partition, reporting the offsets it skips.
+
+    The agent processes each input offset in turn (acks.OffsetGate); without this, an
+    offset the fetcher legitimately never delivers looks like a hole to seek back over.
+    """
+
+    def _unpack_records(self):
+        tp, expected = self._tp, self.next_fetch_offset  # the position fetched from
+        for rec in super()._unpack_records():
+            if rec.offset > expected:
+                FETCH_SKIPS.append((tp.topic, tp.partition, expected, rec.offset))
+            expected = rec.offset + 1
+            yield rec
+        if self.next_fetch_offset > expected:  # e.g. a commit marker after the last record
+            FETCH_SKIPS.append((tp.topic, tp.partition, expected, self.next_fetch_offset))
+
+
+class _SurrogateBytes(bytearray):
+    """A header name read back as text whatever its bytes (undecodable bytes become
+    surrogates, as ``os.fsdecode`` does), so the record can be dead-lettered."""
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return bytearray.decode(self, encoding, "surrogateescape")
+
+
+class _LenientBuffer(bytearray):
+    def __getitem__(self, i):
+        v = bytearray.__getitem__(self, i)
+        return _SurrogateBytes(v) if isinstance(i, slice) else v
+
+
+class _LenientBatch(_DefaultRecordBatchPy):
+    """aiokafka's pure-Python record batch, reading header names that are not UTF-8.
+
+    aiokafka decodes header names strictly, and one record with a name like ``ff fe``
+    crashes the fetcher (and the worker again after every restart). Its Python batch
+    slices header names from ``self._buffer``; this buffer's slices decode leniently.
+    """
+
+    _buffer: bytearray
+
+    def __init__(self, buffer: bytes | bytearray | memoryview) -> None:
+        super().__init__(buffer)
+        self._buffer = _LenientBuffer(self._buffer)
+
+    def _maybe_uncompress(self) -> None:
+        super()._maybe_uncompress()
+        if type(self._buffer) is not _LenientBuffer:
+            self._buffer = _LenientBuffer(self._buffer)
+
+
+class _LenientBatchView:
+    """One batch: aiokafka's fast (C) reader, or, once that refuses a header name, the
+    lenient Python reader of the same bytes from the record it stopped at."""
+
+    def __init__(self, batch: Any, raw: memoryview) -> None:
+        self._batch = batch
+        self._raw = raw
+        self._slow: _LenientBatch | None = None
+        self._read = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._batch, name)
+
+    def __iter__(self) -> _LenientBatchView:
+        return self
+
+    def __next__(self) -> Any:
+        if self._slow is None:
+            try:
+                rec = next(self._batch)
+            except UnicodeDecodeError:
+                self._slow = iter(_LenientBatch(self._raw))
+                for _ in range(self._read):
+                    next(self._slow)
+            else:
+                self._read += 1
+                return rec
+        return next(self._slow)
+
+
+class _LenientMemoryRecords:
+    """aiokafka's MemoryRecords whose batches survive header names that are not UTF-8."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self._records = _MEMORY_RECORDS(data)
+        self._pos = 0  # where the next batch starts: batches lie back to back
+
+    def size_in_bytes(self) -> int:
+        return self._records.size_in_bytes()
+
+    def has_next(self) -> bool:
+        return self._records.has_next()
+
+    def next_batch(self) -> Any:
+        batch = self._records.next_batch()
+        if batch is None:
+            return None
+        start = self._pos
+        self._pos = start + 12 + struct.unpack_from(">i", self._data, start + 8)[0]
+        if getattr(batch, "magic", 2) < 2:
+            return batch  # message format v0/v1 has no headers
+        return _LenientBatchView(batch, self._data[start:self._pos])
+
+
+_MEMORY_RECORDS = aiokafka_fetcher.MemoryRecords
+
+
+def patch_fetcher() -> None:
+    """Make aiokafka's fetcher survive any header bytes and report the offsets it skips
+    (idempotent; process-wide: one worker per process)."""
+    aiokafka_fetcher.MemoryRecords = _LenientMemoryRecords
+    aiokafka_fetcher.PartitionRecords = _ReportingPartitionRecords
+
+
+def read_committed(consumer: Any) -> None:
+    """Read only committed data, as Kafka's own consumers of transactional topics do.
+
+    Another application may write transactions into the input topics; aborted records must
+    never reach a window. faust picks read_committed only for its exactly-once mode, so it
+    is set on aiokafka's consumer here, before the first fetch of the assignment.
+    """
+    inner: Any = getattr(getattr(consumer, "_thread", None), "_consumer", None)
+    fetcher = getattr(inner, "_fetcher", None)
+    if fetcher is None or not hasattr(fetcher, "_isolation_level"):
+        log.warning("cannot read committed data only: faust/aiokafka internals changed")
+        return
+    fetcher._isolation_level = aiokafka_fetcher.READ_COMMITTED
+    inner._isolation_level = "read_committed"
+
+
+
+def consumer_fetch_state(app: faust.App) -> FetchState:
+    """Read from the app's aiokafka consumer how far each input partition can be read and
+    when it was last fetched (never raises: unknown is "not known yet")."""
+
+    def state(tp: TopicPartition) -> tuple[int | None, int | None]:
+        try:
+            # faust's Consumer keeps its aiokafka consumer in its thread: no public API
+            inner = app.consumer._thread._consumer  # type: ignore[attr-defined]
+            ktp = TP(*tp)
+            # the log end, not the last stable offset: records behind another
+            # application's open transaction exist and will come, so nothing is idle
+            end = inner.highwater(ktp)
+            fetched_ms = inner.last_poll_timestamp(ktp)
+        except Exception:  # not assigned (yet), or mid-rebalance
+            return None, None
+        return end, None if fetched_ms is None else fetched_ms * 1_000_000
+
+    return state
+
+
+
+
+def take_over(consumer: Any, core: WorkerCore) -> None:
+    """Everything the worker changes in faust's consumer when partitions are assigned,
+    before any record of the assignment flows (idempotent)."""
+    guard_consumer(consumer, core)
+    shorten_fetch_wait(consumer)
+    read_committed(consumer)
+
+
+def guard_consumer(consumer: Any, core: WorkerCore) -> None:
+    """Let only the ledger make input offsets committable; learn where each input
+    partition resumes.
+
+    faust acks a record it skips itself (flow control suspended by a rebalance or a
+    shutdown, or a record of an older consumer generation) and would then commit past
+    it while the record was never processed; it also treats offsets it believes it
+    skipped as committable. Both are refused here for the input topics, so a record
+    stays uncommitted until its windows are done, and Kafka delivers it again.
+    """
+    if getattr(consumer, "_streamproc_guarded", False):
+        return
+    faust_ack = consumer.ack
+    faust_add_gap = consumer._add_gap
+    faust_seek_to_committed = consumer.seek_to_committed
+
+    def ack(message: Any) -> bool:
+        if message.topic in core.modality_of and not core.releasing:
+            core.counters.inc("acks_refused")
+            return False
+        return faust_ack(message)
+
+    async def add_gap(tp: Any, offset_from: int, offset_to: int) -> None:
+        # faust marks offsets it did not see (compaction, transaction markers) as
+        # committable; around a rebalance it also "sees" gaps that are only leftovers
+        # arriving after its seek, and would commit records nobody processed. For the
+        # input topics the worker core marks the real ones itself, in their turn (the
+        # fetcher reports them: FETCH_SKIPS): ignore faust's guesses.
+        if tp.topic in core.modality_of:
+            core.counters.inc("gaps_ignored")
+            return
+        await faust_add_gap(tp, offset_from, offset_to)
+
+    async def seek_to_committed() -> Mapping[Any, int]:
+        # faust calls this when it resumes an assignment (right after
+        # on_rebalance_complete), to seek to the committed offsets: that is where each
+        # input partition starts again. (It also calls it from its fetch loop while
+        # its flow is stopped; nothing to learn then.)
+        committed = await faust_seek_to_committed()
+        tps = [tp for tp in consumer.assignment() if tp.topic in core.modality_of]
+        if tps and core.resuming:
+            core.resuming = False
+            start = {tp: committed.get(tp) for tp in tps}
+            missing = [tp for tp, off in start.items() if off is None]
+            if missing:  # nothing committed yet: the group starts at the earliest
+                start.update(await consumer.earliest_offsets(*missing))
+            end = await consumer.highwaters(*tps)
+            core.on_resume({(tp.topic, tp.partition): off for tp, off in start.items()},
+                           {(tp.topic, tp.partition): off for tp, off in end.items()})
+            for tp in tps:  # what came while this ran was ignored: read it again
+                nxt = core.gate.next_offset((tp.topic, tp.partition))
+                if nxt is not None:
+                    await consumer.seek(tp, nxt)
+        return committed
+
+    def ack_skipped(tp: tuple[str, int], start: int, end: int) -> object:
+        return asyncio.ensure_future(faust_add_gap(TP(*tp), start, end - 1))
+
+    core.ack_skipped = ack_skipped
+    consumer.ack = ack
+    consumer._add_gap = add_gap
+    consumer.seek_to_committed = seek_to_committed
+    # faust drops a fetched record whose offset is below the last one it handed on
+    # (_read_offset); around seeks that silently drops the re-read of records the
+    # core still needs. For the input topics it hands on everything and the gate
+    # decides (its fetch loop binds the mapping when it starts, after this).
+    consumer._read_offset = _HandOnEverything(set(core.modality_of), consumer._read_offset)
+    consumer._streamproc_guarded = True
+
+
+class _HandOnEverything(defaultdict):
+    """faust's per-partition read positions, reading as "none" for the input topics."""
+
+    def __init__(self, topics: set[str], current: Mapping[Any, int | None]) -> None:
+        super().__init__(lambda: None, current)
+        self.topics = topics
+
+    def __getitem__(self, tp: Any) -> int | None:
+        if tp.topic in self.topics:
+            return None
+        return super().__getitem__(tp)
+

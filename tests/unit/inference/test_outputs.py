@@ -1,0 +1,207 @@
+"""Window outputs: windows -> (model) -> prediction records, each stream in window order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from streamproc.align.aligner import Window
+from streamproc.inference.outputs import InferenceOutput, StreamChain, SummaryOutput
+from streamproc.inference.predictor import Scored
+from streamproc.wire import codec as wire
+from streamproc.worker.metrics import Metrics
+
+
+def _window(sid: str, start_s: int, text: str = "seven") -> Window:
+    ns = 1_763_000_000_000_000_000 + start_s * 1_000_000_000
+    img = np.full((32, 32, 3), 40 * start_s % 255, np.uint8)
+    frames = [wire.VideoFrame.from_image(sid, ns + i * 100_000_000, i, img) for i in range(4)]
+    seg = wire.TranscriptSegment(sid, 0, text, ns, ns + 500_000_000)
+    return Window(sid, ns, ns + 1_000_000_000, frames, 4, np.zeros(16000, np.float32),
+                  np.ones(16000, bool), 16000, [seg],
+                  {"video": True, "audio": True, "text": True},
+                  {"closed_by": "watermark"},
+                  {"video": [wire.Source("p.video", 1, i) for i in range(4)]},
+                  ingest_ms={"video": 12.5})
+
+
+class _Labeller:
+    """A stand-in model function: the label is the window's transcript; 'boom' fails."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def __call__(self, windows):
+        self.batches.append(len(windows))
+        if any(w.text == "boom" for w in windows):
+            raise RuntimeError("model exploded on 'boom'")
+        return [Scored(w.text, {w.text: 0.9, "other": 0.1}, 1.5, 2.5) for w in windows]
+
+
+def _run_inference(windows, max_batch=8, max_wait_ms=20):
+    published: list[wire.KafkaRecord] = []
+    metrics = Metrics()
+    fn = _Labeller()
+
+    async def publish(rec):
+        await asyncio.sleep(0.001)
+        published.append(rec)
+
+    async def main():
+        output = InferenceOutput(fn, publish, model_info={"name": "m", "version": "3"},
+                                 max_batch=max_batch, max_wait_ms=max_wait_ms,
+                                 metrics=metrics, headers=(("sp-worker", b"w1"),))
+        await output.start()
+        await asyncio.wait_for(asyncio.gather(*(output.submit(w) for w in windows)), 10)
+        await output.stop()
+
+    asyncio.run(main())
+    return published, metrics, fn
+
+
+def test_inference_publishes_one_prediction_per_window_with_a_latency_breakdown() -> None:
+    windows = [_window("cam1", i, "seven") for i in range(3)] + [_window("cam2", 0, "three")]
+    published, metrics, fn = _run_inference(windows)
+    assert fn.batches == [4]  # every stream's windows shared one micro-batch
+    preds = [wire.decode_prediction(r) for r in published]
+    assert sorted(p.key for p in preds) == sorted(w.key for w in windows)
+    for p, r in zip(preds, published, strict=True):
+        assert p.label == ("three" if p.stream_id == "cam2" else "seven")
+        assert p.model == {"name": "m", "version": "3"}
+        assert dict(r.headers)["sp-worker"] == b"w1" and r.key == p.stream_id.encode()
+        lat = p.latency_ms
+        for key in ("capture_to_worker_video", "close", "queue", "inference", "preprocess",
+                    "model", "added", "publish", "total"):
+            assert lat[key] >= 0, key
+        assert lat["preprocess"] == 1.5 and lat["model"] == 2.5
+        assert lat["capture_to_worker_video"] == 12.5
+        assert "ingest_video_ms" not in p.quality  # moved into the latency breakdown
+        assert p.provenance["video"] == [[1, i] for i in range(4)]
+        json.dumps(p.to_json())
+    scrape = metrics.registry.get_sample_value
+    assert scrape("streamproc_batch_size_count") == 1
+    assert scrape("streamproc_batch_size_sum") == 4
+    assert scrape("streamproc_added_latency_seconds_count") == 4
+
+
+def test_a_failing_window_is_isolated_and_published_with_its_error() -> None:
+    windows = [_window("cam1", 0, "seven"), _window("cam1", 1, "boom"),
+               _window("cam2", 0, "three")]
+    published, metrics, fn = _run_inference(windows)
+    assert fn.batches[0] == 3 and sorted(fn.batches[1:]) == [1, 1, 1]  # retried alone
+    preds = {p.key: p for p in map(wire.decode_prediction, published)}
+    assert len(preds) == 3
+    bad = preds[windows[1].key]
+    assert bad.label == "" and bad.scores == {}
+    assert "model exploded on 'boom'" in bad.quality["error"]
+    assert preds[windows[0].key].label == "seven" and preds[windows[2].key].label == "three"
+    assert metrics.counters.get("inference_errors") == 1
+
+
+def test_a_streams_predictions_are_published_in_window_order() -> None:
+    """A publish whose records complete out of order (later, smaller ones first) still
+    hands each stream's windows over one after the other; streams do not wait for each
+    other."""
+    started: list[tuple[str, int]] = []
+    done: list[tuple[str, int]] = []
+
+    async def publish(rec):
+        p = wire.decode_prediction(rec)
+        started.append(p.key)
+        # cam1's earlier windows take longer: concurrent sends would finish reversed
+        i = (p.window_start_ns - _window("cam1", 0).start_ns) // 1_000_000_000
+        await asyncio.sleep(0.05 - 0.01 * i if p.stream_id == "cam1" else 0)
+        done.append(p.key)
+
+    async def main():
+        output = InferenceOutput(_Labeller(), publish, model_info={"name": "m", "version": "1"},
+                                 max_batch=8, max_wait_ms=20)
+        await output.start()
+        windows = [_window("cam1", i, "seven") for i in range(4)] + [_window("cam2", 0, "one")]
+        await asyncio.wait_for(asyncio.gather(*(output.submit(w) for w in windows)), 10)
+        await output.stop()
+
+    asyncio.run(main())
+    cam1 = [k for k in done if k[0] == "cam1"]
+    assert cam1 == sorted(cam1) and len(cam1) == 4
+    assert [k for k in started if k[0] == "cam1"] == cam1  # each began after the last ended
+    assert done[0][0] == "cam2"  # not held up behind cam1's slow sends
+
+
+def test_align_only_output_publishes_each_streams_summaries_in_window_order() -> None:
+    done: list[tuple[str, int]] = []
+    published: list[wire.KafkaRecord] = []
+
+    async def publish(rec):
+        p = wire.decode_prediction(rec)
+        # earlier windows take longer: concurrent sends would finish reversed
+        i = (p.window_start_ns - _window("cam1", 0).start_ns) // 1_000_000_000
+        await asyncio.sleep(0.03 - 0.01 * i)
+        done.append(p.key)
+        published.append(rec)
+
+    async def main():
+        output = SummaryOutput(publish, (("sp-worker", b"w1"),))
+        await output.start()
+        windows = [_window("cam1", i) for i in range(3)] + [_window("cam2", 2)]
+        await asyncio.wait_for(asyncio.gather(*(output.submit(w) for w in windows)), 10)
+        await output.stop()
+
+    asyncio.run(main())
+    assert [k for k in done if k[0] == "cam1"] == sorted(k for k in done if k[0] == "cam1")
+    assert done[0][0] == "cam2" and len(done) == 4  # streams do not wait for each other
+    for rec in published:
+        p = wire.decode_prediction(rec)
+        assert p.label == "" and p.scores == {} and p.model == {"name": "align-only",
+                                                                 "version": "1"}
+        assert rec.headers[-1] == ("sp-worker", b"w1")
+        assert p.latency_ms["capture_to_worker_video"] == 12.5
+
+
+def test_a_failed_publish_fails_its_window_and_the_stream_goes_on() -> None:
+    """The worker crashes on the failed window; the chain does not hang behind it."""
+    attempts: list[int] = []
+
+    async def publish(rec):
+        start = wire.decode_prediction(rec).window_start_ns
+        attempts.append(start)
+        if len(attempts) == 1:
+            raise RuntimeError("broker gone")
+
+    async def main():
+        output = SummaryOutput(publish)
+        await output.start()
+        first = output.submit(_window("cam1", 0))
+        second = output.submit(_window("cam1", 1))
+        with pytest.raises(RuntimeError, match="broker gone"):
+            await asyncio.wait_for(first, 5)
+        await asyncio.wait_for(second, 5)
+        await output.stop()
+
+    asyncio.run(main())
+    assert attempts == sorted(attempts) and len(attempts) == 2
+
+
+def test_stream_chain_forgets_a_stream_once_its_last_step_is_done() -> None:
+    async def main():
+        chain = StreamChain()
+        seen: list[object] = []
+
+        async def step(previous):
+            seen.append(previous)
+            await StreamChain.after(previous)
+
+        a = chain.start("s", step)
+        b = chain.start("s", step)
+        await asyncio.wait_for(asyncio.gather(a, b), 5)
+        c = chain.start("s", step)  # nothing left to wait for
+        await asyncio.wait_for(c, 5)
+        await chain.drain(timeout=1)
+        return seen, a, chain
+
+    seen, a, chain = asyncio.run(main())
+    assert seen == [None, a, None]
+    assert not chain.pending

@@ -1,0 +1,378 @@
+"""The worker core without faust or a broker: ack order, progress, revocation and resume,
+backpressure, holes and replays, idle closes, driven by hand with a manual clock.
+
+The broker tests of the same guarantees with a real worker are in tests/broker/."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+
+from streamproc.config import Settings
+from streamproc.testing import MS, FakeAck, ListOutput, ManualClock, S, consumed, frame
+from streamproc.wire.codec import KafkaRecord, decode_dead_letter
+from streamproc.worker import core as core_module
+from streamproc.worker.core import WorkerCore
+from streamproc.worker.metrics import Counters
+
+V = "p.video"
+T0 = 100 * S  # event time of the first frame; the clock starts there too
+
+
+class Harness:
+    """A WorkerCore on partitions of ``p.*`` with 1 s tumbling video-only windows, no
+    lateness and a 1 s idle deadline; what it acks, publishes and dead-letters is kept.
+
+    ``hold_windows`` / ``hold_dead_letters``: publishes and dead-letter sends complete
+    only when the test says so.
+    """
+
+    def __init__(self, partitions: tuple[int, ...] = (0,), *, hold_windows: bool = False,
+                 hold_dead_letters: bool = False, progress: dict[str, int] | None = None) -> None:
+        self.settings = Settings(topic_prefix="p", window_ms=1000, hop_ms=1000,
+                                 lateness_video_ms=0, idle_deadline_ms=1000,
+                                 expected_modalities="video")
+        self.clock = ManualClock(T0)
+        self.out = ListOutput(hold=hold_windows)
+        self.hold_dead_letters = hold_dead_letters
+        self.dead_letters: list[tuple[KafkaRecord, asyncio.Future[None]]] = []
+        self.progress: list[tuple[str, int]] = []
+        self.acks: list[tuple[str, int, int]] = []  # (topic, partition, offset) in ack order
+        self.crashes: list[BaseException] = []
+        self.fetch_skips: deque[tuple[str, int, int, int]] = deque()
+        self.core = WorkerCore(self.settings, submit=self.out.submit,
+                               send_dead_letter=self._send_dead_letter,
+                               record_progress=self._record_progress, counters=Counters(),
+                               crash=self.crashes.append, ack=self._ack, clock=self.clock,
+                               fetch_skips=self.fetch_skips)
+        self.core.ack_skipped = lambda tp, start, end: self.acks.extend(
+            (tp[0], tp[1], o) for o in range(start, end))
+        self.assign(partitions, progress)
+
+    def assign(self, partitions: tuple[int, ...], progress: dict[str, int] | None = None,
+               committed: int = 0) -> None:
+        """A rebalance gives this worker ``partitions``, resuming at ``committed``."""
+        tps = [(self.settings.topic(m), p) for m in ("video", "audio", "text")
+               for p in partitions]
+        self.core.on_assigned(tps)
+        self.core.progress = dict(progress or {})
+        self.core.on_resume(dict.fromkeys(tps, committed), {})
+
+    def revoke(self, partitions: tuple[int, ...]) -> None:
+        self.core.on_revoked((self.settings.topic(m), p) for m in ("video", "audio", "text")
+                             for p in partitions)
+
+    def frame(self, offset: int, at_ms: int, *, partition: int = 0, seq: int | None = None,
+              stream: str = "cam") -> None:
+        """Consume a video frame of ``stream`` at ``T0 + at_ms`` from ``p.video``."""
+        media = frame(stream, T0 + at_ms * MS, offset if seq is None else seq)
+        self.core.on_record(consumed(media, V, partition, offset))
+
+    def junk(self, offset: int, partition: int = 0) -> None:
+        """Consume a record that is not in the wire format (a dead letter)."""
+        self.core.on_record(consumed(KafkaRecord(b"cam", b"junk"), V, partition, offset))
+
+    def offsets(self, partition: int = 0) -> list[int]:
+        return [o for t, p, o in self.acks if (t, p) == (V, partition)]
+
+    def _ack(self, handle: FakeAck) -> None:
+        handle.ack()
+        self.acks.append((handle.topic, handle.partition, handle.offset))
+
+    def _send_dead_letter(self, rec: KafkaRecord) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.dead_letters.append((rec, fut))
+        if not self.hold_dead_letters:
+            fut.set_result(None)
+        return fut
+
+    def _record_progress(self, stream_id: str, start_ns: int) -> asyncio.Future[None]:
+        self.progress.append((stream_id, start_ns))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+
+async def settle() -> None:
+    """Let the completion callbacks of publishes and sends run."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def run(test: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(test)
+
+
+def test_a_record_is_acked_after_its_window_is_published_and_its_progress_recorded() -> None:
+    async def main() -> None:
+        h = Harness(hold_windows=True)
+        for offset, at in enumerate((0, 300, 600)):
+            h.frame(offset, at)
+        h.frame(3, 1200)  # the watermark closes [0 s, 1 s)
+        await settle()
+        assert len(h.out.windows) == 1 and h.acks == [] and h.progress == []
+        h.out.publish()
+        await settle()
+        assert h.progress == [("cam", T0)] and h.offsets() == [0, 1, 2]  # 3: next window
+        assert h.core.ledger.held() == 1 and h.crashes == []
+
+    run(main())
+
+
+def test_revoke_mid_window_acks_nothing_and_the_next_owner_replays() -> None:
+    """Records held by an open window, and a window still being published, are not acked
+    when their partition is revoked: the committed offset stays before them."""
+    async def main() -> None:
+        h = Harness(hold_windows=True)
+        for offset, at in enumerate((0, 300, 600, 1200, 1500)):
+            h.frame(offset, at)  # [0 s, 1 s) in flight, [1 s, 2 s) open
+        assert len(h.out.windows) == 1
+        h.revoke((0,))
+        assert h.core.aligners == {} and h.core.ledger.held() == 0
+        h.out.publish()  # confirmation of a revoked partition's window
+        await settle()
+        assert h.acks == [] and h.progress == [] and h.crashes == []
+        # the partition comes back from the committed offset: everything is read again
+        h.assign((0,), committed=0)
+        for offset, at in enumerate((0, 300, 600, 1200, 1500)):
+            h.frame(offset, at)
+        h.out.publish()
+        await settle()
+        assert len(h.out.windows) == 2 and h.offsets() == [0, 1, 2]
+
+    run(main())
+
+
+def test_a_dead_letter_keeps_its_turn_among_acks() -> None:
+    """A dead letter is acked once it is sent and never before a record in front of it:
+    the commit must not pass a record whose window is still open."""
+    async def main() -> None:
+        h = Harness(hold_dead_letters=True)
+        h.frame(0, 0)  # held by [0 s, 1 s)
+        h.junk(1)  # dead letter, not sent yet
+        h.frame(2, 1200)  # closes [0 s, 1 s); held by [1 s, 2 s)
+        await settle()
+        assert h.offsets() == [0]  # 1 waits for its dead letter
+        (rec, sent), = h.dead_letters
+        assert decode_dead_letter(rec).kind == "decode"
+        sent.set_result(None)
+        await settle()
+        assert h.offsets() == [0, 1]
+
+        h.junk(3)  # behind 2, which its window still holds
+        h.dead_letters[-1][1].set_result(None)
+        await settle()
+        assert h.offsets() == [0, 1]
+        h.clock.advance(3000)
+        h.core.on_tick()  # [1 s, 2 s) closes idle
+        await settle()
+        assert h.offsets() == [0, 1, 2, 3]
+
+    run(main())
+
+
+def test_a_dead_letter_that_cannot_be_sent_crashes_without_an_ack() -> None:
+    async def main() -> None:
+        h = Harness(hold_dead_letters=True)
+        h.junk(0)
+        h.dead_letters[0][1].set_exception(RuntimeError("broker said no"))
+        await settle()
+        assert h.acks == [] and [str(e) for e in h.crashes] == ["broker said no"]
+
+    run(main())
+
+
+def test_backpressure_at_the_in_flight_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core_module, "MAX_INFLIGHT_WINDOWS", 2)
+
+    async def main() -> None:
+        h = Harness(hold_windows=True)
+        for offset, at in enumerate((0, 1000, 2000)):  # each frame closes the window before
+            h.frame(offset, at)
+        assert h.core.ledger.inflight() == 2
+        room = asyncio.ensure_future(h.core.wait_for_room())
+        await settle()
+        assert not room.done()  # the agent takes no further record
+        h.out.publish(1)
+        await settle()
+        assert room.done() and h.core.ledger.inflight() == 1
+        await asyncio.wait_for(h.core.wait_for_room(), 1)  # below the cap: at once
+
+    run(main())
+
+
+def test_resume_from_progress_does_not_emit_a_published_window_again() -> None:
+    """A worker taking over reads the last published window per stream; replayed records
+    of that window are acked without emitting it again."""
+    async def main() -> None:
+        h = Harness(progress={"cam": T0})  # [0 s, 1 s) was published before the crash
+        h.frame(0, 0)
+        h.frame(1, 500)
+        await settle()
+        assert h.offsets() == [0, 1] and h.core.counters.get("replayed") == 2
+        h.frame(2, 1000)
+        h.frame(3, 2100)
+        await settle()
+        assert [w.start_ns for w in h.out.windows] == [T0 + S]
+        assert h.progress == [("cam", T0 + S)] and h.offsets() == [0, 1, 2]
+
+    run(main())
+
+
+def test_a_hole_in_offsets_is_read_again_before_anything_after_it() -> None:
+    async def main() -> None:
+        h = Harness()
+        seeks: list[tuple[tuple[str, int], int]] = []
+
+        async def earliest(tp: tuple[str, int]) -> int:
+            return 0
+
+        async def seek(tp: tuple[str, int], offset: int) -> None:
+            seeks.append((tp, offset))
+
+        h.frame(0, 0)
+        h.frame(2, 300)  # offset 1 never came
+        await h.core.seek_back(earliest, seek)
+        assert seeks == [((V, 0), 1)]
+        assert h.core.counters.get("ignored", reason="hole") == 1
+        assert h.core.counters.get("events_in") == 1
+        h.frame(1, 100)
+        h.frame(2, 300)  # read again after the seek
+        h.frame(3, 1200)
+        await settle()
+        assert h.core.counters.get("events_in") == 4
+        assert [len(w.frames) for w in h.out.windows] == [3]
+        assert h.offsets() == [0, 1, 2]
+
+    run(main())
+
+
+def test_retention_that_deleted_a_hole_is_skipped_after_a_few_seeks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core_module, "HOLE_SEEKS_BEFORE_CHECK", 0)
+
+    async def main() -> None:
+        h = Harness()
+        seeks: list[int] = []
+
+        async def earliest(tp: tuple[str, int]) -> int:
+            return 5
+
+        async def seek(tp: tuple[str, int], offset: int) -> None:
+            seeks.append(offset)
+
+        h.frame(5, 0)  # 0..4 deleted by retention
+        await h.core.seek_back(earliest, seek)
+        assert seeks == [5] and h.core.counters.get("records_lost") == 5
+        h.frame(5, 0)
+        h.frame(6, 1200)
+        await settle()
+        assert h.offsets() == [5]  # committing past 5 passes the deleted ones too
+
+    run(main())
+
+
+def test_duplicate_and_late_replays() -> None:
+    """A redelivered offset is ignored; the same frame at a new offset is a duplicate,
+    acked in its turn; a frame for a window already closed is a late dead letter."""
+    async def main() -> None:
+        h = Harness()
+        h.frame(0, 0)
+        h.frame(1, 300)
+        h.frame(1, 300)  # Kafka delivers offset 1 again (a seek, a rebalance)
+        assert h.core.counters.get("ignored", reason="redelivered") == 1
+        h.frame(2, 300, seq=1)  # a producer retry: the same frame at a new offset
+        assert h.core.counters.get("duplicates") == 1
+        h.frame(3, 1200)  # closes [0 s, 1 s)
+        h.frame(4, 500)  # too late for it
+        await settle()
+        assert [len(w.frames) for w in h.out.windows] == [2]
+        assert [decode_dead_letter(r).kind for r, _ in h.dead_letters] == ["late"]
+        assert h.offsets() == [0, 1, 2]  # 4 waits behind 3, held by [1 s, 2 s)
+        h.clock.advance(3000)
+        h.core.on_tick()
+        await settle()
+        assert h.offsets() == [0, 1, 2, 3, 4]
+
+    run(main())
+
+
+def test_ticks_close_idle_windows_by_the_clock() -> None:
+    async def main() -> None:
+        h = Harness()
+        h.frame(0, 0)
+        h.frame(1, 300)
+        h.clock.advance(900)
+        h.core.on_tick()
+        assert h.out.windows == []  # the stream was heard from 900 ms ago
+        h.clock.advance(200)
+        h.core.on_tick()
+        await settle()
+        assert [w.quality["closed_by"] for w in h.out.windows] == ["deadline"]
+        assert h.offsets() == [0, 1] and h.progress == [("cam", T0)]
+
+    run(main())
+
+
+def test_a_stream_on_a_second_partition_becomes_a_dead_letter_acked_on_its_own() -> None:
+    async def main() -> None:
+        h = Harness(partitions=(0, 1))
+        h.frame(0, 0, partition=0)  # held by its open window
+        h.frame(0, 300, partition=1)  # the same stream on another partition
+        await settle()
+        (rec, _), = h.dead_letters
+        assert decode_dead_letter(rec).kind == "partition"
+        assert h.acks == [(V, 1, 0)]  # its partition's order only: nothing waits before it
+        h.frame(1, 600, partition=0)
+        assert h.core.counters.get("dead_letters") == 1
+
+    run(main())
+
+
+def test_fetch_skips_are_acked_in_their_turn() -> None:
+    """Offsets the fetcher skipped (a transaction's markers, aborted records) are not a
+    hole: they are acked after the records before them and before those after them."""
+    async def main() -> None:
+        h = Harness()
+        h.frame(0, 0)  # held by [0 s, 1 s)
+        h.fetch_skips.append((V, 0, 1, 3))  # an aborted record and its marker
+        h.frame(3, 300)
+        h.fetch_skips.append((V, 0, 4, 5))  # a commit marker
+        h.frame(5, 1200)
+        await settle()
+        assert h.core.counters.get("ignored") == 0
+        assert h.offsets() == [0, 1, 2, 3, 4]  # 5: held by [1 s, 2 s)
+
+    run(main())
+
+
+def test_acks_wait_for_durable_progress() -> None:
+    """Inputs are acked only after their window's progress record is durable; a progress
+    record that fails stops the worker with nothing acked."""
+    async def main() -> None:
+        h = Harness()
+        pending: list[asyncio.Future[None]] = []
+
+        def record_progress(stream_id: str, start_ns: int) -> asyncio.Future[None]:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            pending.append(fut)
+            return fut
+
+        h.core.record_progress = record_progress
+        h.frame(0, 0)
+        h.frame(1, 1200)
+        h.frame(2, 2200)
+        await settle()
+        assert len(pending) == 2 and h.acks == []
+        pending[0].set_result(None)
+        await settle()
+        assert h.offsets() == [0]
+        pending[1].set_exception(RuntimeError("progress topic gone"))
+        await settle()
+        assert h.offsets() == [0] and [str(e) for e in h.crashes] == ["progress topic gone"]
+
+    run(main())
