@@ -270,10 +270,7 @@ class WorkerCore:
             self._dead_letter(tp, offset, event, rec, str(e), e.kind)
             return
         except Exception as e:  # a decoder bug must not stop every stream; keep the record
-            log.exception("decoding %s record %s:%d/%d failed", modality, *tp, offset)
-            self.counters.inc("internal_errors")
-            self._dead_letter(tp, offset, event, rec, f"decoder error: {e!r}",
-                              DeadLetterKind.INTERNAL)
+            self._internal_error(event, rec, "decoder", e)
             return
         home = self._home.setdefault(media.stream_id, event.partition)
         if home != event.partition:
@@ -288,10 +285,7 @@ class WorkerCore:
         try:
             out = aligner.add(media, now)
         except Exception as e:  # an aligner bug must not stop every stream; keep the record
-            log.exception("aligner rejected %s record %s:%d/%d", modality, *tp, offset)
-            self.counters.inc("internal_errors")
-            self._dead_letter(tp, offset, event, rec, f"aligner error: {e!r}",
-                              DeadLetterKind.INTERNAL)
+            self._internal_error(event, rec, "aligner", e)
             return
         status = out.status
         if status == OutcomeStatus.ACCEPTED and out.release_after_ns is not None:
@@ -554,6 +548,15 @@ class WorkerCore:
         self._queue_acks(done.acks, waits)
         if self.ledger.inflight() < MAX_INFLIGHT_WINDOWS:
             self._room.set()
+
+    def _internal_error(self, event: Consumed, rec: wire.KafkaRecord, stage: str,
+                        exc: Exception) -> None:
+        """A bug of ours met this record: log it, count it, dead-letter the record."""
+        log.exception("%s failed on %s record %s:%d/%d", stage,
+                      self.modality_of[event.topic], event.topic, event.partition, event.offset)
+        self.counters.inc("internal_errors")
+        self._dead_letter((event.topic, event.partition), event.offset, event, rec,
+                          f"{stage} error: {exc!r}", DeadLetterKind.INTERNAL)
 
     def _dead_letter(self, tp: TP, offset: int, event: Consumed,
                      rec: wire.KafkaRecord, reason: str, kind: DeadLetterKind) -> None:

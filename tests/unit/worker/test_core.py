@@ -333,6 +333,37 @@ def test_a_stream_on_a_second_partition_becomes_a_dead_letter_acked_on_its_own()
     run(main())
 
 
+def test_a_bug_of_ours_on_one_record_is_an_internal_dead_letter_and_the_stream_goes_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        h = Harness()
+        h.frame(0, 0)
+        aligner = h.core.aligners[0]
+        real_add = aligner.add
+
+        def add(media: Any, now: int) -> Any:
+            if media.seq == 1:
+                raise RuntimeError("boom")
+            return real_add(media, now)
+
+        monkeypatch.setattr(aligner, "add", add)
+        h.frame(1, 300)  # the aligner raises on this one
+        h.frame(2, 600)
+        await settle()
+        (rec, _), = h.dead_letters
+        letter = decode_dead_letter(rec)
+        assert letter.kind == "internal"
+        assert "aligner error: RuntimeError('boom')" in letter.reason
+        assert h.core.counters.get("internal_errors") == 1
+        h.frame(3, 1200)  # closes [0 s, 1 s) with frames 0 and 2
+        await settle()
+        (window,) = h.out.windows
+        assert window.frame_count == 2
+        assert h.crashes == []
+
+    run(main())
+
+
 def test_fetch_skips_are_acked_in_their_turn() -> None:
     """Offsets the fetcher skipped (a transaction's markers, aborted records) are not a
     hole: they are acked after the records before them and before those after them."""
