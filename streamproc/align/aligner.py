@@ -392,6 +392,7 @@ class Aligner:
         self._expiry_check_at = 0
         # stream_id -> closed_before of streams forgotten by expiry (oldest first)
         self._expired: dict[str, int] = {}
+        self._gone: list[str] = []  # expired since the last take_expired()
         self._expected = cfg.expected
         # read when a stream opens (also again after it expired), so a map the caller
         # keeps current (the worker's published progress) is used as it is, not copied
@@ -534,6 +535,12 @@ class Aligner:
                 self._close_upto(st, sorted(st.buckets), ClosedBy.FLUSH, out)
         return out
 
+    def take_expired(self) -> list[str]:
+        """Streams forgotten by expiry since the last call, so the caller can drop what it
+        keeps per stream too (every window of each closed before it expired)."""
+        out, self._gone = self._gone, []
+        return out
+
     def forget(self, stream_id: str) -> None:
         """Drop a stream's state (its partition was revoked; the new owner replays it)."""
         self._streams.pop(stream_id, None)
@@ -598,6 +605,7 @@ class Aligner:
                 continue
             del self._streams[sid]
             self._dirty.discard(sid)
+            self._gone.append(sid)
             self.stats["expired"] += 1
             if st.closed_before is not None:
                 expired[sid] = st.closed_before

@@ -175,6 +175,20 @@ class AckLedger(Generic[T]):
         """Streams of a partition with records waiting for their windows to close."""
         return list(self._waiting.get(partition, ()))
 
+    def forget(self, stream_id: str) -> bool:
+        """Drop an expired stream (every window of it closed). False while some of its
+        windows are still in flight: it is kept until they are published."""
+        st = self._streams.get(stream_id)
+        if st is None:
+            return True
+        if st.inflight:
+            return False
+        del self._streams[stream_id]
+        waiting = self._waiting.get(st.partition)
+        if waiting is not None:
+            waiting.discard(stream_id)
+        return True
+
     # --- rebalancing ---------------------------------------------------------------
     def drop_partitions(self, partitions: set[int]) -> int:
         """Forget held records and in-flight windows of revoked partitions; they are
@@ -229,7 +243,9 @@ class AckLedger(Generic[T]):
             return False
         st = self._streams.get(e.stream_id)
         if st is None:
-            return False
+            # forgotten after expiry: every window of it closed and was published, so its
+            # records wait for nothing (revoked partitions' records are dropped instead)
+            return True
         bound = st.bound()
         return bound is not None and e.after_start < bound  # type: ignore[operator]
 

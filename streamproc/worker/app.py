@@ -168,9 +168,11 @@ def create_app(settings: Settings, *, partitions: int | None = None,
         rec = wire.KafkaRecord(stream_id.encode("utf-8"), str(start_ns).encode("ascii"))
         await publish(progress, rec)
 
+    progress_writer = ProgressWriter(send_progress)
     core = WorkerCore(settings, submit=output.submit,
                       send_dead_letter=lambda rec: publish(dead_letters, rec),
-                      record_progress=ProgressWriter(send_progress).record,
+                      record_progress=progress_writer.record,
+                      forget_progress=progress_writer.forget,
                       counters=metrics.counters, crash=crash,
                       flowing=lambda: app.flow_control.is_active(),
                       fetch_state=patches.consumer_fetch_state(app),

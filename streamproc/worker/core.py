@@ -171,6 +171,7 @@ class WorkerCore:
     Callables: ``submit`` hands a window to the output (resolves once it is durably
     published, raises if it cannot be); ``send_dead_letter`` sends one dead letter;
     ``record_progress(stream_id, start_ns)`` resolves once that progress is durable;
+    ``forget_progress(stream_id)`` drops what the progress writer keeps of an expired stream;
     ``ack`` acks a consumed record's handle; ``crash`` stops the worker; ``flowing``: False
     while the consumer does not fetch (a rebalance); ``fetch_state``: how far each input
     partition can be read (None: never behind); ``fetch_skips``: offset ranges the
@@ -182,6 +183,7 @@ class WorkerCore:
                  submit: Callable[[Window], Awaitable[None]],
                  send_dead_letter: Callable[[wire.KafkaRecord], Awaitable[None]],
                  record_progress: Callable[[str, int], asyncio.Future],
+                 forget_progress: Callable[[str], None] = lambda stream_id: None,
                  counters: Counters, crash: Callable[[BaseException], None],
                  ack: Callable[[Any], object] = _ack_handle,
                  clock: Callable[[], int] = time.time_ns,
@@ -193,6 +195,7 @@ class WorkerCore:
         self.submit = submit
         self.send_dead_letter = send_dead_letter
         self.record_progress = record_progress
+        self.forget_progress = forget_progress
         # last published window per stream: read from the progress topic when an
         # assignment resumes, then kept current by this worker's own publishes
         self.progress: dict[str, int] = {}
@@ -224,6 +227,7 @@ class WorkerCore:
         self._room = asyncio.Event()
         self._retired_stats: dict[str, float] = defaultdict(float)
         self.ingest_ns: dict[tuple[str, str], int] = {}
+        self._expiring: set[str] = set()  # expired, windows still in flight in the ledger
 
     @property
     def releasing(self) -> bool:
@@ -527,6 +531,25 @@ class WorkerCore:
         aligner = self.aligners[partition]
         for sid in self.ledger.waiting_streams(partition):
             self._queue_acks(self.ledger.closed(sid, aligner.closed_before(sid), partition))
+        expired = aligner.take_expired()
+        if expired or self._expiring:
+            self._forget(expired)
+
+    def _forget(self, expired: list[str]) -> None:
+        """Drop what the worker keeps per stream once the aligner expired the stream, so
+        state stays bounded however many stream ids come and go. The aligner remembers
+        where each had closed (late records stay late); a later record starts it afresh,
+        on whichever partition it comes."""
+        self._expiring.update(expired)
+        for sid in list(self._expiring):
+            if not self.ledger.forget(sid):
+                continue  # a window of it is still being published: next time
+            self._expiring.discard(sid)
+            self._home.pop(sid, None)
+            self.progress.pop(sid, None)
+            self.forget_progress(sid)
+            for m in MODALITIES:
+                self.ingest_ns.pop((sid, m), None)
 
     def _published(self, ticket: Ticket, fut: asyncio.Future) -> None:
         if fut.cancelled():

@@ -48,6 +48,12 @@ class ProgressWriter:
             self._tasks[stream_id] = asyncio.ensure_future(self._write(stream_id))
         return fut
 
+    def forget(self, stream_id: str) -> None:
+        """Drop an expired stream's values (kept while a write of it is under way)."""
+        if stream_id not in self._tasks:
+            self._wanted.pop(stream_id, None)
+            self._durable.pop(stream_id, None)
+
     async def _write(self, sid: str) -> None:
         try:
             while self._wanted[sid] > self._durable.get(sid, -1):

@@ -461,6 +461,27 @@ def test_progress_is_written_in_order_coalesced_and_awaited() -> None:
     asyncio.run(main())
 
 
+def test_progress_writer_forgets_an_expired_stream_but_not_during_a_write() -> None:
+    release = asyncio.Event()
+
+    async def send(sid: str, value: int) -> None:
+        await release.wait()
+
+    async def main() -> None:
+        w = ProgressWriter(send)
+        fut = w.record("a", 10)
+        await asyncio.sleep(0)
+        w.forget("a")  # a write is under way: kept
+        release.set()
+        await fut
+        assert w.record("a", 10).done()
+        w.forget("a")
+        assert w._durable == {} and w._wanted == {}
+        assert not w.record("a", 10).done()  # unknown again: written anew
+
+    asyncio.run(main())
+
+
 def test_progress_send_failure_fails_the_waiters() -> None:
     async def send(sid: str, value: int) -> None:
         raise RuntimeError("broker said no")

@@ -32,10 +32,12 @@ class Harness:
     """
 
     def __init__(self, partitions: tuple[int, ...] = (0,), *, hold_windows: bool = False,
-                 hold_dead_letters: bool = False, progress: dict[str, int] | None = None) -> None:
+                 hold_dead_letters: bool = False, progress: dict[str, int] | None = None,
+                 stream_expiry_ms: int = 0) -> None:
         self.settings = Settings(topic_prefix="p", window_ms=1000, hop_ms=1000,
                                  lateness_video_ms=0, idle_deadline_ms=1000,
-                                 expected_modalities="video")
+                                 expected_modalities="video",
+                                 stream_expiry_ms=stream_expiry_ms)
         self.clock = ManualClock(T0)
         self.out = ListOutput(hold=hold_windows)
         self.hold_dead_letters = hold_dead_letters
@@ -405,5 +407,43 @@ def test_acks_wait_for_durable_progress() -> None:
         pending[1].set_exception(RuntimeError("progress topic gone"))
         await settle()
         assert h.offsets() == [0] and [str(e) for e in h.crashes] == ["progress topic gone"]
+
+    run(main())
+
+
+def test_expired_streams_leave_no_state_in_the_worker_and_stay_closed() -> None:
+    """Many short-lived stream ids: once the aligner expires them, the worker drops what it
+    kept per stream too (home partition, ingest delay, progress, ledger entry); a late
+    record of one is still late, a new one starts it afresh."""
+    async def main() -> None:
+        h = Harness(stream_expiry_ms=10_000, hold_windows=True)
+        for i in range(200):
+            h.frame(i, i, stream=f"id-{i}")
+        h.clock.advance(1500)
+        h.core.on_tick()  # every stream idle: its window closes
+        await settle()
+        assert len(h.out.windows) == 200
+        h.clock.advance(20_000)
+        h.core.on_tick()  # expired, but its window is not published yet
+        assert len(h.core._expiring) == 200 and len(h.core._home) == 200
+        h.out.publish()
+        await settle()
+        assert sorted(o for o in h.offsets()) == list(range(200))
+        h.clock.advance(1000)
+        h.core.on_tick()
+        core = h.core
+        assert (core._home, core.ingest_ns, core.progress, core._expiring) == ({}, {}, {}, set())
+        assert core.ledger._streams == {} and core.ledger.held() == 0
+        h.frame(200, 5, stream="id-5")  # belongs to a window already published
+        await settle()
+        (dead, _), = h.dead_letters
+        assert decode_dead_letter(dead).kind == "late"
+        h.frame(201, 22_600, stream="id-5")  # the stream comes back
+        h.clock.advance(2000)
+        h.core.on_tick()
+        h.out.publish()
+        await settle()
+        assert [w.stream_id for w in h.out.windows[200:]] == ["id-5"]
+        assert h.offsets()[-2:] == [200, 201] and h.crashes == []
 
     run(main())
