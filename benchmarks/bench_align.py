@@ -36,9 +36,12 @@ MS = 1_000_000
 
 
 def w1_records(seconds: int, streams: int = 8, seed: int = 1,
-               t0: int = 1_700_000_000 * S) -> list[tuple[int, object]]:
-    """(arrival_ns, record) for W1, sorted by arrival; event time starts at ``t0``."""
+               t0: int = 1_700_000_000 * S, pauses: bool = False) -> list[tuple[int, object]]:
+    """(arrival_ns, record) for W1, sorted by arrival; event time starts at ``t0``.
+    ``pauses``: about one gap in seven between segments is a 3-5 s speech pause (the
+    other records stay the same)."""
     rnd = random.Random(seed)
+    paused = random.Random(seed + 1)
     rng = np.random.default_rng(seed)
     images = []
     for i in range(4):  # a few real 320x240 JPEGs; the aligner never decodes them
@@ -68,6 +71,8 @@ def w1_records(seconds: int, streams: int = 8, seed: int = 1,
             seg = TranscriptSegment(sid, i, f"words of segment {i}", start, end)
             out.append((end + rnd.randrange(800 * MS, 1200 * MS), seg))
             start, i = start + 2 * S + rnd.randrange(-300 * MS, 300 * MS), i + 1
+            if pauses and paused.random() < 1 / 7:
+                start += paused.randrange(2 * S, 4 * S)  # a 3-5 s gap after this segment
     out.sort(key=lambda x: x[0])
     return out
 

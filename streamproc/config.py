@@ -72,10 +72,13 @@ class Settings:
     lateness_video_ms: int = _opt(250, "Allowed lateness of video frames (ms).")
     lateness_audio_ms: int = _opt(250, "Allowed lateness of audio chunks (ms).")
     lateness_text_ms: int = _opt(3000, "Allowed lateness of transcript segments (ms); ASR lags.")
-    idle_deadline_ms: int = _opt(
-        3000,
-        "Wall-clock deadline (ms) after which a window closes even if a modality is silent.",
-    )
+    idle_deadline_video_ms: int = _opt(
+        1000, "Video silent this long (ms, wall clock): its watermark moves on with the clock.")
+    idle_deadline_audio_ms: int = _opt(
+        1000, "Audio silent this long (ms, wall clock): its watermark moves on with the clock.")
+    idle_deadline_text_ms: int = _opt(
+        1000, "Transcripts silent this long (ms, wall clock): their watermark moves on with "
+        "the clock. lateness_text_ms + this must cover the longest segment.")
     expected_modalities: str = _opt(
         "video,audio,text", "Modalities a window waits for, comma separated."
     )
@@ -142,7 +145,9 @@ class Settings:
             "lateness_video_ms": (self.lateness_video_ms >= 0, "must not be negative"),
             "lateness_audio_ms": (self.lateness_audio_ms >= 0, "must not be negative"),
             "lateness_text_ms": (self.lateness_text_ms >= 0, "must not be negative"),
-            "idle_deadline_ms": (self.idle_deadline_ms > 0, "must be positive"),
+            "idle_deadline_video_ms": (self.idle_deadline_video_ms >= 0, "must not be negative"),
+            "idle_deadline_audio_ms": (self.idle_deadline_audio_ms >= 0, "must not be negative"),
+            "idle_deadline_text_ms": (self.idle_deadline_text_ms >= 0, "must not be negative"),
             "frames_per_window": (self.frames_per_window >= 1, "must be at least 1"),
             "sample_rate": (self.sample_rate >= 1000, "must be at least 1000 Hz"),
             "max_buffer_frames": (self.max_buffer_frames >= 1, "must be at least 1"),
@@ -208,6 +213,9 @@ class Settings:
 
     def lateness_ns(self, modality: str) -> int:
         return int(getattr(self, f"lateness_{modality}_ms")) * 1_000_000
+
+    def idle_deadline_ns(self, modality: str) -> int:
+        return int(getattr(self, f"idle_deadline_{modality}_ms")) * 1_000_000
 
     def security_kwargs(self) -> dict[str, Any]:
         """Security options in the spelling kafka-python and aiokafka share."""
@@ -319,7 +327,8 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
     "topics": ("topic_prefix", "max_message_bytes"),
     "topic_layout": ("partitions", "replication_factor"),
     "windows": ("window_ms", "hop_ms", "lateness_video_ms", "lateness_audio_ms",
-                "lateness_text_ms", "idle_deadline_ms", "expected_modalities",
+                "lateness_text_ms", "idle_deadline_video_ms", "idle_deadline_audio_ms",
+                "idle_deadline_text_ms", "expected_modalities",
                 "frames_per_window", "sample_rate", "max_buffer_frames", "max_buffer_audio_s",
                 "max_future_ms", "max_lead_ms", "max_span_audio_ms", "max_span_text_ms",
                 "max_frame_pixels", "stream_expiry_ms"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from streamproc.wire.codec import (
     Source,
     TranscriptSegment,
     VideoFrame,
+    Word,
     encode,
 )
 from streamproc.worker.core import Consumed
@@ -54,21 +56,28 @@ def chunk(stream_id: str, ts_ns: int, seq: int, samples: np.ndarray,
 
 
 def segment(stream_id: str, seq: int, start_ns: int, end_ns: int, text: str | None = None,
-            source: Source | None = None) -> TranscriptSegment:
+            source: Source | None = None,
+            words: Sequence[Word | tuple[str, int, int]] | None = None) -> TranscriptSegment:
     """A final transcript segment over ``[start_ns, end_ns)``; its text is ``word<seq>``
-    unless given."""
-    return TranscriptSegment(stream_id, seq, text if text is not None else f"word{seq}",
-                             start_ns, end_ns, source=source)
+    unless given, or its words joined when ``words`` (Words or (text, start_ns, end_ns))
+    are."""
+    timed = None if words is None else tuple(
+        w if isinstance(w, Word) else Word(*w) for w in words)
+    if text is None:
+        text = f"word{seq}" if timed is None else " ".join(w.text for w in timed)
+    return TranscriptSegment(stream_id, seq, text, start_ns, end_ns, source=source,
+                             words=timed)
 
 
 def align_config(window_ms: int = 1000, hop_ms: int | None = None, late_ms: int = 0,
                  idle_ms: int = 10**9, **changes: Any) -> AlignConfig:
-    """An AlignConfig from milliseconds: tumbling unless ``hop_ms``, the same lateness for
-    every modality unless ``lateness_ns`` is given, idle closes practically off unless
-    ``idle_ms`` is; other AlignConfig fields as keywords."""
+    """An AlignConfig from milliseconds: tumbling unless ``hop_ms``, the same lateness and
+    idle deadline for every modality unless ``lateness_ns`` / ``idle_ns`` is given (idle
+    deadlines practically off by default); other AlignConfig fields as keywords."""
     lateness = changes.pop("lateness_ns", {m: late_ms * MS for m in MODALITIES})
+    idle = changes.pop("idle_ns", {m: idle_ms * MS for m in MODALITIES})
     return AlignConfig(window_ns=window_ms * MS, hop_ns=(hop_ms or window_ms) * MS,
-                       lateness_ns=lateness, idle_ns=idle_ms * MS, **changes)
+                       lateness_ns=lateness, idle_ns=idle, **changes)
 
 
 #: Where :func:`prediction`'s windows start (a realistic epoch time).

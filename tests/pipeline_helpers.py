@@ -68,7 +68,8 @@ def pipeline_settings(bootstrap: str, tmp: Path, model: Path, clips: list[av.Cli
     prefix = f"p{uuid.uuid4().hex[:10]}"
     idle = max(3000, transcript_silence_ms(clips) + 1500)
     return Settings(bootstrap_servers=bootstrap, topic_prefix=prefix, app_id=prefix,
-                    partitions=4, model=str(model), device="cpu", idle_deadline_ms=idle,
+                    partitions=4, model=str(model), device="cpu", idle_deadline_video_ms=idle,
+                    idle_deadline_audio_ms=idle, idle_deadline_text_ms=idle,
                     metrics_port=0, web_port=free_port(), session_timeout_ms=6000,
                     data_dir=str(tmp / f"data-{prefix}")).replace(**changes)
 

@@ -197,7 +197,8 @@ def worker_settings(bootstrap: str, tmp: Path) -> Settings:
     prefix = f"w{uuid.uuid4().hex[:10]}"
     return Settings(
         bootstrap_servers=bootstrap, topic_prefix=prefix, app_id=prefix, partitions=4,
-        window_ms=W_MS, hop_ms=H_MS, idle_deadline_ms=IDLE_MS, frames_per_window=4,
+        window_ms=W_MS, hop_ms=H_MS, idle_deadline_video_ms=IDLE_MS,
+        idle_deadline_audio_ms=IDLE_MS, idle_deadline_text_ms=IDLE_MS, frames_per_window=4,
         lateness_video_ms=LATENESS_MS["video"], lateness_audio_ms=LATENESS_MS["audio"],
         lateness_text_ms=LATENESS_MS["text"], metrics_port=0, web_port=free_port(),
         session_timeout_ms=6000,  # the broker's minimum: a killed worker's partitions move fast

@@ -12,18 +12,23 @@ Why it is shaped this way:
 - A stream's windows close strictly in start order and ``closed_before`` only moves forward,
   so a window can never be emitted twice by one aligner and "late" has one clear meaning:
   every window the record belongs to has already closed.
-- Watermarks are per stream and modality, with Flink-style idleness: a modality that has
-  sent nothing for ``idle_ns`` of wall clock stops holding windows back, so a dead microphone
-  never stalls a stream; windows closed without it say so (``present`` and ``quality``).
+- Watermarks are per stream and modality. A modality that has sent nothing for its idle
+  deadline (wall clock) does not hold its watermark still: from then on the watermark
+  moves with the clock from where the last record left it, so a dead microphone never
+  stalls a stream, windows keep closing one hop at a time rather than in a burst when a
+  source falls silent, and a source's own delay (a recogniser's lag) is kept; windows
+  closed without a modality say so (``present`` and ``quality``).
 """
 
 from __future__ import annotations
 
 import functools
+import heapq
 import math
+from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from fractions import Fraction
 from itertools import pairwise
@@ -90,6 +95,7 @@ EXPIRED_STREAMS_KEPT = 100_000
 
 _INF = float("inf")
 _by_ts_seq = attrgetter("ts_ns", "seq")
+_end_ns = attrgetter("end_ns")
 
 
 @dataclass
@@ -100,7 +106,8 @@ class Window:
       encoded (JPEG/PNG); ``frame_count`` is how many frames the window really had.
     - ``audio``: float32 mono at ``sample_rate``, exactly ``round(W * sample_rate)``
       samples, zeros where nothing arrived; ``audio_mask`` is True where a real sample is.
-    - ``segments``: every transcript segment that overlaps the window, by start time.
+    - ``segments``: every transcript segment that overlaps the window, by start time; one
+      with word timings as a copy cut to the window (only its words that overlap it).
     - ``present``: per modality, whether it contributed anything (the model's mask).
     - ``quality``: closed_by (a :class:`ClosedBy`), frames_dropped
       (sequence gaps between this window's frames), audio_missing_s, duplicates (copies
@@ -168,7 +175,7 @@ class AlignConfig:
     window_ns: int
     hop_ns: int
     lateness_ns: Mapping[Modality, int]
-    idle_ns: int
+    idle_ns: Mapping[Modality, int]
     expected: tuple[Modality, ...] = MODALITIES
     frames_per_window: int = 8
     sample_rate: int = 16000
@@ -192,12 +199,14 @@ class AlignConfig:
     def __post_init__(self) -> None:
         lateness = {m: int(self.lateness_ns.get(m, 0)) for m in MODALITIES}
         object.__setattr__(self, "lateness_ns", lateness)
+        idle = {m: int(self.idle_ns.get(m, 0)) for m in MODALITIES}
+        object.__setattr__(self, "idle_ns", idle)
         object.__setattr__(self, "expected", tuple(self.expected))
         rules = [
             (self.window_ns > 0, "window_ns must be positive"),
             (0 < self.hop_ns <= self.window_ns, "hop_ns must be positive and at most window_ns"),
             (all(v >= 0 for v in lateness.values()), "lateness must not be negative"),
-            (self.idle_ns > 0, "idle_ns must be positive"),
+            (all(v >= 0 for v in idle.values()), "idle_ns must not be negative"),
             (bool(self.expected) and set(self.expected) <= set(MODALITIES),
              f"expected must be a non-empty subset of {MODALITIES}"),
             (self.frames_per_window >= 1, "frames_per_window must be at least 1"),
@@ -222,7 +231,7 @@ class AlignConfig:
             window_ns=s.window_ms * ms,
             hop_ns=s.hop_ms * ms,
             lateness_ns={m: s.lateness_ns(m) for m in MODALITIES},
-            idle_ns=s.idle_deadline_ms * ms,
+            idle_ns={m: s.idle_deadline_ns(m) for m in MODALITIES},
             expected=s.modalities,
             frames_per_window=s.frames_per_window,
             sample_rate=s.sample_rate,
@@ -297,6 +306,7 @@ class _Stream:
         "buffered",
         "closed_before",
         "dropped_any",
+        "due",
         "first_seen",
         "last_seen",
         "late_pending",
@@ -310,6 +320,7 @@ class _Stream:
     def __init__(self, sid: str, now_ns: int, resume_before: int | None) -> None:
         self.sid = sid
         self.first_seen = now_ns
+        self.due = _INF  # when poll() looks at it again without a record (in Aligner._due)
         self.last_seen: dict[Modality, int] = {}
         self.wm: dict[Modality, int] = {}
         self.buckets: dict[int, _Bucket] = {}
@@ -381,7 +392,7 @@ class Aligner:
         self._sr = cfg.sample_rate
         self._n_out = cfg.window_samples
         self._audio_cap_ns = int(cfg.max_buffer_audio_s * NS_PER_S)
-        self._idle = cfg.idle_ns
+        self._idle = dict(cfg.idle_ns)
         # a span longer than this would pin that many windows open: refused, not buffered
         buffer_span = max(self._w, self._audio_cap_ns)
         self._max_span = {"video": buffer_span,
@@ -399,7 +410,9 @@ class Aligner:
         self._resume = resume if resume is not None else {}
         self._streams: dict[str, _Stream] = {}
         self._dirty: set[str] = set()
-        self._idle_check_at: float = _INF
+        # (when, stream): streams to look at without a record, because a silent
+        # modality's watermark moves with the clock or a modality's deadline comes
+        self._due: list[tuple[int, str]] = []
         self._accepted: dict[int, Outcome] = {}
         self.stats: dict[str, int | float] = dict.fromkeys(
             ("accepted", "duplicates", "late", "late_partial", "late_windows_missed", "replayed",
@@ -453,7 +466,7 @@ class Aligner:
         # stream: one of the modality that limits it, or one that comes back from idle.
         last_seen = st.last_seen
         if mod == st.blocker or st.blocker is None or \
-                now_ns - last_seen.get(mod, st.first_seen) >= self._idle:
+                now_ns - last_seen.get(mod, st.first_seen) >= self._idle[mod]:
             self._dirty.add(sid)
         last_seen[mod] = now_ns
         wm = st.wm.get(mod)
@@ -508,18 +521,21 @@ class Aligner:
     def poll(self, now_ns: int) -> list[Window]:
         """Windows that may close now (watermark or idle deadline), per stream in start order.
 
-        Only streams that received records since the last poll are looked at, plus every
-        stream once a modality's idle deadline may have passed, so calling this after each
-        record is cheap.
+        Only streams that received records since the last poll are looked at, plus those
+        whose time came (a deadline, or a window that a clock-driven watermark reaches), so
+        calling this after each record is cheap.
         """
         if self._expiry and now_ns >= self._expiry_check_at:
             self._expire(now_ns)
-        if now_ns >= self._idle_check_at:
-            ids: Iterable[str] = list(self._streams)
-            self._idle_check_at = _INF
-        else:
-            ids = self._dirty
+        ids = self._dirty
         self._dirty = set()
+        due, streams = self._due, self._streams
+        while due and due[0][0] <= now_ns:
+            when, sid = heapq.heappop(due)
+            st = streams.get(sid)
+            if st is not None and st.due == when:
+                st.due = _INF
+                ids.add(sid)
         out: list[Window] = []
         for sid in ids:
             st = self._streams.get(sid)
@@ -766,52 +782,59 @@ class Aligner:
     # --- closing -----------------------------------------------------------------------
 
     def _close_ready(self, st: _Stream, now_ns: int, out: list[Window]) -> None:
-        idle = self._idle
-        last_seen, wms, late = st.last_seen, st.wm, self._late
-        limit = _INF  # min over active expected modalities of (watermark - lateness)
-        next_change = _INF  # when the next active modality goes idle
-        active = blocked = False
-        blocker = None
-        clock = self.cfg.max_future_ns > 0  # the wall clock is comparable with event time
+        idle, late = self._idle, self._late
+        last_seen, wms = st.last_seen, st.wm
+        limit: float = _INF  # min over waited-for expected modalities of watermark - lateness
+        blocker = None  # the modality whose next record can move the limit (None: the clock)
+        due: float = _INF  # when to look again without a record
+        blocked = False
         for m in self._expected:
-            seen = last_seen.get(m, st.first_seen)
-            if now_ns - seen >= idle:
-                # Idle: its watermark no longer holds windows back. But once it has sent
-                # anything, its next record (a transcript segment after a silence) may
-                # start up to its lateness before now, so windows still wait that long on
-                # the wall clock; one that never sent anything is not waited for.
-                if clock and m in wms and now_ns - late[m] < limit:
-                    limit = now_ns - late[m]
-                    blocker = None  # time, not a record of m, moves this limit
+            seen = last_seen.get(m)
+            if seen is None:
+                # never sent: waited for until its deadline plus its lateness from the
+                # stream's first record (a first transcript segment comes a segment and the
+                # recogniser's lag after the stream starts), then not at all until it sends:
+                # a stream without transcripts is not held back for ever
+                wait = st.first_seen + idle[m] + late[m]
+                if now_ns >= wait:
+                    continue
+                blocked = True
+                due = min(due, wait)
                 continue
-            active = True
-            if seen + idle < next_change:
-                next_change = seen + idle
-            wm = wms.get(m)
-            if wm is None:
-                blocked = True  # active but nothing yet: it may still come, wait
-            elif wm - late[m] < limit:
-                limit = wm - late[m]
-                blocker = m
+            silent = now_ns - seen - idle[m]
+            if silent > 0:
+                # silent past its deadline: the watermark moves on with the clock from where
+                # its last record left it (so a recogniser's lag is kept, and windows close
+                # one hop at a time rather than in a burst)
+                lim = wms[m] + silent - late[m]
+                if lim < limit:
+                    limit, blocker = lim, None
+            else:
+                lim = wms[m] - late[m]
+                due = min(due, seen + idle[m])
+                if lim < limit:
+                    limit, blocker = lim, m
         st.blocker = None if blocked else blocker
-        if next_change < self._idle_check_at:
-            self._idle_check_at = next_change
-        if not active:
-            # every expected modality is idle: nothing more is coming, close all
-            if st.buckets:
-                self._close_upto(st, sorted(st.buckets), None, out)
-            return
-        if blocked:
-            return
-        # the last window whose end <= limit (finite here: an active modality has a watermark)
-        k_max = int((limit - self._w) // self._h * self._h)
-        cb = st.closed_before
-        if cb is not None and k_max < cb:
-            return  # the usual case: the watermark moved but no new window can close
-        ready = sorted(k for k in st.buckets if k <= k_max)
-        if ready:
-            self._close_upto(st, ready, None, out)
-        self._advance(st, k_max + self._h)
+        if not blocked:
+            if limit == _INF:
+                # no expected modality to wait for (none of them ever came): close all
+                if st.buckets:
+                    self._close_upto(st, sorted(st.buckets), None, out)
+            else:
+                # the last window whose end <= limit
+                k_max = int((limit - self._w) // self._h * self._h)
+                cb = st.closed_before
+                if cb is None or k_max >= cb:
+                    ready = sorted(k for k in st.buckets if k <= k_max)
+                    if ready:
+                        self._close_upto(st, ready, None, out)
+                    self._advance(st, k_max + self._h)
+                if blocker is None:
+                    # the clock moves the limit: come back when it reaches the next window's end
+                    due = min(due, now_ns + int(k_max + self._h + self._w - limit))
+        if due < st.due:
+            st.due = int(due)
+            heapq.heappush(self._due, (st.due, st.sid))
 
     def _close_upto(self, st: _Stream, ready: list[int], closed_by: ClosedBy | None,
                     out: list[Window]) -> None:
@@ -871,6 +894,9 @@ class Aligner:
 
         segs = b.recs["text"]
         segs.sort(key=_by_ts_seq)  # ts_ns of a segment is its start
+        if any(s.words for s in segs):
+            # a copy for the window: the bucket's list keeps the records as they came
+            segs = [_clip_words(s, k, k + self._w) if s.words else s for s in segs]
 
         present: dict[Modality, bool] = {"video": n > 0, "audio": have > 0, "text": bool(segs)}
         quality: dict[str, float | int | str] = {
@@ -937,6 +963,29 @@ class Aligner:
                     out[lo - gs:hi - gs] = y[lo - g0:hi - g0]
                     mask[lo - gs:hi - gs] = True
         return out, mask
+
+
+def _clip_words(seg: TranscriptSegment, start: int, end: int) -> TranscriptSegment:
+    """A word-timed segment cut to the window ``[start, end)`` the way audio is: its span
+    clipped to the window, only the words that overlap the window, its text those words.
+
+    A word ``[s, e)`` overlaps iff ``s < end and e > start``; a zero-length word is the
+    point ``s`` and overlaps iff ``start <= s < end`` (as ``AlignConfig.window_starts``
+    treats spans): a word crossing no edge is in exactly one tumbling window.
+    """
+    timed = seg.words or ()
+    # starts and ends are in order (the decoder checks it), so the window's words are the
+    # run from the first one ending at or after its start to the last starting before its end
+    words = []
+    for i in range(bisect_left(timed, start, key=_end_ns), len(timed)):
+        w = timed[i]
+        if w.start_ns >= end:
+            break
+        if w.end_ns > start or w.start_ns == w.end_ns:  # a point at start is in the window
+            words.append(w)
+    return replace(
+        seg, start_ns=max(seg.start_ns, start), end_ns=min(seg.end_ns, end),
+        text=" ".join(t for w in words if (t := w.text.strip())), words=tuple(words))
 
 
 @functools.lru_cache(maxsize=32)

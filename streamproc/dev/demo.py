@@ -295,7 +295,7 @@ def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layou
             name="replay", daemon=True)
         replayer.start()
         want = {(c.stream_id, s) for c in clips for s in expected_windows(settings, c, origin)}
-        deadline = (max(c.seconds for c in clips) + 10 + settings.idle_deadline_ms / 1000
+        deadline = (max(c.seconds for c in clips) + 10 + settings.idle_deadline_text_ms / 1000
                     + settings.lateness_text_ms / 1000)
         stats = ConsumeStats()
         preds: list[Prediction] = []

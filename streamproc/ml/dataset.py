@@ -36,7 +36,14 @@ import numpy as np
 
 from streamproc.align.aligner import Window
 from streamproc.errors import UserError
-from streamproc.wire.codec import NS_PER_S, Source, TranscriptSegment, VideoFrame, pcm_bytes
+from streamproc.wire.codec import (
+    NS_PER_S,
+    Source,
+    TranscriptSegment,
+    VideoFrame,
+    Word,
+    pcm_bytes,
+)
 
 FORMAT = "streamproc-dataset"
 FORMAT_VERSION = 1
@@ -269,7 +276,10 @@ class Dataset:
             mask = np.unpackbits(bits, count=len(audio)).astype(bool)
             segments = [TranscriptSegment(m["stream_id"], s.get("seq", 0), s["text"],
                                           s["start_ns"], s["end_ns"], s.get("final", True),
-                                          s.get("confidence"), s.get("lang"))
+                                          s.get("confidence"), s.get("lang"),
+                                          words=None if s.get("words") is None else tuple(
+                                              Word(w["text"], w["start_ns"], w["end_ns"])
+                                              for w in s["words"]))
                         for s in m["segments"]]
             window = Window(
                 m["stream_id"], m["start_ns"], m["end_ns"], frames, m["frame_count"],

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import os
+import weakref
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from scipy.signal import resample_poly
 from streamproc.align.aligner import Window, even_indices
 from streamproc.config import MODALITIES
 from streamproc.errors import UserError
-from streamproc.wire.codec import WireError
+from streamproc.wire.codec import VideoFrame, WireError
 
 if TYPE_CHECKING:
     from streamproc.config import Settings
@@ -282,6 +283,40 @@ DECODE_THREADS = min(4, os.cpu_count() or 1)
 _decoders = concurrent.futures.ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
 
 
+# id(frame) -> (weak reference to the frame, preprocessing, its decode under way or done):
+# frames decoded as they arrive, so a window's frames are ready when it closes. An entry
+# goes when its frame does (nothing here keeps a frame alive).
+_early: dict[int, tuple[weakref.ref, Preprocess, concurrent.futures.Future[np.ndarray]]] = {}
+
+
+def decode_early(frame: VideoFrame, pre: Preprocess) -> None:
+    """Start decoding ``frame`` in the decode threads now (the worker calls this as a frame
+    is accepted, on the event loop: it only queues the work). A batch that holds the frame
+    later takes the result instead of decoding it on the critical path after its window
+    closed; the total work is the same."""
+    key = id(frame)
+
+    def gone(ref: weakref.ref, key: int = key) -> None:
+        entry = _early.get(key)
+        if entry is not None and entry[0] is ref:
+            del _early[key]
+
+    _early[key] = (weakref.ref(frame, gone), pre,
+                   _decoders.submit(frame_array, frame.data, frame.fmt, pre, frame.width,
+                                    frame.height))
+
+
+def _decoded(f: VideoFrame, pre: Preprocess) -> np.ndarray:
+    entry = _early.get(id(f))
+    if entry is not None and entry[0]() is f and entry[1] == pre:
+        fut = entry[2]
+        # still queued behind this very batch in the same threads: decode it here instead
+        # (waiting for it could leave every decode thread waiting on queued work)
+        if fut.done() or not fut.cancel():
+            return fut.result()
+    return frame_array(f.data, f.fmt, pre, f.width, f.height)
+
+
 def _video(windows: Sequence[Window], pre: Preprocess) -> tuple[np.ndarray, np.ndarray, int]:
     k, c, s = pre.frames_per_window, pre.channels, pre.frame_size
     out = np.zeros((len(windows), k, c, s, s), np.float32)
@@ -293,7 +328,7 @@ def _video(windows: Sequence[Window], pre: Preprocess) -> tuple[np.ndarray, np.n
         bad = 0
         for b, j, f in part:
             try:
-                out[b, j] = frame_array(f.data, f.fmt, pre, f.width, f.height)
+                out[b, j] = _decoded(f, pre)
                 mask[b, j] = True
             except WireError:
                 bad += 1  # a frame that does not decode is masked, like a dropped frame

@@ -34,6 +34,9 @@ MAX_IMAGE_SIDE = 16384
 MIN_SAMPLE_RATE = 8_000
 MAX_SAMPLE_RATE = 192_000
 MAX_CHANNELS = 32
+# Most word timings one transcript segment may carry: a 30 s segment of fast speech has
+# under 200 words, and the door checks every word of a record one by one.
+MAX_WORDS = 10_000
 NS_PER_S = 1_000_000_000
 INT64_MAX = 2**63 - 1
 
@@ -129,7 +132,7 @@ def normalize_headers(headers: Any) -> Headers:
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)  # decoded copies refer to it weakly
 class VideoFrame:
     """One encoded frame. ``ts_ns`` is its capture time on the wall clock."""
 
@@ -213,8 +216,24 @@ class AudioChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class Word:
+    """One recognised word timed at ``[start_ns, end_ns)`` inside its segment's span."""
+
+    text: str
+    start_ns: int
+    end_ns: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"text": self.text, "start_ns": self.start_ns, "end_ns": self.end_ns}
+
+
+@dataclass(frozen=True, slots=True)
 class TranscriptSegment:
-    """A transcript span ``[start_ns, end_ns)``; partial (``final=False``) ones may be revised."""
+    """A transcript span ``[start_ns, end_ns)``; partial (``final=False``) ones may be revised.
+
+    ``words``: optional word timings inside the span, starts and ends in time order; with
+    them the aligner gives each window only the words that overlap it (docs/alignment.md).
+    """
 
     stream_id: str
     seq: int
@@ -225,6 +244,8 @@ class TranscriptSegment:
     confidence: float | None = None
     lang: str | None = None
     source: Source | None = field(default=None, compare=False)
+    # after source, so callers that pass the older fields by position keep working
+    words: tuple[Word, ...] | None = None
 
     modality: Literal["text"] = field(default="text", init=False, repr=False, compare=False)
 
@@ -239,6 +260,8 @@ class TranscriptSegment:
             d["confidence"] = self.confidence
         if self.lang is not None:
             d["lang"] = self.lang
+        if self.words is not None:
+            d["words"] = [w.to_json() for w in self.words]
         return d
 
 
@@ -593,8 +616,53 @@ def _segment_from_json(obj: dict, sid: str, seq: int, src: Source | None) -> Tra
     lang = obj.get("lang")
     if lang is not None and not isinstance(lang, str):
         raise WireError(f"transcript lang must be a string, got {lang!r:.40}")
+    words = obj.get("words")
     return TranscriptSegment(sid, seq, text, start, end, final,
-                             None if conf is None else float(conf), lang, src)
+                             None if conf is None else float(conf), lang, src,
+                             None if words is None else _words_from_json(words, start, end))
+
+
+def _words_from_json(raw: Any, start: int, end: int) -> tuple[Word, ...]:
+    """The ``words`` list of a transcript segment spanning ``[start, end)``, checked."""
+    if not isinstance(raw, list):
+        raise WireError(f"transcript field 'words' must be a list, got {raw!r:.40}")
+    if len(raw) > MAX_WORDS:
+        raise WireError(f"transcript field 'words' has {len(raw)} words; at most {MAX_WORDS}")
+    out: list[Word] = []
+    prev, prev_end = start, start
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise WireError(f"transcript words[{i}] must be an object, got {item!r:.40}")
+        text = _word_field(item, i, "text", str, "a string")
+        ws = _word_field(item, i, "start_ns", int, "an integer")
+        we = _word_field(item, i, "end_ns", int, "an integer")
+        if we < ws:
+            raise WireError(f"transcript words[{i}] span [{ws}, {we}) ends before it starts")
+        # a zero-length word is the point ws, which a span [start, end) holds only
+        # before its end: at the end it would belong to windows its segment is not in
+        if ws < start or we > end or (ws == end and start < end):
+            raise WireError(f"transcript words[{i}] span [{ws}, {we}) lies outside its "
+                            f"segment's span [{start}, {end})")
+        # starts and ends both in order: a window's words are then one run of the list,
+        # found by bisection (a segment may carry MAX_WORDS words)
+        if ws < prev:
+            raise WireError(f"transcript words are not in time order: words[{i}] starts at "
+                            f"{ws}, before words[{i - 1}] at {prev}")
+        if we < prev_end:
+            raise WireError(f"transcript words are not in time order: words[{i}] ends at "
+                            f"{we}, before words[{i - 1}] at {prev_end}")
+        prev, prev_end = ws, we
+        out.append(Word(text, ws, we))
+    return tuple(out)
+
+
+def _word_field(item: dict, i: int, name: str, kind: type, what: str) -> Any:
+    if name not in item:
+        raise WireError(f"transcript words[{i}] lacks field {name!r}")
+    v = item[name]
+    if not isinstance(v, kind) or isinstance(v, bool):
+        raise WireError(f"transcript words[{i}] field {name!r} must be {what}, got {v!r:.40}")
+    return v
 
 
 # ---------------------------------------------------------------------------------------

@@ -173,6 +173,7 @@ def create_app(settings: Settings, *, partitions: int | None = None,
                       send_dead_letter=lambda rec: publish(dead_letters, rec),
                       record_progress=progress_writer.record,
                       forget_progress=progress_writer.forget,
+                      on_frame=None if predictor is None else predictor.decode_early,
                       counters=metrics.counters, crash=crash,
                       flowing=lambda: app.flow_control.is_active(),
                       fetch_state=patches.consumer_fetch_state(app),
@@ -311,6 +312,14 @@ def run_worker(settings: Settings) -> int:
         if mismatches:
             raise UserError(f"model {settings.model} does not fit these window settings: "
                             + "; ".join(mismatches) + " (change the settings to match)")
+        try:
+            took = predictor.warm_up(settings.batch_size, settings.window_ms * 1_000_000,
+                                     settings.sample_rate)
+        except Exception as e:  # it meets such windows live too, where one window fails alone
+            notes.append((logging.WARNING, f"model warm-up on empty windows failed: {e!r}"))
+        else:
+            notes.append((logging.INFO, f"model warmed up for batches of "
+                                        f"1-{settings.batch_size} in {took:.1f} s"))
         notes.append((logging.INFO, f"serving model {predictor.info['name']} version "
                                     f"{predictor.info['version']} from {settings.model} on "
                                     f"{predictor.device}"))

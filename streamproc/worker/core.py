@@ -172,6 +172,8 @@ class WorkerCore:
     published, raises if it cannot be); ``send_dead_letter`` sends one dead letter;
     ``record_progress(stream_id, start_ns)`` resolves once that progress is durable;
     ``forget_progress(stream_id)`` drops what the progress writer keeps of an expired stream;
+    ``on_frame`` sees every accepted video frame (the model's preprocessing starts decoding
+    it, off the event loop);
     ``ack`` acks a consumed record's handle; ``crash`` stops the worker; ``flowing``: False
     while the consumer does not fetch (a rebalance); ``fetch_state``: how far each input
     partition can be read (None: never behind); ``fetch_skips``: offset ranges the
@@ -184,6 +186,7 @@ class WorkerCore:
                  send_dead_letter: Callable[[wire.KafkaRecord], Awaitable[None]],
                  record_progress: Callable[[str, int], asyncio.Future],
                  forget_progress: Callable[[str], None] = lambda stream_id: None,
+                 on_frame: Callable[[wire.VideoFrame], None] | None = None,
                  counters: Counters, crash: Callable[[BaseException], None],
                  ack: Callable[[Any], object] = _ack_handle,
                  clock: Callable[[], int] = time.time_ns,
@@ -196,6 +199,7 @@ class WorkerCore:
         self.send_dead_letter = send_dead_letter
         self.record_progress = record_progress
         self.forget_progress = forget_progress
+        self.on_frame = on_frame
         # last published window per stream: read from the progress topic when an
         # assignment resumes, then kept current by this worker's own publishes
         self.progress: dict[str, int] = {}
@@ -294,6 +298,8 @@ class WorkerCore:
         status = out.status
         if status == OutcomeStatus.ACCEPTED and out.release_after_ns is not None:
             self.ledger.track(tp, offset, event, media.stream_id, out.release_after_ns)
+            if self.on_frame is not None and media.modality == "video":
+                self.on_frame(media)
         elif status in _DONE:
             if status != OutcomeStatus.ACCEPTED:
                 self.counters.inc("replayed" if status == OutcomeStatus.REPLAYED

@@ -68,7 +68,7 @@ def test_worker_metrics_endpoint_matches_what_was_sent(
             t.join(10)
         expected = oracle_windows(settings, records)
         preds = read_predictions(settings, set(expected),
-                                 timeout=settings.idle_deadline_ms / 1000 + 40)
+                                 timeout=settings.idle_deadline_text_ms / 1000 + 40)
         # every window has closed: now a frame for the first windows is late
         late = wire.VideoFrame.from_image("m1", origin + 200 * MS, 90_002,
                                           np.zeros((64, 64, 3), np.uint8))

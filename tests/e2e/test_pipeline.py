@@ -106,7 +106,7 @@ def live(kafka_bootstrap: str, tiny_model: Path, avdigits_tts: Path,
 
         records = replay_clips(settings, clips, origin, inject)
         expected = oracle_windows(worker_settings, records)
-        read_predictions(settings, set(expected), timeout=settings.idle_deadline_ms / 1000 + 40)
+        read_predictions(settings, set(expected), timeout=settings.idle_deadline_text_ms / 1000 + 40)
         read_all(settings, settings.topic("deadletter"), lambda m: len(m) >= len(bad), 20)
         assert worker.stop() == 0, worker.log()[-3000:]
         # read again after a clean stop: anything extra (it must not be) shows up too
@@ -263,7 +263,7 @@ def test_kill_9_and_restart_every_window_once_for_a_consumer(
         workers.append(second)
         replayer.join(60)
         expected = oracle_windows(settings, sent)
-        read_predictions(settings, set(expected), timeout=settings.idle_deadline_ms / 1000 + 60)
+        read_predictions(settings, set(expected), timeout=settings.idle_deadline_text_ms / 1000 + 60)
         assert second.stop() == 0, second.log()[-3000:]
         preds = read_everything(settings)
     finally:
@@ -333,7 +333,7 @@ def test_backlog_keeps_window_order_and_names_its_writer(
     try:
         msgs = read_all(settings, settings.topic("predictions"),
                         lambda ms: set(expected) <= {pred_of(m).key for m in ms},
-                        timeout=settings.idle_deadline_ms / 1000 + 90)
+                        timeout=settings.idle_deadline_text_ms / 1000 + 90)
         (served,) = worker.wait_for(r"serving model (\S+ version \S+) from \S+ on (\S+)")
         other = settings.replace(app_id=f"{settings.app_id}-b", model="",
                                  lateness_text_ms=4000, web_port=free_port(),
@@ -370,3 +370,11 @@ def test_backlog_keeps_window_order_and_names_its_writer(
     assert f"worker group {settings.app_id!r}" in line and "WARNING" in line
     assert f"model '{name}/{version}' (this worker: 'align-only/1')" in line
     assert "lateness_text_ms=4000" in line
+
+
+def test_warm_up_runs_the_model_once_for_every_batch_size(tiny_model: Path) -> None:
+    predictor = Predictor(str(tiny_model), "cpu", threads=1)
+    sizes: list[int] = []
+    predictor.model.register_forward_hook(lambda mod, args, out: sizes.append(out.shape[0]))
+    assert predictor.warm_up(5, 1_000_000_000, 16000) > 0
+    assert sizes == [1, 2, 3, 4, 5]

@@ -45,12 +45,14 @@ def ramp(n: int, first: int = 0) -> np.ndarray:
 
 def test_config_from_settings_converts_every_field():
     s = Settings(window_ms=800, hop_ms=400, lateness_video_ms=100, lateness_audio_ms=200,
-                 lateness_text_ms=2500, idle_deadline_ms=1500, expected_modalities="video,text",
+                 lateness_text_ms=2500, idle_deadline_video_ms=1500, idle_deadline_audio_ms=1600,
+                 idle_deadline_text_ms=0, expected_modalities="video,text",
                  frames_per_window=4, sample_rate=22050, max_buffer_frames=50,
                  max_buffer_audio_s=7.5, max_future_ms=5000, max_lead_ms=1500,
                  max_span_audio_ms=2000, max_span_text_ms=20_000, stream_expiry_ms=60_000)
     c = AlignConfig.from_settings(s)
-    assert (c.window_ns, c.hop_ns, c.idle_ns) == (800 * MS, 400 * MS, 1500 * MS)
+    assert (c.window_ns, c.hop_ns) == (800 * MS, 400 * MS)
+    assert c.idle_ns == {"video": 1500 * MS, "audio": 1600 * MS, "text": 0}
     assert c.lateness_ns == {"video": 100 * MS, "audio": 200 * MS, "text": 2500 * MS}
     assert c.expected == ("video", "text")
     assert (c.frames_per_window, c.sample_rate) == (4, 22050)
@@ -65,12 +67,12 @@ def test_config_from_settings_converts_every_field():
 @pytest.mark.parametrize("change, words", [
     ({"hop_ns": 2 * S}, "hop_ns"),
     ({"window_ns": 0}, "window_ns"),
-    ({"idle_ns": 0}, "idle_ns"),
+    ({"idle_ns": {"audio": -1}}, "idle_ns"),
     ({"expected": ("video", "smell")}, "expected"),
     ({"lateness_ns": {"video": -1}}, "lateness"),
 ])
 def test_config_rejects_impossible_values(change, words):
-    kw = {"window_ns": S, "hop_ns": S, "lateness_ns": {}, "idle_ns": S} | change
+    kw = {"window_ns": S, "hop_ns": S, "lateness_ns": {}, "idle_ns": {}} | change
     with pytest.raises(ConfigError, match=words):
         AlignConfig(**kw)
 
@@ -257,8 +259,10 @@ def test_mic_unplugged_masked_windows_keep_coming_and_full_ones_resume():
     feed_live(a, 0, 3000, True, seqs, out)
     feed_live(a, 3000, 6000, False, seqs, out)  # unplugged for 3 s
     during = [(now, w) for now, w in out if w.start_ns >= 3000 * MS]
-    # audio idle from 4.0 s: windows close on video alone, masked, before the mic returns
-    assert [w.start_ns // MS for _, w in during] == [3000, 3500, 4000, 4500]
+    # silent from 3.0 s, past its deadline from 4.0 s: the audio watermark moves on with the
+    # clock from 3.0 s, so each window closes masked 2.25 s after its end (deadline +
+    # lateness + the 1 s it had been silent), one hop at a time, before the mic returns
+    assert [(now // MS, w.start_ns // MS) for now, w in during] == [(5300, 3000), (5800, 3500)]
     for _, w in during:
         assert w.present == {"video": True, "audio": False, "text": False}
         assert w.quality["closed_by"] == "deadline" and w.frame_count == 20
@@ -266,10 +270,12 @@ def test_mic_unplugged_masked_windows_keep_coming_and_full_ones_resume():
     feed_live(a, 6000, 9000, True, seqs, out)  # plugged back in
     wins = {w.start_ns // MS: w for _, w in out}
     assert len(wins) == len(out)  # nothing twice
+    for k in (4000, 4500, 5000):  # still open when it came back: masked, nothing was lost
+        assert not wins[k].audio_mask.any() and wins[k].frame_count == 20
     assert wins[5500].present["audio"] and wins[5500].audio_mask.sum() == SAMPLE_RATE // 2
     for k in (6000, 6500, 7000, 7500):
         assert wins[k].audio_mask.all() and wins[k].quality["closed_by"] == "watermark"
-    assert a.stats["late"] == 0
+    assert a.stats["late"] == 0 and a.stats["late_partial"] == 0
 
 
 def test_a_modality_that_never_arrives_goes_idle_from_the_streams_first_record():
@@ -283,16 +289,20 @@ def test_a_modality_that_never_arrives_goes_idle_from_the_streams_first_record()
     assert all(not w.present["audio"] and w.quality["closed_by"] == "deadline" for w in wins)
 
 
-def test_when_every_modality_is_idle_all_buffered_windows_close():
-    a = Aligner(align_config(1000, late_ms=5000, idle_ms=1000, expected=("video", "audio")))
+def test_when_every_modality_falls_silent_windows_still_close_with_the_clock():
+    """A stream that stops: nothing waits for ever, and nothing closes before each
+    modality's watermark, moved on by the clock after its deadline, passed the window."""
+    a = Aligner(align_config(1000, late_ms=500, idle_ms=1000, expected=("video", "audio")))
     a.add(frame("s", 100 * MS, 0), 0)
-    a.add(chunk("s", 0, 0, ramp(1600)), 0)
+    a.add(chunk("s", 0, 0, ramp(1600)), 0)  # audio watermark 100 ms
     a.add(frame("s", 1100 * MS, 1), 0)
-    assert a.poll(999 * MS) == []
-    wins = a.poll(S)
-    assert [w.start_ns for w in wins] == [0, S]
-    assert {w.quality["closed_by"] for w in wins} == {"deadline"}
-    assert a.poll(5 * S) == [] and a.flush() == []
+    # audio: 100 ms + (now - 1 s) - 500 ms lateness reaches 1 s at 2.4 s, 2 s at 3.4 s
+    assert a.poll(2399 * MS) == []
+    assert [w.start_ns for w in a.poll(2400 * MS)] == [0]
+    assert a.poll(3399 * MS) == []
+    wins = a.poll(3400 * MS)
+    assert [w.start_ns for w in wins] == [S] and wins[0].quality["closed_by"] == "deadline"
+    assert a.poll(50 * S) == [] and a.flush() == []
 
 
 def test_windows_without_data_are_not_emitted():
@@ -514,7 +524,7 @@ def test_records_from_a_clock_far_in_the_future_are_refused_not_buffered() -> No
     from streamproc.wire.codec import AudioChunk
 
     cfg = AlignConfig(window_ns=1_000_000_000, hop_ns=1_000_000_000,
-                      lateness_ns={"audio": 0}, idle_ns=5_000_000_000, expected=("audio",),
+                      lateness_ns={"audio": 0}, idle_ns={"audio": 5_000_000_000}, expected=("audio",),
                       max_future_ns=60_000_000_000)
     a = Aligner(cfg)
     now = 1_763_000_000_000_000_000

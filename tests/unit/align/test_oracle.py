@@ -380,7 +380,9 @@ def test_mic_unplugged_then_back_with_a_fake_clock(window_ms, hop_div, late_ms, 
         if s >= off and e <= on:  # unplugged throughout: masked ...
             assert not w.present["audio"] and not w.audio_mask.any()
             # ... and it did not wait for the microphone to come back
-            due = max(off + idle_ms, e + late_ms + 50)  # audio idle; video watermark passed
+            # the audio watermark moves with the clock from `off` once silent past its
+            # deadline: it passes e + lateness at e + lateness + idle; video a step after e
+            due = e + late_ms + max(idle_ms, 50)
             if due <= on:
                 assert now is not None and now <= -(-due // 100) * 100 * MS, (s, e, now)
                 assert w.quality["closed_by"] == "deadline"

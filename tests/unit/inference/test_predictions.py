@@ -28,7 +28,7 @@ MS = 1_000_000
 
 def _window():
     cfg = AlignConfig(window_ns=500 * MS, hop_ns=500 * MS,
-                      lateness_ns={"video": 0, "audio": 0, "text": 0}, idle_ns=10**9,
+                      lateness_ns={"video": 0, "audio": 0, "text": 0}, idle_ns={},
                       frames_per_window=2)
     al = Aligner(cfg)
     img = np.zeros((8, 8, 3), np.uint8)

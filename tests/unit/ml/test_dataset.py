@@ -18,7 +18,7 @@ from streamproc.ml.dataset import (
     LabelSpans,
     read_labels,
 )
-from streamproc.wire.codec import NS_PER_S, Source, TranscriptSegment, VideoFrame
+from streamproc.wire.codec import NS_PER_S, Source, TranscriptSegment, VideoFrame, Word
 
 
 def _window(i: int, rng: np.random.Generator) -> Window:
@@ -30,8 +30,11 @@ def _window(i: int, rng: np.random.Generator) -> Window:
     mask = np.ones(16000, bool)
     mask[i * 100:i * 100 + 777] = False
     audio[~mask] = 0
+    words = (Word("wörd", i * NS_PER_S, i * NS_PER_S + 2), Word(str(i), i * NS_PER_S + 3,
+                                                               i * NS_PER_S + 5))
     segs = [TranscriptSegment("cam", i, f"wörd {i}", i * NS_PER_S, i * NS_PER_S + 5, i % 2 == 0,
-                              0.5 if i % 2 else None, "en")] if i % 2 else []
+                              0.5 if i % 2 else None, "en",
+                              words=words if i % 4 == 1 else None)] if i % 2 else []
     return Window("cam", i * NS_PER_S, (i + 1) * NS_PER_S, frames, len(frames) + 2, audio,
                   mask, 16000, segs, {"video": bool(frames), "audio": True, "text": bool(segs)},
                   {"closed_by": "watermark", "frames_dropped": 2},
@@ -61,9 +64,9 @@ def test_round_trip_across_shards(tmp_path: Path) -> None:
         assert g.frames == win.frames  # bytes, times, seqs, formats, sizes
         assert np.array_equal(g.audio_mask, win.audio_mask)
         assert np.abs(g.audio - win.audio).max() <= 2 / 32768  # 16-bit PCM storage
-        assert [(s.text, s.start_ns, s.end_ns, s.final, s.confidence, s.lang, s.seq)
+        assert [(s.text, s.start_ns, s.end_ns, s.final, s.confidence, s.lang, s.seq, s.words)
                 for s in g.segments] == [(s.text, s.start_ns, s.end_ns, s.final, s.confidence,
-                                          s.lang, s.seq) for s in win.segments]
+                                          s.lang, s.seq, s.words) for s in win.segments]
         assert g.text == win.text
         assert g.present == win.present and g.quality == win.quality
         assert g.provenance == win.provenance

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import threading
 import zlib
 
 import cv2
@@ -11,6 +14,7 @@ import torch
 
 from streamproc.align.aligner import Window
 from streamproc.config import Settings
+from streamproc.models import preprocess
 from streamproc.models.preprocess import (
     BOS_ID,
     Preprocess,
@@ -257,3 +261,55 @@ def test_png_frames_decode_at_full_size() -> None:
     f = _frame(img, fmt="png")
     got = make_batch([_window(frames=[f])], PRE).video[0, 0, 0].numpy()
     assert np.allclose(got, _full_size_input(f.data, 16), atol=1e-6)
+
+
+# --- frames decoded as they arrive ---------------------------------------------------------
+
+
+def _camera_frames(n: int, seed: int = 0) -> list[VideoFrame]:
+    rng = np.random.default_rng(seed)
+    return [_frame(rng.integers(0, 255, (120, 160, 3), np.uint8), i) for i in range(n)]
+
+
+def test_frames_decoded_early_give_the_same_batch_as_decoding_at_close() -> None:
+    frames = _camera_frames(12)
+    windows = [_window(frames=frames[:10]), _window(frames=frames[4:])]
+    at_close = make_batch(windows, PRE)
+    for f in frames:
+        preprocess.decode_early(f, PRE)
+    assert all(id(f) in preprocess._early for f in frames)
+    early = make_batch(windows, PRE)
+    assert torch.equal(early.video, at_close.video)
+    assert torch.equal(early.video_mask, at_close.video_mask)
+
+
+def test_an_early_decode_goes_with_its_frame_and_is_per_preprocessing() -> None:
+    frames = _camera_frames(3, seed=1)
+    for f in frames:
+        preprocess.decode_early(f, PRE)
+    colour = dataclasses.replace(PRE, color=True)
+    b = make_batch([_window(frames=frames)], colour)  # other preprocessing: decoded anew
+    assert b.video.shape[2] == 3
+    keys = [id(f) for f in frames]
+    del frames, f, b
+    gc.collect()
+    assert not any(k in preprocess._early for k in keys)
+
+
+def test_a_frame_still_queued_for_early_decoding_is_decoded_at_once() -> None:
+    """A batch must not wait for an early decode queued behind busy decode threads (the
+    batch's own decoding may be what keeps them busy)."""
+    release = threading.Event()
+    blockers = [preprocess._decoders.submit(release.wait)
+                for _ in range(preprocess.DECODE_THREADS)]
+    try:
+        (f,) = _camera_frames(1, seed=2)
+        preprocess.decode_early(f, PRE)
+        fut = preprocess._early[id(f)][2]
+        got = preprocess._decoded(f, PRE)
+        assert fut.cancelled()
+        assert np.array_equal(got, preprocess.frame_array(f.data, f.fmt, PRE, f.width, f.height))
+    finally:
+        release.set()
+        for b in blockers:
+            b.result()

@@ -17,6 +17,7 @@ from streamproc.wire.codec import (
     TranscriptSegment,
     VideoFrame,
     WireError,
+    Word,
 )
 
 SETTINGS = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -57,6 +58,25 @@ def audio_chunks(draw) -> AudioChunk:
 
 
 @st.composite
+def words_in(draw, start: int, end: int) -> tuple[Word, ...] | None:
+    """None, or word timings inside ``[start, end)``, starts and ends in order (a
+    zero-length word is a point before the end, unless the segment itself is a point)."""
+    if draw(st.booleans()):
+        return None
+    spans = []
+    for _ in range(draw(st.integers(0, 6))):
+        ws = draw(st.integers(start, end))
+        we = draw(st.integers(ws, end))
+        if ws == we == end and start < end:
+            ws = we = start
+        spans.append((ws, we))
+    # the i-th smallest end is never before the i-th smallest start
+    starts, ends = sorted(s for s, _ in spans), sorted(e for _, e in spans)
+    return tuple(Word(draw(st.text(max_size=12)), s, e) for s, e in zip(starts, ends,
+                                                                         strict=True))
+
+
+@st.composite
 def segments(draw) -> TranscriptSegment:
     start = draw(times)
     end = start + draw(st.integers(0, 10_000_000_000))
@@ -65,6 +85,7 @@ def segments(draw) -> TranscriptSegment:
         draw(st.booleans()),
         draw(st.one_of(st.none(), st.floats(0.0, 1.0))),
         draw(st.one_of(st.none(), st.sampled_from(["en", "de", "pt-BR"]))),
+        words=draw(words_in(start, end)),
     )
 
 
@@ -247,6 +268,81 @@ def test_non_utf8_transcript_and_bad_json() -> None:
     shifted = _with_header(kr, "sp-ts", b"6")
     with pytest.raises(WireError, match="differs from the segment's start_ns"):
         wire.decode(shifted)
+
+
+def _text_record(obj: dict) -> KafkaRecord:
+    kr = wire.encode(TranscriptSegment("s", 0, "x", obj["start_ns"], obj["end_ns"]))
+    return KafkaRecord(kr.key, json.dumps(obj).encode(), kr.headers, 0)
+
+
+def test_word_timings_round_trip_and_are_written_only_when_present() -> None:
+    seg = TranscriptSegment("s", 0, "seven three", 5, 90,
+                            words=(Word("seven", 5, 40), Word("three", 50, 90)))
+    kr = wire.encode(seg)
+    assert json.loads(kr.value)["words"] == [{"text": "seven", "start_ns": 5, "end_ns": 40},
+                                             {"text": "three", "start_ns": 50, "end_ns": 90}]
+    assert wire.decode(kr) == seg
+    plain = TranscriptSegment("s", 0, "seven", 5, 90)
+    assert "words" not in json.loads(wire.encode(plain).value)
+    assert wire.decode(wire.encode(plain)).words is None
+    # an older producer's record, and an explicit null, decode without words
+    obj = {"text": "hi", "start_ns": 5, "end_ns": 9, "final": True}
+    assert wire.decode(_text_record(obj)).words is None
+    assert wire.decode(_text_record({**obj, "words": None})).words is None
+    # extra per-word fields (a recogniser's probabilities) are ignored, like extra fields
+    extra = {**obj, "words": [{"text": "hi", "start_ns": 5, "end_ns": 9, "p": 0.9}]}
+    assert wire.decode(_text_record(extra)).words == (Word("hi", 5, 9),)
+    # zero-length words: anywhere before the end; at the point of a zero-length segment
+    points = {**obj, "words": [{"text": "a", "start_ns": 5, "end_ns": 5},
+                               {"text": "b", "start_ns": 8, "end_ns": 8}]}
+    assert len(wire.decode(_text_record(points)).words or ()) == 2
+    point = {"text": "a", "start_ns": 7, "end_ns": 7,
+             "words": [{"text": "a", "start_ns": 7, "end_ns": 7}]}
+    assert wire.decode(_text_record(point)).words == (Word("a", 7, 7),)
+
+
+def _word(text: object = "w", start: object = 5, end: object = 6) -> dict:
+    return {"text": text, "start_ns": start, "end_ns": end}
+
+
+@pytest.mark.parametrize(
+    ("words", "message"),
+    [
+        ("seven", "field 'words' must be a list"),
+        ({"text": "seven"}, "field 'words' must be a list"),
+        (["seven"], r"words\[0\] must be an object"),
+        ([_word(), 3], r"words\[1\] must be an object"),
+        ([{"start_ns": 5, "end_ns": 6}], r"words\[0\] lacks field 'text'"),
+        ([{"text": "w", "end_ns": 6}], r"words\[0\] lacks field 'start_ns'"),
+        ([{"text": "w", "start_ns": 5}], r"words\[0\] lacks field 'end_ns'"),
+        ([_word(text=7)], r"words\[0\] field 'text' must be a string"),
+        ([_word(text=None)], r"words\[0\] field 'text' must be a string"),
+        ([_word(start="5")], r"words\[0\] field 'start_ns' must be an integer"),
+        ([_word(start=5.0)], r"words\[0\] field 'start_ns' must be an integer"),
+        ([_word(end=True)], r"words\[0\] field 'end_ns' must be an integer"),
+        ([_word(start=7, end=6)], r"words\[0\] span \[7, 6\) ends before it starts"),
+        ([_word(start=4, end=6)], "lies outside its segment's span"),
+        ([_word(start=8, end=10)], "lies outside its segment's span"),
+        ([_word(start=9, end=9)], "lies outside its segment's span"),  # the end is not in
+        ([_word(start=-1, end=-1)], "lies outside its segment's span"),
+        ([_word("b", 7, 8), _word("a", 5, 6)],
+         r"not in time order: words\[1\] starts at 5, before words\[0\] at 7"),
+        ([_word("long", 5, 9), _word("in", 6, 7)],
+         r"not in time order: words\[1\] ends at 7, before words\[0\] at 9"),
+        ([_word()] * (wire.MAX_WORDS + 1), f"has {wire.MAX_WORDS + 1} words; at most "),
+    ],
+)
+def test_bad_word_timings_are_wire_errors_that_name_the_problem(words, message) -> None:
+    obj = {"text": "w", "start_ns": 5, "end_ns": 9, "final": True, "words": words}
+    with pytest.raises(WireError, match=message) as err:
+        wire.decode(_text_record(obj))
+    assert err.value.kind == "decode"
+
+
+def test_as_many_words_as_allowed_decode() -> None:
+    obj = {"text": "w", "start_ns": 0, "end_ns": wire.MAX_WORDS,
+           "words": [_word("w", i, i + 1) for i in range(wire.MAX_WORDS)]}
+    assert len(wire.decode(_text_record(obj)).words or ()) == wire.MAX_WORDS
 
 
 def test_video_dimension_mismatch_and_oversize() -> None:

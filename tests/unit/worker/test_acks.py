@@ -281,7 +281,8 @@ def _state(fetch_state=None, clock=None):
         fut.set_result(None)
         return fut
 
-    settings = Settings(topic_prefix="p", idle_deadline_ms=1000, expected_modalities="video,audio")
+    settings = Settings(topic_prefix="p", idle_deadline_video_ms=1000,
+                        idle_deadline_audio_ms=1000, expected_modalities="video,audio")
     out = ListOutput()
     st = WorkerCore(settings, submit=out.submit, send_dead_letter=send,
                     record_progress=progress, counters=Counters(),
@@ -370,7 +371,9 @@ def test_idle_clock_stands_still_while_records_wait_and_while_nothing_is_fetched
         st.on_record(_frame_event("cam", 1, t0 + 100 * MS, 0, 1))
         ticks(500)
         assert windows == []  # the stall does not count: audio is not idle yet
-        ticks(600)
+        # silent past its 1 s deadline, the audio watermark moves on with the clock; the
+        # first window ends at most 0.9 s after the chunk, lateness 250 ms: 2.15 s at most
+        ticks(1700)
         assert windows and windows[0].quality["closed_by"] == "deadline"
 
     asyncio.run(run())

@@ -35,7 +35,7 @@ class Harness:
                  hold_dead_letters: bool = False, progress: dict[str, int] | None = None,
                  stream_expiry_ms: int = 0) -> None:
         self.settings = Settings(topic_prefix="p", window_ms=1000, hop_ms=1000,
-                                 lateness_video_ms=0, idle_deadline_ms=1000,
+                                 lateness_video_ms=0, idle_deadline_video_ms=1000,
                                  expected_modalities="video",
                                  stream_expiry_ms=stream_expiry_ms)
         self.clock = ManualClock(T0)
@@ -311,7 +311,12 @@ def test_ticks_close_idle_windows_by_the_clock() -> None:
         h.clock.advance(900)
         h.core.on_tick()
         assert h.out.windows == []  # the stream was heard from 900 ms ago
-        h.clock.advance(200)
+        # silent past its 1 s deadline, the video watermark moves on with the clock from
+        # 300 ms: it reaches the window's end (1 s) at 1.7 s
+        h.clock.advance(799)
+        h.core.on_tick()
+        assert h.out.windows == []
+        h.clock.advance(1)
         h.core.on_tick()
         await settle()
         assert [w.quality["closed_by"] for w in h.out.windows] == ["deadline"]
@@ -419,8 +424,8 @@ def test_expired_streams_leave_no_state_in_the_worker_and_stay_closed() -> None:
         h = Harness(stream_expiry_ms=10_000, hold_windows=True)
         for i in range(200):
             h.frame(i, i, stream=f"id-{i}")
-        h.clock.advance(1500)
-        h.core.on_tick()  # every stream idle: its window closes
+        h.clock.advance(2000)
+        h.core.on_tick()  # every stream silent: its watermark reached its window's end
         await settle()
         assert len(h.out.windows) == 200
         h.clock.advance(20_000)
@@ -445,5 +450,21 @@ def test_expired_streams_leave_no_state_in_the_worker_and_stay_closed() -> None:
         await settle()
         assert [w.stream_id for w in h.out.windows[200:]] == ["id-5"]
         assert h.offsets()[-2:] == [200, 201] and h.crashes == []
+
+    run(main())
+
+
+def test_every_accepted_frame_and_only_those_is_handed_on_for_early_decoding() -> None:
+    async def main() -> None:
+        h = Harness()
+        seen: list = []
+        h.core.on_frame = seen.append
+        h.frame(0, 100)
+        h.frame(1, 100, seq=0)  # a copy: duplicate
+        h.junk(2)
+        h.frame(3, 1500)  # closes [0 s, 1 s)
+        h.frame(4, 200)  # late
+        await settle()
+        assert [(f.seq, f.ts_ns) for f in seen] == [(0, T0 + 100 * MS), (3, T0 + 1500 * MS)]
 
     run(main())
