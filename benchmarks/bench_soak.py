@@ -125,6 +125,8 @@ class Collector:
                 for msgs in consumer.poll(timeout_ms=300).values():
                     for m in msgs:
                         p = decode_prediction(KafkaRecord.from_client(m))
+                        if not p.final:
+                            continue  # the soak follows each window's final prediction
                         if p.key in self.seen:
                             self.duplicates += 1
                             continue

@@ -140,17 +140,18 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     # a wrong address or login fails here, as one line, before any table is printed
     kafka.consumer(settings).close()
     stats = ConsumeStats()
-    table = PredictionTable(args.stream)
+    table = PredictionTable(args.stream, revisions=args.revisions)
     if not args.json:
         print(table.header())
     try:
         for p in consume(settings, stream=args.stream, follow=args.follow,
-                         from_beginning=not args.from_end, timeout_s=args.timeout, stats=stats):
-            print(format_json(p) if args.json else "\n".join(table.lines(p)), flush=True)
+                         from_beginning=not args.from_end, timeout_s=args.timeout, stats=stats,
+                         finals_only=args.finals):
+            lines = [format_json(p)] if args.json else table.lines(p)
+            if lines:
+                print("\n".join(lines), flush=True)
     finally:
-        print(f"{stats.yielded} predictions, {stats.duplicates} duplicates collapsed "
-              f"({stats.conflicting} with another label), {stats.undecodable} undecodable",
-              file=sys.stderr)
+        print(stats.summary(), file=sys.stderr)
     return 0
 
 
@@ -606,12 +607,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the tool's own arguments")
 
     p = _command(sub, "consume", cmd_consume, "Print predictions: a live table, or JSON "
-                 "lines; duplicates from worker restarts are collapsed by prediction key.")
+                 "lines; a window's provisional prediction, then its final one as an update "
+                 "row; copies from worker restarts are collapsed.")
     p.add_argument("--stream", default=None, help="only this stream id")
     p.add_argument("--follow", "-f", action="store_true", help="keep waiting for new ones")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--from-end", action="store_true", help="skip what is already there")
     p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--finals", action="store_true",
+                   help="only final predictions: skip provisional ones")
+    p.add_argument("--revisions", action="store_true",
+                   help="table: a full row for every revision, also a final that keeps its "
+                   "provisional's label (shown as a short 'confirms P' line without it); "
+                   "--json always prints every revision")
 
     _command(sub, "worker", cmd_worker, "Run a faust worker: align the input topics into "
              "windows and publish them; refuses to start unless the topics are co-partitioned. "

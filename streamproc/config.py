@@ -82,6 +82,9 @@ class Settings:
     expected_modalities: str = _opt(
         "video,audio,text", "Modalities a window waits for, comma separated."
     )
+    provisional_on: str = _opt(
+        "video,audio", "When these modalities of a window are complete, publish a provisional "
+        "prediction before the others (the transcript) are; empty: final predictions only.")
     frames_per_window: int = _opt(8, "K: frames sampled evenly from each window for the model.")
     sample_rate: int = _opt(16000, "Audio rate (Hz) windows are resampled to for the model.")
     max_buffer_frames: int = _opt(600, "Cap on buffered video frames per stream.")
@@ -185,6 +188,11 @@ class Settings:
         if sasl and not (self.sasl_username and self.sasl_password):
             raise ConfigError(f"security_protocol={self.security_protocol} needs "
                               "sasl_username and sasl_password")
+        fast = {m.strip() for m in self.provisional_on.split(",") if m.strip()}
+        if fast - set(MODALITIES):
+            raise ConfigError(
+                f"invalid setting provisional_on={self.provisional_on!r}: use a comma "
+                f"separated subset of {', '.join(MODALITIES)}, or nothing")
         bad = set(self.modalities) - set(MODALITIES)
         if bad or not self.modalities:
             raise ConfigError(
@@ -198,6 +206,12 @@ class Settings:
         """``expected_modalities`` as a tuple (each one checked when the settings are built)."""
         names = tuple(m.strip() for m in self.expected_modalities.split(",") if m.strip())
         return cast(tuple[Modality, ...], names)
+
+    @property
+    def provisional_modalities(self) -> tuple[Modality, ...]:
+        """``provisional_on`` as a tuple, in the order of MODALITIES."""
+        fast = {m.strip() for m in self.provisional_on.split(",")}
+        return tuple(m for m in MODALITIES if m in fast)
 
     def topic(self, kind: str) -> str:
         """Topic name for ``video``, ``audio``, ``text``, ``predictions`` or ``deadletter``."""
@@ -328,7 +342,7 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
     "topic_layout": ("partitions", "replication_factor"),
     "windows": ("window_ms", "hop_ms", "lateness_video_ms", "lateness_audio_ms",
                 "lateness_text_ms", "idle_deadline_video_ms", "idle_deadline_audio_ms",
-                "idle_deadline_text_ms", "expected_modalities",
+                "idle_deadline_text_ms", "expected_modalities", "provisional_on",
                 "frames_per_window", "sample_rate", "max_buffer_frames", "max_buffer_audio_s",
                 "max_future_ms", "max_lead_ms", "max_span_audio_ms", "max_span_text_ms",
                 "max_frame_pixels", "stream_expiry_ms"),

@@ -110,6 +110,14 @@ class Pred:
     def key(self) -> tuple[str, int]:
         return (self.body["stream_id"], self.body["window_start_ns"])
 
+    @property
+    def final(self) -> bool:
+        return bool(self.body.get("final", True))
+
+    @property
+    def revision_key(self) -> tuple[str, int, int]:
+        return (*self.key, int(self.body.get("rev", 0)))
+
     def content(self) -> str:
         """What must be identical between copies of one window (not times, not quality)."""
         return json.dumps({k: self.body[k] for k in ("modalities", "provenance")},
@@ -142,11 +150,15 @@ def read_all(settings: Settings, topic: str, done: Callable[[list], bool],
 
 
 def read_predictions(settings: Settings, want: set[tuple[str, int]],
-                     timeout: float = 40) -> list[Pred]:
+                     timeout: float = 40, finals_only: bool = True) -> list[Pred]:
+    """Predictions until every window of ``want`` has its final; the finals (or every
+    revision, provisional ones too)."""
     def done(msgs: list) -> bool:
-        return want <= {pred_of(m).key for m in msgs}
+        return want <= {p.key for p in map(pred_of, msgs) if p.final}
 
-    return [pred_of(m) for m in read_all(settings, settings.topic("predictions"), done, timeout)]
+    preds = [pred_of(m) for m in read_all(settings, settings.topic("predictions"), done,
+                                          timeout)]
+    return [p for p in preds if p.final] if finals_only else preds
 
 
 def pred_of(m) -> Pred:
@@ -157,13 +169,23 @@ def pred_of(m) -> Pred:
 
 def assert_windows_equal(preds: list[Pred], expected: dict[tuple[str, int], Window],
                          streams: set[str]) -> dict[tuple[str, int], list[Pred]]:
-    """Every expected window of ``streams`` published, nothing else, every copy identical
-    to the oracle's window (frames counted, audio seconds, segments, presence, offsets)."""
+    """Every expected window of ``streams`` has a final prediction, nothing else does, every
+    copy of a final is identical to the oracle's window (frames counted, audio seconds,
+    segments, presence, offsets); a provisional one (rev 0) is only for an expected window,
+    and its final then says rev 1. Returns the finals by window."""
     by_key: dict[tuple[str, int], list[Pred]] = defaultdict(list)
+    provisional: set[tuple[str, int]] = set()
     for p in preds:
         if p.key[0] in streams:
-            by_key[p.key].append(p)
+            if p.final:
+                by_key[p.key].append(p)
+            else:
+                assert p.body["rev"] == 0, p.body
+                provisional.add(p.key)
     want = {k for k in expected if k[0] in streams}
+    assert provisional <= want, sorted(provisional - want)[:5]
+    for key in provisional & set(by_key):
+        assert {c.body["rev"] for c in by_key[key]} == {1}, key
     assert set(by_key) == want, (f"missing {sorted(want - set(by_key))[:5]}, "
                                  f"unexpected {sorted(set(by_key) - want)[:5]}")
     for key, copies in by_key.items():

@@ -27,7 +27,7 @@ import heapq
 import math
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from fractions import Fraction
@@ -117,6 +117,11 @@ class Window:
     - ``provenance``: per modality, the Kafka source of every input record used.
     - ``ingest_ms``: per modality, capture -> worker of the stream's newest record of it
       (ms); the worker fills it in, the aligner leaves it empty.
+    - ``rev``, ``final``: a *provisional* window (``final`` False, ``rev`` 0) is emitted
+      when the fast modalities are complete, before the slow ones; the *final* one comes
+      when every modality is (``rev`` 1 when provisional windows are configured, else 0).
+      ``unchanged``: a final with nothing added since its provisional (its prediction can
+      be reused).
     """
 
     stream_id: str
@@ -132,6 +137,9 @@ class Window:
     quality: dict[str, float | int | str] = field(default_factory=dict)
     provenance: dict[Modality, list[Source]] = field(default_factory=dict)
     ingest_ms: dict[Modality, float] = field(default_factory=dict)
+    rev: int = 0
+    final: bool = True
+    unchanged: bool = False
 
     @property
     def key(self) -> tuple[str, int]:
@@ -195,6 +203,9 @@ class AlignConfig:
     max_span_text_ns: int = 0
     # A stream with no open window and no record for this long is forgotten (0: never).
     stream_expiry_ns: int = 0
+    # When these (expected) modalities are complete, a provisional window is emitted
+    # before the others are; empty (or every expected one): final windows only.
+    provisional: tuple[Modality, ...] = ()
 
     def __post_init__(self) -> None:
         lateness = {m: int(self.lateness_ns.get(m, 0)) for m in MODALITIES}
@@ -202,6 +213,9 @@ class AlignConfig:
         idle = {m: int(self.idle_ns.get(m, 0)) for m in MODALITIES}
         object.__setattr__(self, "idle_ns", idle)
         object.__setattr__(self, "expected", tuple(self.expected))
+        fast = tuple(m for m in self.expected if m in self.provisional)
+        object.__setattr__(self, "provisional",
+                           () if len(fast) == len(self.expected) else fast)
         rules = [
             (self.window_ns > 0, "window_ns must be positive"),
             (0 < self.hop_ns <= self.window_ns, "hop_ns must be positive and at most window_ns"),
@@ -242,6 +256,7 @@ class AlignConfig:
             max_span_audio_ns=s.max_span_audio_ms * ms,
             max_span_text_ns=s.max_span_text_ms * ms,
             stream_expiry_ns=s.stream_expiry_ms * ms,
+            provisional=s.provisional_modalities,
         )
 
     @property
@@ -283,7 +298,8 @@ class Outcome:
 class _Bucket:
     """Records of one open window, in arrival order; sorted once when the window closes."""
 
-    __slots__ = ("capped_audio_ns", "capped_frames", "capped_segments", "dups", "recs", "retire")
+    __slots__ = ("capped_audio_ns", "capped_frames", "capped_segments", "dups", "provisional",
+                 "recs", "retire", "version")
 
     def __init__(self) -> None:
         # per modality; Any: the aligner knows each modality's record type by its key
@@ -293,6 +309,8 @@ class _Bucket:
         self.capped_frames = 0
         self.capped_audio_ns = 0
         self.capped_segments = 0
+        self.version = 0  # moves with every record added or dropped
+        self.provisional: int | None = None  # the version its provisional window had
 
     def empty(self) -> bool:
         return not any(self.recs.values())
@@ -307,10 +325,12 @@ class _Stream:
         "closed_before",
         "dropped_any",
         "due",
+        "fast_blocker",
         "first_seen",
         "last_seen",
         "late_pending",
         "marked",
+        "provisional_before",
         "resume_before",
         "retired",
         "sid",
@@ -339,6 +359,9 @@ class _Stream:
         # the expected modality whose watermark limited closing at the last look, None when
         # all are idle or one was never seen (then every record may change things)
         self.blocker: Modality | None = None
+        self.fast_blocker: Modality | None = None  # the same for the provisional limit
+        # every window with start < this had its provisional emitted, or needs none
+        self.provisional_before = resume_before
 
     def open_bucket(self, k: int) -> _Bucket:
         """The bucket of a window that gets its first record, with the cap's marks if any."""
@@ -417,7 +440,7 @@ class Aligner:
         self.stats: dict[str, int | float] = dict.fromkeys(
             ("accepted", "duplicates", "late", "late_partial", "late_windows_missed", "replayed",
              "capped", "capped_frames", "capped_segments", "too_long", "future", "ahead",
-             "expired", "windows",
+             "expired", "windows", "provisional",
              "windows_deadline",
              "windows_flush", "windows_masked"), 0)
         self.stats["capped_audio_s"] = 0.0
@@ -462,11 +485,13 @@ class Aligner:
         if key in buffered or (st.dropped_any and self._seen(st, mod, key)):
             return self._duplicate(st, rec, k_first, k_last)
 
-        # Only a record that can move the stream's closing limit makes poll() look at the
-        # stream: one of the modality that limits it, or one that comes back from idle.
+        # Only a record that can move one of the stream's closing limits (final or
+        # provisional) makes poll() look at the stream: one of the modality that limits it,
+        # or one that comes back from idle.
         last_seen = st.last_seen
         if mod == st.blocker or st.blocker is None or \
-                now_ns - last_seen.get(mod, st.first_seen) >= self._idle[mod]:
+                now_ns - last_seen.get(mod, st.first_seen) >= self._idle[mod] or \
+                (self.cfg.provisional and (mod == st.fast_blocker or st.fast_blocker is None)):
             self._dirty.add(sid)
         last_seen[mod] = now_ns
         wm = st.wm.get(mod)
@@ -495,6 +520,7 @@ class Aligner:
         for k in range(k_first, k_last + h, h):
             b = buckets.get(k) or st.open_bucket(k)
             b.recs[mod].append(rec)
+            b.version += 1
         b.retire.append(rec)  # b is the bucket of k_last
 
         if mod == "video":
@@ -754,6 +780,7 @@ class Aligner:
             if b is None:
                 continue
             _remove(b.recs[mod], rec)
+            b.version += 1
             if k == ks[-1]:
                 _remove(b.retire, rec)  # hold no reference to what was dropped
             if mod == "video":
@@ -782,12 +809,15 @@ class Aligner:
     # --- closing -----------------------------------------------------------------------
 
     def _close_ready(self, st: _Stream, now_ns: int, out: list[Window]) -> None:
-        idle, late = self._idle, self._late
+        idle, late, fast = self._idle, self._late, self.cfg.provisional
         last_seen, wms = st.last_seen, st.wm
-        limit: float = _INF  # min over waited-for expected modalities of watermark - lateness
-        blocker = None  # the modality whose next record can move the limit (None: the clock)
+        # min over waited-for expected modalities of watermark - lateness: over all of them
+        # (final windows) and over the fast ones (provisional windows)
+        limit: float = _INF
+        fast_limit: float = _INF
+        blocker = fast_blocker = None  # whose next record can move it (None: the clock)
+        blocked = fast_blocked = False
         due: float = _INF  # when to look again without a record
-        blocked = False
         for m in self._expected:
             seen = last_seen.get(m)
             if seen is None:
@@ -799,57 +829,74 @@ class Aligner:
                 if now_ns >= wait:
                     continue
                 blocked = True
+                fast_blocked |= m in fast
                 due = min(due, wait)
                 continue
             silent = now_ns - seen - idle[m]
+            by: Modality | None
             if silent > 0:
                 # silent past its deadline: the watermark moves on with the clock from where
                 # its last record left it (so a recogniser's lag is kept, and windows close
                 # one hop at a time rather than in a burst)
-                lim = wms[m] + silent - late[m]
-                if lim < limit:
-                    limit, blocker = lim, None
+                lim, by = wms[m] + silent - late[m], None
             else:
-                lim = wms[m] - late[m]
+                lim, by = wms[m] - late[m], m
                 due = min(due, seen + idle[m])
-                if lim < limit:
-                    limit, blocker = lim, m
+            if lim < limit:
+                limit, blocker = lim, by
+            if m in fast and lim < fast_limit:
+                fast_limit, fast_blocker = lim, by
         st.blocker = None if blocked else blocker
+        st.fast_blocker = None if fast_blocked else fast_blocker
+        w, h = self._w, self._h
         if not blocked:
             if limit == _INF:
                 # no expected modality to wait for (none of them ever came): close all
                 if st.buckets:
                     self._close_upto(st, sorted(st.buckets), None, out)
             else:
-                # the last window whose end <= limit
-                k_max = int((limit - self._w) // self._h * self._h)
+                k_max = int((limit - w) // h * h)  # the last window whose end <= limit
                 cb = st.closed_before
                 if cb is None or k_max >= cb:
                     ready = sorted(k for k in st.buckets if k <= k_max)
                     if ready:
                         self._close_upto(st, ready, None, out)
-                    self._advance(st, k_max + self._h)
+                    self._advance(st, k_max + h)
                 if blocker is None:
                     # the clock moves the limit: come back when it reaches the next window's end
-                    due = min(due, now_ns + int(k_max + self._h + self._w - limit))
+                    due = min(due, now_ns + int(k_max + h + w - limit))
+        if fast and not fast_blocked and fast_limit != _INF:
+            k_fast = int((fast_limit - w) // h * h)
+            done = max((x for x in (st.provisional_before, st.closed_before) if x is not None),
+                       default=None)
+            if done is None or k_fast >= done:
+                for k in sorted(k for k in st.buckets if k <= k_fast):
+                    b = st.buckets[k]
+                    if b.provisional is None:
+                        b.provisional = b.version
+                        out.append(self._build(st, k, b, self._closed_by(st, k, fast), False))
+                st.provisional_before = k_fast + h
+            if fast_blocker is None:
+                due = min(due, now_ns + int(k_fast + h + w - fast_limit))
         if due < st.due:
             st.due = int(due)
             heapq.heappush(self._due, (st.due, st.sid))
+
+    def _closed_by(self, st: _Stream, k: int, modalities: Iterable[Modality]) -> ClosedBy:
+        """WATERMARK when every one of ``modalities``' own watermark has passed the end of
+        window ``k`` plus its lateness, else DEADLINE (one was silent past its deadline)."""
+        end = k + self._w
+        for m in modalities:
+            wm = st.wm.get(m)
+            if wm is None or wm - self._late[m] < end:
+                return ClosedBy.DEADLINE
+        return ClosedBy.WATERMARK
 
     def _close_upto(self, st: _Stream, ready: list[int], closed_by: ClosedBy | None,
                     out: list[Window]) -> None:
         for k in ready:
             b = st.buckets.pop(k)
-            if closed_by is None:
-                why = ClosedBy.WATERMARK
-                end = k + self._w
-                for m in self.cfg.expected:
-                    wm = st.wm.get(m)
-                    if wm is None or wm - self._late[m] < end:
-                        why = ClosedBy.DEADLINE
-                        break
-            else:
-                why = closed_by
+            why = self._closed_by(st, k, self.cfg.expected) if closed_by is None else closed_by
             out.append(self._build(st, k, b, why))
             self._retire(st, b)
         self._advance(st, ready[-1] + self._h)
@@ -877,7 +924,10 @@ class Aligner:
 
     # --- building a window -------------------------------------------------------------
 
-    def _build(self, st: _Stream, k: int, b: _Bucket, closed_by: ClosedBy) -> Window:
+    def _build(self, st: _Stream, k: int, b: _Bucket, closed_by: ClosedBy,
+               final: bool = True) -> Window:
+        """Window ``k`` from its bucket: the final one, or a provisional one (the bucket
+        stays open and the stream's late count and window stats are left for the final)."""
         frames = b.recs["video"]
         frames.sort(key=_by_ts_seq)
         n = len(frames)
@@ -894,9 +944,9 @@ class Aligner:
 
         segs = b.recs["text"]
         segs.sort(key=_by_ts_seq)  # ts_ns of a segment is its start
-        if any(s.words for s in segs):
-            # a copy for the window: the bucket's list keeps the records as they came
-            segs = [_clip_words(s, k, k + self._w) if s.words else s for s in segs]
+        # a copy for the window: the bucket's list keeps the records as they came, and a
+        # provisional window's bucket stays open to more
+        segs = [_clip_words(s, k, k + self._w) if s.words else s for s in segs]
 
         present: dict[Modality, bool] = {"video": n > 0, "audio": have > 0, "text": bool(segs)}
         quality: dict[str, float | int | str] = {
@@ -909,13 +959,16 @@ class Aligner:
             "capped_audio_s": b.capped_audio_ns / NS_PER_S,
             "capped_segments": b.capped_segments,
         }
-        st.late_pending = 0
         stats = self.stats
-        stats["windows"] += 1
-        if closed_by is not ClosedBy.WATERMARK:
-            stats["windows_" + closed_by] += 1
-        if not all(present[m] for m in self.cfg.expected):
-            stats["windows_masked"] += 1
+        if final:
+            st.late_pending = 0
+            stats["windows"] += 1
+            if closed_by is not ClosedBy.WATERMARK:
+                stats["windows_" + closed_by] += 1
+            if not all(present[m] for m in self.cfg.expected):
+                stats["windows_masked"] += 1
+        else:
+            stats["provisional"] += 1
         return Window(
             stream_id=st.sid, start_ns=k, end_ns=k + self._w,
             frames=picked, frame_count=n,
@@ -923,6 +976,11 @@ class Aligner:
             segments=segs, present=present, quality=quality,
             provenance={m: [r.source for r in recs if r.source is not None]
                         for m, recs in b.recs.items()},
+            # the final's rev depends on the settings only, never on whether this worker
+            # emitted the provisional (a restarted one skips them while it catches up):
+            # (stream, window, rev) names the same record across a crash
+            rev=int(final and bool(self.cfg.provisional)), final=final,
+            unchanged=final and b.provisional == b.version,
         )
 
     def _assemble_audio(self, k: int, chunks: list[AudioChunk]) -> tuple[np.ndarray, np.ndarray]:

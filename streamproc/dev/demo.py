@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from streamproc.config import Settings
@@ -154,7 +154,8 @@ class WorkerProcess:
                 "--partitions", str(settings.partitions), "--model", str(model),
                 "--web-port", str(free_port()), "--metrics-port", str(settings.metrics_port),
                 "--data-dir", str(log_path.parent / "worker-state"),
-                "--window-ms", str(settings.window_ms), "--hop-ms", str(settings.hop_ms)]
+                "--window-ms", str(settings.window_ms), "--hop-ms", str(settings.hop_ms),
+                "--provisional-on", settings.provisional_on]
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -201,46 +202,77 @@ class Summary:
     scored: int
     correct: int
     duplicates: int
-    latency_total: list[float]
+    latency_total: list[float]  # window end -> its final prediction published
     latency_added: list[float]
+    latency_first: list[float] = field(default_factory=list)  # -> its first prediction
+    provisional_scored: int = 0
+    provisional_correct: int = 0
+    flips: int = 0  # windows whose final label differs from their provisional one
 
     def lines(self) -> list[str]:
-        acc = self.correct / self.scored if self.scored else float("nan")
-        return [
+        def pct(good: int, n: int) -> str:
+            return f"{good / n:.1%}" if n else "n/a"
+
+        out = [
             f"windows predicted: {self.windows} of {self.expected} expected "
             f"({self.duplicates} duplicate copies collapsed)",
-            f"accuracy: {acc:.1%} on {self.scored} windows that lie within one digit "
-            "(windows straddling two digits are not scored)",
-            f"latency, window end -> prediction published: p50 "
+            f"accuracy: {pct(self.correct, self.scored)} on {self.scored} windows that lie "
+            "within one digit (windows straddling two digits are not scored)",
+        ]
+        if self.provisional_scored:
+            out.append(
+                f"provisional predictions (before the transcript was complete): accuracy "
+                f"{pct(self.provisional_correct, self.provisional_scored)} on "
+                f"{self.provisional_scored} of those windows; the final label differs in "
+                f"{self.flips} of them ({pct(self.flips, self.provisional_scored)})")
+        out += [
+            f"latency, window end -> first prediction published: p50 "
+            f"{percentile(self.latency_first, 50):.0f} ms, p99 "
+            f"{percentile(self.latency_first, 99):.0f} ms",
+            f"latency, window end -> final prediction published: p50 "
             f"{percentile(self.latency_total, 50):.0f} ms, p99 "
             f"{percentile(self.latency_total, 99):.0f} ms",
             f"latency added after the window closed (queue + inference + publish): p50 "
             f"{percentile(self.latency_added, 50):.0f} ms, p99 "
             f"{percentile(self.latency_added, 99):.0f} ms",
         ]
+        return out
 
 
 def summarize(settings: Settings, clips: list, origin_ns: int, preds: list[Prediction],
               duplicates: int) -> Summary:
+    """``preds``: every revision read (provisional and final), each once."""
     from streamproc.ml.dataset import read_labels
 
     want = {(c.stream_id, s) for c in clips for s in expected_windows(settings, c, origin_ns)}
-    got = {p.key: p for p in preds}
-    scored = correct = 0
+    finals = {p.key: p for p in preds if p.final}
+    first: dict[tuple[str, int], Prediction] = {}
+    for p in preds:
+        if p.key not in first or p.emitted_at_ns < first[p.key].emitted_at_ns:
+            first[p.key] = p
+    provisional = {p.key: p for p in preds if not p.final}
+    scored = correct = p_scored = p_correct = flips = 0
     for c in clips:
         spans = read_labels(c.labels)
         for s in expected_windows(settings, c, origin_ns):
             truth = spans.label_for(c.stream_id, s, s + settings.window_ms * 1_000_000,
                                     origin_ns, min_overlap=1.0)
-            p = got.get((c.stream_id, s))
-            if truth is None or p is None:
+            f = finals.get((c.stream_id, s))
+            if truth is None or f is None:
                 continue
             scored += 1
-            correct += p.label == truth
-    return Summary(len(want & set(got)), len(want), scored, correct, duplicates,
-                   [p.latency_ms["total"] for p in preds if "total" in p.latency_ms],
+            correct += f.label == truth
+            pr = provisional.get((c.stream_id, s))
+            if pr is not None:
+                p_scored += 1
+                p_correct += pr.label == truth
+                flips += pr.label != f.label
+    return Summary(len(want & set(finals)), len(want), scored, correct, duplicates,
+                   [p.latency_ms["total"] for p in finals.values() if "total" in p.latency_ms],
                    [p.latency_ms["added"] + p.latency_ms.get("publish", 0.0)
-                    for p in preds if "added" in p.latency_ms])
+                    for p in preds if "added" in p.latency_ms],
+                   [p.latency_ms["total"] for p in first.values() if "total" in p.latency_ms],
+                   p_scored, p_correct, flips)
 
 
 def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layout | None = None,
@@ -253,7 +285,7 @@ def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layou
     from streamproc.capture.publisher import Publisher
     from streamproc.capture.sources import ReplaySpec, replay_many
     from streamproc.dev.localkafka import LocalBroker
-    from streamproc.readers import TABLE_HEADER, ConsumeStats, consume, format_json, format_row
+    from streamproc.readers import ConsumeStats, PredictionTable, consume, format_json
     from streamproc.topics import create_topics
 
     layout = layout or Layout(default_dir())
@@ -299,16 +331,20 @@ def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layou
                     + settings.lateness_text_ms / 1000)
         stats = ConsumeStats()
         preds: list[Prediction] = []
-        print(TABLE_HEADER, file=out, flush=True)
+        table = PredictionTable()
+        finals: set[tuple[str, int]] = set()
         jsonl = layout.logs / "predictions.jsonl"
         try:
             with open(jsonl, "w", encoding="utf-8") as f:
                 for p in consume(settings, follow=True, timeout_s=deadline, stats=stats):
                     preds.append(p)
-                    print(format_row(p), file=out, flush=True)
+                    for line in table.lines(p):
+                        print(line, file=out, flush=True)
                     f.write(format_json(p) + "\n")
-                    if want <= {q.key for q in preds}:
-                        break
+                    if p.final:
+                        finals.add(p.key)
+                        if want <= finals:
+                            break
         finally:
             stop.set()
             replayer.join(10)

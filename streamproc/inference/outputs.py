@@ -109,6 +109,17 @@ class SummaryOutput:
         await self._chain.drain(timeout=30)
 
 
+class _Provisional:
+    """A provisional prediction of a window whose final has not come yet."""
+
+    __slots__ = ("label", "published_ns", "scored")
+
+    def __init__(self, scored: asyncio.Future[Batched[Scored]]) -> None:
+        self.scored = scored
+        self.label: str | None = None
+        self.published_ns: int | None = None
+
+
 class InferenceOutput:
     """The output when a model is loaded: windows -> micro-batched model -> predictions.
 
@@ -118,6 +129,10 @@ class InferenceOutput:
     published with an empty label and the reason in ``quality["error"]`` (counted as
     ``inference_errors``) and the stream goes on.
     """
+
+    #: Provisional predictions remembered until their final (the oldest forgotten first: a
+    #: final that never comes, its partition revoked, must not hold memory for ever).
+    PROVISIONAL_KEPT = 65_536
 
     def __init__(self, predictor: Callable[[Sequence[Window]], Sequence[Scored]],
                  publish: Publish, *, model_info: Mapping[str, str], max_batch: int,
@@ -131,15 +146,25 @@ class InferenceOutput:
             predictor, max_batch, max_wait_ms, on_batch=self._on_batch)
         self._chain = StreamChain()
         self._last_publish_ms = 0.0
+        self._provisional: dict[tuple[str, int], _Provisional] = {}
 
     async def start(self) -> None:
         await self.batcher.start()
 
     def submit(self, window: Window) -> Awaitable[None]:
+        """Score and publish a window. A final window with nothing added since its
+        provisional one reuses the provisional's scores (no second model call)."""
         closed_ns = time.time_ns()
-        scored = self.batcher.submit(window)
+        earlier = self._provisional.pop(window.key, None) if window.final else None
+        reused = earlier is not None and window.unchanged
+        scored = earlier.scored if earlier is not None and reused else \
+            self.batcher.submit(window)
+        if not window.final:
+            if len(self._provisional) >= self.PROVISIONAL_KEPT:
+                del self._provisional[next(iter(self._provisional))]
+            earlier = self._provisional[window.key] = _Provisional(scored)
         return self._chain.start(window.stream_id, lambda previous: self._finish(
-            window, scored, closed_ns, previous))
+            window, scored, closed_ns, previous, earlier, reused))
 
     async def stop(self) -> None:
         await self._chain.drain(timeout=30)
@@ -151,11 +176,15 @@ class InferenceOutput:
             self.metrics.inference_seconds.observe(compute_ms / 1000)
 
     async def _finish(self, window: Window, fut: asyncio.Future[Batched[Scored]],
-                      closed_ns: int, previous: asyncio.Future[None] | None) -> None:
+                      closed_ns: int, previous: asyncio.Future[None] | None,
+                      provisional: _Provisional | None, reused: bool) -> None:
         quality_extra: dict[str, str] = {}
         try:
             done = await fut
             scored, queue_ms, compute_ms = done.result, done.queue_ms, done.compute_ms
+            if reused:  # computed for the provisional: this final cost no model time
+                scored = Scored(scored.label, scored.scores, 0.0, 0.0)
+                queue_ms = compute_ms = 0.0
         except Exception as batch_error:
             t0 = time.perf_counter()
             try:
@@ -175,7 +204,7 @@ class InferenceOutput:
         emitted_ns = time.time_ns()
         pred = summary_prediction(
             window, label=scored.label, scores=scored.scores, model=self.model_info,
-            emitted_at_ns=emitted_ns,
+            emitted_at_ns=emitted_ns, reused=reused,
             latency_ms={"close": round((closed_ns - window.end_ns) / 1e6, 3),
                         "queue": round(queue_ms, 3), "inference": round(compute_ms, 3),
                         "preprocess": round(scored.preprocess_ms, 3),
@@ -189,9 +218,22 @@ class InferenceOutput:
         t_pub = time.perf_counter()
         await self.publish(rec)
         publish_ms = self._last_publish_ms = (time.perf_counter() - t_pub) * 1000
+        now = time.time_ns()
+        if not window.final and provisional is not None:
+            provisional.label, provisional.published_ns = scored.label, now
         if self.metrics is not None:
-            now = time.time_ns()
-            self.metrics.added_latency_seconds.observe((now - closed_ns) / 1e9)
-            self.metrics.e2e_latency_seconds.observe((now - window.end_ns) / 1e9)
+            m = self.metrics
+            m.added_latency_seconds.observe((now - closed_ns) / 1e9)
+            if not window.final:
+                m.provisional_latency_seconds.observe((now - window.end_ns) / 1e9)
+            else:
+                m.e2e_latency_seconds.observe((now - window.end_ns) / 1e9)
+                if provisional is not None and provisional.published_ns is not None:
+                    m.provisional_to_final_seconds.observe(
+                        (now - provisional.published_ns) / 1e9)
+                    if provisional.label != scored.label:
+                        m.counters.inc("label_flips")
+                if reused:
+                    m.counters.inc("predictions_reused")
         log.debug("window %s@%d -> %s (publish %.1f ms)", window.stream_id, window.start_ns,
                   scored.label, publish_ms)

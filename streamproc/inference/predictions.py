@@ -56,8 +56,12 @@ def summary_prediction(window: Window, *, label: str = "",
                        scores: Mapping[str, float] | None = None,
                        model: Mapping[str, str] = ALIGN_ONLY_MODEL,
                        latency_ms: Mapping[str, float] | None = None,
-                       emitted_at_ns: int | None = None) -> wire.Prediction:
+                       emitted_at_ns: int | None = None,
+                       reused: bool = False) -> wire.Prediction:
     """A Prediction for a window; the align-only output leaves label and scores empty.
+
+    The window's ``rev`` and ``final`` say which revision this is; ``reused``: the
+    scores are its provisional's, the model was not called again.
 
     ``latency_ms`` always has ``total`` (window end in event time -> emitted, wall clock)
     and ``capture_to_worker_<modality>`` (the stream's newest record of that modality:
@@ -69,7 +73,8 @@ def summary_prediction(window: Window, *, label: str = "",
     lat["total"] = round((now - window.end_ns) / 1e6, 3)
     lat.update(latency_ms or {})
     return wire.Prediction(label=label, scores=dict(scores or {}), model=dict(model),
-                           emitted_at_ns=now, latency_ms=lat, **window_summary(window))
+                           emitted_at_ns=now, latency_ms=lat, rev=window.rev,
+                           final=window.final, reused=reused, **window_summary(window))
 
 
 def prediction_record(pred: wire.Prediction, headers: wire.Headers = ()) -> wire.KafkaRecord:

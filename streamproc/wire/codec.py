@@ -672,7 +672,14 @@ def _word_field(item: dict, i: int, name: str, kind: type, what: str) -> Any:
 
 @dataclass(slots=True)
 class Prediction:
-    """One window's result. ``(stream_id, window_start_ns)`` identifies it uniquely."""
+    """One window's result; ``(stream_id, window_start_ns, rev)`` identifies the record.
+
+    A window may get a *provisional* prediction (``final`` False, ``rev`` 0) before its
+    *final* one (``rev`` 1 after a provisional, else 0); later revisions of a final count
+    up from there. ``reused``: a final whose scores repeat its provisional's because
+    nothing was added since (the model was not called again). The three default to a
+    final rev 0, so records written before they existed decode as what they were.
+    """
 
     stream_id: str
     window_start_ns: int
@@ -685,10 +692,19 @@ class Prediction:
     latency_ms: dict[str, float] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, list] = field(default_factory=dict)
+    rev: int = 0
+    final: bool = True
+    reused: bool = False
 
     @property
     def key(self) -> tuple[str, int]:
+        """The window this prediction is for (every revision of it shares the key)."""
         return (self.stream_id, self.window_start_ns)
+
+    @property
+    def revision_key(self) -> tuple[str, int, int]:
+        """One prediction record: a replayed copy of a revision has the same one."""
+        return (self.stream_id, self.window_start_ns, self.rev)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -699,11 +715,13 @@ _PRED_REQUIRED = {"stream_id": str, "window_start_ns": int, "window_end_ns": int
 
 
 def encode_prediction(p: Prediction) -> KafkaRecord:
+    """Prediction -> record; ``sp-ts`` and ``sp-rev`` let tools see which record it is
+    without parsing the JSON."""
     return KafkaRecord(
         key=p.stream_id.encode("utf-8"),
         value=json.dumps(p.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
         headers=(_VERSION_HEADER, ("sp-mod", b"prediction"),
-                 ("sp-ts", _h(p.window_start_ns))),
+                 ("sp-ts", _h(p.window_start_ns)), ("sp-rev", _h(p.rev))),
         timestamp_ms=p.window_start_ns // 1_000_000,
     )
 
@@ -718,6 +736,14 @@ def decode_prediction(rec: KafkaRecord) -> Prediction:
     for name, kind in _PRED_REQUIRED.items():
         if not isinstance(obj.get(name), kind) or (kind is int and isinstance(obj[name], bool)):
             raise WireError(f"prediction field {name!r} must be {kind.__name__}")
+    # optional: absent in records written before revisions existed (a final rev 0)
+    rev = obj.get("rev", 0)
+    if not isinstance(rev, int) or isinstance(rev, bool) or not 0 <= rev <= INT64_MAX:
+        raise WireError(f"prediction field 'rev' must be a non-negative int, got {rev!r:.40}")
+    for name in ("final", "reused"):
+        if name in obj and not isinstance(obj[name], bool):
+            raise WireError(f"prediction field {name!r} must be true or false, "
+                            f"got {obj[name]!r:.40}")
     known = {k: obj[k] for k in Prediction.__dataclass_fields__ if k in obj}
     return Prediction(**known)
 

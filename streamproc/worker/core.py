@@ -523,10 +523,24 @@ class WorkerCore:
         """Hand closed windows to the output, then tell the ledger how far each stream closed
         (records needed only by windows that closed empty are free once earlier ones are
         published)."""
+        replaying = None
         for w in windows:
             for m in MODALITIES:
                 if (w.stream_id, m) in self.ingest_ns:
                     w.ingest_ms[m] = round(self.ingest_ns[(w.stream_id, m)] / 1e6, 3)
+            if not w.final:
+                # A provisional window acks nothing and records no progress: a crash can
+                # only publish it again (the same rev), never lose a final. While the
+                # partition replays its backlog after a resume it is skipped: those windows
+                # had theirs before, and their finals follow at once.
+                if replaying is None:
+                    replaying = self.gate.catching_up(partition)
+                if replaying:
+                    self.counters.inc("provisional_skipped")
+                    continue
+                self.counters.inc("windows_provisional")
+                asyncio.ensure_future(self.submit(w)).add_done_callback(self._provisional_sent)
+                continue
             ticket = self.ledger.window_started(w.stream_id, w.start_ns, partition)
             self.counters.inc("windows_emitted")
             for m, ok in w.present.items():
@@ -577,6 +591,14 @@ class WorkerCore:
         self._queue_acks(done.acks, waits)
         if self.ledger.inflight() < MAX_INFLIGHT_WINDOWS:
             self._room.set()
+
+    def _provisional_sent(self, fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:  # the output is broken: its finals would fail the same way
+            log.error("could not publish a provisional window: %r", exc)
+            self.crash(exc)
 
     def _internal_error(self, event: Consumed, rec: wire.KafkaRecord, stage: str,
                         exc: Exception) -> None:

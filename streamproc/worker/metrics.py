@@ -107,7 +107,15 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r)
         self.e2e_latency_seconds = Histogram(
             "streamproc_end_to_end_latency_seconds",
-            "Window end (event time) -> prediction published (wall clock).",
+            "Window end (event time) -> final prediction published (wall clock).",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.provisional_latency_seconds = Histogram(
+            "streamproc_provisional_latency_seconds",
+            "Window end (event time) -> provisional prediction published (wall clock).",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.provisional_to_final_seconds = Histogram(
+            "streamproc_provisional_to_final_seconds",
+            "A window's provisional prediction published -> its final one published.",
             buckets=LATENCY_BUCKETS, registry=r)
         self.consumer_lag = Gauge("streamproc_consumer_lag",
                                   "Records between the committed offset and the log end.",

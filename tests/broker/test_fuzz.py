@@ -68,7 +68,8 @@ def provenance(settings: Settings, preds: list[dict]) -> set[tuple[str, int, int
 
 
 def predictions(reads: list[Read]) -> list[dict]:
-    return [json.loads(r.value) for r in reads]
+    """The final predictions (a provisional one only repeats some of its final's records)."""
+    return [b for b in (json.loads(r.value) for r in reads) if b.get("final", True)]
 
 
 def judge_split(split: list[Sent], used: set[tuple[str, int, int]], n: int) -> list[str]:

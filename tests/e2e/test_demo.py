@@ -27,12 +27,18 @@ def test_demo_predicts_every_window_of_its_clips_and_summarises(settings: Settin
     summary = next(line for line in lines if line.startswith("windows predicted:"))
     done, expected = (int(x) for x in summary.split()[2:5:2])
     assert done == expected > 0
-    preds = [json.loads(x) for x in (layout.logs / "predictions.jsonl").read_text().splitlines()]
+    every = [json.loads(x) for x in (layout.logs / "predictions.jsonl").read_text().splitlines()]
+    preds = [p for p in every if p["final"]]
     keys = [(p["stream_id"], p["window_start_ns"]) for p in preds]
     assert len(keys) == len(set(keys)) == expected
     assert {p["stream_id"] for p in preds} == {"cam1", "cam2"}
-    assert all(p["label"] and p["model"]["name"] for p in preds)
+    assert all(p["label"] and p["model"]["name"] for p in every)
     assert any(line.startswith("accuracy:") for line in lines)
+    # provisional predictions first (table rows tagged P), their finals after
+    provisional = [p for p in every if not p["final"]]
+    assert provisional and any(" P " in line for line in lines)
+    assert any(line.startswith("provisional predictions (before the transcript") for line in lines)
+    assert any(line.startswith("latency, window end -> first prediction") for line in lines)
     # the clip files it replayed, and the cached model a second run reuses
     assert (layout.clips / "cam1.avi").stat().st_size > 0
     assert (layout.model / "recipe.sha256").exists()

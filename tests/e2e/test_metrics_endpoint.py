@@ -67,8 +67,9 @@ def test_worker_metrics_endpoint_matches_what_was_sent(
             stop.set()
             t.join(10)
         expected = oracle_windows(settings, records)
-        preds = read_predictions(settings, set(expected),
-                                 timeout=settings.idle_deadline_text_ms / 1000 + 40)
+        every = read_predictions(settings, set(expected),
+                                 timeout=settings.idle_deadline_text_ms / 1000 + 40,
+                                 finals_only=False)
         # every window has closed: now a frame for the first windows is late
         late = wire.VideoFrame.from_image("m1", origin + 200 * MS, 90_002,
                                           np.zeros((64, 64, 3), np.uint8))
@@ -99,8 +100,11 @@ def test_worker_metrics_endpoint_matches_what_was_sent(
     for m in ("video", "audio", "text"):
         assert value(final, "streamproc_events_in_total", modality=m) == sent[m], m
     # windows, and the modalities they were missing
-    n = len(expected)
+    preds = [p for p in every if p.final]
+    provisional = {p.key: p for p in every if not p.final}
+    n, n_p = len(expected), len(provisional)
     assert {p.key for p in preds} == set(expected) and len(preds) == n
+    assert 0 < n_p == len(every) - n and set(provisional) <= set(expected)
     assert value(final, "streamproc_windows_emitted_total") == n
     assert value(final, "streamproc_windows_published_total") == n
     for m in ("video", "audio", "text"):
@@ -113,23 +117,34 @@ def test_worker_metrics_endpoint_matches_what_was_sent(
     assert value(final, "streamproc_decode_errors_total", modality="video") == 1
     assert value(final, "streamproc_decode_errors_total", modality="audio") == 1
     assert value(final, "streamproc_late_total", modality="video") == 1
-    # batches: every window in exactly one batch, none over the maximum
+    # batches: every window in exactly one batch, none over the maximum; a provisional
+    # one too, and its final again unless nothing changed (then its scores are reused)
+    reused = sum(p.body["reused"] for p in preds)
+    flips = sum(provisional[p.key].body["label"] != p.body["label"]
+                for p in preds if p.key in provisional)
+    assert value(final, "streamproc_predictions_reused_total") == reused
+    assert value(final, "streamproc_label_flips_total") == flips
+    assert value(final, "streamproc_windows_provisional_total") == n_p
     batches = value(final, "streamproc_batch_size_count")
-    assert 1 <= batches <= n
-    assert value(final, "streamproc_batch_size_sum") == n
+    assert 1 <= batches <= n + n_p - reused
+    assert value(final, "streamproc_batch_size_sum") == n + n_p - reused
     assert value(final, "streamproc_batch_size_bucket", le=f"{settings.batch_size:.1f}") == batches
     assert value(final, "streamproc_inference_seconds_count") == batches
     assert value(final, "streamproc_inference_seconds_sum") > 0
-    # latencies: one observation per window; end-to-end minus added is the time each
-    # window waited to close, which its prediction reports
-    assert value(final, "streamproc_added_latency_seconds_count") == n
+    # latencies: one observation per prediction (end-to-end: per final, provisional: per
+    # provisional one); window end -> published minus added is the time each window
+    # waited to close, which its prediction reports
+    assert value(final, "streamproc_added_latency_seconds_count") == n + n_p
     assert value(final, "streamproc_end_to_end_latency_seconds_count") == n
+    assert value(final, "streamproc_provisional_latency_seconds_count") == n_p
+    assert value(final, "streamproc_provisional_to_final_seconds_count") == n_p
     added = value(final, "streamproc_added_latency_seconds_sum")
-    e2e = value(final, "streamproc_end_to_end_latency_seconds_sum")
-    close_s = sum(p.body["latency_ms"]["close"] for p in preds) / 1000
-    assert e2e - added == pytest.approx(close_s, abs=1e-4 * n)
+    e2e = value(final, "streamproc_end_to_end_latency_seconds_sum") + \
+        value(final, "streamproc_provisional_latency_seconds_sum")
+    close_s = sum(p.body["latency_ms"]["close"] for p in every) / 1000
+    assert e2e - added == pytest.approx(close_s, abs=1e-4 * (n + n_p))
     # observed after the publish returned, so at least what the predictions say
-    assert added >= sum(p.body["latency_ms"]["added"] for p in preds) / 1000 - 1e-5 * n
+    assert added >= sum(p.body["latency_ms"]["added"] for p in every) / 1000 - 1e-5 * len(every)
     # scraped while the clips played: counts growing, lag never negative
     ins = [value(s, "streamproc_events_in_total", modality="video") for s in during]
     assert len(during) >= 4 and 0 < max(ins) < sent["video"]

@@ -51,7 +51,7 @@ from worker_helpers import (
 
 from streamproc import kafka
 from streamproc.config import Settings
-from streamproc.dev.demo import expected_windows, summarize
+from streamproc.dev.demo import expected_windows, percentile, summarize
 from streamproc.dev.localkafka import free_port
 from streamproc.inference.predictor import Predictor
 from streamproc.readers import ConsumeStats, consume
@@ -70,7 +70,8 @@ class LiveRun:
     clips: list
     origin: int
     expected: dict
-    preds: list[Pred]
+    preds: list[Pred]  # the final predictions
+    provisional: list[Pred]
     bad: list[Bad]
     dead: list[wire.DeadLetter]
     log: str
@@ -110,10 +111,12 @@ def live(kafka_bootstrap: str, tiny_model: Path, avdigits_tts: Path,
         read_all(settings, settings.topic("deadletter"), lambda m: len(m) >= len(bad), 20)
         assert worker.stop() == 0, worker.log()[-3000:]
         # read again after a clean stop: anything extra (it must not be) shows up too
-        preds = read_everything(settings)
+        everything = read_everything(settings)
         dead = [wire.decode_dead_letter(wire.KafkaRecord.from_client(m))
                 for m in read_all(settings, settings.topic("deadletter"), lambda m: False, 2)]
-        return LiveRun(worker_settings, clips, origin, expected, preds, bad, dead, worker.log())
+        return LiveRun(worker_settings, clips, origin, expected,
+                       [p for p in everything if p.final], [p for p in everything if not p.final],
+                       bad, dead, worker.log())
     finally:
         worker.abandon()
 
@@ -178,6 +181,38 @@ def test_labels_are_the_models_and_mostly_right(live: LiveRun, tiny_model: Path)
                         0)
     assert (summary.windows, summary.expected) == (len(live.expected), len(live.expected))
     assert (summary.scored, summary.correct) == (len(truth), correct)
+
+
+def test_provisional_predictions_come_first_and_every_window_ends_final(live: LiveRun) -> None:
+    """With the default ``provisional_on=video,audio``, windows get a provisional
+    prediction (rev 0) when video and audio are complete, before their transcript is;
+    each window's final (rev 1) comes after it. A final with nothing added since repeats
+    the provisional's scores, marked reused."""
+    finals = {p.key: p.body for p in live.preds}
+    provisional = {p.key: p.body for p in live.provisional}
+    assert len(provisional) == len(live.provisional)  # one each
+    assert provisional and set(provisional) <= set(finals)
+    assert len(provisional) >= len(finals) // 2
+    reused = 0
+    for key, pb in provisional.items():
+        fb = finals[key]
+        assert (pb["rev"], pb["final"], fb["rev"], fb["final"]) == (0, False, 1, True)
+        assert pb["emitted_at_ns"] < fb["emitted_at_ns"], key
+        assert pb["latency_ms"]["total"] < fb["latency_ms"]["total"], key
+        assert pb["modalities"]["text"]["segments"] <= fb["modalities"]["text"]["segments"]
+        if fb["reused"]:
+            reused += 1
+            assert fb["scores"] == pb["scores"] and fb["label"] == pb["label"]
+            assert fb["latency_ms"]["inference"] == 0.0
+    assert all(b["rev"] == 1 for b in finals.values())
+    print(f"{len(provisional)} provisional predictions for {len(finals)} windows, "
+          f"{reused} finals reused their scores")
+    summary = summarize(live.settings, live.clips, live.origin,
+                        [wire.decode_prediction(wire.KafkaRecord(None, json.dumps(p.body)
+                                                                 .encode()))
+                         for p in live.preds + live.provisional], 0)
+    assert summary.provisional_scored > 0
+    assert percentile(summary.latency_first, 50) < percentile(summary.latency_total, 50)
 
 
 def test_latency_breakdown_is_complete_and_adds_up(live: LiveRun) -> None:
@@ -287,13 +322,18 @@ def test_kill_9_and_restart_every_window_once_for_a_consumer(
             assert v == pytest.approx(b.body["scores"][lab], abs=1e-3)
     print(f"kill -9: {len(by_key)} windows, {producers} copies, {len(dups)} duplicated")
 
-    # the consumer API and the CLI collapse the duplicates: each key exactly once
+    # the consumer API and the CLI collapse the duplicates: each final exactly once, and
+    # each (window, rev) once however the crash fell between a provisional and its final
+    finals = [p for p in preds if p.final]
     stats = ConsumeStats()
-    keys = [p.key for p in consume(settings, stats=stats)]
+    keys = [p.key for p in consume(settings, stats=stats, finals_only=True)]
     assert sorted(keys) == sorted(expected)
-    assert (stats.duplicates, stats.conflicting) == (len(preds) - len(by_key), 0)
+    assert (stats.duplicates, stats.conflicting) == (len(finals) - len(by_key), 0)
+    revisions = [p.revision_key for p in consume(settings)]
+    assert len(revisions) == len(set(revisions)) == len({p.revision_key for p in preds})
+    assert any(not p.final for p in preds)
     out = subprocess.run([sys.executable, "-m", "streamproc.cli", "consume", "--json",
-                          "--bootstrap-servers", settings.bootstrap_servers,
+                          "--finals", "--bootstrap-servers", settings.bootstrap_servers,
                           "--topic-prefix", settings.topic_prefix],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -304,7 +344,7 @@ def test_kill_9_and_restart_every_window_once_for_a_consumer(
 
     # and every label, the replayed windows' too, is the checkpoint's on the oracle's window
     _, offline = offline_scores(tiny_model, expected)
-    for p in preds:
+    for p in finals:
         assert same_label(p.body, offline[p.key]), p.key
 
 
@@ -332,7 +372,7 @@ def test_backlog_keeps_window_order_and_names_its_writer(
     workers = [worker]
     try:
         msgs = read_all(settings, settings.topic("predictions"),
-                        lambda ms: set(expected) <= {pred_of(m).key for m in ms},
+                        lambda ms: set(expected) <= {p.key for p in map(pred_of, ms) if p.final},
                         timeout=settings.idle_deadline_text_ms / 1000 + 90)
         (served,) = worker.wait_for(r"serving model (\S+ version \S+) from \S+ on (\S+)")
         other = settings.replace(app_id=f"{settings.app_id}-b", model="",
@@ -347,10 +387,11 @@ def test_backlog_keeps_window_order_and_names_its_writer(
         for w in workers:
             w.abandon()
 
-    starts: dict[str, list[int]] = {}
+    starts: dict[str, list[int]] = {}  # finals; provisional ones come between them
     for m in sorted(msgs, key=lambda m: m.offset):
         body = json.loads(m.value)
-        starts.setdefault(body["stream_id"], []).append(body["window_start_ns"])
+        if body["final"]:
+            starts.setdefault(body["stream_id"], []).append(body["window_start_ns"])
     assert {(sid, s) for sid, ss in starts.items() for s in ss} == set(expected)
     for sid, ss in starts.items():
         assert ss == sorted(set(ss)), f"{sid}: windows published out of order"

@@ -3,7 +3,8 @@
 One record must not make a stream's real data late or multiply the work (spans, how far it
 moves a watermark), a producer that restarts its sequence numbers must not lose records,
 and a stream that went quiet must not keep its state forever. The aligner runs with the
-settings' defaults (AlignConfig.from_settings) unless a test says otherwise.
+settings' defaults (AlignConfig.from_settings, final windows only) unless a test says
+otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ T0 = 1_800_000_000 * S  # hop-aligned; the wall clock is event time in these tes
 
 
 def defaults(**changes) -> Aligner:
-    return Aligner(AlignConfig.from_settings(Settings(**changes)))
+    """The settings' defaults, final windows only (provisional ones have their own tests)."""
+    return Aligner(AlignConfig.from_settings(Settings(**{"provisional_on": ""} | changes)))
 
 
 def live(a: Aligner, t0: int, t1: int, sid: str, seqs: dict, outcomes: list,

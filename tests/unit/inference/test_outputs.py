@@ -205,3 +205,29 @@ def test_stream_chain_forgets_a_stream_once_its_last_step_is_done() -> None:
     seen, a, chain = asyncio.run(main())
     assert seen == [None, a, None]
     assert not chain.pending
+
+
+def test_provisional_then_final_reuses_the_scores_when_nothing_changed() -> None:
+    """Each window: a provisional prediction, then its final. An unchanged final repeats
+    the provisional's scores without a model call; a changed one is scored again, and a
+    label that differs from the provisional's counts as a flip."""
+    import dataclasses as dc
+
+    same_p = dc.replace(_window("a", 0), rev=0, final=False)
+    same_f = dc.replace(_window("a", 0), rev=1, final=True, unchanged=True)
+    flip_p = dc.replace(_window("a", 1, "three"), rev=0, final=False)
+    flip_f = dc.replace(_window("a", 1, "eight"), rev=1, final=True, unchanged=False)
+    published, metrics, fn = _run_inference([same_p, flip_p, same_f, flip_f])
+    preds = [wire.decode_prediction(r) for r in published]
+    assert [(p.window_start_ns, p.rev, p.final, p.reused, p.label) for p in preds] == [
+        (same_p.start_ns, 0, False, False, "seven"), (flip_p.start_ns, 0, False, False, "three"),
+        (same_f.start_ns, 1, True, True, "seven"), (flip_f.start_ns, 1, True, False, "eight")]
+    assert sum(fn.batches) == 3  # the unchanged final was not scored again
+    reused = preds[2]
+    assert reused.scores == preds[0].scores and reused.latency_ms["inference"] == 0.0
+    c = metrics.counters
+    assert c.get("label_flips") == 1 and c.get("predictions_reused") == 1
+    r = metrics.registry
+    assert r.get_sample_value("streamproc_provisional_to_final_seconds_count") == 2
+    assert r.get_sample_value("streamproc_provisional_latency_seconds_count") == 2
+    assert r.get_sample_value("streamproc_end_to_end_latency_seconds_count") == 2

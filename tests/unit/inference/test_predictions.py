@@ -96,3 +96,17 @@ def test_prediction_headers_name_the_group_the_model_and_the_window_settings() -
     assert "lateness_text_ms=4000" in window and window.endswith(",frames_per_window=6")
     assert headers["sp-window"] != dict(prediction_headers(
         settings.replace(hop_ms=500), ALIGN_ONLY_MODEL))["sp-window"]
+
+
+def test_summary_prediction_says_which_revision_it_is() -> None:
+    w = _window()
+    plain = summary_prediction(w, emitted_at_ns=0)
+    assert (plain.rev, plain.final, plain.reused) == (0, True, False)
+    w.rev, w.final = 0, False
+    provisional = summary_prediction(w, emitted_at_ns=0)
+    assert (provisional.rev, provisional.final, provisional.reused) == (0, False, False)
+    w.rev, w.final = 1, True
+    final = summary_prediction(w, emitted_at_ns=0, reused=True)
+    assert (final.rev, final.final, final.reused) == (1, True, True)
+    assert final.revision_key == ("s", 0, 1) and final.key == provisional.key
+    assert decode_prediction(encode_prediction(final)) == final

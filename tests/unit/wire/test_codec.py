@@ -136,11 +136,63 @@ def test_jpeg_frame_decodes_close_to_source_and_png_exactly() -> None:
     model=st.fixed_dictionaries({"name": st.text(max_size=10), "version": st.text(max_size=5)}),
     emitted_at_ns=times,
     latency_ms=st.dictionaries(st.sampled_from(["queue", "inference"]), st.floats(0, 1e4)),
+    rev=st.integers(0, 2**40), final=st.booleans(), reused=st.booleans(),
 ))
 def test_predictions_round_trip(p: Prediction) -> None:
     kr = wire.encode_prediction(p)
     assert kr.key == p.stream_id.encode()
-    assert wire.decode_prediction(kr) == p
+    assert kr.header("sp-rev") == str(p.rev).encode()
+    back = wire.decode_prediction(kr)
+    assert back == p
+    assert back.revision_key == (p.stream_id, p.window_start_ns, p.rev)
+    assert back.key == (p.stream_id, p.window_start_ns)
+
+
+def _prediction_json(**changes: object) -> dict:
+    obj = wire.Prediction("cam", 0, 10, "7", {"7": 1.0}, {"missing": []},
+                          {"name": "m", "version": "1"}, 5).to_json()
+    obj.update(changes)
+    return obj
+
+
+def _prediction_record(obj: dict) -> KafkaRecord:
+    return KafkaRecord(b"cam", json.dumps(obj).encode())
+
+
+def test_prediction_revision_fields_are_on_the_wire() -> None:
+    p = wire.Prediction("cam", 0, 10, "7", {"7": 1.0}, {}, {}, 5, rev=1, final=True,
+                        reused=True)
+    kr = wire.encode_prediction(p)
+    obj = json.loads(kr.value or b"")
+    assert (obj["rev"], obj["final"], obj["reused"]) == (1, True, True)
+    assert dict(kr.headers)["sp-rev"] == b"1" and dict(kr.headers)["sp-ts"] == b"0"
+    provisional = wire.Prediction("cam", 0, 10, "3", {"3": 0.6}, {}, {}, 4, final=False)
+    assert wire.decode_prediction(wire.encode_prediction(provisional)).final is False
+
+
+def test_predictions_written_before_revisions_decode_as_final_rev_0() -> None:
+    obj = _prediction_json()
+    for name in ("rev", "final", "reused"):
+        del obj[name]
+    p = wire.decode_prediction(_prediction_record(obj))  # no sp-rev header either
+    assert (p.rev, p.final, p.reused) == (0, True, False)
+    assert p.revision_key == ("cam", 0, 0)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"rev": -1}, r"'rev' must be a non-negative int, got -1"),
+    ({"rev": True}, r"'rev' must be a non-negative int, got True"),
+    ({"rev": 1.0}, r"'rev' must be a non-negative int, got 1\.0"),
+    ({"rev": "1"}, r"'rev' must be a non-negative int, got '1'"),
+    ({"rev": None}, r"'rev' must be a non-negative int, got None"),
+    ({"rev": 2**63}, r"'rev' must be a non-negative int"),
+    ({"final": 1}, r"'final' must be true or false, got 1"),
+    ({"final": "yes"}, r"'final' must be true or false, got 'yes'"),
+    ({"reused": None}, r"'reused' must be true or false, got None"),
+])
+def test_bad_prediction_revision_fields_are_wire_errors(changes: dict, message: str) -> None:
+    with pytest.raises(WireError, match=message):
+        wire.decode_prediction(_prediction_record(_prediction_json(**changes)))
 
 
 @SETTINGS

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from streamproc.config import Settings
-from streamproc.testing import MS, FakeAck, ListOutput, ManualClock, S, consumed, frame
+from streamproc.testing import MS, FakeAck, ListOutput, ManualClock, S, consumed, frame, segment
 from streamproc.wire.codec import KafkaRecord, decode_dead_letter
 from streamproc.worker import core as core_module
 from streamproc.worker.core import WorkerCore
@@ -33,11 +33,11 @@ class Harness:
 
     def __init__(self, partitions: tuple[int, ...] = (0,), *, hold_windows: bool = False,
                  hold_dead_letters: bool = False, progress: dict[str, int] | None = None,
-                 stream_expiry_ms: int = 0) -> None:
+                 stream_expiry_ms: int = 0, **changes: Any) -> None:
         self.settings = Settings(topic_prefix="p", window_ms=1000, hop_ms=1000,
                                  lateness_video_ms=0, idle_deadline_video_ms=1000,
                                  expected_modalities="video",
-                                 stream_expiry_ms=stream_expiry_ms)
+                                 stream_expiry_ms=stream_expiry_ms).replace(**changes)
         self.clock = ManualClock(T0)
         self.out = ListOutput(hold=hold_windows)
         self.hold_dead_letters = hold_dead_letters
@@ -466,5 +466,48 @@ def test_every_accepted_frame_and_only_those_is_handed_on_for_early_decoding() -
         h.frame(4, 200)  # late
         await settle()
         assert [(f.seq, f.ts_ns) for f in seen] == [(0, T0 + 100 * MS), (3, T0 + 1500 * MS)]
+
+    run(main())
+
+
+def test_a_provisional_window_acks_nothing_and_its_final_acks_the_records() -> None:
+    """Video is fast, text slow: the provisional goes out when video passed the window;
+    the records are acked only once the final is published."""
+    async def main() -> None:
+        h = Harness(hold_windows=True, expected_modalities="video,text",
+                    provisional_on="video", lateness_text_ms=2000)
+        h.frame(0, 100)
+        h.core.on_record(consumed(segment("cam", 0, T0, T0 + 500 * MS), "p.text", 0, 0))
+        h.frame(1, 1100)  # video passed [0 s, 1 s): its provisional
+        await settle()
+        (p,) = h.out.windows
+        assert (p.final, p.rev, p.start_ns) == (False, 0, T0)
+        h.out.publish()
+        await settle()
+        assert h.acks == [] and h.progress == []  # a provisional acks nothing
+        h.core.on_record(consumed(segment("cam", 1, T0 + 2 * S, T0 + 3100 * MS), "p.text",
+                                  0, 1))  # text passed [0 s, 1 s) + 2 s lateness
+        await settle()
+        f = h.out.windows[-1]
+        assert (f.final, f.rev, f.unchanged) == (True, 1, True)
+        h.out.publish()
+        await settle()
+        assert h.progress == [("cam", T0)] and h.offsets() == [0]
+        assert ("p.text", 0, 0) in h.acks
+        assert h.core.counters.get("windows_provisional") == 1
+
+    run(main())
+
+
+def test_provisional_windows_are_skipped_while_a_partition_replays_its_backlog() -> None:
+    async def main() -> None:
+        h = Harness(partitions=(), expected_modalities="video,text", provisional_on="video")
+        tps = [(h.settings.topic(m), 0) for m in ("video", "audio", "text")]
+        h.core.on_assigned(tps)
+        h.core.on_resume(dict.fromkeys(tps, 0), {tps[0]: 5})  # 5 video records to replay
+        h.frame(0, 100)
+        h.frame(1, 1100)
+        await settle()
+        assert h.out.windows == [] and h.core.counters.get("provisional_skipped") == 1
 
     run(main())
