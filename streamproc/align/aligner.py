@@ -440,7 +440,7 @@ class Aligner:
         self.stats: dict[str, int | float] = dict.fromkeys(
             ("accepted", "duplicates", "late", "late_partial", "late_windows_missed", "replayed",
              "capped", "capped_frames", "capped_segments", "too_long", "future", "ahead",
-             "expired", "windows", "provisional",
+             "expired", "windows", "provisional", "provisional_skipped",
              "windows_deadline",
              "windows_flush", "windows_masked"), 0)
         self.stats["capped_audio_s"] = 0.0
@@ -544,8 +544,12 @@ class Aligner:
             out = self._accepted[k_last] = Outcome(OutcomeStatus.ACCEPTED, "", k_last)
         return out
 
-    def poll(self, now_ns: int) -> list[Window]:
+    def poll(self, now_ns: int, provisional: bool = True) -> list[Window]:
         """Windows that may close now (watermark or idle deadline), per stream in start order.
+
+        ``provisional`` False: windows whose provisional is due get none (the caller
+        replays a backlog whose provisional windows went out before), and their finals
+        then say nothing about a provisional (never ``unchanged``).
 
         Only streams that received records since the last poll are looked at, plus those
         whose time came (a deadline, or a window that a clock-driven watermark reaches), so
@@ -566,7 +570,7 @@ class Aligner:
         for sid in ids:
             st = self._streams.get(sid)
             if st is not None:
-                self._close_ready(st, now_ns, out)
+                self._close_ready(st, now_ns, out, provisional)
         return out
 
     def flush(self) -> list[Window]:
@@ -617,6 +621,10 @@ class Aligner:
     def streams(self) -> list[str]:
         return list(self._streams)
 
+    def has_stream(self, stream_id: str) -> bool:
+        """Whether the stream is open (not expired or forgotten)."""
+        return stream_id in self._streams
+
     def buffered(self) -> dict[str, float]:
         """What is held in memory now, summed over streams (for gauges)."""
         return {
@@ -632,8 +640,12 @@ class Aligner:
         r = self._resume.get(sid)
         st = _Stream(sid, now_ns, None if r is None else (r // self._h + 1) * self._h)
         cb = self._expired.pop(sid, None)
-        if cb is not None and (st.closed_before is None or cb > st.closed_before):
-            st.closed_before = cb  # expired: what closed stays closed, its records are late
+        if cb is not None:
+            # expired here, not resumed after a restart: what closed stays closed, and a
+            # record for it is late (not a replay), whatever the progress map says
+            st.resume_before = None
+            if st.closed_before is None or cb > st.closed_before:
+                st.closed_before = cb
         self._streams[sid] = st
         return st
 
@@ -789,9 +801,11 @@ class Aligner:
                 b.capped_audio_ns += max(0, min(e, k + self._w) - max(s, k))
             else:
                 b.capped_segments += 1
-            if b.empty():
+            if b.empty() and b.provisional is None:
                 # nothing left to emit: keep only its marks, and only so many, so memory
-                # stays bounded even when windows cannot close
+                # stays bounded even when windows cannot close (a window whose provisional
+                # went out stays, so it still gets its final, empty and saying what the cap
+                # dropped)
                 del st.buckets[k]
                 if len(st.marked) < MARKED_WINDOWS_KEPT:
                     st.marked[k] = b
@@ -808,7 +822,8 @@ class Aligner:
 
     # --- closing -----------------------------------------------------------------------
 
-    def _close_ready(self, st: _Stream, now_ns: int, out: list[Window]) -> None:
+    def _close_ready(self, st: _Stream, now_ns: int, out: list[Window],
+                     provisional: bool = True) -> None:
         idle, late, fast = self._idle, self._late, self.cfg.provisional
         last_seen, wms = st.last_seen, st.wm
         # min over waited-for expected modalities of watermark - lateness: over all of them
@@ -872,9 +887,13 @@ class Aligner:
             if done is None or k_fast >= done:
                 for k in sorted(k for k in st.buckets if k <= k_fast):
                     b = st.buckets[k]
-                    if b.provisional is None:
-                        b.provisional = b.version
-                        out.append(self._build(st, k, b, self._closed_by(st, k, fast), False))
+                    if b.provisional is not None:
+                        continue
+                    if not provisional:
+                        self.stats["provisional_skipped"] += 1
+                        continue
+                    b.provisional = b.version
+                    out.append(self._build(st, k, b, self._closed_by(st, k, fast), False))
                 st.provisional_before = k_fast + h
             if fast_blocker is None:
                 due = min(due, now_ns + int(k_fast + h + w - fast_limit))

@@ -186,6 +186,7 @@ class InferenceOutput:
                 scored = Scored(scored.label, scored.scores, 0.0, 0.0)
                 queue_ms = compute_ms = 0.0
         except Exception as batch_error:
+            reused = False  # scored here, alone, after all
             t0 = time.perf_counter()
             try:
                 scored = await self.batcher.run_alone(window)

@@ -308,13 +308,21 @@ def decode_early(frame: VideoFrame, pre: Preprocess) -> None:
 
 def _decoded(f: VideoFrame, pre: Preprocess) -> np.ndarray:
     entry = _early.get(id(f))
-    if entry is not None and entry[0]() is f and entry[1] == pre:
-        fut = entry[2]
-        # still queued behind this very batch in the same threads: decode it here instead
-        # (waiting for it could leave every decode thread waiting on queued work)
-        if fut.done() or not fut.cancel():
-            return fut.result()
-    return frame_array(f.data, f.fmt, pre, f.width, f.height)
+    if entry is None or entry[0]() is not f or entry[1] != pre:
+        return frame_array(f.data, f.fmt, pre, f.width, f.height)
+    fut = entry[2]
+    # Still queued behind this very batch in the same threads: decode it here instead
+    # (waiting for it could leave every decode thread waiting on queued work), and keep
+    # the result for the frame's other windows.
+    if not fut.cancelled() and (fut.done() or not fut.cancel()):
+        return fut.result()
+    done: concurrent.futures.Future[np.ndarray] = concurrent.futures.Future()
+    try:
+        done.set_result(frame_array(f.data, f.fmt, pre, f.width, f.height))
+    except WireError as e:
+        done.set_exception(e)
+    _early[id(f)] = (entry[0], pre, done)
+    return done.result()
 
 
 def _video(windows: Sequence[Window], pre: Preprocess) -> tuple[np.ndarray, np.ndarray, int]:

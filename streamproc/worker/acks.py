@@ -175,19 +175,26 @@ class AckLedger(Generic[T]):
         """Streams of a partition with records waiting for their windows to close."""
         return list(self._waiting.get(partition, ()))
 
-    def forget(self, stream_id: str) -> bool:
-        """Drop an expired stream (every window of it closed). False while some of its
-        windows are still in flight: it is kept until they are published."""
+    def forget(self, stream_id: str) -> list[T] | None:
+        """Drop an expired stream (every window of it closed and published): its records
+        still held wait for nothing, so they are released. Returns the tokens now free to
+        ack, or None while a window of it is still in flight (it is kept until then)."""
         st = self._streams.get(stream_id)
         if st is None:
-            return True
+            return []
         if st.inflight:
-            return False
+            return None
+        out: list[T] = []
+        for tp in sorted(st.waiting_tps):
+            for e in self._held.get(tp, ()):
+                if e.stream_id == stream_id:
+                    e.released = True
+            out.extend(self._drain(tp))
         del self._streams[stream_id]
         waiting = self._waiting.get(st.partition)
         if waiting is not None:
             waiting.discard(stream_id)
-        return True
+        return out
 
     # --- rebalancing ---------------------------------------------------------------
     def drop_partitions(self, partitions: set[int]) -> int:
@@ -243,9 +250,7 @@ class AckLedger(Generic[T]):
             return False
         st = self._streams.get(e.stream_id)
         if st is None:
-            # forgotten after expiry: every window of it closed and was published, so its
-            # records wait for nothing (revoked partitions' records are dropped instead)
-            return True
+            return False
         bound = st.bound()
         return bound is not None and e.after_start < bound  # type: ignore[operator]
 

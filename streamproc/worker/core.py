@@ -470,7 +470,9 @@ class WorkerCore:
                 last = self._read_through[partition] = known
         if last is None:
             last = self._read_through[partition] = now
-        self._emit(partition, aligner.poll(last))
+        # while a partition replays its backlog after a resume, its provisional windows went
+        # out before (from this worker or the previous owner): none again
+        self._emit(partition, aligner.poll(last, not self.gate.catching_up(partition)))
 
     def _note_stall(self, partition: int, aligner: Aligner,
                     fast: bool = False) -> tuple[bool, int | None]:
@@ -523,21 +525,13 @@ class WorkerCore:
         """Hand closed windows to the output, then tell the ledger how far each stream closed
         (records needed only by windows that closed empty are free once earlier ones are
         published)."""
-        replaying = None
         for w in windows:
             for m in MODALITIES:
                 if (w.stream_id, m) in self.ingest_ns:
                     w.ingest_ms[m] = round(self.ingest_ns[(w.stream_id, m)] / 1e6, 3)
             if not w.final:
                 # A provisional window acks nothing and records no progress: a crash can
-                # only publish it again (the same rev), never lose a final. While the
-                # partition replays its backlog after a resume it is skipped: those windows
-                # had theirs before, and their finals follow at once.
-                if replaying is None:
-                    replaying = self.gate.catching_up(partition)
-                if replaying:
-                    self.counters.inc("provisional_skipped")
-                    continue
+                # only publish it again (the same rev), never lose a final.
                 self.counters.inc("windows_provisional")
                 asyncio.ensure_future(self.submit(w)).add_done_callback(self._provisional_sent)
                 continue
@@ -562,11 +556,20 @@ class WorkerCore:
         on whichever partition it comes."""
         self._expiring.update(expired)
         for sid in list(self._expiring):
-            if not self.ledger.forget(sid):
+            home = self._home.get(sid)
+            aligner = None if home is None else self.aligners.get(home)
+            if aligner is not None and aligner.has_stream(sid):
+                self._expiring.discard(sid)  # it came back before it could be forgotten
+                continue
+            forgotten = self.ledger.forget(sid)
+            if forgotten is None:
                 continue  # a window of it is still being published: next time
+            self._queue_acks(forgotten)
             self._expiring.discard(sid)
             self._home.pop(sid, None)
-            self.progress.pop(sid, None)
+            # progress stays: one number per stream, as in the compacted progress topic
+            # read back at every resume; it keeps published windows from being emitted
+            # again however many streams expired
             self.forget_progress(sid)
             for m in MODALITIES:
                 self.ingest_ns.pop((sid, m), None)

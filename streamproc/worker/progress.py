@@ -36,8 +36,10 @@ class ProgressWriter:
         self._durable: dict[str, int] = {}
         self._waiters: dict[str, list[tuple[int, asyncio.Future]]] = defaultdict(list)
         self._tasks: dict[str, asyncio.Task] = {}
+        self._forget_after: set[str] = set()
 
     def record(self, stream_id: str, start_ns: int) -> asyncio.Future:
+        self._forget_after.discard(stream_id)  # it is back
         fut = asyncio.get_running_loop().create_future()
         if self._durable.get(stream_id, -1) >= start_ns:
             fut.set_result(None)
@@ -49,8 +51,10 @@ class ProgressWriter:
         return fut
 
     def forget(self, stream_id: str) -> None:
-        """Drop an expired stream's values (kept while a write of it is under way)."""
-        if stream_id not in self._tasks:
+        """Drop an expired stream's values (once a write of it under way has ended)."""
+        if stream_id in self._tasks:
+            self._forget_after.add(stream_id)
+        else:
             self._wanted.pop(stream_id, None)
             self._durable.pop(stream_id, None)
 
@@ -77,6 +81,10 @@ class ProgressWriter:
                     self._waiters[sid] = still
         finally:
             del self._tasks[sid]
+            if sid in self._forget_after and not self._waiters.get(sid):
+                self._forget_after.discard(sid)
+                self._wanted.pop(sid, None)
+                self._durable.pop(sid, None)
 
 
 def progress_topic(settings: Settings) -> str:

@@ -118,3 +118,22 @@ def test_windows_emitted_before_a_restart_get_no_provisional_again() -> None:
 def test_provisional_on_names_modalities() -> None:
     with pytest.raises(ConfigError, match="provisional_on"):
         Settings(provisional_on="video,smell")
+
+
+def test_a_window_the_cap_emptied_after_its_provisional_still_gets_its_final() -> None:
+    a = aligner("video", expected_modalities="video,text", max_buffer_frames=4,
+                lateness_video_ms=0)
+    a.add(segment("s", 0, T0, T0 + 100 * MS), T0)  # text seen: windows wait for it
+    out: list[Window] = []
+    for i in range(10):  # 2 frames a second, more than the cap holds
+        now = T0 + i * 500 * MS
+        a.add(frame("s", now, i), now)
+        out += a.poll(now)
+    now = T0 + 100 * S
+    a.add(segment("s", 1, now - 10 * MS, now), now)
+    out += a.poll(now) + a.flush()
+    provisional = {w.start_ns for w in out if not w.final}
+    finals = {w.start_ns: w for w in out if w.final}
+    assert provisional and provisional <= set(finals)
+    emptied = [finals[k] for k in provisional if finals[k].frame_count == 0]
+    assert emptied and all(w.quality["capped_frames"] > 0 for w in emptied)

@@ -313,3 +313,21 @@ def test_a_frame_still_queued_for_early_decoding_is_decoded_at_once() -> None:
         release.set()
         for b in blockers:
             b.result()
+
+
+def test_a_frame_decoded_at_once_serves_its_other_windows_too() -> None:
+    """Hopping windows share frames: once a queued early decode was done here instead,
+    the frame's next window takes that result."""
+    release = threading.Event()
+    blockers = [preprocess._decoders.submit(release.wait)
+                for _ in range(preprocess.DECODE_THREADS)]
+    try:
+        (f,) = _camera_frames(1, seed=3)
+        preprocess.decode_early(f, PRE)
+        first = preprocess._decoded(f, PRE)
+        second = preprocess._decoded(f, PRE)
+        assert np.array_equal(first, second)
+    finally:
+        release.set()
+        for b in blockers:
+            b.result()

@@ -474,13 +474,15 @@ def test_progress_writer_forgets_an_expired_stream_but_not_during_a_write() -> N
         w = ProgressWriter(send)
         fut = w.record("a", 10)
         await asyncio.sleep(0)
-        w.forget("a")  # a write is under way: kept
+        w.forget("a")  # a write is under way: forgotten once it ends
+        assert w._durable == {} and w._wanted == {"a": 10}
         release.set()
         await fut
-        assert w.record("a", 10).done()
-        w.forget("a")
         assert w._durable == {} and w._wanted == {}
         assert not w.record("a", 10).done()  # unknown again: written anew
+        await asyncio.sleep(0)
+        w.forget("b")
+        assert "a" in w._wanted
 
     asyncio.run(main())
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from streamproc.align import aligner as align_module
 from streamproc.config import Settings
 from streamproc.testing import MS, FakeAck, ListOutput, ManualClock, S, consumed, frame, segment
 from streamproc.wire.codec import KafkaRecord, decode_dead_letter
@@ -437,7 +438,8 @@ def test_expired_streams_leave_no_state_in_the_worker_and_stay_closed() -> None:
         h.clock.advance(1000)
         h.core.on_tick()
         core = h.core
-        assert (core._home, core.ingest_ns, core.progress, core._expiring) == ({}, {}, {}, set())
+        assert (core._home, core.ingest_ns, core._expiring) == ({}, {}, set())
+        assert len(core.progress) == 200  # one number per stream, as in the progress topic
         assert core.ledger._streams == {} and core.ledger.held() == 0
         h.frame(200, 5, stream="id-5")  # belongs to a window already published
         await settle()
@@ -500,14 +502,80 @@ def test_a_provisional_window_acks_nothing_and_its_final_acks_the_records() -> N
 
 
 def test_provisional_windows_are_skipped_while_a_partition_replays_its_backlog() -> None:
+    """A rebalance gives the partition back: the provisional of [0 s, 1 s) went out
+    before; the replay (text read before the frames this time) sends none again, and the
+    final does not claim to be unchanged since a provisional this assignment never sent."""
     async def main() -> None:
-        h = Harness(partitions=(), expected_modalities="video,text", provisional_on="video")
-        tps = [(h.settings.topic(m), 0) for m in ("video", "audio", "text")]
-        h.core.on_assigned(tps)
-        h.core.on_resume(dict.fromkeys(tps, 0), {tps[0]: 5})  # 5 video records to replay
+        h = Harness(expected_modalities="video,text", provisional_on="video",
+                    lateness_text_ms=2000, idle_deadline_text_ms=100_000)
         h.frame(0, 100)
         h.frame(1, 1100)
         await settle()
-        assert h.out.windows == [] and h.core.counters.get("provisional_skipped") == 1
+        assert [(w.final, w.start_ns) for w in h.out.windows] == [(False, T0)]
+        h.revoke((0,))
+        tps = [(h.settings.topic(m), 0) for m in ("video", "audio", "text")]
+        h.core.on_assigned(tps)
+        h.core.on_resume(dict.fromkeys(tps, 0), {tps[0]: 2, tps[2]: 2})
+        h.core.on_record(consumed(segment("cam", 0, T0, T0 + 500 * MS), "p.text", 0, 0))
+        h.frame(0, 100)
+        h.frame(1, 1100)
+        assert len(h.out.windows) == 1  # no provisional again while replaying
+        assert h.core.aligner_stats()["provisional_skipped"] == 1
+        h.core.on_record(consumed(segment("cam", 1, T0 + 2 * S, T0 + 3100 * MS), "p.text",
+                                  0, 1))
+        await settle()
+        final = h.out.windows[-1]
+        assert (final.final, final.rev, final.unchanged, len(final.segments)) == (
+            True, 1, False, 1)
+
+    run(main())
+
+
+def test_a_stream_back_before_it_was_forgotten_keeps_its_state() -> None:
+    """It expires while its last window is still being published, then sends again
+    before the worker could forget it: its new record waits for its own window."""
+    async def main() -> None:
+        h = Harness(stream_expiry_ms=10_000, hold_windows=True)
+        h.frame(0, 0)
+        h.clock.advance(2000)
+        h.core.on_tick()
+        await settle()
+        assert len(h.out.windows) == 1
+        h.clock.advance(20_000)
+        h.core.on_tick()  # expired in the aligner; its window is still in flight
+        assert h.core._expiring == {"cam"}
+        h.frame(1, 22_600)  # back: window [22 s, 23 s) open
+        h.out.publish()
+        await settle()
+        assert h.offsets() == [0]
+        h.core.on_tick()
+        assert h.core._expiring == set() and "cam" in h.core._home
+        h.junk(2)  # a later record of the partition drains what is free
+        await settle()
+        assert h.offsets() == [0]  # offset 1 waits for [22 s, 23 s)
+
+    run(main())
+
+
+def test_windows_of_expired_streams_stay_published_once_past_the_aligners_memory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(align_module, "EXPIRED_STREAMS_KEPT", 1)
+
+    async def main() -> None:
+        h = Harness(stream_expiry_ms=10_000)
+        h.frame(0, 100, stream="a")
+        h.frame(1, 100, stream="b")
+        h.clock.advance(2000)
+        h.core.on_tick()
+        await settle()
+        assert sorted(w.stream_id for w in h.out.windows) == ["a", "b"]
+        h.clock.advance(20_000)
+        h.core.on_tick()  # both expire; the aligner remembers only one
+        h.frame(2, 200, stream="a")  # records of windows already published
+        h.frame(3, 200, stream="b")
+        h.clock.advance(2000)
+        h.core.on_tick()
+        await settle()
+        assert h.out.windows[2:] == []
 
     run(main())
