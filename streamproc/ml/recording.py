@@ -106,7 +106,8 @@ def record(settings: Settings, labels: str | Path, out: str | Path, *,
     labeler = WindowLabeler(spans, origin, min_overlap)
     check_topics(settings, inputs_only=True)
     stats = RecordStats()
-    aligner = Aligner(AlignConfig.from_settings(settings))
+    # a dataset holds each window once, complete: final windows only
+    aligner = Aligner(AlignConfig.from_settings(settings.replace(provisional_on="")))
     consumer = kafka.consumer(settings)
     modality = {settings.topic(m): m for m in ("video", "audio", "text")}
     source = {"recorded_from": settings.bootstrap_servers, "topics": list(modality),
