@@ -84,7 +84,8 @@ class Settings:
     )
     provisional_on: str = _opt(
         "video,audio", "When these modalities of a window are complete, publish a provisional "
-        "prediction before the others (the transcript) are; empty: final predictions only.")
+        "prediction before the others (the transcript) are; none (or empty): final "
+        "predictions only.")
     frames_per_window: int = _opt(8, "K: frames sampled evenly from each window for the model.")
     sample_rate: int = _opt(16000, "Audio rate (Hz) windows are resampled to for the model.")
     max_buffer_frames: int = _opt(600, "Cap on buffered video frames per stream.")
@@ -188,11 +189,11 @@ class Settings:
         if sasl and not (self.sasl_username and self.sasl_password):
             raise ConfigError(f"security_protocol={self.security_protocol} needs "
                               "sasl_username and sasl_password")
-        fast = {m.strip() for m in self.provisional_on.split(",") if m.strip()}
-        if fast - set(MODALITIES):
+        fast = {m.strip().lower() for m in self.provisional_on.split(",") if m.strip()}
+        if fast - set(MODALITIES) and fast != {"none"}:
             raise ConfigError(
                 f"invalid setting provisional_on={self.provisional_on!r}: use a comma "
-                f"separated subset of {', '.join(MODALITIES)}, or nothing")
+                f"separated subset of {', '.join(MODALITIES)}, or none")
         bad = set(self.modalities) - set(MODALITIES)
         if bad or not self.modalities:
             raise ConfigError(
@@ -210,7 +211,7 @@ class Settings:
     @property
     def provisional_modalities(self) -> tuple[Modality, ...]:
         """``provisional_on`` as a tuple, in the order of MODALITIES."""
-        fast = {m.strip() for m in self.provisional_on.split(",")}
+        fast = {m.strip().lower() for m in self.provisional_on.split(",")}
         return tuple(m for m in MODALITIES if m in fast)
 
     def topic(self, kind: str) -> str:

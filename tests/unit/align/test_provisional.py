@@ -115,9 +115,13 @@ def test_windows_emitted_before_a_restart_get_no_provisional_again() -> None:
     assert all(w.rev == 1 for _, w in out if w.final)
 
 
-def test_provisional_on_names_modalities() -> None:
+def test_provisional_on_names_modalities_or_none() -> None:
     with pytest.raises(ConfigError, match="provisional_on"):
         Settings(provisional_on="video,smell")
+    # an empty environment value counts as unset, so "none" says it from the environment
+    s = Settings.load(environ={"STREAMPROC_PROVISIONAL_ON": "none"})
+    assert s.provisional_modalities == () and aligner("none").cfg.provisional == ()
+    assert Settings(provisional_on="Video, AUDIO").provisional_modalities == ("video", "audio")
 
 
 def test_a_window_the_cap_emptied_after_its_provisional_still_gets_its_final() -> None:
