@@ -656,7 +656,7 @@ def main() -> int:
     ap.add_argument("--write-docs", action="store_true",
                     help=f"record the table in {DOCS} and the histogram in {PNG}")
     ap.add_argument("--provisional-on", default=None,
-                    help="the worker's provisional_on [default: the settings' default]; '' "
+                    help="the worker's provisional_on [default: the settings' default]; none "
                          "for final predictions only")
     ap.add_argument("--frame-sizes", default="",
                     help="WxH,... : only the live run, once per frame size (e.g. "
