@@ -189,7 +189,7 @@ class Settings:
         if sasl and not (self.sasl_username and self.sasl_password):
             raise ConfigError(f"security_protocol={self.security_protocol} needs "
                               "sasl_username and sasl_password")
-        fast = {m.strip().lower() for m in self.provisional_on.split(",") if m.strip()}
+        fast = self._provisional_names()
         if fast - set(MODALITIES) and fast != {"none"}:
             raise ConfigError(
                 f"invalid setting provisional_on={self.provisional_on!r}: use a comma "
@@ -211,8 +211,11 @@ class Settings:
     @property
     def provisional_modalities(self) -> tuple[Modality, ...]:
         """``provisional_on`` as a tuple, in the order of MODALITIES."""
-        fast = {m.strip().lower() for m in self.provisional_on.split(",")}
+        fast = self._provisional_names()
         return tuple(m for m in MODALITIES if m in fast)
+
+    def _provisional_names(self) -> set[str]:
+        return {m.strip().lower() for m in self.provisional_on.split(",") if m.strip()}
 
     def topic(self, kind: str) -> str:
         """Topic name for ``video``, ``audio``, ``text``, ``predictions`` or ``deadletter``."""

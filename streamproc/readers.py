@@ -196,8 +196,6 @@ def table_header(stream_width: int = STREAM_WIDTH) -> str:
             f"{'latency':>8}")
 
 
-TABLE_HEADER = table_header()
-
 
 def revision_tag(p: Prediction) -> str:
     """The table's revision column: ``P`` a provisional prediction, ``F`` a window's

@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from streamproc.align.aligner import Window
+from streamproc.align.aligner import AlignConfig, Window
 from streamproc.config import MODALITIES
 from streamproc.wire.codec import VideoFrame
 
@@ -44,18 +44,18 @@ class Predictor:
         self.info = {"name": str(self.model.name), "version": str(self.model.version)}
         self._decode_early = decode_early
 
-    def warm_up(self, max_batch: int, window_ns: int, sample_rate: int) -> float:
-        """Run the model once for every batch size up to ``max_batch`` (empty windows), so
-        no live batch pays for a shape's first use (CPU kernels are set up per shape, tens
-        of ms each). Returns the seconds it took."""
+    def warm_up(self, max_batch: int, cfg: AlignConfig) -> float:
+        """Run the model once for every batch size up to ``max_batch`` (empty windows of
+        ``cfg``), so no live batch pays for a shape's first use (CPU kernels are set up per
+        shape, tens of ms each). Returns the seconds it took."""
         import numpy as np
 
         t0 = time.perf_counter()
-        n = (window_ns * sample_rate + 500_000_000) // 1_000_000_000
-        blank = Window(stream_id="", start_ns=0, end_ns=window_ns, frames=[], frame_count=0,
-                       audio=np.zeros(n, np.float32), audio_mask=np.zeros(n, np.bool_),
-                       sample_rate=sample_rate, segments=[],
-                       present=dict.fromkeys(MODALITIES, True))
+        n = cfg.window_samples
+        blank = Window(stream_id="", start_ns=0, end_ns=cfg.window_ns, frames=[],
+                       frame_count=0, audio=np.zeros(n, np.float32),
+                       audio_mask=np.zeros(n, np.bool_), sample_rate=cfg.sample_rate,
+                       segments=[], present=dict.fromkeys(MODALITIES, True))
         for size in range(1, max_batch + 1):
             self([blank] * size)
         return time.perf_counter() - t0

@@ -33,6 +33,7 @@ from faust.types import TP
 from faust.types.auth import CredentialsT
 
 from streamproc import kafka
+from streamproc.align.aligner import AlignConfig
 from streamproc.config import Settings
 from streamproc.errors import UserError
 from streamproc.inference.groups import other_groups
@@ -313,8 +314,7 @@ def run_worker(settings: Settings) -> int:
             raise UserError(f"model {settings.model} does not fit these window settings: "
                             + "; ".join(mismatches) + " (change the settings to match)")
         try:
-            took = predictor.warm_up(settings.batch_size, settings.window_ms * 1_000_000,
-                                     settings.sample_rate)
+            took = predictor.warm_up(settings.batch_size, AlignConfig.from_settings(settings))
         except Exception as e:  # it meets such windows live too, where one window fails alone
             notes.append((logging.WARNING, f"model warm-up on empty windows failed: {e!r}"))
         else:

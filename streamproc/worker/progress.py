@@ -55,8 +55,11 @@ class ProgressWriter:
         if stream_id in self._tasks:
             self._forget_after.add(stream_id)
         else:
-            self._wanted.pop(stream_id, None)
-            self._durable.pop(stream_id, None)
+            self._drop(stream_id)
+
+    def _drop(self, sid: str) -> None:
+        self._wanted.pop(sid, None)
+        self._durable.pop(sid, None)
 
     async def _write(self, sid: str) -> None:
         try:
@@ -83,8 +86,7 @@ class ProgressWriter:
             del self._tasks[sid]
             if sid in self._forget_after and not self._waiters.get(sid):
                 self._forget_after.discard(sid)
-                self._wanted.pop(sid, None)
-                self._durable.pop(sid, None)
+                self._drop(sid)
 
 
 def progress_topic(settings: Settings) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import threading
 import zlib
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -296,38 +298,38 @@ def test_an_early_decode_goes_with_its_frame_and_is_per_preprocessing() -> None:
     assert not any(k in preprocess._early for k in keys)
 
 
-def test_a_frame_still_queued_for_early_decoding_is_decoded_at_once() -> None:
-    """A batch must not wait for an early decode queued behind busy decode threads (the
-    batch's own decoding may be what keeps them busy)."""
+@contextlib.contextmanager
+def _decode_threads_busy() -> Iterator[None]:
+    """Every decode thread blocked meanwhile, so work submitted now stays queued."""
     release = threading.Event()
     blockers = [preprocess._decoders.submit(release.wait)
                 for _ in range(preprocess.DECODE_THREADS)]
     try:
+        yield
+    finally:
+        release.set()
+        for b in blockers:
+            b.result()
+
+
+def test_a_frame_still_queued_for_early_decoding_is_decoded_at_once() -> None:
+    """A batch must not wait for an early decode queued behind busy decode threads (the
+    batch's own decoding may be what keeps them busy)."""
+    with _decode_threads_busy():
         (f,) = _camera_frames(1, seed=2)
         preprocess.decode_early(f, PRE)
         fut = preprocess._early[id(f)][2]
         got = preprocess._decoded(f, PRE)
         assert fut.cancelled()
         assert np.array_equal(got, preprocess.frame_array(f.data, f.fmt, PRE, f.width, f.height))
-    finally:
-        release.set()
-        for b in blockers:
-            b.result()
 
 
 def test_a_frame_decoded_at_once_serves_its_other_windows_too() -> None:
     """Hopping windows share frames: once a queued early decode was done here instead,
     the frame's next window takes that result."""
-    release = threading.Event()
-    blockers = [preprocess._decoders.submit(release.wait)
-                for _ in range(preprocess.DECODE_THREADS)]
-    try:
+    with _decode_threads_busy():
         (f,) = _camera_frames(1, seed=3)
         preprocess.decode_early(f, PRE)
         first = preprocess._decoded(f, PRE)
         second = preprocess._decoded(f, PRE)
         assert np.array_equal(first, second)
-    finally:
-        release.set()
-        for b in blockers:
-            b.result()
