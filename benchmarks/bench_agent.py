@@ -8,10 +8,13 @@ consumer group:
 - ``bare``: an aiokafka consumer loop that only counts records (the floor);
 - ``decode``: the same loop plus ``wire.decode`` of every record (each JPEG's structure
   checked, as the worker does) -- the part of the agent's cost that is validation, not faust;
-- ``faust``: the worker's faust app with an agent body that only acks (faust's own cost:
-  its consumer thread, conductor, stream and acks);
+- ``faust``: the worker's faust app whose core only acks what it is handed (faust's own
+  cost: its consumer thread, the batched fetch loop, acks and commits);
 - ``agent``: the real worker (``streamproc.worker.app.create_app``) in a child process: faust
   consumer, decode, Aligner, window publishing, ack-after-emit and commits.
+
+CPU µs per event: the worker process's CPU time (all its threads) from the first record
+handed to the core to the last, per event.
 
 Events/s is measured from the first record to the last one handled, so start-up and
 rebalancing are not counted. Medians over the rounds.
@@ -122,42 +125,39 @@ def agent_child() -> None:
     n, out = int(os.environ["BENCH_N"]), Path(os.environ["BENCH_OUT"])
     app = create_app(settings, partitions=settings.partitions)
     state = app.streamproc
-    on_record = state.on_record
+    on_records = state.on_records
     if os.environ.get("BENCH_NOOP"):
-        def on_record(record) -> None:  # faust's cost alone: hand each record back at once
+        def on_records(records) -> None:  # faust's cost alone: hand each record back at once
             state._releasing = True
-            record.handle.ack()
+            for record in records:
+                record.handle.ack()
             state._releasing = False
     marks = {"seen": 0}
-
-    def timed(record) -> None:
-        if not marks["seen"]:
-            marks["first"] = time.perf_counter()
-        on_record(record)
-        marks["seen"] += 1
-        if marks["seen"] == n:
-            el = time.perf_counter() - marks["first"]
-            out.write_text(json.dumps({
-                "events_s": n / el, "cpu_s": time.process_time(),
-                "windows": state.counters.get("windows_emitted"),
-                "dead_letters": state.counters.get("dead_letters")}))
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    state.on_record = timed
+    prof = None
     if os.environ.get("BENCH_PROFILE"):
         import cProfile
 
         prof = cProfile.Profile()
-        orig_timed = state.on_record
+        prof.enable()
 
-        def profiled(record) -> None:
-            if marks["seen"] == n - 1:
+    def timed(records) -> None:
+        if not marks["seen"]:
+            marks["first"] = time.perf_counter()
+            marks["cpu"] = time.process_time()
+        on_records(records)
+        marks["seen"] += len(records)
+        if marks["seen"] >= n:
+            el = time.perf_counter() - marks["first"]
+            if prof is not None:
                 prof.disable()
                 prof.dump_stats(os.environ["BENCH_PROFILE"])
-            orig_timed(record)
+            out.write_text(json.dumps({
+                "events_s": n / el, "cpu_us": (time.process_time() - marks["cpu"]) / n * 1e6,
+                "windows": state.counters.get("windows_emitted"),
+                "dead_letters": state.counters.get("dead_letters")}))
+            os.kill(os.getpid(), signal.SIGTERM)
 
-        state.on_record = profiled
-        prof.enable()
+    state.on_records = timed
     Worker(app, loglevel="WARNING", quiet=True).execute_from_commandline()
 
 
@@ -182,25 +182,30 @@ def main() -> int:
         print(f"{n} W1 events ({args.seconds} s of 8 streams) produced; {machine()}",
               file=sys.stderr)
         res: dict[str, list[float]] = {"bare": [], "decode": [], "faust": [], "agent": []}
+        cpu: dict[str, list[float]] = {"faust": [], "agent": []}  # the worker process's
         windows = 0.0
         for r in range(args.rounds):
             res["bare"].append(run_loop(settings, n, decode=False))
             res["decode"].append(run_loop(settings, n, decode=True))
-            res["faust"].append(run_agent(settings, n, noop=True)["events_s"])
+            noop = run_agent(settings, n, noop=True)
+            res["faust"].append(noop["events_s"])
+            cpu["faust"].append(noop["cpu_us"])
             agent = run_agent(settings, n, profile=args.profile if r == 0 else "")
             res["agent"].append(agent["events_s"])
+            cpu["agent"].append(agent["cpu_us"])
             windows = agent["windows"]
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in res.items()),
                   file=sys.stderr)
     med = {k: statistics.median(v) for k, v in res.items()}
     rows = [
-        "| reader | events/s (median) | µs per event | ratio to bare |",
-        "|---|---|---|---|",
+        "| reader | events/s (median) | µs per event | CPU µs per event | ratio to bare |",
+        "|---|---|---|---|---|",
     ]
     for k, label in (("bare", "bare aiokafka loop"), ("decode", "aiokafka + wire.decode"),
-                     ("faust", "faust agent that only acks"),
+                     ("faust", "faust app whose core only acks"),
                      ("agent", "streamproc agent (faust)")):
-        rows.append(f"| {label} | {med[k]:,.0f} | {1e6 / med[k]:,.0f} | "
+        cpu_us = f"{statistics.median(cpu[k]):,.0f}" if k in cpu else "-"
+        rows.append(f"| {label} | {med[k]:,.0f} | {1e6 / med[k]:,.0f} | {cpu_us} | "
                     f"{med[k] / med['bare']:.2f} |")
     us = {k: 1e6 / v for k, v in med.items()}
     over = us["agent"] - us["bare"]
@@ -215,7 +220,8 @@ def main() -> int:
             f"about {decode_part:,.0f} µs, the rest ({over - faust_part - decode_part:,.0f} "
             f"µs) aligning, publishing {windows:.0f} windows per run and the ack "
             f"bookkeeping. W1 is about 204 events/s per worker, so one worker keeps up with "
-            f"{med['agent'] / 204:.0f}x W1 on this machine.")
+            f"{med['agent'] / 204:.0f}x W1 on this machine. Load average (1 min) at the "
+            f"end: {os.getloadavg()[0]:.1f}.")
     print(body)
     if args.write_docs:
         write_docs(body)

@@ -286,9 +286,11 @@ class Planned:
 
 def stream_plan(sid: str, t0: int, dur_s: float, rng: np.random.Generator,
                 audio_gap: tuple[int, int] | None = None,
-                jitter_ms: dict[str, int] = JITTER_MS) -> list[Planned]:
+                jitter_ms: dict[str, int] = JITTER_MS,
+                frame_size: tuple[int, int] = (48, 64)) -> list[Planned]:
     """Video FPS, CHUNK_MS audio chunks, back-to-back SEG_MS transcript segments; each sent
-    when its span ends plus a random jitter below ``jitter_ms`` (under the lateness)."""
+    when its span ends plus a random jitter below ``jitter_ms`` (under the lateness).
+    ``frame_size``: (height, width) of the frames."""
     out: list[Planned] = []
     end = t0 + int(dur_s * S)
 
@@ -297,7 +299,7 @@ def stream_plan(sid: str, t0: int, dur_s: float, rng: np.random.Generator,
         out.append(Planned(ready_ns + jitter, media.modality, wire.encode(media), media))
 
     for i, ts in enumerate(range(t0, end, S // FPS)):
-        plan(camera_frame(sid, i, ts, zlib.crc32(sid.encode())), ts)
+        plan(camera_frame(sid, i, ts, zlib.crc32(sid.encode()), frame_size), ts)
     seq = 0
     for ts in range(t0, end, CHUNK_MS * MS):
         if audio_gap and audio_gap[0] <= ts < audio_gap[1]:

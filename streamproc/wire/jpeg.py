@@ -34,8 +34,49 @@ class JpegError(ValueError):
     """The bytes are not a JPEG that libjpeg would decode; the message says where."""
 
 
+#: Headers (start of image to the end of the first scan's header) of single-scan JPEGs that
+#: passed, with their image size. A camera's frames share their header, so a frame then
+#: costs one walk over its segment lengths and the search for the end of its scan.
+_PASSED: dict[bytes, tuple[int, int]] = {}
+_PASSED_MAX = 64
+
+
+def _first_scan_data(data: bytes) -> int | None:
+    """Where the first scan's entropy-coded data starts, walking segment lengths only
+    (None for anything unusual: the full check then decides)."""
+    n, i = len(data), 2
+    while i + 4 <= n and data[i] == 0xFF:
+        marker = data[i + 1]
+        if not 0xC0 <= marker <= 0xFE or marker in (0xD8, 0xD9) or 0xD0 <= marker <= 0xD7:
+            return None
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+        if marker == 0xDA:
+            return i if i <= n else None
+    return None
+
+
 def check_structure(data: bytes) -> tuple[int, int]:
     """(width, height) of a JPEG libjpeg will decode, else :class:`JpegError`."""
+    start = _first_scan_data(data) if data.startswith(b"\xff\xd8") else None
+    if start is not None:
+        size = _PASSED.get(data[:start])
+        # the same header, then one scan and the end-of-image marker: what the full check
+        # does after that header, and nothing else it could object to
+        if size is not None and data.endswith(b"\xff\xd9"):
+            m = _SCAN_END.search(data, start)
+            if m is not None and m.start() == len(data) - 2:
+                return size
+    size = _check(data)
+    if start is not None and data.endswith(b"\xff\xd9"):
+        m = _SCAN_END.search(data, start)
+        if m is not None and m.start() == len(data) - 2:
+            if len(_PASSED) >= _PASSED_MAX:
+                _PASSED.clear()
+            _PASSED[data[:start]] = size
+    return size
+
+
+def _check(data: bytes) -> tuple[int, int]:
     n = len(data)
     if not data.startswith(b"\xff\xd8"):
         raise JpegError("no FFD8 start-of-image marker")

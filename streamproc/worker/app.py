@@ -1,9 +1,9 @@
-"""The faust worker: one agent feeds video, audio and transcripts to the worker core.
+"""The faust worker: the input topics are read in batches into the worker core.
 
 Shape::
 
     PREFIX.video ─┐
-    PREFIX.audio ─┼─> agent `align` (concurrency 1) ─> WorkerCore ─> WindowOutput
+    PREFIX.audio ─┼─> fetch loop, batches ─> WorkerCore ─> WindowOutput
     PREFIX.text  ─┘        │ undecodable / late / capped records   (-> PREFIX.predictions)
                            └─> PREFIX.deadletter (reason in sp-error)
 
@@ -187,22 +187,22 @@ def create_app(settings: Settings, *, partitions: int | None = None,
     async def seek(tp: tuple[str, int], offset: int) -> None:
         await app.consumer.seek(TP(*tp), offset)
 
-    @app.agent(inputs, concurrency=1)
-    async def align(stream: faust.StreamT) -> None:
+    async def on_batch(batch: list[Consumed]) -> None:
         try:
-            # noack() is faust's, missing from its StreamT type
-            async for event in stream.noack().events():  # type: ignore[attr-defined]
-                m = event.message
-                core.on_record(Consumed(m.topic, m.partition, m.offset,
-                                        wire.KafkaRecord.from_client(m), event))
-                await core.seek_back(earliest_offset, seek)
-                await core.wait_for_room()
+            core.on_records(batch)
+            await core.seek_back(earliest_offset, seek)
+            await core.wait_for_room()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # never let faust restart us with acks in disorder
-            log.exception("agent failed; stopping the worker so a restart replays safely")
+        except Exception as exc:  # never let faust restart the fetcher with acks in disorder
+            log.exception("handling input failed; stopping the worker so a restart replays "
+                          "safely")
             await app.crash(exc)
             raise
+
+    # The input topics are subscribed like an agent's, but their records reach the core in
+    # batches from the consumer's fetch loop (patches.drain_in_batches), not through a stream.
+    app.topics.add(inputs)
 
     @app.timer(interval=TICK_S)
     async def close_idle_windows() -> None:
@@ -261,6 +261,7 @@ def create_app(settings: Settings, *, partitions: int | None = None,
             await app.crash(exc)
             return
         patches.take_over(app.consumer, core)  # before any record of it flows
+        patches.drain_in_batches(app.consumer, core, on_batch)
         core.on_assigned(tps)
         log.info("partitions assigned: %s", sorted(parts))
 

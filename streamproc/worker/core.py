@@ -242,9 +242,29 @@ class WorkerCore:
     # --- input ---------------------------------------------------------------------
     def on_record(self, event: Consumed) -> None:
         """Decode, align, dead-letter or hold one consumed record; emit what closed."""
-        tp, offset = (event.topic, event.partition), event.offset
-        modality = self.modality_of[event.topic]
+        self.on_records((event,))
+
+    def on_records(self, events: Iterable[Consumed]) -> None:
+        """:meth:`on_record` for a batch, each partition's records in offset order: the
+        aligners are polled once per batch, not once per record."""
         self.take_fetch_skips()
+        now = self.clock()
+        readings: dict[int, tuple[bool, int | None]] = {}
+        for event in events:
+            partition = event.partition
+            aligner = self._admit(event)
+            if aligner is None:
+                continue
+            if partition not in readings:
+                readings[partition] = self._note_stall(partition, aligner, fast=True)
+            self._align(event, aligner, now)
+        for partition, reading in readings.items():
+            self._poll(partition, self.aligners[partition], now, reading)
+
+    def _admit(self, event: Consumed) -> Aligner | None:
+        """The aligner of an admitted record that decodes, else None (the record is
+        ignored, acked or dead-lettered here)."""
+        tp, offset = (event.topic, event.partition), event.offset
         admitted = self.gate.admit(tp, offset)
         self._track_jumps()  # stepped-over offsets come before this record
         if admitted is not Admit.OK:
@@ -258,7 +278,12 @@ class WorkerCore:
                 self._ignoring.add((tp, admitted))
                 log.info("ignoring %s records of %s:%d from offset %d (Kafka delivers them "
                          "again; see docs/worker.md)", admitted, *tp, offset)
-            return
+            return None
+        return self._aligner(event.partition)
+
+    def _align(self, event: Consumed, aligner: Aligner, now: int) -> None:
+        tp, offset = (event.topic, event.partition), event.offset
+        modality = self.modality_of[event.topic]
         self.counters.inc("events_in", modality=modality)
         rec = event.record
         bad_names = undecodable_header_names(rec)
@@ -285,9 +310,6 @@ class WorkerCore:
             self._dead_letter(tp, offset, event, rec, misplaced_reason(
                 media.stream_id, home, event.partition), DeadLetterKind.PARTITION)
             return
-        aligner = self._aligner(event.partition)
-        reading = self._note_stall(event.partition, aligner, fast=True)
-        now = self.clock()
         # capture -> worker delay of the stream's newest record of each modality
         self.ingest_ns[(media.stream_id, modality)] = now - media.end_ns
         try:
@@ -310,7 +332,6 @@ class WorkerCore:
             self._dead_letter(tp, offset, event, rec, out.reason or status, _REFUSED[status])
         else:
             raise RuntimeError(f"aligner returned unknown outcome {status!r}")
-        self._poll(event.partition, aligner, now, reading)
 
     def on_tick(self) -> None:
         """Wall clock: close windows whose idle deadline passed, even with no input."""

@@ -8,7 +8,9 @@ pinned versions and :func:`check_versions` refuses others at start-up:
 - the consumer reads committed data only (:func:`read_committed`) and holds empty fetches
   briefly (:func:`shorten_fetch_wait`);
 - the consumer's ``ack``, ``_add_gap``, ``seek_to_committed`` and ``_read_offset`` leave
-  the input topics' commits to the worker core (:func:`guard_consumer`).
+  the input topics' commits to the worker core (:func:`guard_consumer`);
+- the consumer's fetch loop hands the worker core whole batches of input records instead
+  of one record at a time through faust's streams (:func:`drain_in_batches`).
 
 docs/worker.md says why each is needed.
 """
@@ -19,7 +21,7 @@ import asyncio
 import logging
 import struct
 from collections import defaultdict, deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from importlib import metadata
 from typing import Any
 
@@ -29,8 +31,10 @@ from aiokafka.record.default_records import _DefaultRecordBatchPy
 from faust.types import TP
 
 from streamproc.errors import UserError
+from streamproc.wire.codec import KafkaRecord
 from streamproc.worker.core import TP as TopicPartition
-from streamproc.worker.core import FetchState, WorkerCore
+from streamproc.worker.core import Consumed, FetchState, WorkerCore
+from streamproc.worker.interleave import Interleaver
 
 log = logging.getLogger("streamproc.worker")
 
@@ -330,3 +334,113 @@ class _HandOnEverything(defaultdict):
             return None
         return super().__getitem__(tp)
 
+
+
+# ---------------------------------------------------------------------------------------
+# the hot path: fetched records to the worker core in batches
+# ---------------------------------------------------------------------------------------
+
+#: Records handed to the worker core at once. Between two such chunks the event loop runs
+#: timers and publish callbacks, so a large fetch never holds it for long.
+BATCH_RECORDS = 256
+
+class RecordAck:
+    """The ack handle of one input record read in a batch: what faust's ``Consumer.ack``
+    reads of a message (its commit bookkeeping), nothing of faust's per-record event."""
+
+    __slots__ = ("__weakref__", "_consumer", "acked", "offset", "partition", "topic", "tp")
+
+    def __init__(self, consumer: Any, tp: Any, offset: int) -> None:
+        self.topic, self.partition = tp
+        self.offset = offset
+        self.tp = tp
+        self.acked = False
+        self._consumer = consumer
+
+    def ack(self) -> None:
+        self._consumer.ack(self)
+
+
+def drain_in_batches(consumer: Any, core: WorkerCore,
+                     on_batch: Callable[[list[Consumed]], Awaitable[None]]) -> None:
+    """Replace faust's fetch loop (``Consumer._drain_messages``) with one that hands the
+    input records of each fetch to ``on_batch`` in chunks of :data:`BATCH_RECORDS`,
+    in event-time order across a partition's topics (worker/interleave.py; what runs
+    ahead is held back and not fetched meanwhile) (idempotent; before the fetcher starts).
+
+    faust hands records over one at a time: per record it builds a message, waits on two
+    tasks (the delivery and a flow-control event), passes the conductor, a stream queue,
+    an event object and the stream's sensors. That cost the worker more than aligning did
+    (benchmarks/bench_agent.py). What faust's loop does that matters is kept: it waits
+    while flow is stopped (a rebalance), re-reads from the committed offsets when records
+    arrive while stopped, and drops the rest of a fetch once flow stops or the consumer
+    generation changes (Kafka delivers those again). Records of other topics, if any,
+    still go through faust's conductor.
+    """
+    if getattr(consumer, "_streamproc_batched", False):
+        return
+    inputs = set(core.modality_of)
+    app = consumer.app
+    interleave = Interleaver(core.modality_of)
+    paused: set[Any] = set()  # what the interleaver holds back is not fetched meanwhile
+
+    def behind(tp: TopicPartition) -> bool:
+        end = None if core.fetch_state is None else core.fetch_state(tp)[0]
+        nxt = core.gate.next_offset(tp)
+        return end is None or nxt is None or nxt < end
+
+    def pause_held() -> None:
+        held = {TP(*tp) for tp in interleave.held()}
+        if held - paused:
+            consumer.pause_partitions(held - paused)
+        gone = paused - held
+        if gone:
+            assigned = consumer.assignment()
+            consumer.resume_partitions({tp for tp in gone if tp in assigned})
+        paused.clear()
+        paused.update(held)
+
+    async def drain(fetcher: Any) -> None:
+        consumer_stopped = consumer._stopped.is_set
+        fetcher_stopped = fetcher._stopped.is_set
+        callback = consumer.callback
+        interleave.drop()  # started after a rebalance: the consumer reads those again
+        pause_held()
+        try:
+            while not (consumer_stopped() or fetcher_stopped()):
+                # while records are held, look again soon: the hold has a time limit
+                records, _active = await consumer._wait_next_records(0.1 if paused else 1.0)
+                await asyncio.sleep(0)  # a fetch can return at once again and again
+                if consumer.should_stop:
+                    continue
+                if not consumer.flow_active:
+                    interleave.drop()
+                    pause_held()
+                    if records:
+                        await consumer.perform_seek()
+                    continue
+                generation = app.consumer_generation_id
+                for tp, recs in (records or {}).items():
+                    if tp.topic in inputs:
+                        interleave.put((tp.topic, tp.partition), recs)
+                    else:
+                        for r in recs:
+                            await callback(consumer._to_message(tp, r))
+                batch = [Consumed(r.topic, r.partition, r.offset, KafkaRecord.from_client(r),
+                                  RecordAck(consumer, TP(r.topic, r.partition), r.offset))
+                         for r in interleave.take(behind)]
+                pause_held()
+                for i in range(0, len(batch), BATCH_RECORDS):
+                    if not consumer.flow_active or app.consumer_generation_id != generation:
+                        break  # a rebalance began: the rest is read again after it
+                    await on_batch(batch[i:i + BATCH_RECORDS])
+        except asyncio.CancelledError:
+            if app.should_stop:
+                return
+            raise
+        except Exception as exc:
+            log.exception("fetch loop failed: %r", exc)
+            raise
+
+    consumer._drain_messages = drain
+    consumer._streamproc_batched = True

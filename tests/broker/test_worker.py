@@ -344,3 +344,39 @@ def test_refuses_topics_that_are_not_co_partitioned(kafka_bootstrap: str,
     assert "streamproc worker: topics are not ready" in out
     assert "input topics are not co-partitioned: partition counts differ" in out
     assert f"{settings.topic('audio')}=3" in out and "Traceback" not in out
+
+
+# ---------------------------------------------------------------------------------------
+# a backlog whose fetches bring different spans of each topic
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_backlog_longer_than_the_buffer_caps_gives_the_oracles_windows(
+        kafka_bootstrap: str, tmp_path: Path) -> None:
+    """A fresh worker reads a 30 s backlog with small fetches (64 KiB a partition): a fetch
+    of 640x480 frames spans under a second, one of audio two, one of transcripts all 30 s.
+    Handed on as fetched, audio and text would run ahead of the video by far more than the
+    buffer caps (3 s of audio, 30 frames) and the aligner would cap them. The fetch loop
+    interleaves the topics by event time, so every window is the oracle's and nothing
+    becomes a dead letter."""
+    settings = worker_settings(kafka_bootstrap, tmp_path).replace(
+        max_message_bytes=64 * 1024, max_buffer_audio_s=3.0, max_buffer_frames=30)
+    create_topics(settings)
+    t0 = start_time() - 60 * S
+    rng = np.random.default_rng(7)
+    plan: list[Planned] = []
+    for sid in ("deep-1", "deep-2"):
+        plan += stream_plan(sid, t0, 30.0, rng, frame_size=(480, 640))
+    assert max(len(p.rec.value) for p in plan if p.modality == "video") < 64 * 1024
+    produce(settings, plan)  # every send time is in the past: all at once
+    # the oracle holds all 30 s before it closes a window: it must not be capped itself
+    expected = oracle(settings.replace(max_buffer_audio_s=60.0, max_buffer_frames=600), plan)
+    worker = WorkerProc(settings, tmp_path / "worker.log")
+    try:
+        preds = read_predictions(settings, set(expected), timeout=120)
+        dead = read_all(settings, settings.topic("deadletter"), lambda m: False, 1)
+        assert worker.stop() == 0, worker.log()[-3000:]
+    finally:
+        worker.abandon()
+    assert_windows_equal(preds, expected, {"deep-1", "deep-2"})
+    assert dead == []

@@ -579,3 +579,32 @@ def test_windows_of_expired_streams_stay_published_once_past_the_aligners_memory
         assert h.out.windows[2:] == []
 
     run(main())
+
+
+def test_a_batch_gives_what_its_records_give_one_by_one() -> None:
+    """The fetch loop hands records over in batches; the aligners are polled once per batch,
+    which changes no window, ack or dead letter."""
+    async def main() -> None:
+        plan = [(o, at, stream) for o, (at, stream) in enumerate(
+            [(0, "cam"), (0, "door"), (300, "cam"), (700, "door"), (1200, "cam"), (1300, "door"),
+             (2600, "cam"), (2700, "door"), (2800, "cam")])]
+        one, many = Harness(), Harness()
+        for offset, at, stream in plan:
+            one.frame(offset, at, stream=stream)
+        one.junk(len(plan))
+        records = [consumed(frame(stream, T0 + at * MS, offset), V, 0, offset)
+                   for offset, at, stream in plan]
+        records.append(consumed(KafkaRecord(b"cam", b"junk"), V, 0, len(plan)))
+        many.core.on_records(records[:4])
+        many.core.on_records(records[4:])
+        await settle()
+        for h in (one, many):
+            h.out.publish()
+        await settle()
+        assert len(one.out.windows) == 4
+        assert sorted((w.stream_id, w.start_ns, w.frame_count) for w in many.out.windows) == \
+            sorted((w.stream_id, w.start_ns, w.frame_count) for w in one.out.windows)
+        assert many.acks == one.acks and sorted(many.progress) == sorted(one.progress)
+        assert [r.value for r, _ in many.dead_letters] == [r.value for r, _ in one.dead_letters]
+
+    run(main())
