@@ -171,3 +171,25 @@ def test_arbitrary_damage_raises_only_jpeg_error(source, at, junk) -> None:
     except JpegError:
         return
     assert _decodes(data)
+
+
+def test_a_known_header_decides_nothing_the_full_check_would_not() -> None:
+    """Frames sharing a header that already passed skip its tables; every answer (size or
+    refusal, and its reason) is still the full check's."""
+    from streamproc.wire import jpeg
+
+    rng = np.random.default_rng(2)
+    for source in SOURCES:
+        assert check_structure(source) == jpeg._check(source)  # the header is now known
+        for i in range(60):
+            data = _damage(source, rng, i % 5)
+            try:
+                got: object = check_structure(data)
+            except JpegError as e:
+                got = str(e)
+            try:
+                want: object = jpeg._check(data)
+            except JpegError as e:
+                want = str(e)
+            assert got == want, i
+    assert jpeg._PASSED, "single-scan frames were remembered"
