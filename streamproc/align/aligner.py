@@ -327,6 +327,7 @@ class _Stream:
         "due",
         "fast_blocker",
         "first_seen",
+        "frames_per_window",
         "last_seen",
         "late_pending",
         "marked",
@@ -362,6 +363,7 @@ class _Stream:
         self.fast_blocker: Modality | None = None  # the same for the provisional limit
         # every window with start < this had its provisional emitted, or needs none
         self.provisional_before = resume_before
+        self.frames_per_window: int | None = None  # frames in its last final window
 
     def open_bucket(self, k: int) -> _Bucket:
         """The bucket of a window that gets its first record, with the cap's marks if any."""
@@ -437,6 +439,7 @@ class Aligner:
         # modality's watermark moves with the clock or a modality's deadline comes
         self._due: list[tuple[int, str]] = []
         self._accepted: dict[int, Outcome] = {}
+        self._picks: dict[int, frozenset[int]] = {}  # frames in a window -> the picked indices
         self.stats: dict[str, int | float] = dict.fromkeys(
             ("accepted", "duplicates", "late", "late_partial", "late_windows_missed", "replayed",
              "capped", "capped_frames", "capped_segments", "too_long", "future", "ahead",
@@ -616,6 +619,29 @@ class Aligner:
         cb = self._expired.get(stream_id)
         resumed = None if r is None else (r // self._h + 1) * self._h
         return cb if resumed is None or (cb is not None and cb > resumed) else resumed
+
+    def likely_sampled(self, frame: VideoFrame) -> bool:
+        """Whether an accepted ``frame`` is likely one of the K frames a window of it will
+        pick: its place among its windows' frames so far, against the picks of a window
+        with as many frames as the stream's last one (every frame while that is unknown).
+        Decoding ahead of the close only these saves the frames no window reads (about
+        half at 30 fps, K = 8); a miss is decoded when its window closes."""
+        st = self._streams.get(frame.stream_id)
+        n = None if st is None else st.frames_per_window
+        kk = self.cfg.frames_per_window
+        if st is None or n is None or n <= kk:
+            return True
+        picks = self._picks.get(n)
+        if picks is None:
+            if len(self._picks) >= 64:
+                self._picks.clear()
+            picks = self._picks[n] = frozenset(even_indices(n, kk))
+        ts, h = frame.ts_ns, self._h
+        for k in range(((ts - self._w) // h + 1) * h, ts // h * h + h, h):
+            b = st.buckets.get(k)
+            if b is not None and sum(f.ts_ns < ts for f in b.recs["video"]) in picks:
+                return True
+        return False
 
     @property
     def streams(self) -> list[str]:
@@ -981,6 +1007,8 @@ class Aligner:
         stats = self.stats
         if final:
             st.late_pending = 0
+            if n:
+                st.frames_per_window = n
             stats["windows"] += 1
             if closed_by is not ClosedBy.WATERMARK:
                 stats["windows_" + closed_by] += 1

@@ -172,8 +172,9 @@ class WorkerCore:
     published, raises if it cannot be); ``send_dead_letter`` sends one dead letter;
     ``record_progress(stream_id, start_ns)`` resolves once that progress is durable;
     ``forget_progress(stream_id)`` drops what the progress writer keeps of an expired stream;
-    ``on_frame`` sees every accepted video frame (the model's preprocessing starts decoding
-    it, off the event loop);
+    ``on_frame`` sees every accepted video frame a window will likely pick
+    (``Aligner.likely_sampled``; the model's preprocessing starts decoding it, off the
+    event loop);
     ``ack`` acks a consumed record's handle; ``crash`` stops the worker; ``flowing``: False
     while the consumer does not fetch (a rebalance); ``fetch_state``: how far each input
     partition can be read (None: never behind); ``fetch_skips``: offset ranges the
@@ -320,7 +321,8 @@ class WorkerCore:
         status = out.status
         if status == OutcomeStatus.ACCEPTED and out.release_after_ns is not None:
             self.ledger.track(tp, offset, event, media.stream_id, out.release_after_ns)
-            if self.on_frame is not None and media.modality == "video":
+            if self.on_frame is not None and media.modality == "video" and \
+                    aligner.likely_sampled(media):
                 self.on_frame(media)
         elif status in _DONE:
             if status != OutcomeStatus.ACCEPTED:

@@ -554,3 +554,33 @@ def test_ingest_timings_are_a_field_the_aligner_leaves_empty() -> None:
     (w,) = a.flush()
     assert w.ingest_ms == {} and not any(k.startswith("ingest") for k in w.quality)
     assert list(w.provenance) == ["video", "audio", "text"]
+
+
+@pytest.mark.parametrize(("fps", "jitter_ms"), [(30, 0), (30, 8), (15, 0), (25, 12)])
+def test_frames_likely_sampled_are_the_ones_windows_pick(fps: int, jitter_ms: int) -> None:
+    """What the worker decodes ahead of the close: once a window told the stream's frame
+    count, every frame a later window picks was flagged (a regular stream) or nearly every
+    one (jittered timestamps), and frames no window reads mostly were not."""
+    cfg = align_config(1000, 500, expected=("video",), frames_per_window=8)
+    al = Aligner(cfg)
+    rng = np.random.default_rng(fps + jitter_ms)
+    flagged: set[int] = set()
+    picked: set[int] = set()
+    first_close = None
+    n = 20 * fps
+    for seq in range(n):
+        ts = 100 * S + seq * S // fps + int(rng.integers(0, jitter_ms + 1)) * MS
+        f = frame("cam", ts, seq)
+        assert al.add(f, ts).status == "accepted"
+        if al.likely_sampled(f):
+            flagged.add(seq)
+        for w in al.poll(ts):
+            first_close = seq if first_close is None else first_close
+            picked.update(p.seq for p in w.frames)
+    assert first_close is not None
+    later = {s for s in picked if s > first_close + fps}  # windows after the first told n
+    missed = later - flagged
+    assert len(missed) <= (0 if jitter_ms == 0 else len(later) // 20), sorted(missed)
+    unread = set(range(first_close + fps, n)) - picked
+    assert len(unread & flagged) <= len(unread) // 5 + 1
+    assert len(flagged) < n  # frames were left to decode only if picked

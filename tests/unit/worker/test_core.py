@@ -456,7 +456,7 @@ def test_expired_streams_leave_no_state_in_the_worker_and_stay_closed() -> None:
     run(main())
 
 
-def test_every_accepted_frame_and_only_those_is_handed_on_for_early_decoding() -> None:
+def test_accepted_frames_and_only_those_are_handed_on_for_early_decoding() -> None:
     async def main() -> None:
         h = Harness()
         seen: list = []
