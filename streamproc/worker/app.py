@@ -44,6 +44,7 @@ from streamproc.topics import check_topics
 from streamproc.wire import codec as wire
 from streamproc.worker import patches
 from streamproc.worker.core import Consumed, WorkerCore, assigned_input_partitions
+from streamproc.worker.interleave import Interleaver
 from streamproc.worker.metrics import ClientFaults, Metrics, update_gauges
 from streamproc.worker.progress import ProgressWriter, progress_topic, read_progress
 
@@ -184,7 +185,11 @@ def create_app(settings: Settings, *, partitions: int | None = None,
     async def earliest_offset(tp: tuple[str, int]) -> int:
         return (await app.consumer.earliest_offsets(TP(*tp))).get(TP(*tp)) or 0
 
+    # what the fetch loop holds back to interleave a partition's topics by event time
+    interleave = Interleaver(settings.input_topics)
+
     async def seek(tp: tuple[str, int], offset: int) -> None:
+        interleave.drop([tp])  # fetched past the hole: read again after it
         await app.consumer.seek(TP(*tp), offset)
 
     async def on_batch(batch: list[Consumed]) -> None:
@@ -261,7 +266,7 @@ def create_app(settings: Settings, *, partitions: int | None = None,
             await app.crash(exc)
             return
         patches.take_over(app.consumer, core)  # before any record of it flows
-        patches.drain_in_batches(app.consumer, core, on_batch)
+        patches.drain_in_batches(app.consumer, core, on_batch, interleave)
         core.on_assigned(tps)
         log.info("partitions assigned: %s", sorted(parts))
 

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import struct
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from importlib import metadata
 from typing import Any
 
@@ -141,33 +141,32 @@ class _LenientBatch(_DefaultRecordBatchPy):
 
 
 class _LenientBatchView:
-    """One batch: aiokafka's fast (C) reader, or, once that refuses a header name, the
-    lenient Python reader of the same bytes from the record it stopped at."""
+    """One batch: read whole by aiokafka's fast (C) reader, or, if that refuses a header
+    name, by the lenient Python reader of the same bytes. Iterating it is iterating a list
+    (no Python call per record: this is the fetch's hot path)."""
 
     def __init__(self, batch: Any, raw: memoryview) -> None:
         self._batch = batch
         self._raw = raw
-        self._slow: _LenientBatch | None = None
-        self._read = 0
+        self._records: Iterator[Any] | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._batch, name)
 
-    def __iter__(self) -> _LenientBatchView:
-        return self
+    def _read(self) -> Iterator[Any]:
+        if self._records is None:
+            try:
+                records = list(self._batch)
+            except UnicodeDecodeError:
+                records = list(_LenientBatch(self._raw))
+            self._records = iter(records)
+        return self._records
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._read()
 
     def __next__(self) -> Any:
-        if self._slow is None:
-            try:
-                rec = next(self._batch)
-            except UnicodeDecodeError:
-                self._slow = iter(_LenientBatch(self._raw))
-                for _ in range(self._read):
-                    next(self._slow)
-            else:
-                self._read += 1
-                return rec
-        return next(self._slow)
+        return next(self._read())
 
 
 class _LenientMemoryRecords:
@@ -362,7 +361,8 @@ class RecordAck:
 
 
 def drain_in_batches(consumer: Any, core: WorkerCore,
-                     on_batch: Callable[[list[Consumed]], Awaitable[None]]) -> None:
+                     on_batch: Callable[[list[Consumed]], Awaitable[None]],
+                     interleave: Interleaver) -> None:
     """Replace faust's fetch loop (``Consumer._drain_messages``) with one that hands the
     input records of each fetch to ``on_batch`` in chunks of :data:`BATCH_RECORDS`,
     in event-time order across a partition's topics (worker/interleave.py; what runs
@@ -381,7 +381,6 @@ def drain_in_batches(consumer: Any, core: WorkerCore,
         return
     inputs = set(core.modality_of)
     app = consumer.app
-    interleave = Interleaver(core.modality_of)
     paused: set[Any] = set()  # what the interleaver holds back is not fetched meanwhile
 
     def behind(tp: TopicPartition) -> bool:
