@@ -44,7 +44,7 @@ from streamproc.config import Settings
 from streamproc.errors import UserError
 from streamproc.topics import describe
 from streamproc.view.frames import FrameThrottle, PendingFrame, Thumbnail, thumbnail
-from streamproc.view.health import HealthPoller, HealthStatus
+from streamproc.view.health import HealthPoller
 from streamproc.view.state import NS_PER_MS, FrameInfo, ViewState
 from streamproc.wire.codec import (
     KafkaRecord,
@@ -581,6 +581,3 @@ def run_view(settings: Settings, out: TextIO = sys.stdout) -> int:
 
     asyncio.run(main())
     return 0
-
-
-__all__ = ["HealthStatus", "TopicKind", "ViewServer", "bind_warnings", "run_view"]
