@@ -235,7 +235,8 @@ class ViewProcess:
 def _port_free(host: str, port: int) -> bool:
     import socket
 
-    with socket.socket() as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
         # as the view's server binds: a port left in TIME_WAIT by an earlier run is free
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -381,8 +382,9 @@ def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layou
         worker.wait_ready()
         url = view.wait_url() if view is not None else None
         if url:
-            _say(f"live view: {url} (open it in a browser; it closes when the demo ends; "
-                 "--no-view turns it off)")
+            token = ", with ?token= and your view token" if settings.view_token else ""
+            _say(f"live view: {url} (open it in a browser{token}; it closes when the demo "
+                 "ends; --no-view turns it off)")
         publisher = Publisher(settings)
         # start a second from now, on a hop boundary: each 2 s digit then holds whole
         # windows exactly as the training windows were cut
