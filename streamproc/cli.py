@@ -155,6 +155,24 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# --- view ----------------------------------------------------------------------------
+
+
+def cmd_view(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+
+    from streamproc import kafka
+    from streamproc.view.server import run_view
+
+    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
+                        format="%(levelname)s %(name)s: %(message)s")
+    if settings.view_port == 0:
+        raise UserError("view_port is 0: give the view a port (--view-port)")
+    # a wrong address or login fails here, as one line, before anything is served
+    kafka.consumer(settings).close()
+    return run_view(settings)
+
+
 # --- worker --------------------------------------------------------------------------
 
 
@@ -554,6 +572,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     own_broker = args.bootstrap_servers is None and not os.environ.get("STREAMPROC_BOOTSTRAP")
     layout = Layout(Path(args.dir) if args.dir else default_dir())
+    if args.no_view:
+        settings = settings.replace(view_port=0)
     return run(settings, own_broker=own_broker, streams=args.streams, layout=layout,
                retrain=args.retrain, prepare_only=args.prepare_only, preset=args.preset,
                digits=args.digits)
@@ -621,6 +641,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "provisional's label (shown as a short 'confirms P' line without it); "
                    "--json always prints every revision")
 
+    p = _command(sub, "view", cmd_view, "Serve a live web view: a tile per stream (newest "
+                 "frame, label, modalities, words, latency), timelines, dead letters and the "
+                 "workers' health. Reads the topics with its own group-less consumer; never "
+                 "writes to Kafka.")
+    # short spellings of --view-host / --view-port (same settings, same environment)
+    p.add_argument("--host", dest="view_host", default=None, metavar="ADDRESS",
+                   help="same as --view-host [127.0.0.1; 0.0.0.0 serves every interface, "
+                        "with a warning]")
+    p.add_argument("--port", dest="view_port", default=None, metavar="INT",
+                   help="same as --view-port [8088]")
+
     _command(sub, "worker", cmd_worker, "Run a faust worker: align the input topics into "
              "windows and publish them; refuses to start unless the topics are co-partitioned. "
              "Stop with Ctrl-C or SIGTERM.")
@@ -641,6 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AV-Digits size the reference model is trained on [small]")
     p.add_argument("--digits", type=int, default=10,
                    help="digits per stream clip, 2 s each [10]")
+    p.add_argument("--no-view", action="store_true",
+                   help="serve no web view (same as --view-port 0)")
 
     return parser
 

@@ -137,6 +137,24 @@ class Settings:
                           "Kafka clients' own connection chatter is not shown; connection "
                           "failures are reported as one line with their cause.",
                           choices=LOG_LEVELS)
+    # --- web view (streamproc view) ------------------------------------------------------
+    view_host: str = _opt(
+        "127.0.0.1", "Address the web view binds to. Any address but a loopback one (0.0.0.0: "
+        "every interface) shows the streams to whoever can reach it; the view then warns.")
+    view_port: int = _opt(
+        8088, "Port of the web view (`streamproc view`, and the one `streamproc demo` "
+        "serves); 0: the demo serves no view.")
+    view_token: str = _opt(
+        "", "When set, the web view asks for this token: open /?token=TOKEN once (a cookie "
+        "keeps it) or send Authorization: Bearer TOKEN.", secret=True)
+    view_metrics_url: str = _opt(
+        "", "Worker /metrics endpoints the web view reads health from (lag, windows/s, batch "
+        "sizes, latencies), comma separated; empty: no health panel (the demo gives its "
+        "worker's).")
+    view_fps: float = _opt(
+        2.0, "Most frames per second per stream the web view decodes, downscales and sends.")
+    view_history_s: int = _opt(
+        120, "How much of each stream the web view's timeline shows (seconds of event time).")
 
     def __post_init__(self) -> None:
         checks = {
@@ -173,6 +191,11 @@ class Settings:
             "sasl_mechanism": (self.sasl_mechanism in ("", *SASL_MECHANISMS),
                                "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"),
             "log_level": (self.log_level in LOG_LEVELS, "must be debug, info, warning or error"),
+            "view_host": (bool(self.view_host.strip()), "must not be empty"),
+            "view_port": (0 <= self.view_port <= 65535, "must be a port, 0 to 65535"),
+            "view_fps": (0 < self.view_fps <= 30, "must be above 0 and at most 30"),
+            "view_history_s": (10 <= self.view_history_s <= 86400,
+                               "must be 10 to 86400 seconds"),
         }
         for name, (ok, rule) in checks.items():
             if not ok:
@@ -353,6 +376,8 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
     "model": ("model", "batch_size", "batch_max_wait_ms", "device"),
     "worker": ("app_id", "data_dir", "metrics_port", "web_port", "session_timeout_ms"),
     "logging": ("log_level",),
+    "view": ("view_host", "view_port", "view_token", "view_metrics_url", "view_fps",
+             "view_history_s"),
 }
 
 

@@ -127,6 +127,20 @@ def aio_consumer(settings: Settings) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(**_common(settings, "worker"), enable_auto_commit=False)
 
 
+def aio_reader(settings: Settings, role: str = "view") -> AIOKafkaConsumer:
+    """A group-less, read_committed aiokafka consumer sized for streamproc records, for a
+    reader on an event loop (``streamproc view``): the caller assigns partitions; with no
+    group it can commit nothing, so it never moves a worker group's offsets."""
+    return AIOKafkaConsumer(
+        **_common(settings, role),
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=settings.max_message_bytes,
+        fetch_max_bytes=max(settings.max_message_bytes, FETCH_MAX_BYTES),
+    )
+
+
 def faust_brokers(settings: Settings) -> list[str]:
     """The bootstrap servers as faust's broker URLs."""
     return [f"kafka://{address}" for address in bootstrap_servers(settings)]

@@ -180,6 +180,72 @@ class WorkerProcess:
         self._log.close()
 
 
+class ViewProcess:
+    """A real `streamproc view` subprocess serving the demo's topics, its log in a file.
+
+    It reads the worker's /metrics for the health panel. The configured port is used when
+    it is free, else any free port (a second demo, or a view already running there).
+    """
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        from streamproc.dev.localkafka import free_port
+
+        self.log_path = log_path
+        port = settings.view_port if _port_free(settings.view_host, settings.view_port) \
+            else free_port()
+        self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
+        args = [sys.executable, "-m", "streamproc.cli", "view",
+                "--bootstrap-servers", settings.bootstrap_servers,
+                "--topic-prefix", settings.topic_prefix, "--view-host", settings.view_host,
+                "--view-port", str(port), "--view-fps", str(settings.view_fps),
+                "--view-history-s", str(settings.view_history_s),
+                "--max-message-bytes", str(settings.max_message_bytes)]
+        metrics = settings.view_metrics_url or (
+            f"http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else "")
+        if metrics:
+            args += ["--view-metrics-url", metrics]
+        # the token (if any) travels in the environment, never on a command line
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "STREAMPROC_VIEW_TOKEN": settings.view_token}
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_url(self, timeout: float = 60.0) -> str | None:
+        """The URL it serves, once it does; None (and why, on stderr) when it could not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log().splitlines():
+                if line.startswith("streamproc view: http"):
+                    return line.split()[2]
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        _say(f"the web view did not start (log: {self.log_path}); the demo goes on without it")
+        return None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        from streamproc.dev.localkafka import terminate
+
+        terminate(self.proc, timeout)
+        self._log.close()
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        # as the view's server binds: a port left in TIME_WAIT by an earlier run is free
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def expected_windows(settings: Settings, clip, origin_ns: int) -> list[int]:
     """Starts of every window that overlaps the clip's span (what the worker must emit)."""
     hop, win = settings.hop_ms * 1_000_000, settings.window_ms * 1_000_000
@@ -305,13 +371,20 @@ def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layou
         # a fresh prefix per run, so an earlier demo's records never mix in
         prefix = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
         settings = settings.replace(topic_prefix=prefix, app_id=prefix)
-    worker = None
+    worker = view = None
     try:
         create_topics(settings)
         _say(f"topics {settings.topic_prefix}.* on {settings.bootstrap_servers}")
         worker = WorkerProcess(settings, layout.model, layout.logs / "worker.log")
         _say(f"worker starting (log: {worker.log_path})")
+        if settings.view_port:
+            view = ViewProcess(settings, layout.logs / "view.log")
         worker.wait_ready()
+        url = view.wait_url() if view is not None else None
+        if url:
+            token = ", with ?token= and your view token" if settings.view_token else ""
+            _say(f"live view: {url} (open it in a browser{token}; it closes when the demo "
+                 "ends; --no-view turns it off)")
         publisher = Publisher(settings)
         # start a second from now, on a hop boundary: each 2 s digit then holds whole
         # windows exactly as the training windows were cut
@@ -358,6 +431,8 @@ def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layou
     finally:
         if worker is not None:
             worker.stop()
+        if view is not None:  # after the worker: the page gets the last finals meanwhile
+            view.stop()
         if broker is not None:
             broker.stop()
             _say("local broker stopped")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import urllib.request
 
 import pytest
 
@@ -15,11 +17,32 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
 def test_demo_predicts_every_window_of_its_clips_and_summarises(settings: Settings,
-                                                                tmp_path) -> None:
+                                                                tmp_path, capsys) -> None:
     layout = Layout(tmp_path / "demo")
     out = io.StringIO()
-    s = settings.replace(metrics_port=free_port())
-    rc = run(s, own_broker=False, streams=2, layout=layout, preset="tiny", digits=3, out=out)
+    port = free_port()
+    s = settings.replace(metrics_port=free_port(), view_port=port)
+    # the web view the demo serves, read while it runs (as a browser would, by its API)
+    views: list[dict] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.5):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state",
+                                            timeout=3) as r:
+                    views.append(json.load(r))
+            except OSError:
+                pass
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        rc = run(s, own_broker=False, streams=2, layout=layout, preset="tiny", digits=3,
+                 out=out)
+    finally:
+        done.set()
+        watcher.join(10)
     text = out.getvalue()
     assert rc == 0, text
     lines = text.splitlines()
@@ -39,6 +62,15 @@ def test_demo_predicts_every_window_of_its_clips_and_summarises(settings: Settin
     assert provisional and any(" P " in line for line in lines)
     assert any(line.startswith("provisional predictions (before the transcript") for line in lines)
     assert any(line.startswith("latency, window end -> first prediction") for line in lines)
+    # it said where its view was, and the view showed both streams live, with the
+    # worker's health
+    assert f"live view: http://127.0.0.1:{port}/" in capsys.readouterr().err
+    assert views, "the demo's view never answered"
+    last = views[-1]
+    assert set(last["streams"]) == {"cam1", "cam2"}
+    assert all(v["tile"]["label"] and v["windows"] for v in last["streams"].values())
+    assert any(v["streams"].get("cam1", {}).get("tile", {}).get("frame") for v in views)
+    assert any(v["health"]["status"] == "ok" for v in views)
     # the clip files it replayed, and the cached model a second run reuses
     assert (layout.clips / "cam1.avi").stat().st_size > 0
     assert (layout.model / "recipe.sha256").exists()

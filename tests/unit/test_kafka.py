@@ -33,7 +33,8 @@ def test_every_client_gets_the_servers_the_security_settings_and_a_client_id(
         recorded: None) -> None:
     s = Settings(bootstrap_servers="a:9092, b:9093", app_id="grp", **SASL)
     clients = {"producer": kafka.producer(s), "reader": kafka.consumer(s),
-               "admin": kafka.admin(s), "worker": kafka.aio_consumer(s)}
+               "admin": kafka.admin(s), "worker": kafka.aio_consumer(s),
+               "view": kafka.aio_reader(s)}
     for role, client in clients.items():
         options = client.options
         assert options["bootstrap_servers"] == ["a:9092", "b:9093"], role
@@ -52,6 +53,10 @@ def test_readers_see_committed_records_only_and_never_commit(recorded: None) -> 
     assert options["group_id"] is None and options["enable_auto_commit"] is False
     assert options["max_partition_fetch_bytes"] == 80_000_000 <= options["fetch_max_bytes"]
     assert kafka.aio_consumer(s).options["enable_auto_commit"] is False
+    view = kafka.aio_reader(s).options  # the web view's reader, on an event loop
+    assert view["isolation_level"] == "read_committed"
+    assert view["group_id"] is None and view["enable_auto_commit"] is False
+    assert view["max_partition_fetch_bytes"] == 80_000_000 <= view["fetch_max_bytes"]
 
 
 def test_producer_options_are_the_config_and_batches_fit_the_topics(recorded: None) -> None:
