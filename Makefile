@@ -1,5 +1,5 @@
 # The two commands of the README. Both run scripts/setup first (idempotent, cached).
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench bench-env
 
 setup:
 	@scripts/setup
@@ -15,3 +15,6 @@ test: setup  ## the whole test suite against a real local Kafka broker
 lint: setup  ## ruff, and mypy on the packages pyproject.toml [tool.mypy] lists
 	.venv/bin/ruff check streamproc tests benchmarks
 	.venv/bin/python -m mypy
+
+bench-env: setup  ## .venv-bench: the runtime packages + the `bench` extra (Quix Streams, Bytewax)
+	@scripts/bench-env

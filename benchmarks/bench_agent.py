@@ -28,9 +28,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
 import os
 import re
+import resource
 import signal
 import statistics
 import subprocess
@@ -38,11 +40,14 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from kafka import KafkaProducer
+from kafka.admin import ConfigResource, ConfigResourceType
 
+from streamproc import kafka
 from streamproc.config import MODALITIES, Settings
 from streamproc.topics import create_topics
 from streamproc.wire import codec as wire
@@ -54,12 +59,15 @@ from bench_producer import machine
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
-def produce_backlog(settings: Settings, seconds: int) -> int:
+def produce_backlog(settings: Settings, seconds: int,
+                    then: Iterable[wire.MediaRecord] = ()) -> int:
+    """W1's records to the input topics in arrival order, then ``then``; how many."""
+    keep_backlog(settings)
     producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
                              linger_ms=5, batch_size=1 << 20,
                              max_request_size=settings.max_message_bytes)
     n = 0
-    for _arrival, rec in w1_records(seconds):
+    for rec in itertools.chain((r for _arrival, r in w1_records(seconds)), then):
         k = wire.encode(rec)
         producer.send(settings.topic(rec.modality), key=k.key, value=k.value,
                       headers=list(k.headers), timestamp_ms=k.timestamp_ms)
@@ -67,6 +75,19 @@ def produce_backlog(settings: Settings, seconds: int) -> int:
     producer.flush(120)
     producer.close()
     return n
+
+
+def keep_backlog(settings: Settings, topics: Iterable[str] = ()) -> None:
+    """No time-based retention on the input topics (and ``topics``): W1's event times (the
+    records' timestamps) are in 2023, so the broker's retention check, every 5 minutes,
+    would delete a backlog as old while a benchmark still reads it."""
+    admin = kafka.admin(settings)
+    try:
+        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, t,
+                                            configs={"retention.ms": "-1"})
+                             for t in (*settings.input_topics, *topics)])
+    finally:
+        admin.close()
 
 
 async def _loop(settings: Settings, n: int, decode: bool) -> float:
@@ -100,17 +121,26 @@ def run_loop(settings: Settings, n: int, decode: bool) -> float:
     return asyncio.run(_loop(settings, n, decode))
 
 
-def run_agent(settings: Settings, n: int, noop: bool = False, profile: str = "") -> dict:
-    """The worker in a child process (faust owns its event loop and signal handlers)."""
+def run_agent(settings: Settings, n: int, noop: bool = False, profile: str = "",
+              settle_s: float = 0.0, windows: int = 0, timeout_s: float = 600) -> dict:
+    """The worker in a child process (faust owns its event loop and signal handlers).
+
+    Timed from its first record to its ``n``-th: ``events_s``, and ``cpu_run_s`` (process
+    CPU over that span); ``maxrss_kb`` is the child's peak RSS. ``settle_s`` > 0: after the
+    ``n``-th record the worker runs on (idle deadlines close a backlog's last windows) until
+    ``windows`` windows are published, or, without that many, until every window it emitted
+    is published and none came for ``settle_s``; then it stops.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         s = settings.replace(app_id=f"bench{uuid.uuid4().hex[:8]}", data_dir=tmp, web_port=0,
                              metrics_port=0, log_level="warning")
         env = dict(os.environ, BENCH_SETTINGS=json.dumps(dataclasses.asdict(s)), BENCH_N=str(n),
                    BENCH_OUT=str(out), BENCH_NOOP="1" if noop else "",
-                   BENCH_PROFILE=profile)
+                   BENCH_PROFILE=profile, BENCH_SETTLE=str(settle_s),
+                   BENCH_WINDOWS=str(windows))
         proc = subprocess.run([sys.executable, __file__, "--agent-child"], env=env,
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=timeout_s)
         if not out.exists():
             raise RuntimeError(f"agent child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         return json.loads(out.read_text())
@@ -133,6 +163,8 @@ def agent_child() -> None:
                 state.gate.admit((record.topic, record.partition), record.offset)
                 record.handle.ack()
             state._releasing = False
+    settle_s = float(os.environ.get("BENCH_SETTLE") or 0)
+    want = int(os.environ.get("BENCH_WINDOWS") or 0)
     marks = {"seen": 0}
     prof = None
     if os.environ.get("BENCH_PROFILE"):
@@ -141,22 +173,43 @@ def agent_child() -> None:
         prof = cProfile.Profile()
         prof.enable()
 
+    def finish() -> None:
+        out.write_text(json.dumps({
+            "events_s": n / marks["elapsed"], "cpu_s": time.process_time(),
+            "cpu_run_s": marks["cpu_run"], "cpu_us": marks["cpu_run"] / n * 1e6,
+            "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "windows": state.counters.get("windows_emitted"),
+            "published": state.counters.get("windows_published"),
+            "dead_letters": state.counters.get("dead_letters")}))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def settled(seen: tuple[float, float], since: float) -> None:
+        # every emitted window published, and no new one for settle_s: the backlog is done
+        now = (state.counters.get("windows_emitted"), state.counters.get("windows_published"))
+        if now != seen or now[0] != now[1]:
+            since = time.monotonic()
+        if (want and now[1] >= want) or time.monotonic() - since >= settle_s:
+            finish()
+        else:
+            asyncio.get_running_loop().call_later(0.2, settled, now, since)
+
     def timed(records) -> None:
         if not marks["seen"]:
             marks["first"] = time.perf_counter()
-            marks["cpu"] = time.process_time()
+            marks["cpu0"] = time.process_time()
         on_records(records)
+        before = marks["seen"]
         marks["seen"] += len(records)
-        if marks["seen"] >= n:
-            el = time.perf_counter() - marks["first"]
+        if before < n <= marks["seen"]:
+            marks["elapsed"] = time.perf_counter() - marks["first"]
+            marks["cpu_run"] = time.process_time() - marks["cpu0"]
             if prof is not None:
                 prof.disable()
                 prof.dump_stats(os.environ["BENCH_PROFILE"])
-            out.write_text(json.dumps({
-                "events_s": n / el, "cpu_us": (time.process_time() - marks["cpu"]) / n * 1e6,
-                "windows": state.counters.get("windows_emitted"),
-                "dead_letters": state.counters.get("dead_letters")}))
-            os.kill(os.getpid(), signal.SIGTERM)
+            if settle_s > 0:
+                settled((-1.0, -1.0), time.monotonic())
+            else:
+                finish()
 
     state.on_records = timed
     Worker(app, loglevel="WARNING", quiet=True).execute_from_commandline()
@@ -232,17 +285,21 @@ def main() -> int:
 
 def write_docs(body: str) -> None:
     """Replace (or add) the "## Agent" section of docs/benchmarks.md, nothing else."""
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    section = ("## Agent\n\n`benchmarks/bench_agent.py`: the worker's agent against a bare "
-               "aiokafka consume loop over the same records, same run.\n\n" + body + "\n")
-    m = re.search(r"^## Agent\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
-    if m is None:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        text = text[:m.start()] + section + "\n" + text[m.end():].lstrip("\n")
-    DOCS.parent.mkdir(exist_ok=True)
-    DOCS.write_text(text.rstrip("\n") + "\n")
+    write_section("Agent", "`benchmarks/bench_agent.py`: the worker's agent against a bare "
+                  "aiokafka consume loop over the same records, same run.\n\n" + body)
 
+
+def write_section(heading: str, text: str) -> None:
+    """Replace (or add) the "## heading" section of docs/benchmarks.md, nothing else."""
+    doc = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    section = f"## {heading}\n\n{text.strip()}\n"
+    m = re.search(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", doc, flags=re.S | re.M)
+    if m is None:
+        doc = doc.rstrip("\n") + "\n\n" + section
+    else:
+        doc = doc[:m.start()] + section + "\n" + doc[m.end():].lstrip("\n")
+    DOCS.parent.mkdir(exist_ok=True)
+    DOCS.write_text(doc.rstrip("\n") + "\n")
 
 if __name__ == "__main__":
     sys.exit(main())
