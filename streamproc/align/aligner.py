@@ -639,7 +639,13 @@ class Aligner:
         ts, h = frame.ts_ns, self._h
         for k in range(((ts - self._w) // h + 1) * h, ts // h * h + h, h):
             b = st.buckets.get(k)
-            if b is not None and sum(f.ts_ns < ts for f in b.recs["video"]) in picks:
+            if b is None:
+                continue
+            frames = b.recs["video"]
+            # its place: the last frame when frames come in order, else counted
+            at = len(frames) - 1 if frames and frames[-1] is frame else \
+                sum(f.ts_ns < ts for f in frames)
+            if at in picks:
                 return True
         return False
 

@@ -39,6 +39,9 @@ class JpegError(ValueError):
 #: costs one walk over its segment lengths and the search for the end of its scan.
 _PASSED: dict[bytes, tuple[int, int]] = {}
 _PASSED_MAX = 64
+#: Longer headers (a big EXIF or comment segment) are not remembered: memory stays small,
+#: and a camera that stamps each frame there would never hit anyway.
+_PASSED_HEADER_MAX = 64 * 1024
 
 
 def _first_scan_data(data: bytes) -> int | None:
@@ -67,7 +70,7 @@ def check_structure(data: bytes) -> tuple[int, int]:
             if m is not None and m.start() == len(data) - 2:
                 return size
     size = _check(data)
-    if start is not None and data.endswith(b"\xff\xd9"):
+    if start is not None and start <= _PASSED_HEADER_MAX and data.endswith(b"\xff\xd9"):
         m = _SCAN_END.search(data, start)
         if m is not None and m.start() == len(data) - 2:
             if len(_PASSED) >= _PASSED_MAX:

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,17 @@ def create_app(settings: Settings, *, partitions: int | None = None,
         await publish(progress, rec)
 
     progress_writer = ProgressWriter(send_progress)
+    # what the fetch loop holds back to interleave a partition's topics by event time
+    interleave = Interleaver(settings.input_topics)
+    consumer_state = patches.consumer_fetch_state(app)
+
+    def fetch_state(tp: tuple[str, int]) -> tuple[int | None, int | None]:
+        end, fetched_ns = consumer_state(tp)
+        if fetched_ns is not None and interleave.is_held(tp):
+            # not fetched while its records wait in hand: no stalled fetch, no idle pause
+            fetched_ns = time.time_ns()
+        return end, fetched_ns
+
     core = WorkerCore(settings, submit=output.submit,
                       send_dead_letter=lambda rec: publish(dead_letters, rec),
                       record_progress=progress_writer.record,
@@ -178,15 +190,12 @@ def create_app(settings: Settings, *, partitions: int | None = None,
                       on_frame=None if predictor is None else predictor.decode_early,
                       counters=metrics.counters, crash=crash,
                       flowing=lambda: app.flow_control.is_active(),
-                      fetch_state=patches.consumer_fetch_state(app),
+                      fetch_state=fetch_state,
                       fetch_skips=patches.FETCH_SKIPS)
     app.streamproc = core  # type: ignore[attr-defined]
 
     async def earliest_offset(tp: tuple[str, int]) -> int:
         return (await app.consumer.earliest_offsets(TP(*tp))).get(TP(*tp)) or 0
-
-    # what the fetch loop holds back to interleave a partition's topics by event time
-    interleave = Interleaver(settings.input_topics)
 
     async def seek(tp: tuple[str, int], offset: int) -> None:
         interleave.drop([tp])  # fetched past the hole: read again after it
@@ -242,6 +251,7 @@ def create_app(settings: Settings, *, partitions: int | None = None,
     # faust types a signal's receivers as taking *args; these take what faust sends them
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(sender: faust.App, revoked: set, **kwargs: Any) -> None:
+        interleave.drop([(tp.topic, tp.partition) for tp in revoked])
         core.on_revoked((tp.topic, tp.partition) for tp in revoked)
 
     declared: list[bool] = []

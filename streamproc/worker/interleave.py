@@ -8,7 +8,8 @@ topic-partition brought more than :data:`AHEAD_MS` ahead of a sibling topic (the
 partition of another input topic) that has more to read, stops fetching it meanwhile, and
 hands records on merged by event time (the record timestamp, which the wire format sets to
 the event time). A sibling that has nothing more to read (live input, a dead source) holds
-nothing back, and nothing is held longer than :data:`MAX_HOLD_NS` of wall time.
+nothing back, and a partition none of whose records could go for :data:`MAX_HOLD_NS` of
+wall time is released whole.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ TP = tuple[str, int]
 
 #: How far (event time, ms) one input topic may run ahead of a sibling with more to read.
 AHEAD_MS = 1000
-#: Longest a partition's records are held back waiting for a sibling (wall clock, ns): a
-#: sibling that cannot be fetched (a broker away) must not stop the others.
+#: Longest a partition's records are held back while none of them can go (wall clock, ns):
+#: a sibling that cannot be fetched (a broker away) must not stop the others.
 MAX_HOLD_NS = 2_000_000_000
 
 
@@ -70,6 +71,10 @@ class Interleaver:
             self._take_partition(partition, behind, now, out)
         return out
 
+    def is_held(self, tp: TP) -> bool:
+        """Whether ``tp`` has records held back."""
+        return bool(self._pending.get(tp))
+
     def held(self) -> set[TP]:
         """Topic-partitions with records held back: not to be fetched until they go."""
         return {tp for tp, q in self._pending.items() if q}
@@ -103,6 +108,7 @@ class Interleaver:
             else:
                 limit(tp)
         heapq.heapify(heads)
+        released = len(out)
         while heads:
             ts, i, tp = heads[0]
             if ts > bound:
@@ -115,10 +121,12 @@ class Interleaver:
             else:
                 heapq.heappop(heads)
                 limit(tp)
-        if heads:
-            self._holding_since.setdefault(partition, now)
-        else:
+        if not heads:
             self._holding_since.pop(partition, None)
+        elif len(out) > released or since is None:
+            # the limit is on time without progress: a sibling read steadily holds the
+            # others back for as long as its backlog takes
+            self._holding_since[partition] = now
 
 
 def _ts(record: Timestamped) -> int:

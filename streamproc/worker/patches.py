@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from importlib import metadata
@@ -399,6 +400,26 @@ def drain_in_batches(consumer: Any, core: WorkerCore,
         paused.clear()
         paused.update(held)
 
+    generation = [app.consumer_generation_id]
+
+    def rebalanced() -> None:
+        # faust resumed every assigned partition and may have moved positions: what was
+        # held is read again, and nothing is paused by us any more
+        generation[0] = app.consumer_generation_id
+        interleave.drop()
+        paused.clear()
+
+    def handed(records: list[Any]) -> list[Consumed]:
+        now = time.monotonic()
+        inbound = app.monitor.stream_inbound_time if app.monitor is not None else {}
+        out = []
+        for r in records:
+            tp = TP(r.topic, r.partition)
+            inbound[tp] = now  # faust's stalled-stream check reads this (no stream here)
+            out.append(Consumed(r.topic, r.partition, r.offset, KafkaRecord.from_client(r),
+                                RecordAck(consumer, tp, r.offset)))
+        return out
+
     async def drain(fetcher: Any) -> None:
         consumer_stopped = consumer._stopped.is_set
         fetcher_stopped = fetcher._stopped.is_set
@@ -412,27 +433,35 @@ def drain_in_batches(consumer: Any, core: WorkerCore,
                 await asyncio.sleep(0)  # a fetch can return at once again and again
                 if consumer.should_stop:
                     continue
+                if app.consumer_generation_id != generation[0]:
+                    rebalanced()
                 if not consumer.flow_active:
                     interleave.drop()
                     pause_held()
                     if records:
-                        await consumer.perform_seek()
+                        try:
+                            await consumer.perform_seek()
+                        except Exception as exc:  # mid-rebalance; faust's loop goes on too
+                            log.warning("seek to the committed offsets failed: %r", exc)
                     continue
-                generation = app.consumer_generation_id
+                gen = app.consumer_generation_id
                 for tp, recs in (records or {}).items():
                     if tp.topic in inputs:
                         interleave.put((tp.topic, tp.partition), recs)
                     else:
                         for r in recs:
                             await callback(consumer._to_message(tp, r))
-                batch = [Consumed(r.topic, r.partition, r.offset, KafkaRecord.from_client(r),
-                                  RecordAck(consumer, TP(r.topic, r.partition), r.offset))
-                         for r in interleave.take(behind)]
+                ready = interleave.take(behind)
                 pause_held()
-                for i in range(0, len(batch), BATCH_RECORDS):
-                    if not consumer.flow_active or app.consumer_generation_id != generation:
+                for i in range(0, len(ready), BATCH_RECORDS):
+                    if not consumer.flow_active or app.consumer_generation_id != gen:
                         break  # a rebalance began: the rest is read again after it
-                    await on_batch(batch[i:i + BATCH_RECORDS])
+                    await on_batch(handed(ready[i:i + BATCH_RECORDS]))
+                    await asyncio.sleep(0)  # timers, publish callbacks, commits between
+        except consumer.consumer_stopped_errors:
+            if app.should_stop:
+                return
+            raise
         except asyncio.CancelledError:
             if app.should_stop:
                 return

@@ -83,3 +83,22 @@ def test_drop_forgets_what_was_pending() -> None:
     il.put((A, 1), recs(A, 1, [200], first=2))
     il.drop()
     assert il.take(caught_up) == [] and il.held() == set()
+
+
+def test_a_sibling_read_steadily_holds_the_others_longer_than_the_hold_limit() -> None:
+    """The hold limit is on time without progress: a minute of audio waits while its
+    video's backlog is read fetch after fetch, however long that takes."""
+    clock = ManualClock(0)
+    il = Interleaver((V, A, T), clock=clock)
+    il.put((A, 0), recs(A, 0, list(range(0, 60_000, 100))))
+    behind = {(V, 0)}
+    video_at, offset = 0, 0
+    for _ in range(20):  # 20 fetches of 1 s of video, 0.5 s of wall time apart: 10 s
+        stamps = list(range(video_at, video_at + 1000, 66))
+        il.put((V, 0), recs(V, 0, stamps, first=offset))
+        offset += len(stamps)
+        video_at += 1000
+        out = il.take(lambda tp: tp in behind)
+        assert max(r.timestamp for r in out if r.topic == A) <= stamps[-1] + AHEAD_MS
+        clock.now += MAX_HOLD_NS // 4
+    assert il.held() == {(A, 0)} and il.is_held((A, 0)) and not il.is_held((V, 0))
