@@ -273,9 +273,9 @@ def _builtin(arch: str, fusion: str, modalities: tuple[str, ...],
                 base = PRETRAINED_ENCODERS.get(kind, enc[m])
                 enc[m] = dataclasses.replace(base, kind=kind, dim=dim)
         if "video" in enc:
+            video: dict[str, Any] = {"frames": video_frames, "input_size": video_size}
             enc["video"] = dataclasses.replace(
-                enc["video"], **{k: v for k, v in (("frames", video_frames),
-                                                   ("input_size", video_size)) if v is not None})
+                enc["video"], **{k: v for k, v in video.items() if v is not None})
         enc.update(encoders or {})
         pre = encoder_preprocess(preprocess or Preprocess(), enc)
         cfg = ModelConfig(arch, list(labels), pre, modalities, fusion,

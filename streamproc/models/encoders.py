@@ -447,7 +447,7 @@ class VideoEfficientNet(FrozenEncoder):
             x = batch.video[rows, slots] + 0.5  # [N, 3, S, S] in [0, 1]
             mean = x.new_tensor(self.MEAN).view(1, 3, 1, 1)
             std = x.new_tensor(self.STD).view(1, 3, 1, 1)
-            net = self.backbone(x.device)
+            net: Any = self.backbone(x.device)  # the package's EfficientNet
             feats = net.extract_features((x - mean) / std).mean(dim=(2, 3))
             out[rows, cols] = feats
         return out
