@@ -408,8 +408,9 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from streamproc.ml.train import train_command
 
     options = _options(args.option)
-    if args.text_encoder:
-        options["text_encoder"] = args.text_encoder
+    for key in ("text_encoder", "video_encoder", "audio_encoder"):
+        if getattr(args, key):
+            options[key] = getattr(args, key)
     for key in ("name", "version"):
         if getattr(args, key):
             options[key] = getattr(args, key)
@@ -444,7 +445,9 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
         raise UserError("--seeds needs at least one seed")
     results = benchmark(args.dataset, args.out, methods=methods, seeds=seeds,
                         cfg=_train_config(args, settings), ensemble_size=args.ensemble,
-                        text_encoder=args.text_encoder or "gru")
+                        text_encoder=args.text_encoder or "gru",
+                        video_encoder=args.video_encoder or "cnn",
+                        audio_encoder=args.audio_encoder or "cnn")
     print(results["markdown"])
     return 0
 
@@ -513,6 +516,12 @@ def _model_parsers(sub: argparse._SubParsersAction) -> None:
                        help="probability of masking each modality of a training window [0.3]")
         p.add_argument("--text-encoder", choices=["gru", "transformer", "minilm"],
                        default=None, help="text encoder [gru]; minilm needs the extra")
+        p.add_argument("--video-encoder", choices=["cnn", "efficientnet-lite0"], default=None,
+                       help="video encoder [cnn]; efficientnet-lite0: pretrained on ImageNet, "
+                            "frozen (only its projection trains)")
+        p.add_argument("--audio-encoder", choices=["cnn", "silero-vad"], default=None,
+                       help="audio encoder [cnn]; silero-vad: the pretrained Silero VAD "
+                            "network, frozen (only its projection trains)")
         p.add_argument("--threads", type=int, default=1,
                        help="torch CPU threads (0: torch's default) [1]")
         p.add_argument("--device", dest="device", default=None,

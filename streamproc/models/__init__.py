@@ -25,7 +25,13 @@ from torch import nn
 
 from streamproc.config import MODALITIES
 from streamproc.errors import UserError
-from streamproc.models.encoders import DEFAULT_ENCODERS, EncoderConfig, build_encoder
+from streamproc.models.encoders import (
+    DEFAULT_ENCODERS,
+    EncoderConfig,
+    FrozenEncoder,
+    build_encoder,
+    encoder_preprocess,
+)
 from streamproc.models.fusion import FUSIONS, build_fusion, count_parameters
 from streamproc.models.preprocess import Preprocess, WindowBatch, make_batch
 
@@ -34,6 +40,7 @@ __all__ = [
     "MODELS",
     "ModelConfig",
     "MultimodalModel",
+    "cache_frozen_features",
     "check_protocol",
     "count_parameters",
     "create_model",
@@ -96,9 +103,14 @@ class MultimodalModel(nn.Module):
         self.encoders = nn.ModuleDict({
             m: build_encoder(m, config.encoders.get(m, DEFAULT_ENCODERS[m]), config.preprocess)
             for m in config.modalities})
+        for m, enc in self.encoders.items():
+            if isinstance(enc, FrozenEncoder):  # records the frozen weights it was built on
+                config.encoders[m] = enc.config
         pre = config.preprocess
         token_lens = {"video": pre.frames_per_window, "audio": pre.n_audio_frames // 4,
                       "text": pre.max_text_tokens if self._text_kind() != "minilm" else 1}
+        token_lens.update({m: e.n_tokens for m, e in self.encoders.items()
+                           if isinstance(e, FrozenEncoder)})
         self.fusion = build_fusion(
             config.fusion, config.modalities, {m: e.dim for m, e in self.encoders.items()},
             token_lens, len(config.labels), **config.fusion_options)
@@ -176,6 +188,37 @@ def predict_proba(model: Any, windows: Sequence[Any],
     return probs
 
 
+def cache_frozen_features(model: Any, batch: WindowBatch,
+                          device: str | torch.device | None = None,
+                          chunk: int = 64) -> WindowBatch:
+    """``batch`` with the outputs of the model's frozen encoders computed once
+    (``batch.features``) and the raw input only they read (frames, waveform) emptied.
+
+    Training calls this per split: every epoch then costs only the trained layers, and a
+    split's memory is its features (a few KB per window), not its decoded frames. Any model
+    with the same frozen encoders can use the result; ``device`` runs the backbones there
+    (default: where the model is).
+    """
+    frozen = {m: e for m, e in getattr(model, "encoders", {}).items()
+              if isinstance(e, FrozenEncoder)}
+    if not frozen:
+        return batch
+    dev = torch.device(device) if device is not None else model_device(model)
+    feats: dict[str, torch.Tensor] = dict(batch.features)
+    for enc in frozen.values():
+        if enc.feature_key in feats:
+            continue
+        parts = [enc.features(batch.select(slice(i, i + chunk)).to(dev)).cpu()
+                 for i in range(0, len(batch), chunk)]
+        feats[enc.feature_key] = torch.cat(parts)
+    video, wave = batch.video, batch.waveform
+    if "video" in frozen:
+        video = video[:, :, :, :0, :0]
+    if "audio" in frozen:
+        wave = wave[:, :0]
+    return dataclasses.replace(batch, video=video, waveform=wave, features=feats)
+
+
 # ---------------------------------------------------------------------------------------
 # registry
 # ---------------------------------------------------------------------------------------
@@ -207,17 +250,35 @@ def create_model(arch: str, /, labels: Sequence[str], preprocess: Preprocess | N
     return MODELS[arch](list(labels), preprocess or Preprocess(), **options)
 
 
+#: Encoder settings of the pretrained encoders, by name (``dim`` comes from the model).
+PRETRAINED_ENCODERS = {
+    # two of the K frames: each costs a network pass, and a window's frames barely differ
+    "efficientnet-lite0": EncoderConfig("efficientnet-lite0", frames=2, dropout=0.2),
+    "silero-vad": EncoderConfig("silero-vad", dropout=0.2),
+}
+
+
 def _builtin(arch: str, fusion: str, modalities: tuple[str, ...],
              defaults: dict[str, Any]) -> ModelFactory:
     def factory(labels: list[str], preprocess: Preprocess | None = None, *,
-                text_encoder: str = "gru", dim: int = 64, name: str = "",
+                text_encoder: str = "gru", video_encoder: str = "cnn",
+                audio_encoder: str = "cnn", video_frames: int | None = None,
+                video_size: int | None = None, dim: int = 64, name: str = "",
                 version: str = "1", encoders: dict[str, EncoderConfig] | None = None,
                 **fusion_options: Any) -> MultimodalModel:
         enc = {m: dataclasses.replace(DEFAULT_ENCODERS[m], dim=dim) for m in modalities}
-        if "text" in enc:
-            enc["text"] = dataclasses.replace(enc["text"], kind=text_encoder)
+        for m, kind in (("video", video_encoder), ("audio", audio_encoder),
+                        ("text", text_encoder)):
+            if m in enc:
+                base = PRETRAINED_ENCODERS.get(kind, enc[m])
+                enc[m] = dataclasses.replace(base, kind=kind, dim=dim)
+        if "video" in enc:
+            video: dict[str, Any] = {"frames": video_frames, "input_size": video_size}
+            enc["video"] = dataclasses.replace(
+                enc["video"], **{k: v for k, v in video.items() if v is not None})
         enc.update(encoders or {})
-        cfg = ModelConfig(arch, list(labels), preprocess or Preprocess(), modalities, fusion,
+        pre = encoder_preprocess(preprocess or Preprocess(), enc)
+        cfg = ModelConfig(arch, list(labels), pre, modalities, fusion,
                           {**defaults, **fusion_options}, enc, name, version)
         return MultimodalModel(cfg)
     factory.__name__ = arch

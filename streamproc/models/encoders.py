@@ -1,10 +1,14 @@
-"""Per-modality encoders: small, CPU-friendly, trainable from scratch.
+"""Per-modality encoders: small CNNs/RNNs trained from scratch, or frozen pretrained ones.
 
 Every encoder maps its slice of a :class:`~streamproc.models.preprocess.WindowBatch` to an
 :class:`Encoded`: one pooled vector per window plus a token sequence with its mask (the
 tokens feed cross-modal attention). Rows whose modality is absent come out as zeros with
 all-False masks, and the network never runs on them, so padding cannot leak into batch
 statistics.
+
+Pretrained encoders (:class:`FrozenEncoder`: ``efficientnet-lite0`` for video, ``silero-vad``
+for audio, ``minilm`` for text) keep their network frozen and outside ``state_dict``; only a
+projection and the pooling train, and checkpoints record which weights they sat on.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -37,6 +42,14 @@ class EncoderConfig:
     width: int = 16  # CNN base channels / text embedding size
     pooling: str = "attention"  # over frames / time / tokens: "attention" or "mean"
     dropout: float = 0.1
+    # pretrained video: frames of the K embedded per window (0: all K) and the image side
+    # the network sees (0: its default). Frames a second apart barely differ, and each
+    # costs a full pass of the network.
+    frames: int = 0
+    input_size: int = 0
+    # pretrained: ``package==version:sha256`` of the frozen weights (filled in when built;
+    # a checkpoint is refused on other weights, its head would be meaningless there)
+    weights: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -301,11 +314,217 @@ class TextMiniLM(nn.Module):
         return Encoded(out, out.unsqueeze(1), present.unsqueeze(1))
 
 
+# ---------------------------------------------------------------------------------------
+# frozen pretrained encoders
+# ---------------------------------------------------------------------------------------
+
+
+class FrozenEncoder(nn.Module):
+    """A frozen pretrained backbone's per-token features -> trained projection -> pooling.
+
+    The backbone (:mod:`streamproc.models.pretrained`) is held outside the module tree, so
+    it is in no ``state_dict``, optimiser or parameter count, never switches to train mode,
+    and checkpoints stay small. ``features(batch)`` is deterministic, so training computes
+    it once per window (``batch.features[feature_key]``) instead of once per epoch.
+    """
+
+    modality = "?"
+    backbone_name = "?"
+    feature_dim = 0
+
+    def __init__(self, cfg: EncoderConfig, pre: Preprocess) -> None:
+        super().__init__()
+        from streamproc.models.pretrained import BACKBONES
+
+        for name, want in self.preprocess_overrides(cfg).items():
+            if getattr(pre, name) != want:
+                raise UserError(f"the {self.modality} encoder {cfg.kind!r} needs preprocessing "
+                                f"{name}={want!r}, got {getattr(pre, name)!r}")
+        identity = BACKBONES[self.backbone_name].identity()
+        if cfg.weights and cfg.weights != identity:
+            raise UserError(
+                f"this model's {self.modality} encoder was trained on the frozen weights "
+                f"{cfg.weights}, but {identity} is installed: install that version (see "
+                "requirements.lock) or re-train")
+        self.config = dataclasses.replace(cfg, weights=identity)
+        self.proj = nn.Sequential(nn.Linear(self.feature_dim, cfg.dim), nn.ReLU(inplace=True),
+                                  nn.Dropout(cfg.dropout))
+        self.pool = Pool(cfg.dim, cfg.pooling)
+        self.dim = cfg.dim
+
+    @classmethod
+    def preprocess_overrides(cls, cfg: EncoderConfig) -> dict[str, Any]:
+        """Preprocessing fields this encoder needs (the model factory applies them)."""
+        return {}
+
+    @property
+    def n_tokens(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def feature_key(self) -> str:
+        """Names the features in ``batch.features``: modality, backbone and its input."""
+        return f"{self.modality}/{self.backbone_name}/{self.n_tokens}"
+
+    def backbone(self, device: torch.device) -> nn.Module:
+        from streamproc.models.pretrained import load_backbone
+
+        return load_backbone(self.backbone_name, device)
+
+    def token_mask(self, batch: WindowBatch) -> torch.Tensor:
+        """bool [B, n_tokens]: which feature tokens hold real input."""
+        raise NotImplementedError
+
+    def compute(self, batch: WindowBatch, mask: torch.Tensor) -> torch.Tensor:
+        """float [B, n_tokens, feature_dim] from the backbone; zeros where ``mask`` is False."""
+        raise NotImplementedError
+
+    def features(self, batch: WindowBatch) -> torch.Tensor:
+        """The frozen features of a batch (precomputed ones when the batch has them)."""
+        cached = batch.features.get(self.feature_key)
+        if cached is not None:
+            return cached
+        # no_grad, not inference_mode: training caches these and then backpropagates
+        # through the projection on top (inference tensors cannot be saved for backward);
+        # the serving path runs all of this under inference_mode anyway
+        with torch.no_grad():
+            return self.compute(batch, self.token_mask(batch))
+
+    def forward(self, batch: WindowBatch) -> Encoded:
+        mask = self.token_mask(batch)
+        feats = self.features(batch)
+        tokens = self.proj(feats) * mask.unsqueeze(-1).to(feats.dtype)
+        return Encoded(self.pool(tokens, mask), tokens, mask)
+
+
+class VideoEfficientNet(FrozenEncoder):
+    """ImageNet EfficientNet-Lite0, frozen: 1280-d global-average-pooled features of
+    ``frames`` of the K frames (RGB at ``input_size``, all frames of a batch in one pass),
+    then projection and pooling over those frames."""
+
+    modality = "video"
+    backbone_name = "efficientnet-lite0"
+    feature_dim = 1280
+    DEFAULT_SIZE = 96  # the cheapest side that still classified test photos right
+    MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics the weights were trained with
+    STD = (0.229, 0.224, 0.225)
+
+    def __init__(self, cfg: EncoderConfig, pre: Preprocess) -> None:
+        super().__init__(cfg, pre)
+        self.k = pre.frames_per_window
+        self.frames = min(cfg.frames or self.k, self.k)
+        # resolved, so the checkpoint records what ran, whatever the defaults become
+        self.config = dataclasses.replace(self.config, frames=self.frames,
+                                          input_size=pre.frame_size)
+
+    @classmethod
+    def preprocess_overrides(cls, cfg: EncoderConfig) -> dict[str, Any]:
+        return {"color": True, "frame_size": cfg.input_size or cls.DEFAULT_SIZE}
+
+    @property
+    def n_tokens(self) -> int:
+        return self.frames
+
+    def slots(self, batch: WindowBatch) -> torch.Tensor:
+        """long [B, frames]: which of the K frame slots each token embeds, spread over
+        the slots a window filled (as even_indices spreads the K over a window's frames)."""
+        n = batch.video_mask.sum(1, keepdim=True)
+        i = torch.arange(self.frames, device=n.device).unsqueeze(0)
+        spread = ((2 * i + 1) * n) // (2 * self.frames)
+        return torch.where(n > self.frames, spread, i).clamp(max=self.k - 1)
+
+    def token_mask(self, batch: WindowBatch) -> torch.Tensor:
+        n = batch.video_mask.sum(1, keepdim=True)
+        i = torch.arange(self.frames, device=n.device).unsqueeze(0)
+        return batch.video_mask.gather(1, self.slots(batch)) & (i < n)
+
+    def compute(self, batch: WindowBatch, mask: torch.Tensor) -> torch.Tensor:
+        b = mask.shape[0]
+        out = batch.video.new_zeros((b, self.frames, self.feature_dim))
+        rows, cols = mask.nonzero(as_tuple=True)
+        if len(rows):
+            slots = self.slots(batch)[rows, cols]
+            x = batch.video[rows, slots] + 0.5  # [N, 3, S, S] in [0, 1]
+            mean = x.new_tensor(self.MEAN).view(1, 3, 1, 1)
+            std = x.new_tensor(self.STD).view(1, 3, 1, 1)
+            net: Any = self.backbone(x.device)  # the package's EfficientNet
+            feats = net.extract_features((x - mean) / std).mean(dim=(2, 3))
+            out[rows, cols] = feats
+        return out
+
+
+class AudioSilero(FrozenEncoder):
+    """Silero VAD, frozen: per 32 ms chunk its 128-d encoder vector and 128-d LSTM state
+    (speech / not speech, and what kind of sound), then projection and pooling over time.
+    Reads the raw waveform (``Preprocess.waveform``); resamples to 16 kHz when needed."""
+
+    modality = "audio"
+    backbone_name = "silero-vad"
+    feature_dim = 256
+
+    def __init__(self, cfg: EncoderConfig, pre: Preprocess) -> None:
+        super().__init__(cfg, pre)
+        from streamproc.models.pretrained import SileroVAD
+
+        self.pre = pre
+        self.sr = SileroVAD.SAMPLE_RATE
+        self.chunks = max(1, round(pre.n_samples * self.sr / pre.sample_rate) // SileroVAD.CHUNK)
+
+    @classmethod
+    def preprocess_overrides(cls, cfg: EncoderConfig) -> dict[str, Any]:
+        return {"waveform": True}
+
+    @property
+    def n_tokens(self) -> int:
+        return self.chunks
+
+    def token_mask(self, batch: WindowBatch) -> torch.Tensor:
+        # a chunk is real when the spectrogram frame at its centre is
+        centre = (torch.arange(self.chunks, device=batch.audio_mask.device) + 0.5) * 512
+        frame = torch.round(centre * self.pre.sample_rate / self.sr / self.pre.hop_length)
+        frame = frame.long().clamp(max=batch.audio_mask.shape[1] - 1)
+        return batch.audio_mask[:, frame]
+
+    def compute(self, batch: WindowBatch, mask: torch.Tensor) -> torch.Tensor:
+        b = mask.shape[0]
+        out = batch.audio.new_zeros((b, self.chunks, self.feature_dim))
+        rows = mask.any(1).nonzero().squeeze(1)
+        if len(rows):
+            wave = batch.waveform[rows]
+            if self.pre.sample_rate != self.sr:
+                from scipy.signal import resample_poly
+
+                wave = torch.from_numpy(resample_poly(wave.cpu().numpy(), self.sr,
+                                                      self.pre.sample_rate, axis=1)
+                                        ).float().to(wave.device)
+            need = self.chunks * 512
+            wave = F.pad(wave, (0, max(0, need - wave.shape[1])))[:, :need]
+            enc, h, _ = self.backbone(wave.device)(wave)
+            out[rows] = torch.cat([enc, h], 2)
+        return out * mask.unsqueeze(-1).to(out.dtype)
+
+    def speech_probability(self, batch: WindowBatch) -> torch.Tensor:
+        """float [B, chunks]: Silero's own speech probability per chunk (for checks)."""
+        with torch.no_grad():
+            return self.backbone(batch.waveform.device)(batch.waveform)[2]
+
+
 ENCODERS: dict[str, dict[str, type[nn.Module]]] = {
-    "video": {"cnn": VideoCNN},
-    "audio": {"cnn": AudioCNN},
+    "video": {"cnn": VideoCNN, "efficientnet-lite0": VideoEfficientNet},
+    "audio": {"cnn": AudioCNN, "silero-vad": AudioSilero},
     "text": {"gru": TextGRU, "transformer": TextTransformer, "minilm": TextMiniLM},
 }
+
+
+def encoder_preprocess(pre: Preprocess, encoders: dict[str, EncoderConfig]) -> Preprocess:
+    """``pre`` with what the chosen encoders need (a pretrained image network's input
+    size and colour, the raw waveform for a pretrained audio network)."""
+    overrides: dict[str, Any] = {}
+    for modality, cfg in encoders.items():
+        cls = ENCODERS.get(modality, {}).get(cfg.kind)
+        if cls is not None and issubclass(cls, FrozenEncoder):
+            overrides.update(cls.preprocess_overrides(cfg))
+    return dataclasses.replace(pre, **overrides) if overrides else pre
 
 
 def build_encoder(modality: str, cfg: EncoderConfig, pre: Preprocess) -> nn.Module:

@@ -63,6 +63,9 @@ class Preprocess:
     text_buckets: int = 4096  # hashed n-gram vocabulary size
     text_ngram: int = 3  # character n-gram length
     max_text_tokens: int = 48
+    # Keep the window's raw samples in the batch (``WindowBatch.waveform``): pretrained
+    # audio encoders read the waveform, not our log-mel; off, the batch does not carry it.
+    waveform: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -157,6 +160,11 @@ class WindowBatch:
     - ``audio``  float32 [B, n_mels, T], normalised log-mel; ``audio_mask`` bool [B, T]
     - ``text``   int64 [B, L] hashed n-gram ids (0 pad, 1 start); ``text_mask`` bool [B, L]
     - ``texts``  the raw transcript strings (for pretrained text encoders)
+    - ``waveform`` float32 [B, N] samples in [-1, 1], zero where missing, when the
+      preprocessing asks for it (``Preprocess.waveform``), else [B, 0]
+    - ``features`` frozen encoders' outputs computed ahead (training computes them once,
+      so epochs skip the pretrained networks): key -> [B, ...], see
+      :meth:`~streamproc.models.encoders.FrozenEncoder.feature_key`.
     - ``present`` bool [B, 3]: whether each modality is input at all. A masked modality
       has all-False token masks and zero tensors.
     - ``bad_frames``: frames that failed to decode and were masked instead.
@@ -171,8 +179,14 @@ class WindowBatch:
     present: torch.Tensor
     texts: list[str] = field(default_factory=list)
     bad_frames: int = 0  # frames that did not decode and were masked (for a counter)
+    waveform: torch.Tensor = field(default_factory=lambda: torch.zeros((0, 0)))
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
 
     _TENSORS = ("video", "video_mask", "audio", "audio_mask", "text", "text_mask", "present")
+
+    def __post_init__(self) -> None:
+        if self.waveform.shape[0] != self.present.shape[0]:  # not asked for: [B, 0]
+            self.waveform = self.present.new_zeros((self.present.shape[0], 0), dtype=torch.float32)
 
     def __len__(self) -> int:
         return int(self.present.shape[0])
@@ -183,7 +197,9 @@ class WindowBatch:
 
     def to(self, device: torch.device | str) -> WindowBatch:
         return dataclasses.replace(
-            self, **{n: getattr(self, n).to(device) for n in self._TENSORS})
+            self, **{n: getattr(self, n).to(device) for n in self._TENSORS},
+            waveform=self.waveform.to(device),
+            features={k: v.to(device) for k, v in self.features.items()})
 
     def select(self, index: torch.Tensor | Sequence[int] | slice) -> WindowBatch:
         """Rows ``index`` (a slice, or indices) as a new batch."""
@@ -192,7 +208,9 @@ class WindowBatch:
         else:
             index = torch.as_tensor(index, dtype=torch.long)
             texts = [self.texts[i] for i in index.tolist()]
-        return WindowBatch(**{n: getattr(self, n)[index] for n in self._TENSORS}, texts=texts)
+        return WindowBatch(**{n: getattr(self, n)[index] for n in self._TENSORS}, texts=texts,
+                           waveform=self.waveform[index],
+                           features={k: v[index] for k, v in self.features.items()})
 
     def mask_modalities(self, keep: torch.Tensor) -> WindowBatch:
         """A copy where modality i of row b is masked unless ``keep[b, i]`` (bool [B, 3]).
@@ -210,6 +228,10 @@ class WindowBatch:
             text_mask=self.text_mask & t[:, None],
             present=present,
             texts=[s if keep_t else "" for s, keep_t in zip(self.texts, t.tolist(), strict=True)],
+            waveform=self.waveform * a[:, None],
+            # frozen encoders read presence from the masks; zeroed too so nothing leaks
+            features={k: v * present[:, MODALITIES.index(k.partition("/")[0])].reshape(
+                -1, *[1] * (v.dim() - 1)).to(v.dtype) for k, v in self.features.items()},
         )
 
     def without(self, modality: str) -> WindowBatch:
@@ -222,10 +244,15 @@ class WindowBatch:
     def cat(batches: Sequence[WindowBatch]) -> WindowBatch:
         if not batches:
             raise ValueError("cannot concatenate zero batches")
+        keys = set(batches[0].features)
+        if any(set(b.features) != keys for b in batches):
+            raise ValueError("cannot concatenate batches with different precomputed features")
         return WindowBatch(
             **{n: torch.cat([getattr(b, n) for b in batches]) for n in WindowBatch._TENSORS},
             texts=[t for b in batches for t in b.texts],
-            bad_frames=sum(b.bad_frames for b in batches))
+            bad_frames=sum(b.bad_frames for b in batches),
+            waveform=torch.cat([b.waveform for b in batches]),
+            features={k: torch.cat([b.features[k] for b in batches]) for k in keys})
 
 
 # ---------------------------------------------------------------------------------------
@@ -497,10 +524,12 @@ def make_batch(windows: Sequence[Window], pre: Preprocess) -> WindowBatch:
             text_present[i] = True
     tok = torch.from_numpy(tokens)
     present = torch.from_numpy(np.stack([vmask.any(1), audio_present, text_present], 1))
+    wave = samples * (smask & audio_present[:, None]) if pre.waveform else samples[:, :0]
     return WindowBatch(
         video=torch.from_numpy(video), video_mask=torch.from_numpy(vmask),
         audio=mel, audio_mask=fmask & present[:, 1:2],
-        text=tok, text_mask=tok != PAD_ID, present=present, texts=texts, bad_frames=bad)
+        text=tok, text_mask=tok != PAD_ID, present=present, texts=texts, bad_frames=bad,
+        waveform=torch.from_numpy(np.ascontiguousarray(wave, np.float32)))
 
 
 def make_batches(windows: Sequence[Window], pre: Preprocess, chunk: int = 256) -> WindowBatch:
