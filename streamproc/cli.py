@@ -164,6 +164,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(settings)
 
 
+def cmd_asr(args: argparse.Namespace, settings: Settings) -> int:
+    from streamproc.asr.worker import run_asr
+
+    return run_asr(settings)
+
+
 # --- produce -------------------------------------------------------------------------
 
 
@@ -624,6 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "worker", cmd_worker, "Run a faust worker: align the input topics into "
              "windows and publish them; refuses to start unless the topics are co-partitioned. "
              "Stop with Ctrl-C or SIGTERM.")
+
+    _command(sub, "asr", cmd_asr, "Run a speech recognition worker: transcribe "
+             "PREFIX.audio offline (pocketsphinx by default) into transcript segments on "
+             "PREFIX.text, in consumer group APPID-asr. Stop with Ctrl-C or SIGTERM.")
 
     _produce_parsers(sub)
     _model_parsers(sub)
