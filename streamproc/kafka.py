@@ -119,6 +119,8 @@ def group_consumer(settings: Settings, group_id: str, role: str) -> KafkaConsume
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             session_timeout_ms=settings.session_timeout_ms,
+            # Kafka's advice: a third of the session timeout at most
+            heartbeat_interval_ms=max(300, settings.session_timeout_ms // 4),
             max_partition_fetch_bytes=settings.max_message_bytes,
             fetch_max_bytes=max(settings.max_message_bytes, FETCH_MAX_BYTES),
             bootstrap_timeout_ms=_BOOTSTRAP_TIMEOUT_MS,

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from streamproc import kafka
@@ -119,6 +120,8 @@ class AsrWorker:
         self._consumer = kafka.group_consumer(settings, self.group, "asr")
         self._producer = kafka.producer(settings)
         self._bad_logged: Counter = Counter()
+        # what the group coordinator changed during the last poll, in order
+        self._changes: list[tuple[bool, list[TopicPartition]]] = []
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -130,6 +133,7 @@ class AsrWorker:
         try:
             while not stop.is_set():
                 batch = self._consumer.poll(timeout_ms=100, max_records=200)
+                self._rebalanced()
                 now = time.monotonic()
                 for tp, records in batch.items():
                     part = self.parts.get(tp.partition)
@@ -241,7 +245,17 @@ class AsrWorker:
                 offsets[part.tp] = OffsetAndMetadata(offset, meta, -1)
                 part.committed = (offset, meta)
         if offsets:
-            self._consumer.commit(offsets)
+            try:
+                self._consumer.commit(offsets)
+            except KafkaError as e:
+                # a rebalance took a partition: its new owner resumes from the last commit
+                # (older, and as consistent), so nothing is lost, only replayed
+                log.warning("commit failed (%s); the partitions' next owner replays from "
+                            "the previous commit", e)
+                for tp in offsets:
+                    if (part := self.parts.get(tp.partition)) is not None:
+                        part.committed = None
+                return
             self.stats.commits += 1
 
     def _commit_point(self, part: _Partition) -> tuple[int, str]:
@@ -280,6 +294,17 @@ class AsrWorker:
             part.last_audio.pop(sid, None)
 
     # --- rebalances ------------------------------------------------------------------
+    # The coordinator calls the listener on the client's IO thread, where kafka-python 3
+    # allows no blocking call (commit, committed): it only notes the change, and the
+    # loop applies it after poll() returns, before the records poll() fetched.
+
+    def _rebalanced(self) -> None:
+        changes, self._changes = self._changes, []
+        for added, tps in changes:
+            if added:
+                self.assigned(tps)
+            else:
+                self.revoked(tps)
 
     def assigned(self, tps: list[TopicPartition]) -> None:
         for tp in tps:
@@ -291,16 +316,13 @@ class AsrWorker:
         log.info("assigned partitions %s", sorted(self.parts))
 
     def revoked(self, tps: list[TopicPartition]) -> None:
+        """Drop the partitions' state: their next owner replays from the last commit."""
         gone = [tp.partition for tp in tps if tp.partition in self.parts]
-        if not gone:
-            return
-        try:
-            self.commit(gone)
-        finally:
-            for p in gone:
-                for tr in self.parts.pop(p).streams.values():
-                    tr.close()
-        log.info("revoked partitions %s", gone)
+        for p in gone:
+            for tr in self.parts.pop(p).streams.values():
+                tr.close()
+        if gone:
+            log.info("revoked partitions %s", gone)
 
     def _log_status(self) -> None:
         s = self.stats
@@ -316,10 +338,10 @@ class _Listener(ConsumerRebalanceListener):
         self.worker = worker
 
     def on_partitions_revoked(self, revoked: Any) -> None:
-        self.worker.revoked(list(revoked))
+        self.worker._changes.append((False, list(revoked)))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        self.worker.assigned(list(assigned))
+        self.worker._changes.append((True, list(assigned)))
 
 
 def run_asr(settings: Settings) -> int:
