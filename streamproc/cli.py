@@ -562,7 +562,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     layout = Layout(Path(args.dir) if args.dir else default_dir())
     return run(settings, own_broker=own_broker, streams=args.streams, layout=layout,
                retrain=args.retrain, prepare_only=args.prepare_only, preset=args.preset,
-               digits=args.digits)
+               digits=args.digits, asr=args.asr)
 
 
 # --- parser --------------------------------------------------------------------------
@@ -651,6 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AV-Digits size the reference model is trained on [small]")
     p.add_argument("--digits", type=int, default=10,
                    help="digits per stream clip, 2 s each [10]")
+    p.add_argument("--asr", action="store_true",
+                   help="replay the clips without their transcripts: `streamproc asr` "
+                   "transcribes their audio, and the demo reports its word error rate")
 
     return parser
 

@@ -155,6 +155,9 @@ class Settings:
         1000, "A stream's audio that stops this long (ms: a jump in event time, or on the "
         "wall clock once the worker has read everything) ends its utterance: its final.")
     asr_lang: str = _opt("en", "The lang field of published segments (empty: none).")
+    asr_streams: str = _opt(
+        "", "Stream ids `streamproc asr` transcribes, comma separated; empty: every stream "
+        "(streams whose producers send transcripts of their own are left out here).")
     log_level: str = _opt("info", "Log level: debug, info, warning, error. Below debug the "
                           "Kafka clients' own connection chatter is not shown; connection "
                           "failures are reported as one line with their cause.",
@@ -383,7 +386,8 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
                 "max_frame_pixels", "stream_expiry_ms"),
     "model": ("model", "batch_size", "batch_max_wait_ms", "device"),
     "asr": ("asr_engine", "asr_vad", "asr_vad_mode", "asr_partial_interval_ms",
-            "asr_end_silence_ms", "asr_max_utterance_ms", "asr_gap_ms", "asr_lang"),
+            "asr_end_silence_ms", "asr_max_utterance_ms", "asr_gap_ms", "asr_lang",
+            "asr_streams"),
     "worker": ("app_id", "data_dir", "metrics_port", "web_port", "session_timeout_ms"),
     "logging": ("log_level",),
 }

@@ -102,6 +102,7 @@ class AsrStats:
     idle_flushes: int = 0
     commits: int = 0
     bad: Counter = field(default_factory=Counter)  # skipped records by reason kind
+    # (streams left out by asr_streams are not counted: they are not ours to transcribe)
 
 
 class AsrWorker:
@@ -120,6 +121,7 @@ class AsrWorker:
         self._consumer = kafka.group_consumer(settings, self.group, "asr")
         self._producer = kafka.producer(settings)
         self._bad_logged: Counter = Counter()
+        self._only = {x.strip() for x in settings.asr_streams.split(",") if x.strip()}
         # what the group coordinator changed during the last poll, in order
         self._changes: list[tuple[bool, list[TopicPartition]]] = []
 
@@ -149,6 +151,7 @@ class AsrWorker:
                     self._log_status()
                     last_status = now
             self.commit()
+            self._log_status()
         finally:
             self.close()
 
@@ -173,6 +176,8 @@ class AsrWorker:
             return
         assert isinstance(chunk, wire.AudioChunk)
         sid = chunk.stream_id
+        if self._only and sid not in self._only:
+            return
         tr = part.streams.get(sid)
         if tr is None:
             tr = StreamTranscriber(sid, self.cut, self.engine,
@@ -353,6 +358,10 @@ def run_asr(settings: Settings) -> int:
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_topics(settings, inputs_only=True)
+    import faulthandler
+
+    faulthandler.enable()  # a crash inside the engine's C code still says where
+    faulthandler.register(signal.SIGUSR1)  # every thread's stack, for a worker that hangs
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -69,3 +69,16 @@ def test_engines_load_by_import_path() -> None:
                      ("asr_helpers:Spoken", "Spoken")]:
         with pytest.raises((UserError, TypeError), match=why):
             load_engine(bad)
+
+
+def test_a_grammar_engine_serves_utterances_at_once(avdigits_tts: Path) -> None:
+    from streamproc.asr.engine import pocketsphinx_digits
+
+    engine = pocketsphinx_digits()
+    x, _ = speech_track(("seven three one five",), VOICES[0], avdigits_tts, tail_s=0.5)
+    pcm = (x * 32767).astype("<i2").tobytes()
+    a, b = engine.start(), engine.start()  # two streams speaking: a second decoder
+    for u in (a, b):
+        u.feed(pcm)
+    assert a.finish().text == b.finish().text == "seven three one five"
+    assert engine.pooled == 2
