@@ -75,35 +75,45 @@ def chunks(sid: str, t0: int, x: np.ndarray, step: int = RATE // 10) -> list[wir
             for k, i in enumerate(range(0, len(x), step))]
 
 
+# pocketsphinx narrowed: smaller beams, no second (flat-lexicon) pass
+FAST = {"beam": 1e-40, "wbeam": 1e-30, "pbeam": 1e-40, "maxhmmpf": 3000, "fwdflat": False}
+
+
 def bench_wer(args: argparse.Namespace) -> None:
-    engine = SphinxEngine()
-    print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at start")
-    print("| set | VAD | WER | utterances found / spoken | RTF (all audio) | RTF (speech) |")
-    print("|---|---|---|---|---|---|")
-    rows = []
-    for set_name, voices in SETS.items():
+    engines = {"pocketsphinx": SphinxEngine(), "pocketsphinx, narrow beams": SphinxEngine(**FAST)}
+    script = SCRIPT[:args.sentences]
+    print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at start; "
+          f"{len(script)} sentences per voice")
+    print("| set | engine | VAD | WER | utterances found / spoken | RTF (all audio) | "
+          "RTF (speech) |")
+    print("|---|---|---|---|---|---|---|")
+    runs = []
+    for set_name in SETS:
         for snr in (None, 20.0, 10.0, 5.0) if "flite" in set_name else (None,):
             for vad_kind in ("webrtc", "energy"):
-                total, found, spoken, cpu, audio_s, speech_s = Wer(0, 0), 0, 0, 0.0, 0.0, 0.0
-                for k, voice in enumerate(voices):
-                    rng = np.random.default_rng(k)
-                    x, spans = track(voice, SCRIPT, rng, snr)
-                    tr = StreamTranscriber("s", CutConfig(), engine, make_vad(vad_kind))
-                    t = time.process_time()
-                    finals = [s for c in chunks("s", 0, x) for s in tr.add(c) if s.final]
-                    finals += [s for s in tr.flush() if s.final]
-                    cpu += time.process_time() - t
-                    audio_s += len(x) / RATE
-                    speech_s += sum(b - a for _, a, b in spans) / RATE
-                    total = total + wer(" ".join(t for t, _, _ in spans),
-                                        " ".join(s.text for s in finals))
-                    found += len(finals)
-                    spoken += len(spans)
-                name = set_name + ("" if snr is None else f" + white noise {snr:.0f} dB SNR")
-                row = (f"| {name} | {vad_kind} | {total.rate:.1%} ({total.ref_words} words) | "
-                       f"{found} / {spoken} | {cpu / audio_s:.3f} | {cpu / speech_s:.2f} |")
-                rows.append(row)
-                print(row, flush=True)
+                runs.append((set_name, snr, vad_kind, "pocketsphinx"))
+    runs.insert(1, (next(iter(SETS)), None, "webrtc", "pocketsphinx, narrow beams"))
+    for set_name, snr, vad_kind, engine_name in runs:
+        voices, engine = SETS[set_name], engines[engine_name]
+        total, found, spoken, cpu, audio_s, speech_s = Wer(0, 0), 0, 0, 0.0, 0.0, 0.0
+        for k, voice in enumerate(voices):
+            rng = np.random.default_rng(k)
+            x, spans = track(voice, script, rng, snr)
+            tr = StreamTranscriber("s", CutConfig(), engine, make_vad(vad_kind))
+            t = time.process_time()
+            finals = [s for c in chunks("s", 0, x) for s in tr.add(c) if s.final]
+            finals += [s for s in tr.flush() if s.final]
+            cpu += time.process_time() - t
+            audio_s += len(x) / RATE
+            speech_s += sum(b - a for _, a, b in spans) / RATE
+            total = total + wer(" ".join(t for t, _, _ in spans),
+                                " ".join(s.text for s in finals))
+            found += len(finals)
+            spoken += len(spans)
+        name = set_name + ("" if snr is None else f" + white noise {snr:.0f} dB SNR")
+        print(f"| {name} | {engine_name} | {vad_kind} | {total.rate:.1%} "
+              f"({total.ref_words} words) | {found} / {spoken} | "
+              f"{cpu / audio_s:.3f} | {cpu / speech_s:.2f} |", flush=True)
     print(f"load {os.getloadavg()[0]:.1f} at the end")
 
 
@@ -228,7 +238,8 @@ def _rtf(log: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="mode", required=True)
-    sub.add_parser("wer")
+    w = sub.add_parser("wer")
+    w.add_argument("--sentences", type=int, default=8, help="sentences per voice [8]")
     live = sub.add_parser("live")
     live.add_argument("--streams", default="1,2,4")
     live.add_argument("--seconds", type=float, default=60.0)

@@ -251,7 +251,7 @@ def asr_report(settings: Settings, clips: list, timeout_s: float = 10.0) -> list
         segs = sorted({s.seq: s for s in finals.get(c.stream_id, [])}.values(),
                       key=lambda s: s.start_ns)
         said = " ".join(DIGIT_WORDS[d] for d in c.digits)
-        heard = " ".join(s.text for s in segs)
+        heard = " ".join(s.text for s in segs if s.text)
         w = wer(said, heard)
         overall = overall + w
         out.append(f"  {c.stream_id}: WER {w}; said {said!r}, heard {heard!r}")
