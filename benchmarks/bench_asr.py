@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -132,9 +133,9 @@ def bench_live(args: argparse.Namespace) -> None:
         broker = LocalBroker(tmp / "kafka").start()
         bootstrap = broker.bootstrap
     voices = SETS["flite (slt, kal16, awb, rms)"]
-    print("| streams | load (1 min) | finals | end of speech -> final p50 / p99 / max | "
+    print("| streams | asr workers | load (1 min) | finals | end of speech -> final p50 / p99 / max | "
           "speech start -> first partial p50 / p99 | worker RTF |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     try:
         for n in [int(v) for v in args.streams.split(",")]:
             prefix = f"benchasr{n}-{os.getpid()}"
@@ -143,10 +144,13 @@ def bench_live(args: argparse.Namespace) -> None:
             create_topics(settings)
             env = {**os.environ, **{env_name(f): str(getattr(settings, f.name))
                                     for f in settings.__dataclass_fields__.values()}}
-            log = open(tmp / f"asr-{n}.log", "wb")  # noqa: SIM115
-            proc = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "asr"], env=env,
-                                    stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-            while b"assigned partitions" not in (tmp / f"asr-{n}.log").read_bytes():
+            logs = [tmp / f"asr-{n}-{w}.log" for w in range(args.workers)]
+            procs = [subprocess.Popen([sys.executable, "-m", "streamproc.cli", "asr"], env=env,
+                                      stdout=open(lg, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                                      cwd=REPO) for lg in logs]
+            # every worker holds partitions (the group has settled)
+            while not all(re.search(rb"assigned partitions \[\d", lg.read_bytes())
+                          for lg in logs):
                 time.sleep(0.2)
             tracks = {}
             for i in range(n):
@@ -193,8 +197,10 @@ def bench_live(args: argparse.Namespace) -> None:
             stop.set()
             reader.join(5)
             load1 = os.getloadavg()[0]
-            proc.terminate()
-            proc.wait(30)
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(30)
             producer.close()
             final_lat, partial_lat = [], []
             for sid, (_, spans) in tracks.items():
@@ -212,8 +218,8 @@ def bench_live(args: argparse.Namespace) -> None:
                         final_lat.append((min(fin) - e_ns) / 1e6)
                     if par:
                         partial_lat.append((min(par) - s_ns) / 1e6)
-            rtf = _rtf(tmp / f"asr-{n}.log")
-            print(f"| {n} | {load0:.1f} -> {load1:.1f} | {len(final_lat)} of "
+            rtf = " / ".join(_rtf(lg) for lg in logs)
+            print(f"| {n} | {args.workers} | {load0:.1f} -> {load1:.1f} | {len(final_lat)} of "
                   f"{sum(len(s) for _, s in tracks.values())} | {_p(final_lat, 50):.0f} / "
                   f"{_p(final_lat, 99):.0f} / {max(final_lat, default=float('nan')):.0f} ms | "
                   f"{_p(partial_lat, 50):.0f} / {_p(partial_lat, 99):.0f} ms | {rtf} |",
@@ -243,6 +249,7 @@ def main() -> None:
     live = sub.add_parser("live")
     live.add_argument("--streams", default="1,2,4")
     live.add_argument("--seconds", type=float, default=60.0)
+    live.add_argument("--workers", type=int, default=1, help="asr processes (one group)")
     args = ap.parse_args()
     {"wer": bench_wer, "live": bench_live}[args.mode](args)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -91,7 +90,7 @@ def to_16k_mono(chunk: AudioChunk) -> np.ndarray:
 class StreamTranscriber:
     """Transcribes one stream; see the module docstring. Not thread-safe.
 
-    ``add(chunk, token)``: ``token`` names where the chunk came from (its Kafka offset);
+    ``add(chunk, token)``: ``token`` is where the chunk came from (its Kafka offset);
     :attr:`needed_token` is the oldest token whose audio a restart would need again.
     """
 
@@ -110,7 +109,7 @@ class StreamTranscriber:
         self._epoch = 0
         # (first sample, sample 0 of its chunk, chunk ts_ns): sample times, by bisection
         self._anchors: list[tuple[int, int, int]] = []
-        self._tokens: collections.deque[tuple[Hashable, int]] = collections.deque()
+        self._tokens: collections.deque[tuple[int, int]] = collections.deque()
         self._pending = np.zeros(0, "<i2")  # samples short of a full frame
         self._onset = cfg.frames(cfg.onset_ms)
         self._pre: collections.deque[tuple[int, bytes]] = collections.deque(
@@ -132,7 +131,7 @@ class StreamTranscriber:
         return None if self._epoch_ns is None else Checkpoint(self._epoch_seq, self._epoch_ns)
 
     @property
-    def needed_token(self) -> Hashable | None:
+    def needed_token(self) -> int | None:
         return self._tokens[0][0] if self._tokens else None
 
     @property
@@ -147,7 +146,7 @@ class StreamTranscriber:
 
     # --- input -----------------------------------------------------------------------
 
-    def add(self, chunk: AudioChunk, token: Hashable = None) -> list[TranscriptSegment]:
+    def add(self, chunk: AudioChunk, token: int = -1) -> list[TranscriptSegment]:
         self.stats.chunks += 1
         x = to_16k_mono(chunk)
         m = len(x)

@@ -22,6 +22,7 @@ from asr_helpers import (
 )
 from worker_helpers import partition_of
 
+from streamproc import kafka
 from streamproc.asr.engine import SphinxEngine
 from streamproc.asr.stream import StreamTranscriber
 from streamproc.asr.vad import make_vad
@@ -50,6 +51,14 @@ def test_speech_becomes_timed_segments_silence_none_and_a_dead_mic_its_final(
     records += chunks("quiet", t0, np.zeros(8 * RATE, np.float32))
     records += chunks("cut", t0, mic_dies)
     publish(settings, sorted(records, key=lambda r: r.ts_ns))
+    # bad records among them: a partial sample, and no wire headers at all
+    producer = kafka.producer(settings)
+    key, _, headers, ts_ms = wire.encode_parts(records[0])
+    producer.send(settings.topic("audio"), key=key, value=b"\x01\x02\x03", headers=headers,
+                  timestamp_ms=ts_ms)
+    producer.send(settings.topic("audio"), key=b"cam-a", value=b"not audio")
+    producer.flush(10)
+    producer.close()
 
     asr = AsrProc(settings, tmp_path / "asr.log")
     try:
@@ -72,6 +81,8 @@ def test_speech_becomes_timed_segments_silence_none_and_a_dead_mic_its_final(
         assert any(not p.segment.final for p in mine)  # partials while speech went on
         assert {p.partition for p in mine} == {partition_of(sid, settings.partitions)}
     assert not [p for p in pubs if p.segment.stream_id == "quiet"]
+    log = asr.log()  # each bad record skipped with its reason; the alignment worker
+    assert "skipped" in log and "partial sample" in log and "missing header sp-v" in log
     (dead,) = finals_of(pubs, "cut")  # flushed once the worker saw no more of its audio
     assert _overlap(dead.text, cut_spoken[0].text) >= 1
     assert t0 + cut_spoken[0].start_ns - NS // 3 <= dead.start_ns
@@ -83,8 +94,8 @@ def test_kill_9_and_restart_lose_no_final_and_replay_identical_copies(
     settings = asr_settings(kafka_bootstrap)
     create_topics(settings)
     t0 = (time.time_ns() // NS - 60) * NS
-    x, spoken = speech_track(SENTENCES, VOICES[1], avdigits_tts, pauses_s=(3.0, 4.0))
-    y, _ = speech_track(SENTENCES[::-1], VOICES[0], avdigits_tts, pauses_s=(4.0, 3.0))
+    x, spoken = speech_track(SENTENCES[:3], VOICES[1], avdigits_tts, pauses_s=(3.0, 4.0))
+    y, _ = speech_track(SENTENCES[1:][::-1], VOICES[0], avdigits_tts, pauses_s=(4.0, 3.0))
     records = chunks("cam-a", t0, x) + chunks("cam-b", t0, y)
     # the oracle: the same transcriber, with the worker's settings, on the same chunks
     engine = SphinxEngine()

@@ -83,7 +83,7 @@ def test_a_replay_from_any_checkpoint_repeats_the_same_segments() -> None:
     cs = chunks("s", T0, x, 0.07)
     tr = StreamTranscriber("s", CutConfig(), CountingEngine(), EnergyVad())
     out: list[wire.TranscriptSegment] = []
-    seen: list[tuple[Checkpoint, object, int]] = []
+    seen: list[tuple[Checkpoint, int | None, int]] = []
     for k, c in enumerate(cs):
         out += tr.add(c, k)
         assert tr.checkpoint is not None
@@ -92,7 +92,7 @@ def test_a_replay_from_any_checkpoint_repeats_the_same_segments() -> None:
     for cp, needed, k in seen[::5]:
         # a restart reads from the needed record on (none: from the next one), and a few
         # earlier records, which it skips
-        start = k + 1 if needed is None else int(needed)  # type: ignore[call-overload]
+        start = k + 1 if needed is None else needed
         again = StreamTranscriber("s", CutConfig(), CountingEngine(), EnergyVad(), cp)
         redo = []
         for j, c in enumerate(cs[max(0, start - 3):], start=max(0, start - 3)):
