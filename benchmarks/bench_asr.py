@@ -139,6 +139,7 @@ def bench_live(args: argparse.Namespace) -> None:
     print("| streams | asr workers | load (1 min) | finals | end of speech -> final p50 / p99 / max | "
           "speech start -> first partial p50 / p99 | worker RTF |")
     print("|---|---|---|---|---|---|---|")
+    alive: list[subprocess.Popen] = []  # ended in `finally` even when a run fails
     try:
         for n in [int(v) for v in args.streams.split(",")]:
             prefix = f"benchasr{n}-{os.getpid()}"
@@ -151,6 +152,7 @@ def bench_live(args: argparse.Namespace) -> None:
             procs = [subprocess.Popen([sys.executable, "-m", "streamproc.cli", "asr"], env=env,
                                       stdout=open(lg, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
                                       cwd=REPO) for lg in logs]
+            alive.extend(procs)
             # every worker holds partitions (the group has settled)
             while not all(re.search(rb"assigned partitions \[\d", lg.read_bytes())
                           for lg in logs):
@@ -229,6 +231,10 @@ def bench_live(args: argparse.Namespace) -> None:
                   f"{_p(partial_lat, 50):.0f} / {_p(partial_lat, 99):.0f} ms | {rtf} |",
                   flush=True)
     finally:
+        for proc in alive:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
         if broker is not None:
             broker.stop()
 
