@@ -182,6 +182,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(settings)
 
 
+def cmd_asr(args: argparse.Namespace, settings: Settings) -> int:
+    from streamproc.asr.worker import run_asr
+
+    return run_asr(settings)
+
+
 # --- produce -------------------------------------------------------------------------
 
 
@@ -585,7 +591,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         settings = settings.replace(view_port=0)
     return run(settings, own_broker=own_broker, streams=args.streams, layout=layout,
                retrain=args.retrain, prepare_only=args.prepare_only, preset=args.preset,
-               digits=args.digits)
+               digits=args.digits, asr=args.asr)
 
 
 # --- parser --------------------------------------------------------------------------
@@ -665,6 +671,10 @@ def build_parser() -> argparse.ArgumentParser:
              "windows and publish them; refuses to start unless the topics are co-partitioned. "
              "Stop with Ctrl-C or SIGTERM.")
 
+    _command(sub, "asr", cmd_asr, "Run a speech recognition worker: transcribe "
+             "PREFIX.audio offline (pocketsphinx by default) into transcript segments on "
+             "PREFIX.text, in consumer group APPID-asr. Stop with Ctrl-C or SIGTERM.")
+
     _produce_parsers(sub)
     _model_parsers(sub)
 
@@ -683,6 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digits per stream clip, 2 s each [10]")
     p.add_argument("--no-view", action="store_true",
                    help="serve no web view (same as --view-port 0)")
+    p.add_argument("--asr", action="store_true",
+                   help="replay the clips without their transcripts: `streamproc asr` "
+                   "transcribes their audio, and the demo reports its word error rate")
 
     return parser
 

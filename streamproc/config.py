@@ -37,6 +37,7 @@ def _opt(default: Any, help: str, env: str | None = None, secret: bool = False,
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+ASR_VADS = ("webrtc", "energy")
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,30 @@ class Settings:
         "How long a worker that stopped heartbeating (crashed, killed) keeps its partitions "
         "before the group hands them to another worker (ms; brokers allow 6000 and up).",
     )
+    # --- speech recognition (`streamproc asr`) -------------------------------------------
+    asr_engine: str = _opt(
+        "streamproc.asr.engine:pocketsphinx_engine", "Speech recogniser of `streamproc asr`: "
+        "`package.module:factory` (docs/asr.md); the default is pocketsphinx with the "
+        "English model its wheel ships.")
+    asr_vad: str = _opt("webrtc", "Voice activity detector cutting utterances: webrtc "
+                        "(pocketsphinx's webrtc-style detector) or energy (a loudness gate).",
+                        choices=ASR_VADS)
+    asr_vad_mode: int = _opt(2, "Aggressiveness of the webrtc detector, 0 (keeps most "
+                             "audio as speech) to 3 (strict).")
+    asr_partial_interval_ms: int = _opt(
+        1000, "A partial transcript segment (final false) every this many ms of an "
+        "utterance's audio; 0: finals only.")
+    asr_end_silence_ms: int = _opt(
+        500, "Audio without voice this long (ms) ends an utterance: its final segment.")
+    asr_max_utterance_ms: int = _opt(
+        15_000, "Longest utterance (ms of audio): longer speech is cut into several finals.")
+    asr_gap_ms: int = _opt(
+        1000, "A stream's audio that stops this long (ms: a jump in event time, or on the "
+        "wall clock once the worker has read everything) ends its utterance: its final.")
+    asr_lang: str = _opt("en", "The lang field of published segments (empty: none).")
+    asr_streams: str = _opt(
+        "", "Stream ids `streamproc asr` transcribes, comma separated; empty: every stream "
+        "(streams whose producers send transcripts of their own are left out here).")
     log_level: str = _opt("info", "Log level: debug, info, warning, error. Below debug the "
                           "Kafka clients' own connection chatter is not shown; connection "
                           "failures are reported as one line with their cause.",
@@ -190,6 +215,15 @@ class Settings:
                 "must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"),
             "sasl_mechanism": (self.sasl_mechanism in ("", *SASL_MECHANISMS),
                                "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"),
+            "asr_engine": (":" in self.asr_engine, "must be package.module:factory"),
+            "asr_vad": (self.asr_vad in ASR_VADS, "must be webrtc or energy"),
+            "asr_vad_mode": (0 <= self.asr_vad_mode <= 3, "must be 0, 1, 2 or 3"),
+            "asr_partial_interval_ms": (self.asr_partial_interval_ms >= 0,
+                                        "must not be negative"),
+            "asr_end_silence_ms": (self.asr_end_silence_ms >= 30, "must be at least 30"),
+            "asr_max_utterance_ms": (1000 <= self.asr_max_utterance_ms <= 30_000,
+                                     "must be 1000 to 30000 (a segment's longest span)"),
+            "asr_gap_ms": (self.asr_gap_ms >= 30, "must be at least 30"),
             "log_level": (self.log_level in LOG_LEVELS, "must be debug, info, warning or error"),
             "view_host": (bool(self.view_host.strip()), "must not be empty"),
             "view_port": (0 <= self.view_port <= 65535, "must be a port, 0 to 65535"),
@@ -374,6 +408,9 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
                 "max_future_ms", "max_lead_ms", "max_span_audio_ms", "max_span_text_ms",
                 "max_frame_pixels", "stream_expiry_ms"),
     "model": ("model", "batch_size", "batch_max_wait_ms", "device"),
+    "asr": ("asr_engine", "asr_vad", "asr_vad_mode", "asr_partial_interval_ms",
+            "asr_end_silence_ms", "asr_max_utterance_ms", "asr_gap_ms", "asr_lang",
+            "asr_streams"),
     "worker": ("app_id", "data_dir", "metrics_port", "web_port", "session_timeout_ms"),
     "logging": ("log_level",),
     "view": ("view_host", "view_port", "view_token", "view_metrics_url", "view_fps",

@@ -108,6 +108,27 @@ def consumer(settings: Settings) -> KafkaConsumer:
         raise connection_error(settings, e) from None
 
 
+def group_consumer(settings: Settings, group_id: str, role: str) -> KafkaConsumer:
+    """A read_committed consumer of group ``group_id`` that commits only when told (the
+    caller subscribes); BrokerError when no broker can be used."""
+    try:
+        return KafkaConsumer(
+            **_common(settings, role),
+            group_id=group_id,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=settings.session_timeout_ms,
+            # Kafka's advice: a third of the session timeout at most
+            heartbeat_interval_ms=max(300, settings.session_timeout_ms // 4),
+            max_partition_fetch_bytes=settings.max_message_bytes,
+            fetch_max_bytes=max(settings.max_message_bytes, FETCH_MAX_BYTES),
+            bootstrap_timeout_ms=_BOOTSTRAP_TIMEOUT_MS,
+        )
+    except KafkaError as e:
+        raise connection_error(settings, e) from None
+
+
 def admin(settings: Settings, *, request_timeout_ms: int = 15000) -> KafkaAdminClient:
     """An admin client; BrokerError when no broker can be used."""
     try:

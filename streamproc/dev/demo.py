@@ -29,6 +29,7 @@ DEMO_PRESET = "small"
 DEMO_MODEL = "lmf"
 DEMO_EPOCHS = 30
 DIGITS_PER_STREAM = 10
+DEMO_ASR_ENGINE = "streamproc.asr.engine:pocketsphinx_digits"
 
 Log = Callable[[str], None]
 
@@ -232,6 +233,39 @@ class ViewProcess:
         self._log.close()
 
 
+class AsrProcess:
+    """A real `streamproc asr` subprocess with its log in a file (``demo --asr``)."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
+        # the clips say digits and nothing else: a recogniser held to those words
+        args = [sys.executable, "-m", "streamproc.cli", "asr",
+                "--bootstrap-servers", settings.bootstrap_servers,
+                "--topic-prefix", settings.topic_prefix, "--app-id", settings.app_id,
+                "--asr-engine", DEMO_ASR_ENGINE, "--asr-max-utterance-ms", "4000"]
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "assigned partitions" in self.log_path.read_text(errors="replace"):
+                return
+            if self.proc.poll() is not None:
+                raise UserError(f"streamproc asr exited with code {self.proc.returncode}; "
+                                f"see {self.log_path}")
+            time.sleep(0.2)
+        raise UserError(f"streamproc asr was not ready after {timeout:.0f}s; see "
+                        f"{self.log_path}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        from streamproc.dev.localkafka import terminate
+
+        terminate(self.proc, timeout)
+        self._log.close()
+
+
 def _port_free(host: str, port: int) -> bool:
     import socket
 
@@ -244,6 +278,52 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def asr_report(settings: Settings, clips: list, timeout_s: float = 10.0) -> list[str]:
+    """Word error rate of the final transcript segments against what each clip says."""
+    from kafka import TopicPartition
+
+    from streamproc import kafka
+    from streamproc.asr.wer import Wer, wer
+    from streamproc.ml.avdigits import DIGIT_WORDS
+    from streamproc.wire import codec as wire
+
+    finals: dict[str, list[wire.TranscriptSegment]] = {}
+    consumer = kafka.consumer(settings)
+    try:
+        topic = settings.topic("text")
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        ends = consumer.end_offsets(parts)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(consumer.position(tp) < ends[tp]
+                                                  for tp in parts):
+            for msgs in consumer.poll(timeout_ms=200).values():
+                for m in msgs:
+                    try:
+                        seg = wire.decode(wire.KafkaRecord.from_client(m),
+                                          expect_modality="text")
+                    except wire.WireError:
+                        continue
+                    if isinstance(seg, wire.TranscriptSegment) and seg.final:
+                        finals.setdefault(seg.stream_id, []).append(seg)
+    finally:
+        consumer.close()
+    out, overall = [], Wer(0, 0)
+    for c in clips:
+        # one copy per seq (a replay repeats them), in time order
+        segs = sorted({s.seq: s for s in finals.get(c.stream_id, [])}.values(),
+                      key=lambda s: s.start_ns)
+        said = " ".join(DIGIT_WORDS[d] for d in c.digits)
+        heard = " ".join(s.text for s in segs if s.text)
+        w = wer(said, heard)
+        overall = overall + w
+        out.append(f"  {c.stream_id}: WER {w}; said {said!r}, heard {heard!r}")
+    return [f"ASR ({DEMO_ASR_ENGINE}) word error rate against the clips' speech "
+            f"(digits in noise at -10 to 10 dB SNR): {overall}",
+            *out]
 
 
 def expected_windows(settings: Settings, clip, origin_ns: int) -> list[int]:
@@ -343,10 +423,11 @@ def summarize(settings: Settings, clips: list, origin_ns: int, preds: list[Predi
 
 def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layout | None = None,
         retrain: bool = False, prepare_only: bool = False, preset: str = DEMO_PRESET,
-        digits: int = DIGITS_PER_STREAM, out=sys.stdout) -> int:
+        digits: int = DIGITS_PER_STREAM, asr: bool = False, out=sys.stdout) -> int:
     """Prepare, then (unless ``prepare_only``) run the live pipeline and summarise.
 
     ``own_broker``: start a local broker for the run (when no bootstrap server was given).
+    ``asr``: replay the clips without their transcripts; ``streamproc asr`` makes them.
     """
     from streamproc.capture.publisher import Publisher
     from streamproc.capture.sources import ReplaySpec, replay_many
@@ -371,9 +452,13 @@ def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layou
         # a fresh prefix per run, so an earlier demo's records never mix in
         prefix = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
         settings = settings.replace(topic_prefix=prefix, app_id=prefix)
-    worker = view = None
+    worker = view = recogniser = None
     try:
         create_topics(settings)
+        if asr:
+            recogniser = AsrProcess(settings, layout.logs / "asr.log")
+            _say(f"asr starting (log: {recogniser.log_path})")
+            recogniser.wait_ready()
         _say(f"topics {settings.topic_prefix}.* on {settings.bootstrap_servers}")
         worker = WorkerProcess(settings, layout.model, layout.logs / "worker.log")
         _say(f"worker starting (log: {worker.log_path})")
@@ -391,7 +476,8 @@ def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layou
         hop = settings.hop_ms * 1_000_000
         origin = -(-(time.time_ns() + NS_PER_S) // hop) * hop
         stop = threading.Event()
-        specs = [ReplaySpec(c.stream_id, c.video, c.audio, c.transcript) for c in clips]
+        specs = [ReplaySpec(c.stream_id, c.video, c.audio, None if asr else c.transcript)
+                 for c in clips]
         _say(f"replaying {len(specs)} stream(s) in real time "
              f"({clips[0].seconds:.0f} s each); predictions follow")
         replayer = threading.Thread(
@@ -426,11 +512,16 @@ def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layou
         print("", file=out)
         for line in summary.lines():
             print(line, file=out)
+        if asr:
+            for line in asr_report(settings, clips):
+                print(line, file=out)
         print(f"every prediction as JSON: {jsonl}", file=out)
         return 0 if summary.windows == summary.expected else 1
     finally:
         if worker is not None:
             worker.stop()
+        if recogniser is not None:
+            recogniser.stop()
         if view is not None:  # after the worker: the page gets the last finals meanwhile
             view.stop()
         if broker is not None:

@@ -69,12 +69,19 @@ def test_producers_replay_what_prepare_writes(compose) -> None:
     layout = Layout(Path(prep.dir))
     producers = {n: s for n, s in services.items() if n.startswith("producer")}
     assert len(producers) == prep.streams
+    asr = Settings.load(environ=services["asr"]["environment"])
+    transcribed = set(asr.asr_streams.split(","))
     for sid, (_, svc) in zip(stream_ids(prep.streams), sorted(producers.items()), strict=True):
         args = build_parser().parse_args(svc["command"])
         assert (args.command, args.stream_id) == ("produce", sid)
         assert Path(args.video) == layout.clips / f"{sid}.avi"
         assert Path(args.audio) == layout.clips / f"{sid}.wav"
-        assert Path(args.transcript) == layout.clips / f"{sid}.srt"
+        # a stream's transcript comes from its producer or from the asr service, never both
+        if sid in transcribed:
+            assert args.transcript is None
+        else:
+            assert Path(args.transcript) == layout.clips / f"{sid}.srt"
+    assert transcribed and transcribed <= set(stream_ids(prep.streams))
     worker = build_parser().parse_args(services["worker"]["command"])
     assert Path(worker.model) == layout.model
 

@@ -1,0 +1,132 @@
+"""``streamproc asr`` against the real broker, with real synthesized speech."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from asr_helpers import (
+    NS,
+    RATE,
+    SENTENCES,
+    VOICES,
+    AsrProc,
+    asr_settings,
+    chunks,
+    finals_of,
+    publish,
+    read_segments,
+    speech_track,
+)
+from worker_helpers import partition_of
+
+from streamproc import kafka
+from streamproc.asr.engine import SphinxEngine
+from streamproc.asr.stream import StreamTranscriber
+from streamproc.asr.vad import make_vad
+from streamproc.asr.worker import cut_config
+from streamproc.topics import create_topics
+from streamproc.wire import codec as wire
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+def _overlap(text: str, said: str) -> int:
+    return len(set(text.split()) & set(said.split()))
+
+
+def test_speech_becomes_timed_segments_silence_none_and_a_dead_mic_its_final(
+        kafka_bootstrap: str, avdigits_tts: Path, tmp_path: Path) -> None:
+    settings = asr_settings(kafka_bootstrap)
+    create_topics(settings)
+    t0 = (time.time_ns() // NS - 60) * NS
+    tracks = {}
+    for sid, voice in (("cam-a", VOICES[0]), ("cam-b", VOICES[1])):
+        tracks[sid] = speech_track(SENTENCES[:3], voice, avdigits_tts, pauses_s=(3.0, 5.0))
+    cut_x, cut_spoken = speech_track(SENTENCES[3:4], VOICES[0], avdigits_tts, tail_s=0)
+    mic_dies = cut_x[:len(cut_x) - int(0.4 * RATE)]  # the microphone stops mid-word
+    records = [c for sid, (x, _) in tracks.items() for c in chunks(sid, t0, x)]
+    records += chunks("quiet", t0, np.zeros(8 * RATE, np.float32))
+    records += chunks("cut", t0, mic_dies)
+    publish(settings, sorted(records, key=lambda r: r.ts_ns))
+    # bad records among them: a partial sample, and no wire headers at all
+    producer = kafka.producer(settings)
+    key, _, headers, ts_ms = wire.encode_parts(records[0])
+    producer.send(settings.topic("audio"), key=key, value=b"\x01\x02\x03", headers=headers,
+                  timestamp_ms=ts_ms)
+    producer.send(settings.topic("audio"), key=b"cam-a", value=b"not audio")
+    producer.flush(10)
+    producer.close()
+
+    asr = AsrProc(settings, tmp_path / "asr.log")
+    try:
+        want = {"cam-a": 3, "cam-b": 3, "cut": 1}
+        pubs = read_segments(settings, lambda ps: all(
+            len(finals_of(ps, sid)) >= n for sid, n in want.items()), timeout=120)
+    finally:
+        assert asr.stop() == 0
+    for sid, (_, spoken) in tracks.items():
+        finals = finals_of(pubs, sid)
+        assert len(finals) == 3, [f.text for f in finals]
+        for f, said in zip(finals, spoken, strict=True):
+            assert _overlap(f.text, said.text) >= 2, (f.text, said.text)
+            # on the audio's timeline, inside the speech (give or take pre-roll and edges)
+            assert t0 + said.start_ns - NS // 3 <= f.start_ns < f.end_ns
+            assert f.end_ns <= t0 + said.end_ns + NS // 3
+            assert f.words and f.lang == "en"
+        mine = [p for p in pubs if p.segment.stream_id == sid]
+        assert [p.segment.seq for p in mine] == list(range(len(mine)))  # one copy each
+        assert any(not p.segment.final for p in mine)  # partials while speech went on
+        assert {p.partition for p in mine} == {partition_of(sid, settings.partitions)}
+    assert not [p for p in pubs if p.segment.stream_id == "quiet"]
+    log = asr.log()  # each bad record skipped with its reason; the alignment worker
+    assert "skipped" in log and "partial sample" in log and "missing header sp-v" in log
+    (dead,) = finals_of(pubs, "cut")  # flushed once the worker saw no more of its audio
+    assert _overlap(dead.text, cut_spoken[0].text) >= 1
+    assert t0 + cut_spoken[0].start_ns - NS // 3 <= dead.start_ns
+    assert dead.end_ns <= t0 + len(mic_dies) * NS // RATE
+
+
+def test_kill_9_and_restart_lose_no_final_and_replay_identical_copies(
+        kafka_bootstrap: str, avdigits_tts: Path, tmp_path: Path) -> None:
+    settings = asr_settings(kafka_bootstrap)
+    create_topics(settings)
+    t0 = (time.time_ns() // NS - 60) * NS
+    x, spoken = speech_track(SENTENCES[:3], VOICES[1], avdigits_tts, pauses_s=(3.0, 4.0))
+    y, _ = speech_track(SENTENCES[1:][::-1], VOICES[0], avdigits_tts, pauses_s=(4.0, 3.0))
+    records = chunks("cam-a", t0, x) + chunks("cam-b", t0, y)
+    # the oracle: the same transcriber, with the worker's settings, on the same chunks
+    engine = SphinxEngine()
+    expected: dict[str, list[wire.TranscriptSegment]] = {}
+    for sid in ("cam-a", "cam-b"):
+        tr = StreamTranscriber(sid, cut_config(settings), engine,
+                               make_vad(settings.asr_vad, settings.asr_vad_mode))
+        expected[sid] = [s for c in records if c.stream_id == sid for s in tr.add(c)]
+    # the first half ends inside the second pause of cam-a
+    cut = t0 + spoken[1].end_ns + int(1.5 * NS)
+    first = sorted((r for r in records if r.ts_ns < cut), key=lambda r: r.ts_ns)
+    rest = sorted((r for r in records if r.ts_ns >= cut), key=lambda r: r.ts_ns)
+    publish(settings, first)
+    asr = AsrProc(settings, tmp_path / "asr.log")
+    try:
+        read_segments(settings, lambda ps: len(finals_of(ps)) >= 2, timeout=90)
+    finally:
+        asr.kill()
+    publish(settings, rest)
+    asr = AsrProc(settings, tmp_path / "asr.log")
+    try:
+        n_finals = sum(s.final for segs in expected.values() for s in segs)
+        pubs = read_segments(settings, lambda ps: len({(p.segment.stream_id, p.segment.seq)
+                                                       for p in ps if p.segment.final})
+                             >= n_finals, timeout=120)
+    finally:
+        assert asr.stop() == 0
+    for sid, segs in expected.items():
+        got = [p.segment for p in pubs if p.segment.stream_id == sid]
+        by_seq = {s.seq: s for s in segs}
+        # every final arrived, and every copy of a segment is the oracle's, so the aligner
+        # counts it once: same seq, same span, same text and words
+        assert {s.seq for s in got if s.final} == {s.seq for s in segs if s.final}
+        assert all(s == by_seq[s.seq] for s in got), sid

@@ -1,0 +1,84 @@
+"""The pocketsphinx engine on real synthesized speech, and loading engines by import path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from asr_helpers import NS, SENTENCES, VOICES, chunks, speech_track
+
+from streamproc.asr.engine import SphinxEngine, load_engine
+from streamproc.asr.stream import CutConfig, StreamTranscriber
+from streamproc.asr.vad import EnergyVad, VadKind, WebrtcVad, make_vad
+from streamproc.errors import UserError
+
+T0 = 1_700_000_000 * NS
+
+
+@pytest.fixture(scope="module")
+def engine() -> SphinxEngine:
+    return SphinxEngine()
+
+
+@pytest.mark.slow
+def test_spoken_words_come_out_timed_inside_the_speech(engine: SphinxEngine,
+                                                      avdigits_tts: Path) -> None:
+    x, spoken = speech_track(SENTENCES[:2], VOICES[0], avdigits_tts, pauses_s=(3.5,))
+    tr = StreamTranscriber("cam1", CutConfig(), engine, WebrtcVad())
+    segs = []
+    for k, c in enumerate(chunks("cam1", T0, x)):
+        segs += tr.add(c, k)
+    finals = [s for s in segs if s.final]
+    assert len(finals) == len(spoken)
+    for f, said in zip(finals, spoken, strict=True):
+        hits = set(f.text.split()) & set(said.text.split())
+        assert len(hits) >= len(said.text.split()) // 2, (f.text, said.text)
+        # inside the speech, give or take the detector's pre-roll and the word edges
+        assert T0 + said.start_ns - NS // 3 <= f.start_ns < f.end_ns
+        assert f.end_ns <= T0 + said.end_ns + NS // 3
+        assert f.words and all(f.start_ns <= w.start_ns < w.end_ns <= f.end_ns
+                               for w in f.words)
+    assert any(not s.final for s in segs)  # partials while the speech went on
+
+
+def test_each_utterance_is_independent_of_the_decoders_history(engine: SphinxEngine,
+                                                              avdigits_tts: Path) -> None:
+    x, _ = speech_track(SENTENCES[1:2], VOICES[1], avdigits_tts, tail_s=1.0)
+    pcm = (x * 32767).astype("<i2").tobytes()
+    results = []
+    for _ in range(3):  # the pool hands the same decoder back each time
+        u = engine.start()
+        for i in range(0, len(pcm), 960):
+            u.feed(pcm[i:i + 960])
+        results.append(u.finish())
+    assert results[0] == results[1] == results[2]
+    assert engine.pooled >= 1
+
+
+def test_vad_kinds() -> None:
+    assert isinstance(make_vad(VadKind.ENERGY), EnergyVad)
+    assert isinstance(make_vad("webrtc", 3), WebrtcVad)
+    assert not WebrtcVad().is_speech(bytes(960)) and not EnergyVad().is_speech(bytes(960))
+
+
+def test_engines_load_by_import_path() -> None:
+    eng = load_engine("asr_helpers:counting_engine")
+    assert eng.name == "counting"
+    for bad, why in [("nope", "package.module:factory"), ("no_such_mod:f", "cannot import"),
+                     ("asr_helpers:missing", "has no"), ("asr_helpers:RATE", "not callable"),
+                     ("asr_helpers:Spoken", "Spoken")]:
+        with pytest.raises((UserError, TypeError), match=why):
+            load_engine(bad)
+
+
+def test_a_grammar_engine_serves_utterances_at_once(avdigits_tts: Path) -> None:
+    from streamproc.asr.engine import pocketsphinx_digits
+
+    engine = pocketsphinx_digits()
+    x, _ = speech_track(("seven three one five",), VOICES[0], avdigits_tts, tail_s=0.5)
+    pcm = (x * 32767).astype("<i2").tobytes()
+    a, b = engine.start(), engine.start()  # two streams speaking: a second decoder
+    for u in (a, b):
+        u.feed(pcm)
+    assert a.finish().text == b.finish().text == "seven three one five"
+    assert engine.pooled == 2
