@@ -3,12 +3,6 @@ AV-Digits synthesizer and its cache) with pauses between them, cut into audio ch
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import re
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -16,16 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytest
 from kafka import KafkaConsumer, TopicPartition
+from worker_helpers import WorkerProc
 
 from streamproc import kafka
 from streamproc.asr.engine import Engine, Hypothesis, WordTiming
-from streamproc.config import Settings, env_name
+from streamproc.config import Settings
 from streamproc.ml.avdigits import Voice, synthesize
 from streamproc.wire import codec as wire
 
-REPO = Path(__file__).resolve().parents[1]
 RATE = 16_000
 NS = 1_000_000_000
 SENTENCES = ("please open the door", "seven three one five", "the weather is nice today",
@@ -103,39 +96,11 @@ def counting_engine() -> Engine:
     return CountingEngine()
 
 
-class AsrProc:
-    """One ``streamproc asr`` subprocess with its log in a file."""
+class AsrProc(WorkerProc):
+    """One ``streamproc asr`` subprocess; its restarts add to the same log."""
 
     def __init__(self, settings: Settings, log_path: Path) -> None:
-        env = dict(os.environ)
-        for f in dataclasses.fields(Settings):
-            env[env_name(f)] = str(getattr(settings, f.name))
-        self.log_path = log_path
-        with open(log_path, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "asr"],
-                                         env=env, cwd=REPO, stdout=out,
-                                         stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for(self, pattern: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not re.search(pattern, self.log()):
-            if self.proc.poll() is not None:
-                pytest.fail(f"asr exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"timeout waiting for {pattern!r}:\n{self.log()[-4000:]}")
-            time.sleep(0.1)
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
+        super().__init__(settings, log_path, command="asr", append=True)
 
 
 def asr_settings(bootstrap: str) -> Settings:

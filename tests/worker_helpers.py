@@ -43,15 +43,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class WorkerProc:
-    """One ``streamproc worker`` subprocess with its log in a file."""
+    """One ``streamproc worker`` (or another ``command``) subprocess with its log in a file;
+    ``append``: a restart adds to the same log."""
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(self, settings: Settings, log_path: Path, command: str = "worker",
+                 append: bool = False) -> None:
         env = dict(os.environ)
         for f in dataclasses.fields(Settings):
             env[env_name(f)] = str(getattr(settings, f.name))
         self.log_path = log_path
-        with open(log_path, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "worker"],
+        self.command = command
+        with open(log_path, "ab" if append else "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "streamproc.cli", command],
                                          env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         self.pid = self.proc.pid
 
@@ -66,7 +69,7 @@ class WorkerProc:
             if len(found) >= count:
                 return found
             if self.proc.poll() is not None:
-                pytest.fail(f"worker exited with {self.proc.returncode} while waiting for "
+                pytest.fail(f"{self.command} exited with {self.proc.returncode} while waiting for "
                             f"{pattern!r}:\n{self.log()[-4000:]}")
             if time.monotonic() > deadline:
                 pytest.fail(f"timeout waiting for {pattern!r}:\n{self.log()[-4000:]}")

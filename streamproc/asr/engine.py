@@ -12,13 +12,13 @@ relies on it to publish the same segments (the aligner then drops them as duplic
 
 from __future__ import annotations
 
-import importlib
 import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from streamproc.errors import UserError
+from streamproc.plugins import import_factory
 
 SAMPLE_RATE = 16_000  # what every engine is fed
 DEFAULT_ENGINE = "streamproc.asr.engine:pocketsphinx_engine"
@@ -185,22 +185,9 @@ def pocketsphinx_digits() -> SphinxEngine:
 
 def load_engine(spec: str) -> Engine:
     """An engine from ``package.module:factory``; ``factory()`` takes no arguments."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise UserError(f"asr engine {spec!r}: expected package.module:factory")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UserError(f"asr engine {spec!r}: cannot import {module_name!r}: {e}") from None
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise UserError(f"asr engine {spec!r}: module {module_name!r} has no {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise UserError(f"asr engine {spec!r}: {attr!r} is not callable")
+    obj = import_factory(spec, "asr engine")
     engine = obj()
     if not callable(getattr(engine, "start", None)):
-        raise UserError(f"asr engine {spec!r}: {attr}() returned {type(engine).__name__}, "
-                        "which has no start() (docs/asr.md, engines)")
+        raise UserError(f"asr engine {spec!r} returned {type(engine).__name__}, which has "
+                        "no start() (docs/asr.md, engines)")
     return engine

@@ -13,7 +13,6 @@ Every model, ours or a user's, follows one protocol (docs/models.md):
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from streamproc.models.encoders import (
 )
 from streamproc.models.fusion import FUSIONS, build_fusion, count_parameters
 from streamproc.models.preprocess import Preprocess, WindowBatch, make_batch
+from streamproc.plugins import import_factory
 
 __all__ = [
     "FUSIONS",
@@ -344,20 +344,6 @@ def check_protocol(model: Any, where: str) -> None:
                         f"(docs/models.md): {'; '.join(problems)}")
 
 
-def _import_factory(spec: str) -> Callable[[], Any]:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UserError(f"model {spec!r}: cannot import module {module_name!r}: {e}") from None
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise UserError(f"model {spec!r}: module {module_name!r} has no {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise UserError(f"model {spec!r}: {attr!r} is not callable")
-    return obj
 
 
 def load_model(spec: str, device: str | torch.device = "cpu") -> Any:
@@ -377,7 +363,7 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> Any:
     if path.exists():
         model = load_checkpoint(path, dev)
     elif ":" in spec and "/" not in spec.partition(":")[0]:
-        model = _import_factory(spec)()
+        model = import_factory(spec, "model")()
         if isinstance(model, nn.Module):
             model = model.to(dev)
     else:
