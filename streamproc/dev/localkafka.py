@@ -242,6 +242,10 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+#: Bytes a partition of the local broker keeps (its oldest segments go beyond that).
+LOCAL_RETENTION_BYTES = 1 << 30
+
+
 class LocalBroker:
     """One Kafka process: broker and KRaft controller on loopback.
 
@@ -312,6 +316,11 @@ class LocalBroker:
             "transaction.state.log.num.partitions=4",
             "group.initial.rebalance.delay.ms=0",
             "num.partitions=1",
+            # Kept by size, not age: tests, the demo and the benchmarks send media whose
+            # event times (the record timestamps) are years old, and age-based retention
+            # deleted them at its next check, while they were being read.
+            "log.retention.ms=-1",
+            f"log.retention.bytes={LOCAL_RETENTION_BYTES}",
         ]
         sasl = [lst for lst in self.ports if lst.sasl]
         if sasl:
