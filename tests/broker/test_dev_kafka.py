@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -100,3 +102,17 @@ def test_kafka_console_producer_writes_a_record_the_wire_format_decodes(
         consumer.close()
     rec = wire.decode(wire.KafkaRecord.from_client(msg))
     assert (rec.stream_id, rec.text, rec.ts_ns, rec.seq) == ("cam9", "hi", 2_000_000_000, 0)
+
+
+def test_the_local_broker_keeps_old_event_times_and_bounds_by_size(topics: Settings) -> None:
+    """Replayed media carries event times (record timestamps) years old: the local broker
+    keeps records by size, never by age, so nothing is deleted while a test reads it
+    (asked of the broker with Kafka's own configs tool)."""
+    if os.environ.get("STREAMPROC_BOOTSTRAP"):
+        pytest.skip("STREAMPROC_BOOTSTRAP names an existing broker: its settings are its own")
+    out = _tool("configs", "--bootstrap-server", topics.bootstrap_servers, "--describe",
+                "--all", "--entity-type", "topics", "--entity-name", topics.topic("audio"))
+    assert out.returncode == 0, out.stderr
+    found = dict(re.findall(r"^\s*(retention\.(?:ms|bytes))=(-?\d+)", out.stdout, re.M))
+    assert found == {"retention.ms": "-1",
+                     "retention.bytes": str(localkafka.LOCAL_RETENTION_BYTES)}, out.stdout
