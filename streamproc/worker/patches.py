@@ -335,7 +335,6 @@ class _HandOnEverything(defaultdict):
         return super().__getitem__(tp)
 
 
-
 # ---------------------------------------------------------------------------------------
 # the hot path: fetched records to the worker core in batches
 # ---------------------------------------------------------------------------------------
@@ -343,6 +342,7 @@ class _HandOnEverything(defaultdict):
 #: Records handed to the worker core at once. Between two such chunks the event loop runs
 #: timers and publish callbacks, so a large fetch never holds it for long.
 BATCH_RECORDS = 256
+
 
 class RecordAck:
     """The ack handle of one input record read in a batch: what faust's ``Consumer.ack``
