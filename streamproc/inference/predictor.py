@@ -38,6 +38,7 @@ class Predictor:
         self.device = resolve_device(device)
         if threads:
             torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
         self.model = load_model(spec, self.device)
         self.labels = [str(x) for x in self.model.labels]
         self.preprocess = self.model.preprocess
