@@ -23,9 +23,9 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import functools
+import hashlib
 import heapq
 import math
-import zlib
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -310,9 +310,10 @@ class Revisable:
 
 def record_id(rec: TranscriptSegment) -> int:
     """A transcript record's identity (its seq and span, as duplicates are told apart),
-    as one stable 32-bit number: what progress records to tell a window's published
+    as one stable 63-bit number: what progress records to tell a window's published
     transcript records from those a replay brings."""
-    return zlib.crc32(f"{rec.seq}:{rec.start_ns}:{rec.end_ns}".encode())
+    digest = hashlib.blake2b(f"{rec.seq}:{rec.start_ns}:{rec.end_ns}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big") >> 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,15 +357,24 @@ class _Bucket:
 
 
 class _Kept:
-    """A final window that late transcript segments may still revise."""
+    """A final window that late transcript segments may still revise.
 
-    __slots__ = ("keys", "pending", "published", "window")
+    Its revisions are numbered by content: ``rev`` of the last published one plus the
+    transcript records added since, so a restart that finds several revisions' records
+    in its replay gives the same (rev, content) pair the crashed worker published, never
+    a rev it used for other content.
+    """
 
-    def __init__(self, window: Window, keys: set[tuple[int, int, int]],
+    __slots__ = ("keys", "pending", "published", "rev", "texts", "window")
+
+    def __init__(self, window: Window, texts: list[TranscriptSegment], rev: int,
                  published: frozenset[int]) -> None:
         self.window = window  # as published last (or as a replay rebuilt it)
-        self.keys = keys  # (seq, start, end) of its transcript records: the dedup set
-        self.published = published  # record_id of the transcript records published last
+        self.texts = texts  # its transcript records, uncut, in (ts, seq) order
+        # (seq, start, end) of its transcript records: the dedup set
+        self.keys = {(r.seq, r.start_ns, r.end_ns) for r in texts}
+        self.rev = rev  # of the last published revision, whose records are ``published``
+        self.published = published
         self.pending: list[TranscriptSegment] = []  # came since, not in ``window`` yet
 
 
@@ -501,6 +511,7 @@ class Aligner:
         self._resume = resume if resume is not None else {}
         self._revisable = revisable if revisable is not None else {}
         self._rev_ns = cfg.revision_ns
+        self._keep = bool(cfg.revision_ns)  # closed windows are kept for revisions
         self._streams: dict[str, _Stream] = {}
         self._dirty: set[str] = set()
         # (when, stream): streams to look at without a record, because a silent
@@ -1077,8 +1088,8 @@ class Aligner:
             else:
                 w = self._build(st, k, b, why)
                 out.append(w)
-                if self._rev_ns:
-                    st.kept[k] = _Kept(w, self._text_keys(b), w.text_ids)
+                if self._keep:
+                    st.kept[k] = _Kept(w, b.recs["text"], w.rev, w.text_ids)
             self._retire(st, b)
         self._advance(st, ready[-1] + self._h)
 
@@ -1090,20 +1101,18 @@ class Aligner:
         w = self._build(st, k, b, why, count=False)
         self.stats["revisions_restored"] += 1
         rev, published = st.restore.get(k, (w.rev, w.text_ids))
-        if w.text_ids <= published:
+        added = len(w.text_ids - published)
+        if not added:
             w = replace(w, rev=rev)
         else:
-            w = replace(w, rev=rev + 1, quality=dict(
-                w.quality, closed_by=ClosedBy.REVISION,
-                segments_added=len(w.text_ids - published)))
+            rev += added
+            w = replace(w, rev=rev, quality=dict(
+                w.quality, closed_by=ClosedBy.REVISION, segments_added=added))
             published = w.text_ids
             self.stats["revisions"] += 1
             out.append(w)
-        st.kept[k] = _Kept(w, self._text_keys(b), published)
-
-    @staticmethod
-    def _text_keys(b: _Bucket) -> set[tuple[int, int, int]]:
-        return {(r.seq, r.start_ns, r.end_ns) for r in b.recs["text"]}
+        if self._keep:
+            st.kept[k] = _Kept(w, b.recs["text"], rev, published)
 
     def _emit_revisions(self, st: _Stream, out: list[Window]) -> None:
         """The revised finals of kept windows that got transcript segments since the last
@@ -1114,30 +1123,39 @@ class Aligner:
             kp = st.kept.get(k)
             if kp is None or not kp.pending:
                 continue
-            new, kp.pending = kp.pending, []
+            # everything from the records, in the order a window built at once has them
+            texts = kp.texts + kp.pending
+            kp.pending = []
+            texts.sort(key=_by_ts_seq)
+            kp.texts = texts
+            ids = frozenset(record_id(x) for x in texts)
             prev = kp.window
-            segs = prev.segments + [_clip_words(x, k, k + w_ns) if x.words else x for x in new]
-            segs.sort(key=_by_ts_seq)
-            ids = prev.text_ids | {record_id(x) for x in new}
             provenance = dict(prev.provenance)
-            provenance["text"] = [*prev.provenance.get("text", ()),
-                                  *(x.source for x in new if x.source is not None)]
-            quality = prev.quality
-            if not ids <= kp.published:
-                quality = dict(quality, closed_by=ClosedBy.REVISION,
-                               segments_added=len(ids - kp.published))
+            provenance["text"] = [x.source for x in texts if x.source is not None]
             present = dict(prev.present)
             present["text"] = True
-            w = replace(prev, segments=segs, present=present,
-                        quality=quality, provenance=provenance, ingest_ms={}, text_ids=ids,
-                        final=True, unchanged=False)
-            if not ids <= kp.published:
-                w.rev += 1
-                kp.published = ids
+            added = len(ids - kp.published)
+            quality = prev.quality if not added else dict(
+                prev.quality, closed_by=ClosedBy.REVISION, segments_added=added)
+            w = replace(prev, segments=[_clip_words(x, k, k + w_ns) if x.words else x
+                                        for x in texts],
+                        present=present, quality=quality, provenance=provenance,
+                        ingest_ms={}, text_ids=ids, final=True, unchanged=False,
+                        rev=kp.rev + added)
+            if added:
+                kp.rev, kp.published = w.rev, ids
                 self.stats["revisions"] += 1
                 out.append(w)
             kp.window = w
         st.revise.clear()
+
+    def stop_revising(self) -> None:
+        """Keep no more windows for revisions (the worker stops): a transcript segment for
+        a closed window is late from now on."""
+        self._keep = False
+        for st in self._streams.values():
+            st.kept.clear()
+            st.revise.clear()
 
     def _advance(self, st: _Stream, closed_before: int) -> None:
         if st.closed_before is None or st.closed_before < closed_before:

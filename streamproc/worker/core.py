@@ -223,6 +223,7 @@ class WorkerCore:
         self.revisable: dict[str, Revisable] = {}
         self._revs: dict[str, dict[int, tuple[int, frozenset[int]]]] = {}
         self._floor_asked: dict[str, int] = {}
+        self._floor_seed: dict[str, int] = {}
         self._progress_seq = itertools.count(1)
         self.resuming = False  # set when an assignment resumes, taken by the consumer's seek
         self.counters = counters
@@ -263,6 +264,8 @@ class WorkerCore:
         self._revs = {sid: dict(p.revs) for sid, p in progress.items() if p.revs}
         self._floor_asked = {sid: p.floor for sid, p in progress.items()
                              if p.floor is not None}
+        # durable already: the ledger learns it once the stream has records held
+        self._floor_seed = dict(self._floor_asked)
 
     @property
     def releasing(self) -> bool:
@@ -448,12 +451,12 @@ class WorkerCore:
         for p in parts:
             self._read_through.pop(p, None)
             self._fetched_at.pop(p, None)
-        for tp in revoked:
-            self._ends.pop(tp, None)
             aligner = self.aligners.pop(p, None)
             if aligner is not None:
                 for k, v in aligner.stats.items():
                     self._retired_stats[k] += v
+        for tp in revoked:
+            self._ends.pop(tp, None)
         dropped = self.ledger.drop_partitions(parts)
         if parts:
             log.info("partitions %s revoked: dropped %d held record(s); the owner replays them",
@@ -466,6 +469,8 @@ class WorkerCore:
         writes (a floor above those records) the acks wait for."""
         if not self.ledger.horizon:
             return []
+        for aligner in self.aligners.values():
+            aligner.stop_revising()
         return [self._write_progress(sid, frees_now=False)
                 for sid in self.ledger.stop_revising()
                 if self.ledger.floor_wanted(sid, frees_now=False) is not None]
@@ -621,6 +626,8 @@ class WorkerCore:
         aligner = self.aligners[partition]
         horizon = self.ledger.horizon
         for sid in self.ledger.waiting_streams(partition):
+            if horizon and sid in self._floor_seed:
+                self._queue_acks(self.ledger.floor_durable(sid, self._floor_seed.pop(sid)))
             self._queue_acks(self.ledger.closed(sid, aligner.closed_before(sid), partition))
             if horizon:
                 floor = self.ledger.floor_wanted(sid)
@@ -645,7 +652,14 @@ class WorkerCore:
             forgotten = self.ledger.forget(sid)
             if forgotten is None:
                 continue  # a window of it is still being published: next time
-            self._queue_acks(forgotten)
+            waits = []
+            if self.ledger.horizon and forgotten:
+                # its records go now, revisable or not: progress says so first, so a
+                # restart rebuilds none of its windows from a replay that lacks them
+                floor = None if aligner is None else aligner.closed_before(sid)
+                waits.append(self.record_progress(sid, StreamProgress(
+                    self.progress.get(sid), True, floor, {}, next(self._progress_seq))))
+            self._queue_acks(forgotten, waits)
             self._expiring.discard(sid)
             self._home.pop(sid, None)
             # progress stays: one number per stream, as in the compacted progress topic
@@ -654,6 +668,7 @@ class WorkerCore:
             self.forget_progress(sid)
             self._revs.pop(sid, None)
             self._floor_asked.pop(sid, None)
+            self._floor_seed.pop(sid, None)
             self.revisable.pop(sid, None)
             for m in MODALITIES:
                 self.ingest_ns.pop((sid, m), None)

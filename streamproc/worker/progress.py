@@ -59,15 +59,33 @@ class StreamProgress:
     @classmethod
     def decode(cls, raw: bytes) -> StreamProgress:
         """Raises ValueError for anything that is not a progress value."""
-        text = raw.decode("ascii")
-        if not text.lstrip().startswith("{"):
-            return cls(int(text))
-        obj = json.loads(text)
-        through, floor = obj["through"], obj["floor"]
-        return cls(None if through is None else int(through), True,
-                   None if floor is None else int(floor),
-                   {int(k): (int(r), frozenset(int(i) for i in ids))
-                    for k, (r, ids) in obj["revs"].items()})
+        try:
+            text = raw.decode("ascii")
+            if not text.lstrip().startswith("{"):
+                return cls(int(text))
+            obj = json.loads(text)
+            through, floor, revs = obj["through"], obj["floor"], obj["revs"]
+            if not (isinstance(revs, dict) and all(
+                    isinstance(v, list) and len(v) == 2 and isinstance(v[1], list)
+                    for v in revs.values())):
+                raise ValueError("revs is not {window: [rev, [ids]]}")
+            return cls(_int_or_none(through), True, _int_or_none(floor),
+                       {int(k): (_int(r), frozenset(_int(i) for i in ids))
+                        for k, (r, ids) in revs.items()})
+        except ValueError:
+            raise
+        except Exception as e:  # any other shape of JSON (or nesting) is not ours either
+            raise ValueError(f"not a progress value: {e!r}") from e
+
+
+def _int(x: Any) -> int:
+    if not isinstance(x, int) or isinstance(x, bool):
+        raise ValueError(f"{x!r} is not an integer")
+    return x
+
+
+def _int_or_none(x: Any) -> int | None:
+    return None if x is None else _int(x)
 
 
 def _same(value: Any) -> Any:
@@ -177,7 +195,7 @@ async def read_progress(settings: Settings) -> dict[str, StreamProgress]:
                         # a record that is not ours must not stop every resume
                         try:
                             out[m.key.decode("utf-8")] = StreamProgress.decode(m.value)
-                        except (ValueError, KeyError, TypeError):
+                        except ValueError:
                             log.warning("ignoring a record of %s that is not progress: "
                                         "%r=%r", topic, m.key[:64], m.value[:64])
             for tp in list(pending):

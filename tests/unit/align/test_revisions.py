@@ -210,3 +210,50 @@ def test_without_a_floor_the_replay_rebuilds_the_whole_horizon() -> None:
     assert b.add(late, T0 + 8 * S).status == OutcomeStatus.ACCEPTED
     assert [(w.start_ns, w.rev) for w in b.poll(T0 + 8 * S)] == [
         (T0 + S // 2, 2), (T0 + S, 2)]
+
+
+def test_revisions_are_numbered_by_content_so_a_replay_reuses_no_rev() -> None:
+    """Two late segments make rev 2 and rev 3; a worker killed before it recorded either
+    finds both in its replay and publishes rev 3 with both: the content the crashed
+    worker published as rev 3, and not a second rev 2."""
+    events = media(12)
+    l1 = (T0 + 8 * S, segment("cam", 1, T0 + 5 * S + 200 * MS, T0 + 5 * S + 400 * MS))
+    l2 = (T0 + 8 * S + 500 * MS, segment("cam", 2, T0 + 5 * S + 600 * MS,
+                                         T0 + 5 * S + 800 * MS))
+    k = T0 + 5 * S
+    first = run(Aligner(cfg()), [*events, l1, l2], T0 + 9 * S)
+    revs = {w.rev: w for _, w in first if w.start_ns == k and w.final}
+    assert sorted(revs) == [1, 2, 3]
+    before = [(t, w) for t, w in first if t < T0 + 8 * S]  # progress as it was then
+    through = max(w.start_ns for _, w in before if w.final)
+    b = Aligner(cfg(), resume={"cam": through},
+                revisable={"cam": Revisable(None, published(before))})
+    # the replay reads them in event-time order, as the interleaver does
+    replay = [*events, *((seg.end_ns, seg) for _, seg in (l1, l2))]
+    again = [w for _, w in run(b, replay, T0 + 12 * S) if w.start_ns == k and w.final]
+    assert [w.rev for w in again] == [3]
+    assert again[0].text_ids == revs[3].text_ids and again[0].text == revs[3].text
+    assert again[0].provenance == revs[3].provenance
+
+
+def test_a_revision_orders_its_segments_as_a_window_built_at_once() -> None:
+    """A late segment that starts before the window's own one: the revision lists the
+    segments (and their sources) in time order, as the window built with every record
+    would, also when both start before the window and are cut to its start."""
+    from streamproc.wire.codec import Source
+
+    def src(seq: int) -> Source:
+        return Source("t.text", 0, seq)
+
+    own = segment("cam", 1, T0 + 4 * S + 800 * MS, T0 + 5 * S + 300 * MS, source=src(1))
+    late = segment("cam", 2, T0 + 4 * S + 600 * MS, T0 + 5 * S + 200 * MS, source=src(2))
+    events = [*media(12), (T0 + 5 * S + 400 * MS, own), (T0 + 11 * S, late)]
+    out = run(Aligner(cfg()), events, T0 + 12 * S)
+    k = T0 + 5 * S
+    (revised,) = [w for _, w in out if w.start_ns == k and w.rev == 2]
+    # the oracle: every record in time order, the late one on time
+    oracle = run(Aligner(cfg()), [*events[:-1], (T0 + 5 * S + 400 * MS, late)], T0 + 12 * S)
+    (built,) = [w for _, w in oracle if w.start_ns == k and w.final]
+    assert [s.seq for s in revised.segments] == [s.seq for s in built.segments] == [2, 1]
+    assert revised.provenance["text"] == built.provenance["text"]
+    assert revised.text_ids == built.text_ids

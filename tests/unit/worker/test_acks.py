@@ -25,7 +25,7 @@ from streamproc.wire.codec import (
 from streamproc.worker.acks import AckLedger, OffsetGate
 from streamproc.worker.core import Consumed, SkippedOffsets, WorkerCore
 from streamproc.worker.metrics import ClientFaults, Counters, Metrics, update_gauges
-from streamproc.worker.progress import ProgressWriter
+from streamproc.worker.progress import ProgressWriter, StreamProgress
 
 V, A, T = ("p.video", 0), ("p.audio", 0), ("p.text", 0)
 MS = 1_000_000
@@ -497,3 +497,23 @@ def test_progress_send_failure_fails_the_waiters() -> None:
             await fut
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("raw", [
+    b"", b"abc", b"1.5", b"{}", b'{"through": 1}', b'{"through": 1, "floor": null, "revs": []}',
+    b'{"through": 1, "floor": null, "revs": null}', b'{"through": 1e400, "floor": 1, "revs": {}}',
+    b'{"through": Infinity, "floor": 1, "revs": {}}', b'{"through": true, "floor": 1, "revs": {}}',
+    b'{"through": 1, "floor": 1, "revs": {"x": [1, [2]]}}',
+    b'{"through": 1, "floor": 1, "revs": {"5": [1, 2]}}', b"[" * 100_000, b"\xff\xfe",
+])
+def test_a_progress_value_of_another_shape_is_a_value_error(raw: bytes) -> None:
+    """read_progress skips what it cannot read: anything else would stop every resume."""
+    with pytest.raises(ValueError):
+        StreamProgress.decode(raw)
+
+
+def test_progress_values_round_trip() -> None:
+    for p in (StreamProgress(5), StreamProgress(None, True),
+              StreamProgress(7, True, 3, {4: (2, frozenset({1, 2**62}))})):
+        assert StreamProgress.decode(p.encode()) == p
+    assert StreamProgress(5).encode() == b"5"  # as workers without revisions wrote it

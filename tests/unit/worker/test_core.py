@@ -159,6 +159,26 @@ def test_revoke_mid_window_acks_nothing_and_the_next_owner_replays() -> None:
     run(main())
 
 
+def test_revoking_several_partitions_drops_every_one_of_their_aligners() -> None:
+    """The partitions come back from the committed offset: a replayed record is a new
+    record for a fresh aligner (a stale one would call it a duplicate and ack it before
+    its window is published)."""
+    async def main() -> None:
+        h = Harness(partitions=(0, 1, 2), hold_windows=True)
+        for p in (0, 1, 2):
+            h.frame(0, 0, partition=p, stream=f"cam{p}")
+        assert sorted(h.core.aligners) == [0, 1, 2]
+        h.revoke((0, 1, 2))
+        assert h.core.aligners == {}
+        h.assign((0, 1, 2), committed=0)
+        for p in (0, 1, 2):
+            h.frame(0, 0, partition=p, stream=f"cam{p}")
+        await settle()
+        assert h.acks == [] and h.core.counters.get("duplicates", modality="video") == 0
+
+    run(main())
+
+
 def test_a_dead_letter_keeps_its_turn_among_acks() -> None:
     """A dead letter is acked once it is sent and never before a record in front of it:
     the commit must not pass a record whose window is still open."""
@@ -736,5 +756,27 @@ def test_a_stop_gives_up_revisions_so_the_last_commit_covers_what_is_published()
         # every record of the published windows [0 s, 4 s); [4 s, 5 s) is still open
         assert h.offsets() == [0, 1, 2, 3] and h.text_acks() == [0, 1, 2, 3]
         assert h.values[-1][1].floor == T0 + 4 * S  # a restart rebuilds nothing of them
+
+    run(main())
+
+
+def test_a_second_stop_after_a_restart_commits_what_it_published() -> None:
+    """A stop soon after a restart from a stop acks every record of the windows the
+    restarted worker published (the floor read back at the resume is where it starts)."""
+    async def main() -> None:
+        first = Revising()
+        for s in range(5):
+            first.second(s)
+        await settle()
+        await asyncio.gather(*first.core.stop_revising())
+        await settle()
+        assert first.offsets() == [0, 1, 2, 3]
+        h = Revising({"cam": first.values[-1][1]}, committed=4)
+        for s in range(4, 7):
+            h.second(s)
+        await settle()
+        await asyncio.gather(*h.core.stop_revising())
+        await settle()
+        assert h.offsets() == [4, 5] and h.text_acks() == [4, 5] and h.crashes == []
 
     run(main())
