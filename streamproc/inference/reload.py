@@ -132,7 +132,7 @@ class ModelReloader:
                 return "unchanged"
             self.check(new)
         except Exception as e:
-            reason = str(e) or type(e).__name__
+            reason = (str(e) or type(e).__name__).rstrip(".")
             log.error("model reload refused: %s: %s; still serving %s", self.directory,
                       reason, current.describe())
             self.on_result("refused", current)
