@@ -137,8 +137,13 @@ def dataset_splits(ds: Dataset, how: SplitConfig = SplitConfig(), log: Log = _st
         f"{b.seed}): " + ", ".join(f"{s} {len(out[s])}" for s in SPLITS)
         + f" windows; {dropped} dropped at boundaries between splits")
     for s in ("val", "test"):
+        if (b.val if s == "val" else b.test) <= 0:
+            continue
         missing = sorted({e.label for e in examples} - {e.label for e in out[s]})
-        if missing and (b.val if s == "val" else b.test) > 0:
+        if not out[s]:
+            log(f"note: no {s} windows: a class needs 2-3 blocks of {b.block_s:g} s before "
+                f"one goes to {s} (record more, or shorten --block-s)")
+        elif missing:
             log(f"note: no {s} windows of {missing} (too few blocks of them; record more, "
                 "or shorten --block-s)")
     return out
