@@ -230,7 +230,9 @@ def create_app(settings: Settings, *, partitions: int | None = None,
 
     @app.timer(interval=STATUS_EVERY_S)
     async def status() -> None:
-        log.info("status: %s", core.status_line())
+        served = "" if predictor is None else (
+            f" model={predictor.info['name']}/{predictor.info['version']}")
+        log.info("status: %s%s", core.status_line(), served)
 
     gauge_failed: list[bool] = []
 
