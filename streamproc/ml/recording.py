@@ -36,6 +36,8 @@ class RecordStats:
     late: int = 0
     duplicates: int = 0
     capped: int = 0  # refused by the aligner's memory cap
+    capped_frames: int = 0  # buffered frames the memory cap dropped (the oldest)
+    capped_audio_s: float = 0.0
     future: int = 0  # event time too far ahead of the clock (--max-future-ms)
     windows: int = 0
     labelled: int = 0
@@ -50,6 +52,10 @@ class RecordStats:
                f"{self.undecodable} undecodable, {self.late} late, {self.duplicates} "
                f"duplicate, {self.capped} capped (memory cap) and {self.future} future "
                "(clock) records")
+        if self.capped_frames or self.capped_audio_s:
+            out += (f"\nthe memory cap dropped {self.capped_frames} buffered frames and "
+                    f"{self.capped_audio_s:.1f} s of buffered audio: windows are missing or "
+                    "masked (raise --max-buffer-frames / --max-buffer-audio-s)")
         if self.reasons:
             out += "\nundecodable: " + "; ".join(f"{n}x {r}" for r, n in self.reasons.items())
         return out
@@ -189,6 +195,8 @@ def record(settings: Settings, labels: str | Path, out: str | Path, *,
                 log("read the topics up to where they ended at the start: finishing")
                 break
         emit(aligner.flush())
+        stats.capped_frames = int(aligner.stats.get("capped_frames", 0))
+        stats.capped_audio_s = float(aligner.stats.get("capped_audio_s", 0.0))
     finally:
         consumer.close()
         writer.recording_source["origins_ns"] = dict(labeler.first_ns)

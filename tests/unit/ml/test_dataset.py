@@ -284,3 +284,12 @@ def test_a_crash_mid_recording_keeps_the_dataset_readable(tmp_path: Path) -> Non
         w.add(_at("cam", 20), "a")
     assert not list((tmp_path / "ds").glob("*.tmp"))
     assert len(Dataset(tmp_path / "ds").load()) == 8
+
+
+def test_record_summary_reports_what_the_memory_cap_dropped() -> None:
+    from streamproc.ml.recording import RecordStats
+
+    assert "memory cap dropped" not in RecordStats(records=3).summary()
+    text = RecordStats(records=3, capped_frames=40, capped_audio_s=2.5).summary()
+    assert "the memory cap dropped 40 buffered frames and 2.5 s of buffered audio" in text
+    assert "--max-buffer-frames" in text
