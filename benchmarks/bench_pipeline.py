@@ -81,6 +81,8 @@ def log(msg: str) -> None:
 
 #: The workers' provisional_on (None: the settings' default), from --provisional-on.
 PROVISIONAL_ON: str | None = None
+#: Whether the live run's transcripts pause as speech does (--pauses).
+PAUSES = False
 
 
 def base_settings(bootstrap: str, model: Path, provisional_on: str | None = None) -> Settings:
@@ -200,7 +202,7 @@ def live_phase(bootstrap: str, model: Path, seconds: int, streams: int, tmp: Pat
         worker.wait_ready()
         hop = settings.hop_ms * MS
         origin = (time.time_ns() + 2 * S) // hop * hop + hop
-        recs = w1_records(seconds, streams, t0=origin)
+        recs = w1_records(seconds, streams, t0=origin, pauses=PAUSES)
         if frame_size is not None:
             recs = with_frames(recs, camera_frames(*frame_size))
         expected = windows_of(settings, [r for _, r in recs])
@@ -241,7 +243,9 @@ def live_phase(bootstrap: str, model: Path, seconds: int, streams: int, tmp: Pat
         first.setdefault(p.key, (p, recv))
     return {"settings": settings, "origin": origin, "seconds": seconds, "streams": streams,
             "expected": expected, "preds": preds, "first": first, "samples": samples,
-            "recs": recs, "provisional": sum(not p.final for p, _ in got)}
+            "recs": recs, "provisional": sum(not p.final for p, _ in got),
+            "revisions": sum(p.final and p.quality.get("closed_by") == "revision"
+                             for p, _ in got)}
 
 
 def summarize_live(live: dict, warmup_s: float = 10.0) -> dict:
@@ -294,7 +298,8 @@ def summarize_live(live: dict, warmup_s: float = 10.0) -> dict:
                         for p, recv in steady_first],
         "final_total": [(recv - p.emitted_at_ns) / MS + p.latency_ms["total"]
                         for p, recv in preds.values() if lo <= p.emitted_at_ns < hi],
-        "provisional": live["provisional"], "model_calls": calls,
+        "provisional": live["provisional"], "revisions": live["revisions"],
+        "model_calls": calls,
         "within_goal": within, "steady_windows": len(live_ones),
         "flush_added": [p.latency_ms["added"] for p, _ in flush],
         "windows": len(preds), "expected": len(live["expected"]),
@@ -502,6 +507,8 @@ def report(live: dict, summary: dict, sat: dict, model: Path, args: argparse.Nam
         f"{percentile(summary['first_total'], 99):.0f} ms | <= 300 / 500 ms |",
         f"| windows through the model per final window (live) | {summary['model_calls']:.2f} | "
         f"<= 1.3 |",
+        f"| revised finals (transcripts after their windows' finals) | "
+        f"{summary['revisions']} | reported |",
         f"| window end -> final prediction received: p50 / p99 | "
         f"{percentile(summary['final_total'], 50):.0f} / "
         f"{percentile(summary['final_total'], 99):.0f} ms | p99 <= text lateness + 200 ms |",
@@ -658,12 +665,16 @@ def main() -> int:
     ap.add_argument("--provisional-on", default=None,
                     help="the worker's provisional_on [default: the settings' default]; none "
                          "for final predictions only")
+    ap.add_argument("--pauses", action="store_true",
+                    help="the live run's transcripts pause for 3-5 s now and then, as speech "
+                         "does (about one gap in seven between segments)")
     ap.add_argument("--frame-sizes", default="",
                     help="WxH,... : only the live run, once per frame size (e.g. "
                          "640x480,1280x720), one row each")
     args = ap.parse_args()
-    global PROVISIONAL_ON
+    global PROVISIONAL_ON, PAUSES
     PROVISIONAL_ON = args.provisional_on
+    PAUSES = args.pauses
     model = args.model or prepare_model(Layout(default_dir()), log=log)
     if args.frame_sizes:
         sizes = [tuple(int(x) for x in sz.split("x")) for sz in args.frame_sizes.split(",")]

@@ -87,6 +87,11 @@ class Settings:
         "video,audio", "When these modalities of a window are complete, publish a provisional "
         "prediction before the others (the transcript) are; none (or empty): final "
         "predictions only.")
+    revision_horizon_ms: int = _opt(
+        10_000, "A transcript segment that arrives after its window's final prediction, "
+        "for a window that ended at most this long (ms of event time) before the newest "
+        "closed one, revises that prediction (rev + 1) instead of becoming a late dead "
+        "letter. Input commits are held back by as much; 0: no revisions.")
     frames_per_window: int = _opt(8, "K: frames sampled evenly from each window for the model.")
     sample_rate: int = _opt(16000, "Audio rate (Hz) windows are resampled to for the model.")
     max_buffer_frames: int = _opt(600, "Cap on buffered video frames per stream.")
@@ -122,6 +127,10 @@ class Settings:
     batch_size: int = _opt(32, "Largest micro-batch of windows sent to the model at once.")
     batch_max_wait_ms: int = _opt(20, "Longest a window waits for its micro-batch to fill (ms).")
     device: str = _opt("auto", "auto (CUDA when available), cpu or cuda.")
+    model_threads: int = _opt(
+        0, "Threads torch runs the model with on the CPU; 0: one less than the CPU count "
+        "(at least 1), so the event loop keeps a core (with every core, torch's threads "
+        "and the loop take turns on a busy machine and batches wait).")
     model_reload_s: float = _opt(
         5.0, "How often (s) the worker looks for a new checkpoint in its `model` directory "
         "and hot-reloads it (no restart; a bad one is refused and the served model goes on); "
@@ -209,7 +218,9 @@ class Settings:
             "max_span_text_ms": (self.max_span_text_ms >= 0, "must not be negative"),
             "max_frame_pixels": (self.max_frame_pixels >= 1, "must be at least 1"),
             "stream_expiry_ms": (self.stream_expiry_ms >= 0, "must not be negative"),
+            "revision_horizon_ms": (self.revision_horizon_ms >= 0, "must not be negative"),
             "batch_size": (self.batch_size >= 1, "must be at least 1"),
+            "model_threads": (self.model_threads >= 0, "must not be negative"),
             "session_timeout_ms": (self.session_timeout_ms >= 1000, "must be at least 1000"),
             "batch_max_wait_ms": (self.batch_max_wait_ms >= 0, "must not be negative"),
             "model_reload_s": (self.model_reload_s >= 0, "must not be negative"),
@@ -409,10 +420,12 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
     "windows": ("window_ms", "hop_ms", "lateness_video_ms", "lateness_audio_ms",
                 "lateness_text_ms", "idle_deadline_video_ms", "idle_deadline_audio_ms",
                 "idle_deadline_text_ms", "expected_modalities", "provisional_on",
+                "revision_horizon_ms",
                 "frames_per_window", "sample_rate", "max_buffer_frames", "max_buffer_audio_s",
                 "max_future_ms", "max_lead_ms", "max_span_audio_ms", "max_span_text_ms",
                 "max_frame_pixels", "stream_expiry_ms"),
-    "model": ("model", "batch_size", "batch_max_wait_ms", "device", "model_reload_s"),
+    "model": ("model", "batch_size", "batch_max_wait_ms", "device", "model_threads",
+              "model_reload_s"),
     "asr": ("asr_engine", "asr_vad", "asr_vad_mode", "asr_partial_interval_ms",
             "asr_end_silence_ms", "asr_max_utterance_ms", "asr_gap_ms", "asr_lang",
             "asr_streams"),

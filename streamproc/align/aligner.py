@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import heapq
 import math
+import zlib
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -71,6 +72,7 @@ class ClosedBy(StrEnum):
     WATERMARK = "watermark"  # every expected modality's data for it had arrived
     DEADLINE = "deadline"  # closed while an expected modality was idle
     FLUSH = "flush"  # end of input or shutdown
+    REVISION = "revision"  # a final revised: transcript segments came after it
 
 # The identity (modality, seq, span) of records whose windows closed is remembered for this
 # many closed windows per stream, so a copy that comes after its windows closed is still
@@ -120,8 +122,12 @@ class Window:
     - ``rev``, ``final``: a *provisional* window (``final`` False, ``rev`` 0) is emitted
       when the fast modalities are complete, before the slow ones; the *final* one comes
       when every modality is (``rev`` 1 when provisional windows are configured, else 0).
+      A transcript segment that comes after the final, within the revision horizon,
+      makes a *revised* final (``rev`` + 1, ``closed_by`` revision, ``segments_added``).
       ``unchanged``: a final with nothing added since its provisional (its prediction can
       be reused).
+    - ``text_ids``: the identities of the window's transcript records (:func:`record_id`),
+      which a restarted worker compares with what it had published.
     """
 
     stream_id: str
@@ -140,6 +146,7 @@ class Window:
     rev: int = 0
     final: bool = True
     unchanged: bool = False
+    text_ids: frozenset[int] = frozenset()
 
     @property
     def key(self) -> tuple[str, int]:
@@ -206,6 +213,10 @@ class AlignConfig:
     # When these (expected) modalities are complete, a provisional window is emitted
     # before the others are; empty (or every expected one): final windows only.
     provisional: tuple[Modality, ...] = ()
+    # Final windows stay revisable by late transcript segments while they start at most
+    # this long before the stream's oldest open window (a multiple of hop_ns once built;
+    # 0, or text not expected: no revisions).
+    revision_ns: int = 0
 
     def __post_init__(self) -> None:
         lateness = {m: int(self.lateness_ns.get(m, 0)) for m in MODALITIES}
@@ -216,6 +227,10 @@ class AlignConfig:
         fast = tuple(m for m in self.expected if m in self.provisional)
         object.__setattr__(self, "provisional",
                            () if len(fast) == len(self.expected) else fast)
+        if self.revision_ns > 0 and self.hop_ns > 0:
+            horizon = 0 if "text" not in self.expected else \
+                -(-self.revision_ns // self.hop_ns) * self.hop_ns
+            object.__setattr__(self, "revision_ns", horizon)
         rules = [
             (self.window_ns > 0, "window_ns must be positive"),
             (0 < self.hop_ns <= self.window_ns, "hop_ns must be positive and at most window_ns"),
@@ -233,6 +248,7 @@ class AlignConfig:
             (self.max_span_audio_ns >= 0 and self.max_span_text_ns >= 0,
              "max_span_*_ns must not be negative"),
             (self.stream_expiry_ns >= 0, "stream_expiry_ns must not be negative"),
+            (self.revision_ns >= 0, "revision_ns must not be negative"),
         ]
         for ok, rule in rules:
             if not ok:
@@ -257,6 +273,7 @@ class AlignConfig:
             max_span_text_ns=s.max_span_text_ms * ms,
             stream_expiry_ns=s.stream_expiry_ms * ms,
             provisional=s.provisional_modalities,
+            revision_ns=s.revision_horizon_ms * ms,
         )
 
     @property
@@ -274,6 +291,28 @@ class AlignConfig:
         if end_ns <= start_ns:
             end_ns = start_ns + 1
         return range(((start_ns - w) // h + 1) * h, ((end_ns - 1) // h) * h + 1, h)
+
+
+@dataclass(frozen=True, slots=True)
+class Revisable:
+    """What a restarted worker knows of a stream's windows that may still be revised.
+
+    ``floor_ns``: every record whose last window starts at or after this was still unacked
+    at the crash, so the replay brings every record of those windows back (None: no
+    record was acked for having left the horizon). ``revs``:
+    window start -> (the rev published last, the :func:`record_id` of its transcript
+    records).
+    """
+
+    floor_ns: int | None
+    revs: Mapping[int, tuple[int, frozenset[int]]] = field(default_factory=dict)
+
+
+def record_id(rec: TranscriptSegment) -> int:
+    """A transcript record's identity (its seq and span, as duplicates are told apart),
+    as one stable 32-bit number: what progress records to tell a window's published
+    transcript records from those a replay brings."""
+    return zlib.crc32(f"{rec.seq}:{rec.start_ns}:{rec.end_ns}".encode())
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +355,19 @@ class _Bucket:
         return not any(self.recs.values())
 
 
+class _Kept:
+    """A final window that late transcript segments may still revise."""
+
+    __slots__ = ("keys", "pending", "published", "window")
+
+    def __init__(self, window: Window, keys: set[tuple[int, int, int]],
+                 published: frozenset[int]) -> None:
+        self.window = window  # as published last (or as a replay rebuilt it)
+        self.keys = keys  # (seq, start, end) of its transcript records: the dedup set
+        self.published = published  # record_id of the transcript records published last
+        self.pending: list[TranscriptSegment] = []  # came since, not in ``window`` yet
+
+
 class _Stream:
     __slots__ = (
         "audio_ns",
@@ -328,12 +380,16 @@ class _Stream:
         "fast_blocker",
         "first_seen",
         "frames_per_window",
+        "kept",
         "last_seen",
         "late_pending",
         "marked",
         "provisional_before",
+        "published_before",
+        "restore",
         "resume_before",
         "retired",
+        "revise",
         "sid",
         "wm",
     )
@@ -364,6 +420,12 @@ class _Stream:
         # every window with start < this had its provisional emitted, or needs none
         self.provisional_before = resume_before
         self.frames_per_window: int | None = None  # frames in its last final window
+        self.kept: dict[int, _Kept] = {}  # closed final windows still revisable
+        self.revise: set[int] = set()  # kept windows with segments pending
+        # after a restart: windows below this were published before it, and what of them
+        # (window start -> rev, record ids) progress had
+        self.published_before: int | None = None
+        self.restore: Mapping[int, tuple[int, frozenset[int]]] = {}
 
     def open_bucket(self, k: int) -> _Bucket:
         """The bucket of a window that gets its first record, with the cap's marks if any."""
@@ -406,10 +468,14 @@ class Aligner:
     ``resume``: stream_id -> start of the last window already emitted (e.g. before a crash).
     Windows with start <= that are never emitted again, and a replayed record that only
     belongs to such windows gets status ``REPLAYED``, not ``LATE``. It is read whenever a
-    stream opens, so the caller may keep updating it.
+    stream opens, so the caller may keep updating it. ``revisable``: stream_id -> what
+    was published of its windows that may still be revised (:class:`Revisable`); the
+    replay rebuilds those windows without emitting them again, unless the replay holds
+    transcript records their last published revision did not.
     """
 
-    def __init__(self, cfg: AlignConfig, resume: Mapping[str, int] | None = None) -> None:
+    def __init__(self, cfg: AlignConfig, resume: Mapping[str, int] | None = None,
+                 revisable: Mapping[str, Revisable] | None = None) -> None:
         self.cfg = cfg
         self._w = cfg.window_ns
         self._h = cfg.hop_ns
@@ -433,6 +499,8 @@ class Aligner:
         # read when a stream opens (also again after it expired), so a map the caller
         # keeps current (the worker's published progress) is used as it is, not copied
         self._resume = resume if resume is not None else {}
+        self._revisable = revisable if revisable is not None else {}
+        self._rev_ns = cfg.revision_ns
         self._streams: dict[str, _Stream] = {}
         self._dirty: set[str] = set()
         # (when, stream): streams to look at without a record, because a silent
@@ -444,7 +512,7 @@ class Aligner:
             ("accepted", "duplicates", "late", "late_partial", "late_windows_missed", "replayed",
              "capped", "capped_frames", "capped_segments", "too_long", "future", "ahead",
              "expired", "windows", "provisional", "provisional_skipped",
-             "windows_deadline",
+             "revisions", "revision_late", "revisions_restored", "windows_deadline",
              "windows_flush", "windows_masked"), 0)
         self.stats["capped_audio_s"] = 0.0
 
@@ -504,12 +572,24 @@ class Aligner:
         cb = st.closed_before
         reason = ""
         if cb is not None and k_first < cb:
+            revised = 0
+            if st.kept and mod == "text" and rec.final:  # type: ignore[union-attr]
+                revised = self._revise(st, rec, key, k_first, min(k_last, cb - h))  # type: ignore[arg-type]
+                if revised < 0:
+                    return self._duplicate(st, rec, k_first, k_last)
             if k_last < cb:
+                if revised:
+                    self._remember(st, (mod, *key))  # a later copy is a duplicate
+                    return Outcome(OutcomeStatus.ACCEPTED,
+                                   f"revises {revised} closed window(s)", k_last)
                 if self._seen(st, mod, key):
                     return self._duplicate(st, rec, k_first, k_last)
                 return self._too_old(st, rec, key, s, e, k_first, k_last)
             rb = st.resume_before
-            missed = (cb - (k_first if rb is None else max(k_first, rb))) // h
+            lo = k_first if rb is None else max(k_first, rb)
+            missed = (cb - lo) // h
+            if revised:
+                missed -= sum(1 for k in range(lo, cb, h) if k in st.kept)
             if missed > 0:
                 self.stats["late_partial"] += 1
                 self.stats["late_windows_missed"] += missed
@@ -580,6 +660,8 @@ class Aligner:
         """End of input: close every buffered window of every stream."""
         out: list[Window] = []
         for st in self._streams.values():
+            if st.revise:
+                self._emit_revisions(st, out)
             if st.buckets:
                 self._close_upto(st, sorted(st.buckets), ClosedBy.FLUSH, out)
         return out
@@ -664,13 +746,15 @@ class Aligner:
             "audio_s": sum(st.audio_ns for st in self._streams.values()) / NS_PER_S,
             "segments": sum(len(st.buffered["text"]) for st in self._streams.values()),
             "windows": sum(len(st.buckets) for st in self._streams.values()),
+            "revisable": sum(len(st.kept) for st in self._streams.values()),
         }
 
     # --- add() helpers -----------------------------------------------------------------
 
     def _open(self, sid: str, now_ns: int) -> _Stream:
         r = self._resume.get(sid)
-        st = _Stream(sid, now_ns, None if r is None else (r // self._h + 1) * self._h)
+        h = self._h
+        st = _Stream(sid, now_ns, None if r is None else (r // h + 1) * h)
         cb = self._expired.pop(sid, None)
         if cb is not None:
             # expired here, not resumed after a restart: what closed stays closed, and a
@@ -678,6 +762,19 @@ class Aligner:
             st.resume_before = None
             if st.closed_before is None or cb > st.closed_before:
                 st.closed_before = cb
+        elif st.resume_before is not None and self._rev_ns:
+            rv = self._revisable.get(sid)
+            if rv is not None:
+                # the replay rebuilds the published windows still revisable: from the
+                # floor (below it records may be acked, so windows may come back partly)
+                rb = st.resume_before
+                lo = rb - self._rev_ns
+                if rv.floor_ns is not None:
+                    lo = max(-(-rv.floor_ns // h) * h, lo)
+                if lo < rb:
+                    st.closed_before = lo
+                    st.published_before = rb
+                    st.restore = rv.revs
         self._streams[sid] = st
         return st
 
@@ -709,6 +806,24 @@ class Aligner:
                        f"duplicate of {rec.modality} seq {rec.seq} of stream "
                        f"{rec.stream_id!r}: counted once")
 
+    def _revise(self, st: _Stream, rec: TranscriptSegment, key: tuple[int, int, int],
+                k_first: int, k_last: int) -> int:
+        """Add a final transcript segment that came after its windows closed to those of
+        them still kept (revisable); their revisions go out at the next poll. Returns how
+        many windows it revises; -1: it is a copy of a segment they have."""
+        kept = st.kept
+        hits = [kp for k in range(k_first, k_last + self._h, self._h)
+                if (kp := kept.get(k)) is not None]
+        if any(key in kp.keys for kp in hits):
+            return -1
+        for kp in hits:
+            kp.keys.add(key)
+            kp.pending.append(rec)
+            st.revise.add(kp.window.start_ns)
+        if hits:
+            self._dirty.add(st.sid)
+        return len(hits)
+
     def _too_old(self, st: _Stream, rec: MediaRecord, key: tuple[int, int, int], s: int, e: int,
                  k_first: int, k_last: int) -> Outcome:
         mod = rec.modality
@@ -719,15 +834,19 @@ class Aligner:
                            f"{mod} seq {rec.seq} only belongs to windows emitted "
                            f"before the restart (up to {_fmt_ns(k_last)})")
         self.stats["late"] += 1
+        if mod == "text" and self._rev_ns:
+            self.stats["revision_late"] += 1  # too late even to revise
         st.late_pending += 1
         what = f"at {_fmt_ns(s)}" if s == e else f"spanning {_fmt_ns(s)}..{_fmt_ns(e)}"
         windows = (f"window {_fmt_ns(k_last)}..{_fmt_ns(k_last + self._w)}" if k_first == k_last
                    else f"windows {_fmt_ns(k_first)}..{_fmt_ns(k_last + self._w)}")
+        horizon = f", revision horizon {self._rev_ns // 1_000_000} ms" \
+            if mod == "text" and self._rev_ns else ""
         return Outcome(OutcomeStatus.LATE, (
             f"late {mod} record seq {rec.seq} of stream {rec.stream_id!r} {what}: its "
             f"{windows} already closed (stream closed before {_fmt_ns(st.closed_before)}; "
             f"{mod} watermark {_fmt_ns(st.wm.get(mod))}, allowed lateness "
-            f"{self._late[mod] // 1_000_000} ms)"))
+            f"{self._late[mod] // 1_000_000} ms{horizon})"))
 
     def _future(self, rec: MediaRecord, ahead_ns: int) -> Outcome:
         self.stats["future"] += 1
@@ -856,6 +975,8 @@ class Aligner:
 
     def _close_ready(self, st: _Stream, now_ns: int, out: list[Window],
                      provisional: bool = True) -> None:
+        if st.revise:  # before closing moves the horizon past them
+            self._emit_revisions(st, out)
         idle, late, fast = self._idle, self._late, self.cfg.provisional
         last_seen, wms = st.last_seen, st.wm
         # min over waited-for expected modalities of watermark - lateness: over all of them
@@ -917,7 +1038,9 @@ class Aligner:
             done = max((x for x in (st.provisional_before, st.closed_before) if x is not None),
                        default=None)
             if done is None or k_fast >= done:
-                for k in sorted(k for k in st.buckets if k <= k_fast):
+                # (a replay's rebuilt windows were published before the restart: none)
+                lo = st.published_before if st.published_before is not None else -_INF
+                for k in sorted(k for k in st.buckets if lo <= k <= k_fast):
                     b = st.buckets[k]
                     if b.provisional is not None:
                         continue
@@ -945,12 +1068,76 @@ class Aligner:
 
     def _close_upto(self, st: _Stream, ready: list[int], closed_by: ClosedBy | None,
                     out: list[Window]) -> None:
+        restored = st.published_before
         for k in ready:
             b = st.buckets.pop(k)
             why = self._closed_by(st, k, self.cfg.expected) if closed_by is None else closed_by
-            out.append(self._build(st, k, b, why))
+            if restored is not None and k < restored:
+                self._restore(st, k, b, why, out)
+            else:
+                w = self._build(st, k, b, why)
+                out.append(w)
+                if self._rev_ns:
+                    st.kept[k] = _Kept(w, self._text_keys(b), w.text_ids)
             self._retire(st, b)
         self._advance(st, ready[-1] + self._h)
+
+    def _restore(self, st: _Stream, k: int, b: _Bucket, why: ClosedBy,
+                 out: list[Window]) -> None:
+        """A window a restarted worker's replay rebuilt, published before the restart: kept
+        for revisions, and emitted again only as a revision, when the replay holds
+        transcript records its last published revision did not have."""
+        w = self._build(st, k, b, why, count=False)
+        self.stats["revisions_restored"] += 1
+        rev, published = st.restore.get(k, (w.rev, w.text_ids))
+        if w.text_ids <= published:
+            w = replace(w, rev=rev)
+        else:
+            w = replace(w, rev=rev + 1, quality=dict(
+                w.quality, closed_by=ClosedBy.REVISION,
+                segments_added=len(w.text_ids - published)))
+            published = w.text_ids
+            self.stats["revisions"] += 1
+            out.append(w)
+        st.kept[k] = _Kept(w, self._text_keys(b), published)
+
+    @staticmethod
+    def _text_keys(b: _Bucket) -> set[tuple[int, int, int]]:
+        return {(r.seq, r.start_ns, r.end_ns) for r in b.recs["text"]}
+
+    def _emit_revisions(self, st: _Stream, out: list[Window]) -> None:
+        """The revised finals of kept windows that got transcript segments since the last
+        look, in start order: what was published plus the new segments (no revision when
+        the segments were all in the last published one, as after a restart's replay)."""
+        w_ns = self._w
+        for k in sorted(st.revise):
+            kp = st.kept.get(k)
+            if kp is None or not kp.pending:
+                continue
+            new, kp.pending = kp.pending, []
+            prev = kp.window
+            segs = prev.segments + [_clip_words(x, k, k + w_ns) if x.words else x for x in new]
+            segs.sort(key=_by_ts_seq)
+            ids = prev.text_ids | {record_id(x) for x in new}
+            provenance = dict(prev.provenance)
+            provenance["text"] = [*prev.provenance.get("text", ()),
+                                  *(x.source for x in new if x.source is not None)]
+            quality = prev.quality
+            if not ids <= kp.published:
+                quality = dict(quality, closed_by=ClosedBy.REVISION,
+                               segments_added=len(ids - kp.published))
+            present = dict(prev.present)
+            present["text"] = True
+            w = replace(prev, segments=segs, present=present,
+                        quality=quality, provenance=provenance, ingest_ms={}, text_ids=ids,
+                        final=True, unchanged=False)
+            if not ids <= kp.published:
+                w.rev += 1
+                kp.published = ids
+                self.stats["revisions"] += 1
+                out.append(w)
+            kp.window = w
+        st.revise.clear()
 
     def _advance(self, st: _Stream, closed_before: int) -> None:
         if st.closed_before is None or st.closed_before < closed_before:
@@ -958,6 +1145,11 @@ class Aligner:
             if st.marked:
                 for k in [k for k in st.marked if k < closed_before]:
                     del st.marked[k]
+            if st.kept:
+                horizon = closed_before - self._rev_ns
+                for k in [k for k in st.kept if k < horizon]:
+                    del st.kept[k]
+                    st.revise.discard(k)
 
     def _retire(self, st: _Stream, b: _Bucket) -> None:
         """Forget the records whose last window this was (remembering their seqs)."""
@@ -976,9 +1168,10 @@ class Aligner:
     # --- building a window -------------------------------------------------------------
 
     def _build(self, st: _Stream, k: int, b: _Bucket, closed_by: ClosedBy,
-               final: bool = True) -> Window:
+               final: bool = True, count: bool = True) -> Window:
         """Window ``k`` from its bucket: the final one, or a provisional one (the bucket
-        stays open and the stream's late count and window stats are left for the final)."""
+        stays open and the stream's late count and window stats are left for the final);
+        ``count`` False: a window rebuilt by a replay, not a new one."""
         frames = b.recs["video"]
         frames.sort(key=_by_ts_seq)
         n = len(frames)
@@ -1011,7 +1204,7 @@ class Aligner:
             "capped_segments": b.capped_segments,
         }
         stats = self.stats
-        if final:
+        if final and count:
             st.late_pending = 0
             if n:
                 st.frames_per_window = n
@@ -1020,7 +1213,7 @@ class Aligner:
                 stats["windows_" + closed_by] += 1
             if not all(present[m] for m in self.cfg.expected):
                 stats["windows_masked"] += 1
-        else:
+        elif not final:
             stats["provisional"] += 1
         return Window(
             stream_id=st.sid, start_ns=k, end_ns=k + self._w,
@@ -1034,6 +1227,8 @@ class Aligner:
             # (stream, window, rev) names the same record across a crash
             rev=int(final and bool(self.cfg.provisional)), final=final,
             unchanged=final and b.provisional == b.version,
+            text_ids=frozenset(record_id(x) for x in b.recs["text"]) if self._rev_ns
+            else frozenset(),
         )
 
     def _assemble_audio(self, k: int, chunks: list[AudioChunk]) -> tuple[np.ndarray, np.ndarray]:

@@ -265,7 +265,7 @@ class InferenceOutput:
             m.added_latency_seconds.observe((now - closed_ns) / 1e9)
             if not window.final:
                 m.provisional_latency_seconds.observe((now - window.end_ns) / 1e9)
-            else:
+            elif window.quality.get("closed_by") != "revision":  # a revision: its own count
                 m.e2e_latency_seconds.observe((now - window.end_ns) / 1e9)
                 if provisional is not None and provisional.published_ns is not None:
                     m.provisional_to_final_seconds.observe(

@@ -79,6 +79,7 @@ class Predictor:
         self.device = resolve_device(device)
         if threads:
             torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
         self._served = load_served(spec, self.device)
         self._decode_early = decode_early
 

@@ -43,12 +43,14 @@ class Entry(Generic[T]):
 
 @dataclass(eq=False, slots=True)
 class Ticket:
-    """One window handed to the output; ``window_published(ticket)`` when it is durable."""
+    """One window handed to the output; ``window_published(ticket)`` when it is durable.
+    ``revision``: a revised final of a window published before."""
 
     stream_id: str
     start_ns: int
     epoch: int
     done: bool = False
+    revision: bool = False
 
 
 @dataclass(slots=True)
@@ -59,16 +61,31 @@ class _Stream:
     published_through: int | None = None  # start of the newest window with all earlier durable
     closed_before: int | None = None  # the aligner closed every window starting before this
     inflight: deque[Ticket] = field(default_factory=deque)
+    revising: list[Ticket] = field(default_factory=list)  # revisions not durable yet
     last_started: int | None = None
     waiting_tps: set[TP] = field(default_factory=set)
+    floor: int | None = None  # the durable progress floor (with a revision horizon)
 
-    def bound(self) -> int | None:
-        """Records whose last window starts before this may be acked."""
+    def wanted(self, horizon: int) -> int | None:
+        """Records whose last window starts before this need no window any more: every
+        window they belong to closed, was published and can no longer be revised."""
         if self.closed_before is None:
             return None
+        bound = self.closed_before - horizon
         if self.inflight:
-            return min(self.closed_before, self.inflight[0].start_ns)
-        return self.closed_before
+            bound = min(bound, self.inflight[0].start_ns)
+        for t in self.revising:
+            bound = min(bound, t.start_ns)
+        return bound
+
+    def bound(self, horizon: int, floors: bool) -> int | None:
+        """Records whose last window starts before this may be acked: with ``floors`` (a
+        revision horizon), also only once progress says so (a restart rebuilds the
+        revisable windows from the replay, so their records must all come back)."""
+        bound = self.wanted(horizon)
+        if bound is None or not floors:
+            return bound
+        return None if self.floor is None else min(bound, self.floor)
 
 
 @dataclass(slots=True)
@@ -85,9 +102,15 @@ class AckLedger(Generic[T]):
     Records must be tracked in the order they were consumed (offset order per
     topic-partition, as Kafka delivers them). Windows of a stream must be started in
     start order (the aligner emits them that way); they may be confirmed in any order.
+
+    ``horizon_ns``: the aligner's revision horizon. A record is then held until no window
+    of it can be revised any more, and until the stream's progress records a floor above
+    its last window (:meth:`floor_wanted`, :meth:`floor_durable`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, horizon_ns: int = 0) -> None:
+        self.horizon = horizon_ns
+        self._keep = horizon_ns  # 0 once revisions are given up (stop_revising)
         self._held: dict[TP, deque[Entry[T]]] = {}
         self._streams: dict[str, _Stream] = {}
         self._waiting: dict[int, set[str]] = {}  # partition -> streams with waiting records
@@ -142,6 +165,14 @@ class AckLedger(Generic[T]):
         self._inflight += 1
         return ticket
 
+    def revision_started(self, stream_id: str, start_ns: int, partition: int) -> Ticket:
+        """A revised final of a window started before (any order)."""
+        st = self._stream(stream_id, partition)
+        ticket = Ticket(stream_id, start_ns, st.epoch, revision=True)
+        st.revising.append(ticket)
+        self._inflight += 1
+        return ticket
+
     def window_published(self, ticket: Ticket) -> Published[T]:
         """A window is durable. Returns the stream's new progress (if it advanced) and the
         records that no unfinished window needs any more, in offset order per partition."""
@@ -150,6 +181,11 @@ class AckLedger(Generic[T]):
         if st is None or st.epoch != ticket.epoch:
             return out  # from before a revocation: the new owner redoes it
         ticket.done = True
+        if ticket.revision:
+            st.revising.remove(ticket)
+            self._inflight -= 1
+            out.acks = self._drain_stream(st)
+            return out
         advanced = False
         while st.inflight and st.inflight[0].done:
             st.published_through = st.inflight.popleft().start_ns
@@ -171,6 +207,41 @@ class AckLedger(Generic[T]):
         st.closed_before = closed_before
         return self._drain_stream(st)
 
+    def stop_revising(self) -> list[str]:
+        """Give up revisions (shutting down): a record then waits only for its windows to
+        be published, and for progress to record a floor above them. Returns the streams
+        whose floor to record now."""
+        self._keep = 0
+        return [sid for sids in self._waiting.values() for sid in sids]
+
+    def floor_wanted(self, stream_id: str, frees_now: bool = True) -> int | None:
+        """With a revision horizon: the floor progress should record so that the
+        stream's records below it may be acked (None: nothing to record, or, with
+        ``frees_now``, recording it would free no record now)."""
+        st = self._streams.get(stream_id)
+        if st is None or not self.horizon:
+            return None
+        wanted = st.wanted(self._keep)
+        if wanted is None or (st.floor is not None and wanted <= st.floor):
+            return None
+        if not frees_now:
+            return wanted
+        # only when it frees a record now: the oldest held one of one of its partitions
+        for tp in st.waiting_tps:
+            held = self._held.get(tp)
+            if held and held[0].stream_id == stream_id and \
+                    held[0].after_start < wanted:  # type: ignore[operator]
+                return wanted
+        return None
+
+    def floor_durable(self, stream_id: str, floor: int) -> list[T]:
+        """Progress with this floor is durable. Returns records now free to ack."""
+        st = self._streams.get(stream_id)
+        if st is None or (st.floor is not None and floor <= st.floor):
+            return []
+        st.floor = floor
+        return self._drain_stream(st)
+
     def waiting_streams(self, partition: int) -> list[str]:
         """Streams of a partition with records waiting for their windows to close."""
         return list(self._waiting.get(partition, ()))
@@ -182,7 +253,7 @@ class AckLedger(Generic[T]):
         st = self._streams.get(stream_id)
         if st is None:
             return []
-        if st.inflight:
+        if st.inflight or st.revising:
             return None
         out: list[T] = []
         for tp in sorted(st.waiting_tps):
@@ -206,7 +277,8 @@ class AckLedger(Generic[T]):
         for tp in [tp for tp in self._last_tracked if tp[1] in partitions]:
             del self._last_tracked[tp]
         for sid in [s for s, st in self._streams.items() if st.partition in partitions]:
-            self._inflight -= len(self._streams.pop(sid).inflight)
+            gone = self._streams.pop(sid)
+            self._inflight -= len(gone.inflight) + len(gone.revising)
         for p in partitions:
             self._waiting.pop(p, None)
         return dropped
@@ -251,7 +323,7 @@ class AckLedger(Generic[T]):
         st = self._streams.get(e.stream_id)
         if st is None:
             return False
-        bound = st.bound()
+        bound = st.bound(self._keep, bool(self.horizon))
         return bound is not None and e.after_start < bound  # type: ignore[operator]
 
     def _drain_stream(self, st: _Stream) -> list[T]:

@@ -27,6 +27,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,12 @@ from streamproc.worker import patches
 from streamproc.worker.core import Consumed, WorkerCore, assigned_input_partitions
 from streamproc.worker.interleave import Interleaver
 from streamproc.worker.metrics import ClientFaults, Metrics, update_gauges
-from streamproc.worker.progress import ProgressWriter, progress_topic, read_progress
+from streamproc.worker.progress import (
+    ProgressWriter,
+    StreamProgress,
+    progress_topic,
+    read_progress,
+)
 
 log = logging.getLogger("streamproc.worker")
 
@@ -169,11 +175,10 @@ def create_app(settings: Settings, *, partitions: int | None = None,
         if not crashing:  # the first error is the one worth reporting
             crashing.append(asyncio.ensure_future(app.crash(exc)))
 
-    async def send_progress(stream_id: str, start_ns: int) -> None:
-        rec = wire.KafkaRecord(stream_id.encode("utf-8"), str(start_ns).encode("ascii"))
-        await publish(progress, rec)
+    async def send_progress(stream_id: str, value: StreamProgress) -> None:
+        await publish(progress, wire.KafkaRecord(stream_id.encode("utf-8"), value.encode()))
 
-    progress_writer = ProgressWriter(send_progress)
+    progress_writer = ProgressWriter(send_progress, order=attrgetter("seq"))
     # what the fetch loop holds back to interleave a partition's topics by event time
     interleave = Interleaver(settings.input_topics)
     consumer_state = patches.consumer_fetch_state(app)
@@ -267,7 +272,7 @@ def create_app(settings: Settings, *, partitions: int | None = None,
         if not declared:
             await progress.maybe_declare()
             declared.append(True)
-        core.progress = await read_progress(settings)
+        core.resume_from(await read_progress(settings))
         core.resuming = True
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
@@ -288,6 +293,9 @@ def create_app(settings: Settings, *, partitions: int | None = None,
     async def drain(sender: faust.App, **kwargs: Any) -> None:
         # Let in-flight windows finish so their inputs are acked before the last commit.
         await output.stop()
+        floors = core.stop_revising()
+        if floors:
+            await asyncio.wait(floors, timeout=30)
         await core.flush_acks(timeout=30)
         log.info("final status: %s", core.status_line())
         try:
@@ -379,7 +387,8 @@ def run_worker(settings: Settings) -> int:
         # before the load: a checkpoint written during it is then seen as new
         directory = checkpoint_dir(settings.model)
         loaded = signature(directory) if directory is not None else None
-        predictor = Predictor(settings.model, settings.device)
+        predictor = Predictor(settings.model, settings.device,
+                              settings.model_threads or max(1, (os.cpu_count() or 1) - 1))
         k = predictor.preprocess.frames_per_window
         if k != settings.frames_per_window:
             notes.append((logging.INFO, f"frames_per_window: using the model's K={k} "
@@ -398,7 +407,7 @@ def run_worker(settings: Settings) -> int:
                                         f"1-{settings.batch_size} in {took:.1f} s"))
         notes.append((logging.INFO, f"serving model {predictor.info['name']} version "
                                     f"{predictor.info['version']} from {settings.model} on "
-                                    f"{predictor.device}"
+                                    f"{predictor.device} ({predictor.threads} CPU thread(s))"
                       + (f" (checkpoint {predictor.info['checkpoint']})"
                          if "checkpoint" in predictor.info else "")))
     else:

@@ -15,19 +15,28 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import itertools
 import logging
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-from streamproc.align.aligner import AlignConfig, Aligner, OutcomeStatus, Window
+from streamproc.align.aligner import (
+    AlignConfig,
+    Aligner,
+    ClosedBy,
+    OutcomeStatus,
+    Revisable,
+    Window,
+)
 from streamproc.config import MODALITIES, Settings
 from streamproc.errors import UserError
 from streamproc.wire import codec as wire
 from streamproc.wire.codec import DeadLetterKind
 from streamproc.worker.acks import AckLedger, Admit, Entry, OffsetGate, Ticket
 from streamproc.worker.metrics import Counters
+from streamproc.worker.progress import StreamProgress
 
 log = logging.getLogger("streamproc.worker")
 
@@ -145,6 +154,10 @@ def assigned_input_partitions(settings: Settings, assigned: Iterable[TP]) -> set
     return parts
 
 
+#: What a held record keeps of its consumed record: nothing (its bytes are the aligner's
+#: now; with a revision horizon a record is held for that long, frames and all otherwise).
+_NO_RECORD = wire.KafkaRecord(None, None)
+
 #: Outcomes whose record is acked at once (in its turn).
 _DONE = (OutcomeStatus.ACCEPTED, OutcomeStatus.DUPLICATE, OutcomeStatus.REPLAYED)
 #: Outcomes whose record becomes a dead letter, and the dead letter's kind.
@@ -170,7 +183,8 @@ class WorkerCore:
 
     Callables: ``submit`` hands a window to the output (resolves once it is durably
     published, raises if it cannot be); ``send_dead_letter`` sends one dead letter;
-    ``record_progress(stream_id, start_ns)`` resolves once that progress is durable;
+    ``record_progress(stream_id, value)`` resolves once that :class:`StreamProgress` (or a
+    newer one) is durable;
     ``forget_progress(stream_id)`` drops what the progress writer keeps of an expired stream;
     ``on_frame`` sees every accepted video frame a window will likely pick
     (``Aligner.likely_sampled``; the model's preprocessing starts decoding it, off the
@@ -185,7 +199,7 @@ class WorkerCore:
     def __init__(self, settings: Settings, *,
                  submit: Callable[[Window], Awaitable[None]],
                  send_dead_letter: Callable[[wire.KafkaRecord], Awaitable[None]],
-                 record_progress: Callable[[str, int], asyncio.Future],
+                 record_progress: Callable[[str, StreamProgress], asyncio.Future],
                  forget_progress: Callable[[str], None] = lambda stream_id: None,
                  on_frame: Callable[[wire.VideoFrame], None] | None = None,
                  counters: Counters, crash: Callable[[BaseException], None],
@@ -204,6 +218,12 @@ class WorkerCore:
         # last published window per stream: read from the progress topic when an
         # assignment resumes, then kept current by this worker's own publishes
         self.progress: dict[str, int] = {}
+        # with a revision horizon: what the restarted aligners rebuild (from progress),
+        # each stream's published revisions still revisable, and the floor asked for
+        self.revisable: dict[str, Revisable] = {}
+        self._revs: dict[str, dict[int, tuple[int, frozenset[int]]]] = {}
+        self._floor_asked: dict[str, int] = {}
+        self._progress_seq = itertools.count(1)
         self.resuming = False  # set when an assignment resumes, taken by the consumer's seek
         self.counters = counters
         self.crash = crash
@@ -214,7 +234,7 @@ class WorkerCore:
         self.fetch_state = fetch_state
         self.fetch_skips: FetchSkips = fetch_skips if fetch_skips is not None else deque()
         self.aligners: dict[int, Aligner] = {}
-        self.ledger: AckLedger[Consumed | SkippedOffsets] = AckLedger()
+        self.ledger: AckLedger[Consumed | SkippedOffsets] = AckLedger(self.cfg.revision_ns)
         self.gate = OffsetGate()
         self._ignoring: set[tuple[TP, str]] = set()  # logged once per rebalance
         self._releasing = False  # True only while the ledger's acks are handed on
@@ -233,6 +253,16 @@ class WorkerCore:
         self._retired_stats: dict[str, float] = defaultdict(float)
         self.ingest_ns: dict[tuple[str, str], int] = {}
         self._expiring: set[str] = set()  # expired, windows still in flight in the ledger
+
+    def resume_from(self, progress: Mapping[str, StreamProgress]) -> None:
+        """Every stream's durable progress, read when an assignment resumes."""
+        self.progress = {sid: p.through for sid, p in progress.items()
+                         if p.through is not None}
+        self.revisable = {sid: Revisable(p.floor, p.revs) for sid, p in progress.items()
+                          if p.revising}
+        self._revs = {sid: dict(p.revs) for sid, p in progress.items() if p.revs}
+        self._floor_asked = {sid: p.floor for sid, p in progress.items()
+                             if p.floor is not None}
 
     @property
     def releasing(self) -> bool:
@@ -320,7 +350,8 @@ class WorkerCore:
             return
         status = out.status
         if status == OutcomeStatus.ACCEPTED and out.release_after_ns is not None:
-            self.ledger.track(tp, offset, event, media.stream_id, out.release_after_ns)
+            held = Consumed(event.topic, event.partition, offset, _NO_RECORD, event.handle)
+            self.ledger.track(tp, offset, held, media.stream_id, out.release_after_ns)
             if self.on_frame is not None and media.modality == "video" and \
                     aligner.likely_sampled(media):
                 self.on_frame(media)
@@ -331,6 +362,8 @@ class WorkerCore:
             self._queue_acks(self.ledger.track_done(tp, offset, event))
         elif status in _REFUSED:
             self.counters.inc(status, modality=modality)
+            if status == OutcomeStatus.LATE and modality == "text" and self.cfg.revision_ns:
+                self.counters.inc("revisions_too_late")  # beyond the revision horizon
             self._dead_letter(tp, offset, event, rec, out.reason or status, _REFUSED[status])
         else:
             raise RuntimeError(f"aligner returned unknown outcome {status!r}")
@@ -410,6 +443,8 @@ class WorkerCore:
         parts = {p for _, p in revoked}
         for sid in [s for s, p in self._home.items() if p in parts]:
             del self._home[sid]
+            self._revs.pop(sid, None)
+            self._floor_asked.pop(sid, None)
         for p in parts:
             self._read_through.pop(p, None)
             self._fetched_at.pop(p, None)
@@ -423,6 +458,17 @@ class WorkerCore:
         if parts:
             log.info("partitions %s revoked: dropped %d held record(s); the owner replays them",
                      sorted(parts), dropped)
+
+    def stop_revising(self) -> list[asyncio.Future]:
+        """Shutting down: give up revising published windows, so the last commit covers
+        every record whose windows are published and a restart replays nothing this
+        worker finished (a late transcript for them is then late). Returns the progress
+        writes (a floor above those records) the acks wait for."""
+        if not self.ledger.horizon:
+            return []
+        return [self._write_progress(sid, frees_now=False)
+                for sid in self.ledger.stop_revising()
+                if self.ledger.floor_wanted(sid, frees_now=False) is not None]
 
     async def flush_acks(self, timeout: float) -> None:
         """Wait until acks waiting for progress records are released (shutdown)."""
@@ -471,7 +517,8 @@ class WorkerCore:
             # the aligner reads this live map whenever a stream (re)opens, so an expired
             # stream never emits a published window again
             resume = self.progress
-            aligner = self.aligners[partition] = Aligner(self.cfg, resume=resume)
+            aligner = self.aligners[partition] = Aligner(self.cfg, resume=resume,
+                                                         revisable=self.revisable)
             log.info("partition %d: aligner started (progress known for %d stream(s))",
                      partition, len(resume))
         return aligner
@@ -558,16 +605,27 @@ class WorkerCore:
                 self.counters.inc("windows_provisional")
                 asyncio.ensure_future(self.submit(w)).add_done_callback(self._provisional_sent)
                 continue
-            ticket = self.ledger.window_started(w.stream_id, w.start_ns, partition)
-            self.counters.inc("windows_emitted")
-            for m, ok in w.present.items():
-                if not ok:
-                    self.counters.inc("windows_masked", modality=m)
+            if w.quality.get("closed_by") == ClosedBy.REVISION:
+                # a revised final of a window published before: its records stay held
+                # (the ledger's horizon) until it is durable and progress records it
+                ticket = self.ledger.revision_started(w.stream_id, w.start_ns, partition)
+                self.counters.inc("windows_revised")
+            else:
+                ticket = self.ledger.window_started(w.stream_id, w.start_ns, partition)
+                self.counters.inc("windows_emitted")
+                for m, ok in w.present.items():
+                    if not ok:
+                        self.counters.inc("windows_masked", modality=m)
             fut = asyncio.ensure_future(self.submit(w))
-            fut.add_done_callback(functools.partial(self._published, ticket))
+            fut.add_done_callback(functools.partial(self._published, ticket, w.rev, w.text_ids))
         aligner = self.aligners[partition]
+        horizon = self.ledger.horizon
         for sid in self.ledger.waiting_streams(partition):
             self._queue_acks(self.ledger.closed(sid, aligner.closed_before(sid), partition))
+            if horizon:
+                floor = self.ledger.floor_wanted(sid)
+                if floor is not None and floor > self._floor_asked.get(sid, floor - 1):
+                    self._write_progress(sid)
         expired = aligner.take_expired()
         if expired or self._expiring:
             self._forget(expired)
@@ -594,10 +652,44 @@ class WorkerCore:
             # read back at every resume; it keeps published windows from being emitted
             # again however many streams expired
             self.forget_progress(sid)
+            self._revs.pop(sid, None)
+            self._floor_asked.pop(sid, None)
+            self.revisable.pop(sid, None)
             for m in MODALITIES:
                 self.ingest_ns.pop((sid, m), None)
 
-    def _published(self, ticket: Ticket, fut: asyncio.Future) -> None:
+    def _write_progress(self, sid: str, frees_now: bool = True) -> asyncio.Future:
+        """Record the stream's progress as it is now: how far its finals are published,
+        and with a revision horizon the floor below which its records may be acked once
+        this is durable, and the revisions published from there on."""
+        floor = self.ledger.floor_wanted(sid, frees_now)
+        asked = self._floor_asked.get(sid)
+        if floor is None or (asked is not None and floor <= asked):
+            floor = asked
+        else:
+            self._floor_asked[sid] = floor
+        revs = self._revs.get(sid, {})
+        if floor is not None and any(k < floor for k in revs):
+            revs = self._revs[sid] = {k: v for k, v in revs.items() if k >= floor}
+        value = StreamProgress(self.progress.get(sid), bool(self.ledger.horizon), floor,
+                               dict(revs), next(self._progress_seq))
+        fut = self.record_progress(sid, value)
+        if floor is not None and floor != asked:
+            fut.add_done_callback(functools.partial(self._floor_written, sid, floor))
+        return fut
+
+    def _floor_written(self, sid: str, floor: int, fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            log.error("could not record progress: %r", exc)
+            self.crash(exc)
+            return
+        self._queue_acks(self.ledger.floor_durable(sid, floor))
+
+    def _published(self, ticket: Ticket, rev: int, text_ids: frozenset[int],
+                   fut: asyncio.Future) -> None:
         if fut.cancelled():
             return  # shutting down: the inputs stay unacked and are replayed
         exc = fut.exception()
@@ -610,10 +702,15 @@ class WorkerCore:
         done = self.ledger.window_published(ticket)
         # progress must be durable before the inputs are acked (so committed input never
         # runs ahead of recorded progress)
-        waits = []
         for sid, start in done.progress.items():
             self.progress[sid] = start
-            waits.append(self.record_progress(sid, start))
+        waits = []
+        if self.ledger.horizon and ticket.done:
+            # which revision of the window is out: a restart then publishes none again
+            self._revs.setdefault(ticket.stream_id, {})[ticket.start_ns] = (rev, text_ids)
+            waits.append(self._write_progress(ticket.stream_id))
+        else:
+            waits.extend(self._write_progress(sid) for sid in done.progress)
         self._queue_acks(done.acks, waits)
         if self.ledger.inflight() < MAX_INFLIGHT_WINDOWS:
             self._room.set()

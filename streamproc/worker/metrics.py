@@ -37,10 +37,12 @@ class Counters:
     Names: events_in, decode_errors, late, duplicates, replayed, capped (label modality);
     dead_letters (label kind: decode, late, oversize, capacity, clock, internal,
     partition); windows_emitted, windows_published, windows_masked
-    (label modality), internal_errors, inference_errors; model_reloads (label result: ok,
-    refused, unchanged); ignored (label reason: records of a
-    rebalance that Kafka delivers again, see acks.OffsetGate); acks_refused (acks faust
-    tried on its own, see patches.guard_consumer).
+    (label modality), windows_provisional, windows_revised (revised finals),
+    revisions_too_late (transcript segments late even for a revision),
+    label_flips, predictions_reused, internal_errors, inference_errors; model_reloads
+    (label result: ok, refused, unchanged); ignored (label reason: records of a rebalance
+    that Kafka delivers again, see acks.OffsetGate); acks_refused (acks faust tried on its
+    own, see patches.guard_consumer).
     """
 
     def __init__(self) -> None:

@@ -32,9 +32,11 @@ from worker_helpers import (
     Pred,
     WorkerProc,
     assert_windows_equal,
+    expected_content,
     keys_on_partitions,
     oracle,
     partition_of,
+    pred_of,
     produce,
     read_all,
     read_predictions,
@@ -43,12 +45,12 @@ from worker_helpers import (
     worker_settings,
 )
 
-from streamproc.align.aligner import Window
+from streamproc.align.aligner import AlignConfig, Window
 from streamproc.dev.localkafka import free_port
-from streamproc.testing import MS, S
+from streamproc.testing import MS, S, segment
 from streamproc.topics import create_topics
 from streamproc.wire import codec as wire
-from streamproc.worker.progress import progress_topic
+from streamproc.worker.progress import StreamProgress, progress_topic
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -263,6 +265,87 @@ def test_kill_9_and_restart_publishes_every_window(kafka_bootstrap: str, tmp_pat
             w.abandon()
 
 
+def test_late_transcripts_revise_finals_across_a_kill_9(kafka_bootstrap: str,
+                                                         tmp_path: Path) -> None:
+    """Transcript segments sent seconds after the finals of their first windows (past the
+    text lateness, within the revision horizon) revise those finals; the worker is killed
+    with kill -9 between the two late segments and restarted at once. Asserted: every
+    window's newest final is the oracle's window of every record, the late segments
+    included; no (stream, window, rev) comes with two different contents; each late
+    segment revised its first window (rev 2, closed_by revision); windows no late segment
+    touches have only their final; and a window whose provisional the first worker
+    published got its final from the second."""
+    settings = worker_settings(kafka_bootstrap, tmp_path)
+    assert settings.revision_horizon_ms >= 5000  # the default
+    create_topics(settings)
+    streams = keys_on_partitions("r", 4)[:2]
+    first = WorkerProc(settings, tmp_path / "first.log")
+    workers = [first]
+    try:
+        first.wait_for(r"Worker ready")
+        t0 = start_time()
+        rng = np.random.default_rng(11)
+        plan = [p for sid in streams for p in stream_plan(sid, t0, 5.0, rng)]
+        cfg = AlignConfig.from_settings(settings)
+        touched: list[list[tuple[str, int]]] = []  # per late segment, its windows in order
+        for i, (sid, at_ms, send_ms) in enumerate(
+                [(streams[0], 1100, 2600), (streams[1], 1600, 3600)]):
+            late = segment(sid, 1000 + i, t0 + at_ms * MS, t0 + (at_ms + 200) * MS,
+                           f"{sid} late words {i}")
+            plan.append(Planned(t0 + send_ms * MS, "text", wire.encode(late), late))
+            touched.append([(sid, k) for k in cfg.window_starts(late.start_ns, late.end_ns)])
+
+        def at(send_at: int) -> None:
+            if send_at >= t0 + 3000 * MS and len(workers) == 1:
+                first.kill()
+                workers.append(WorkerProc(settings, tmp_path / "second.log"))
+
+        produce(settings, plan, at)
+        expected = oracle(settings, plan)
+        want = {k: expected_content(w) for k, w in expected.items() if k[0] in streams}
+
+        def newest(preds: list[Pred]) -> dict[tuple[str, int], Pred]:
+            out: dict[tuple[str, int], Pred] = {}
+            for p in preds:
+                if p.final and (p.key not in out or p.body["rev"] > out[p.key].body["rev"]):
+                    out[p.key] = p
+            return out
+
+        def done(msgs: list) -> bool:
+            last = newest([pred_of(m) for m in msgs])
+            return all(k in last and last[k].content() == c for k, c in want.items())
+
+        preds = [pred_of(m) for m in read_all(settings, settings.topic("predictions"), done,
+                                              timeout=60)]
+        second = workers[1]
+        contents: dict[tuple[str, int, int], set[str]] = defaultdict(set)
+        for p in preds:
+            contents[p.revision_key].add(p.content())
+        assert all(len(c) == 1 for c in contents.values()), \
+            [k for k, c in contents.items() if len(c) > 1]
+        last = newest(preds)
+        assert set(last) == set(want)
+        for key, p in last.items():
+            assert p.content() == want[key], (key, p.body["quality"])
+        revised = {k for k, p in last.items() if p.body["rev"] == 2}
+        for windows in touched:
+            assert windows[0] in revised
+            assert last[windows[0]].body["quality"]["closed_by"] == "revision"
+        assert revised <= {k for ws in touched for k in ws}
+        assert all(p.body["rev"] <= 2 for p in preds)
+        first_id = f"{socket.gethostname()}:{first.pid}"
+        second_id = f"{socket.gethostname()}:{second.pid}"
+        handed_over = {p.key for p in preds if not p.final and p.worker == first_id} & \
+            {p.key for p in preds if p.final and p.body["rev"] == 1 and p.worker == second_id}
+        assert handed_over, "no window had its provisional before the kill, its final after"
+        print(f"revisions: {len(revised)} windows revised; {len(handed_over)} windows "
+              "provisional before the kill, final after it")
+        assert second.stop() == 0
+    finally:
+        for w in workers:
+            w.abandon()
+
+
 def test_two_workers_split_partitions_and_take_over(kafka_bootstrap: str,
                                                     tmp_path: Path) -> None:
     """Two workers in one group on 4 partitions: each stream's windows come from one
@@ -316,7 +399,7 @@ def test_two_workers_split_partitions_and_take_over(kafka_bootstrap: str,
         for m in read_all(settings, progress_topic(settings), lambda m: False, 3):
             sid = m.key.decode()
             assert m.partition == partition_of(sid, 4), sid
-            last[sid] = int(m.value)
+            last[sid] = StreamProgress.decode(m.value).through  # type: ignore[assignment]
         assert last == {sid: max(start for s, start in expected if s == sid) for sid in streams}
     finally:
         for w in workers:

@@ -19,6 +19,7 @@ from streamproc.wire.codec import KafkaRecord, decode_dead_letter
 from streamproc.worker import core as core_module
 from streamproc.worker.core import WorkerCore
 from streamproc.worker.metrics import Counters
+from streamproc.worker.progress import StreamProgress
 
 V = "p.video"
 T0 = 100 * S  # event time of the first frame; the clock starts there too
@@ -34,6 +35,7 @@ class Harness:
 
     def __init__(self, partitions: tuple[int, ...] = (0,), *, hold_windows: bool = False,
                  hold_dead_letters: bool = False, progress: dict[str, int] | None = None,
+                 resume: dict[str, StreamProgress] | None = None, committed: int = 0,
                  stream_expiry_ms: int = 0, **changes: Any) -> None:
         self.settings = Settings(topic_prefix="p", window_ms=1000, hop_ms=1000,
                                  lateness_video_ms=0, idle_deadline_video_ms=1000,
@@ -44,6 +46,7 @@ class Harness:
         self.hold_dead_letters = hold_dead_letters
         self.dead_letters: list[tuple[KafkaRecord, asyncio.Future[None]]] = []
         self.progress: list[tuple[str, int]] = []
+        self.values: list[tuple[str, StreamProgress]] = []
         self.acks: list[tuple[str, int, int]] = []  # (topic, partition, offset) in ack order
         self.crashes: list[BaseException] = []
         self.fetch_skips: deque[tuple[str, int, int, int]] = deque()
@@ -54,15 +57,20 @@ class Harness:
                                fetch_skips=self.fetch_skips)
         self.core.ack_skipped = lambda tp, start, end: self.acks.extend(
             (tp[0], tp[1], o) for o in range(start, end))
-        self.assign(partitions, progress)
+        self.assign(partitions, progress, committed, resume)
 
     def assign(self, partitions: tuple[int, ...], progress: dict[str, int] | None = None,
-               committed: int = 0) -> None:
-        """A rebalance gives this worker ``partitions``, resuming at ``committed``."""
+               committed: int = 0, resume: dict[str, StreamProgress] | None = None) -> None:
+        """A rebalance gives this worker ``partitions``, resuming at ``committed`` with
+        ``progress`` (each stream's last published window) or ``resume`` (progress as
+        the progress topic has it)."""
         tps = [(self.settings.topic(m), p) for m in ("video", "audio", "text")
                for p in partitions]
         self.core.on_assigned(tps)
-        self.core.progress = dict(progress or {})
+        if resume is not None:
+            self.core.resume_from(resume)
+        else:
+            self.core.progress = dict(progress or {})
         self.core.on_resume(dict.fromkeys(tps, committed), {})
 
     def revoke(self, partitions: tuple[int, ...]) -> None:
@@ -93,8 +101,9 @@ class Harness:
             fut.set_result(None)
         return fut
 
-    def _record_progress(self, stream_id: str, start_ns: int) -> asyncio.Future[None]:
-        self.progress.append((stream_id, start_ns))
+    def _record_progress(self, stream_id: str, value: StreamProgress) -> asyncio.Future[None]:
+        self.progress.append((stream_id, value.through))  # type: ignore[arg-type]
+        self.values.append((stream_id, value))
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         fut.set_result(None)
         return fut
@@ -396,7 +405,7 @@ def test_acks_wait_for_durable_progress() -> None:
         h = Harness()
         pending: list[asyncio.Future[None]] = []
 
-        def record_progress(stream_id: str, start_ns: int) -> asyncio.Future[None]:
+        def record_progress(stream_id: str, value: StreamProgress) -> asyncio.Future[None]:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             pending.append(fut)
             return fut
@@ -476,7 +485,7 @@ def test_a_provisional_window_acks_nothing_and_its_final_acks_the_records() -> N
     """Video is fast, text slow: the provisional goes out when video passed the window;
     the records are acked only once the final is published."""
     async def main() -> None:
-        h = Harness(hold_windows=True, expected_modalities="video,text",
+        h = Harness(hold_windows=True, expected_modalities="video,text", revision_horizon_ms=0,
                     provisional_on="video", lateness_text_ms=2000)
         h.frame(0, 100)
         h.core.on_record(consumed(segment("cam", 0, T0, T0 + 500 * MS), "p.text", 0, 0))
@@ -506,7 +515,7 @@ def test_provisional_windows_are_skipped_while_a_partition_replays_its_backlog()
     before; the replay (text read before the frames this time) sends none again, and the
     final does not claim to be unchanged since a provisional this assignment never sent."""
     async def main() -> None:
-        h = Harness(expected_modalities="video,text", provisional_on="video",
+        h = Harness(expected_modalities="video,text", revision_horizon_ms=0, provisional_on="video",
                     lateness_text_ms=2000, idle_deadline_text_ms=100_000)
         h.frame(0, 100)
         h.frame(1, 1100)
@@ -606,5 +615,126 @@ def test_a_batch_gives_what_its_records_give_one_by_one() -> None:
             sorted((w.stream_id, w.start_ns, w.frame_count) for w in one.out.windows)
         assert many.acks == one.acks and sorted(many.progress) == sorted(one.progress)
         assert [r.value for r, _ in many.dead_letters] == [r.value for r, _ in one.dead_letters]
+
+    run(main())
+
+
+class Revising(Harness):
+    """Video and text, 1 s tumbling windows, no lateness, a 2 s revision horizon."""
+
+    def __init__(self, resume: dict[str, StreamProgress] | None = None,
+                 committed: int = 0) -> None:
+        # ``resume``: a restart, with progress read back and the inputs replayed
+        super().__init__(expected_modalities="video,text", provisional_on="",
+                         lateness_text_ms=0, idle_deadline_text_ms=1000,
+                         revision_horizon_ms=2000, resume=resume, committed=committed)
+        self.next = {"video": committed, "text": committed}
+
+    def second(self, s: int) -> None:
+        """A frame at s + 0.1 s and a transcript segment over [s, s + 0.5 s), each at the
+        next offset of its topic."""
+        self.frame(self.next["video"], s * 1000 + 100)
+        self.next["video"] += 1
+        self.text(s * 1000, s * 1000 + 500)
+
+    def text(self, start_ms: int, end_ms: int) -> None:
+        offset = self.next["text"]
+        self.next["text"] += 1
+        seg = segment("cam", offset, T0 + start_ms * MS, T0 + end_ms * MS)
+        self.core.on_record(consumed(seg, "p.text", 0, offset))
+
+    def text_acks(self) -> list[int]:
+        return [o for t, _, o in self.acks if t == "p.text"]
+
+
+def test_with_a_revision_horizon_records_are_acked_once_their_windows_left_it() -> None:
+    async def main() -> None:
+        h = Revising()
+        for s in range(5):
+            h.second(s)
+        await settle()
+        # windows [0 s, 1 s) .. [3 s, 4 s) published; 4 s closed, 2 s of them revisable
+        assert [w.start_ns for w in h.out.windows] == [T0 + s * S for s in range(4)]
+        assert h.offsets() == [0, 1] and h.text_acks() == [0, 1]
+        sid, last = h.values[-1]
+        assert sid == "cam" and last.through == T0 + 3 * S and last.floor == T0 + 2 * S
+        assert sorted(last.revs) == [T0 + 2 * S, T0 + 3 * S]
+        assert all(rev == 0 and len(ids) == 1 for rev, ids in last.revs.values())
+
+        h.text(2600, 2800)  # a final segment 2 s late: a revision of [2 s, 3 s)
+        await settle()
+        revised = h.out.windows[-1]
+        assert (revised.start_ns, revised.rev, len(revised.segments)) == (T0 + 2 * S, 1, 2)
+        assert revised.frame_count == 1 and h.core.counters.get("windows_revised") == 1
+        assert h.values[-1][1].revs[T0 + 2 * S] == (1, revised.text_ids)
+        assert h.text_acks() == [0, 1]  # it waits for its window to leave the horizon
+
+        h.second(5)
+        await settle()
+        assert h.offsets() == [0, 1, 2] and h.text_acks() == [0, 1, 2]
+        assert h.crashes == []
+
+    run(main())
+
+
+def test_after_a_restart_the_replay_publishes_nothing_again_and_revisions_go_on() -> None:
+    async def main() -> None:
+        first = Revising()
+        for s in range(5):
+            first.second(s)
+        first.text(2600, 2800)
+        await settle()
+        published = {(w.start_ns, w.rev) for w in first.out.windows}
+        assert (T0 + 2 * S, 1) in published
+        # kill -9: progress as last recorded, inputs committed up to the first unacked
+        resume = {"cam": first.values[-1][1]}
+        h = Revising(resume, committed=2)
+        for s in range(2, 5):
+            h.second(s)
+        h.text(2600, 2800)
+        h.second(5)
+        await settle()
+        # the windows published before come back neither as finals nor as revisions
+        assert [(w.start_ns, w.rev) for w in h.out.windows] == [(T0 + 4 * S, 0)]
+        h.text(3200, 3300)  # late for [3 s, 4 s): revised from the replayed window
+        await settle()
+        w = h.out.windows[-1]
+        assert (w.start_ns, w.rev, w.frame_count, len(w.segments)) == (T0 + 3 * S, 1, 1, 2)
+        assert (w.start_ns, w.rev) not in published and h.crashes == []
+
+    run(main())
+
+
+def test_a_revision_lost_in_a_crash_comes_from_the_replay() -> None:
+    async def main() -> None:
+        first = Revising()
+        for s in range(5):
+            first.second(s)
+        await settle()
+        resume = {"cam": first.values[-1][1]}  # then the late segment, and the crash
+        h = Revising(resume, committed=2)
+        for s in range(2, 5):
+            h.second(s)
+        h.text(2600, 2800)
+        await settle()
+        assert [(w.start_ns, w.rev, len(w.segments)) for w in h.out.windows] == [
+            (T0 + 2 * S, 1, 2)]
+
+    run(main())
+
+
+def test_a_stop_gives_up_revisions_so_the_last_commit_covers_what_is_published() -> None:
+    async def main() -> None:
+        h = Revising()
+        for s in range(5):
+            h.second(s)
+        await settle()
+        assert h.offsets() == [0, 1]  # 2 s of windows still revisable
+        floors = h.core.stop_revising()
+        await asyncio.gather(*floors)
+        await settle()
+        # every record of the published windows [0 s, 4 s); [4 s, 5 s) is still open
+        assert h.offsets() == [0, 1, 2, 3] and h.text_acks() == [0, 1, 2, 3]
+        assert h.values[-1][1].floor == T0 + 4 * S  # a restart rebuilds nothing of them
 
     run(main())
