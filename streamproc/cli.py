@@ -397,6 +397,16 @@ def _train_config(args: argparse.Namespace, settings: Settings):
                        progress=sys.stderr.isatty())
 
 
+def _splits(args: argparse.Namespace):
+    from streamproc.ml.splits import BlockSplit
+    from streamproc.ml.train import SplitConfig
+
+    blocks = BlockSplit(block_s=args.block_s, val=args.val, test=args.test,
+                        seed=args.split_seed)
+    blocks.check()
+    return SplitConfig(args.split_by, blocks)
+
+
 def _options(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
@@ -421,7 +431,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         if getattr(args, key):
             options[key] = getattr(args, key)
     report = train_command(args.dataset, args.arch, args.out, _train_config(args, settings),
-                           options)
+                           options, splits=_splits(args))
     test = report.get("test")
     if test:
         print(f"{args.arch}: test accuracy {test['accuracy']:.3f}, macro-F1 "
@@ -437,7 +447,7 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     if args.models:
         with torch_threads(args.threads):
             rows = eval_checkpoints(args.dataset, args.models, settings.device,
-                                    log=lambda _m: None)
+                                    log=lambda _m: None, splits=_splits(args))
         keys = [k for k in rows[0] if k not in ("model", "name", "split", "windows")]
         print("| model | split | windows | " + " | ".join(keys) + " |")
         print("|---|---|---:|" + "---:|" * len(keys))
@@ -453,7 +463,7 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
                         cfg=_train_config(args, settings), ensemble_size=args.ensemble,
                         text_encoder=args.text_encoder or "gru",
                         video_encoder=args.video_encoder or "cnn",
-                        audio_encoder=args.audio_encoder or "cnn")
+                        audio_encoder=args.audio_encoder or "cnn", splits=_splits(args))
     print(results["markdown"])
     return 0
 
@@ -469,8 +479,9 @@ def cmd_record(args: argparse.Namespace, settings: Settings) -> int:
         stats = record(settings, args.labels, args.out, origin=parse_origin(args.origin),
                        min_overlap=args.min_overlap, split=args.split,
                        idle_exit_s=args.idle_exit, max_windows=args.max_windows, stop=stop,
-                       overwrite=args.overwrite)
-    return 0 if stats.labelled else 1
+                       overwrite=args.overwrite, append=args.append,
+                       add_labels=args.add_labels, to_end=args.to_end)
+    return 0 if stats.labelled or stats.already else 1
 
 
 def _model_parsers(sub: argparse._SubParsersAction) -> None:
@@ -532,6 +543,19 @@ def _model_parsers(sub: argparse._SubParsersAction) -> None:
                        help="torch CPU threads (0: torch's default) [1]")
         p.add_argument("--device", dest="device", default=None,
                        help="auto, cpu, cuda or cuda:N (env STREAMPROC_DEVICE) [auto]")
+        p.add_argument("--split-by", choices=["auto", "stored", "blocks"], default="auto",
+                       help="stored: the split each window was recorded with; blocks: whole "
+                            "blocks of --block-s seconds per stream, so neighbouring windows "
+                            "never straddle train and val/test; auto: stored when the dataset "
+                            "has more than one split, else blocks [auto]")
+        p.add_argument("--block-s", type=float, default=10.0,
+                       help="time block length in seconds for --split-by blocks [10]")
+        p.add_argument("--val", type=float, default=0.15,
+                       help="share of blocks for validation (early stopping) [0.15]")
+        p.add_argument("--test", type=float, default=0.15,
+                       help="share of blocks for the test report [0.15]")
+        p.add_argument("--split-seed", type=int, default=0,
+                       help="which blocks go where (the same seed, the same splits) [0]")
 
     names = "early, late, lmf, tfn, attention (fusion); video, audio, text (single)"
     p = _command(sub, "train", cmd_train, "Train a model on a dataset directory and save a "
@@ -563,7 +587,8 @@ def _model_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = _command(sub, "record", cmd_record, "Record labelled windows from the input topics "
                  "into a dataset directory (labels from a CSV of stream time spans).")
-    p.add_argument("--labels", required=True, help="CSV: stream_id,start_s,end_s,label")
+    p.add_argument("--labels", required=True, help="CSV: stream_id,start,end,label; times in "
+                   "seconds from the origin, or ISO-8601 with a zone (2026-11-30T09:15:00Z)")
     p.add_argument("--out", required=True, help="dataset directory to write")
     p.add_argument("--origin", default="first", help="time 0 of the labels: 'first' (each "
                    "stream's earliest event) or seconds since the epoch [first]")
@@ -573,7 +598,17 @@ def _model_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--idle-exit", type=float, default=10.0,
                    help="finish after this many seconds without new records [10]")
     p.add_argument("--max-windows", type=int, default=None, help="stop after this many")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    p.add_argument("--to-end", action="store_true",
+                   help="stop at the end the topics had when recording started (other "
+                        "streams may go on publishing)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--append", action="store_true",
+                      help="add to the dataset in --out (same window settings; windows it "
+                           "already holds are skipped)")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    p.add_argument("--add-labels", action="store_true",
+                   help="with --append: labels the dataset does not have yet become new "
+                        "classes (refused otherwise)")
 
 
 # --- demo ----------------------------------------------------------------------------

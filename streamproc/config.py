@@ -131,6 +131,10 @@ class Settings:
         0, "Threads torch runs the model with on the CPU; 0: one less than the CPU count "
         "(at least 1), so the event loop keeps a core (with every core, torch's threads "
         "and the loop take turns on a busy machine and batches wait).")
+    model_reload_s: float = _opt(
+        5.0, "How often (s) the worker looks for a new checkpoint in its `model` directory "
+        "and hot-reloads it (no restart; a bad one is refused and the served model goes on); "
+        "0: only on SIGHUP.")
     # --- worker ----------------------------------------------------------------------
     app_id: str = _opt("streamproc", "Consumer group / faust app id shared by all workers.")
     data_dir: str = _opt(
@@ -219,6 +223,7 @@ class Settings:
             "model_threads": (self.model_threads >= 0, "must not be negative"),
             "session_timeout_ms": (self.session_timeout_ms >= 1000, "must be at least 1000"),
             "batch_max_wait_ms": (self.batch_max_wait_ms >= 0, "must not be negative"),
+            "model_reload_s": (self.model_reload_s >= 0, "must not be negative"),
             "device": (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                        "must be auto, cpu, cuda or cuda:N"),
             "security_protocol": (
@@ -419,7 +424,8 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
                 "frames_per_window", "sample_rate", "max_buffer_frames", "max_buffer_audio_s",
                 "max_future_ms", "max_lead_ms", "max_span_audio_ms", "max_span_text_ms",
                 "max_frame_pixels", "stream_expiry_ms"),
-    "model": ("model", "batch_size", "batch_max_wait_ms", "device", "model_threads"),
+    "model": ("model", "batch_size", "batch_max_wait_ms", "device", "model_threads",
+              "model_reload_s"),
     "asr": ("asr_engine", "asr_vad", "asr_vad_mode", "asr_partial_interval_ms",
             "asr_end_silence_ms", "asr_max_utterance_ms", "asr_gap_ms", "asr_lang",
             "asr_streams"),

@@ -137,11 +137,14 @@ class InferenceOutput:
     def __init__(self, predictor: Callable[[Sequence[Window]], Sequence[Scored]],
                  publish: Publish, *, model_info: Mapping[str, str], max_batch: int,
                  max_wait_ms: float, metrics: Metrics | None = None,
-                 headers: wire.Headers = ()) -> None:
+                 headers: wire.Headers = (),
+                 current_model: Callable[[], Mapping[str, str]] | None = None) -> None:
         self.publish = publish
         self.model_info = dict(model_info)
+        self.current_model = current_model
         self.metrics = metrics
         self.headers = headers
+        self._headers_by_model: dict[tuple[tuple[str, str], ...], wire.Headers] = {}
         self.batcher: MicroBatcher[Window, Scored] = MicroBatcher(
             predictor, max_batch, max_wait_ms, on_batch=self._on_batch)
         self._chain = StreamChain()
@@ -170,6 +173,35 @@ class InferenceOutput:
         await self._chain.drain(timeout=30)
         await self.batcher.stop()
 
+    def _model_now(self) -> Mapping[str, str]:
+        return self.current_model() if self.current_model is not None else self.model_info
+
+    def _headers_for(self, model: Mapping[str, str]) -> wire.Headers:
+        """The output's headers with ``sp-model`` naming ``model``."""
+        key = tuple(sorted(model.items()))
+        headers = self._headers_by_model.get(key)
+        if headers is None:
+            value = f"{model['name']}/{model['version']}".encode()
+            headers = self._headers_by_model[key] = tuple(
+                (k, value) if k == "sp-model" else (k, v) for k, v in self.headers)
+        return headers
+
+    async def _score_again(self, window: Window, scored: Scored, queue_ms: float,
+                           compute_ms: float) -> tuple[Scored, float, float, bool]:
+        """Score ``window`` with the model served now when ``scored`` came from an earlier
+        one (it was in flight when the model was swapped); else leave it."""
+        now = self._model_now()
+        if self.current_model is None or scored.model is None or scored.model == now:
+            return scored, queue_ms, compute_ms, False
+        try:
+            done = await self.batcher.submit(window)
+        except Exception as e:  # the earlier model's prediction stands, and says so
+            log.warning("window %s@%d: scoring again with the new model failed (%r); "
+                        "publishing the previous model's prediction", window.stream_id,
+                        window.start_ns, e)
+            return scored, queue_ms, compute_ms, False
+        return done.result, done.queue_ms, done.compute_ms, True
+
     def _on_batch(self, size: int, compute_ms: float) -> None:
         if self.metrics is not None:
             self.metrics.batch_size.observe(size)
@@ -183,7 +215,7 @@ class InferenceOutput:
             done = await fut
             scored, queue_ms, compute_ms = done.result, done.queue_ms, done.compute_ms
             if reused:  # computed for the provisional: this final cost no model time
-                scored = Scored(scored.label, scored.scores, 0.0, 0.0)
+                scored = Scored(scored.label, scored.scores, 0.0, 0.0, scored.model)
                 queue_ms = compute_ms = 0.0
         except Exception as batch_error:
             reused = False  # scored here, alone, after all
@@ -202,9 +234,15 @@ class InferenceOutput:
                             window.stream_id, window.start_ns, batch_error)
             queue_ms, compute_ms = 0.0, (time.perf_counter() - t0) * 1000
         await StreamChain.after(previous)
+        # after the stream's previous prediction is out: a swap it saw is seen here too
+        scored, queue_ms, compute_ms, again = await self._score_again(
+            window, scored, queue_ms, compute_ms)
+        if again:
+            reused = False
+        model = scored.model if scored.model is not None else self._model_now()
         emitted_ns = time.time_ns()
         pred = summary_prediction(
-            window, label=scored.label, scores=scored.scores, model=self.model_info,
+            window, label=scored.label, scores=scored.scores, model=model,
             emitted_at_ns=emitted_ns, reused=reused,
             latency_ms={"close": round((closed_ns - window.end_ns) / 1e6, 3),
                         "queue": round(queue_ms, 3), "inference": round(compute_ms, 3),
@@ -215,7 +253,7 @@ class InferenceOutput:
                         # recent publish round trip stands in for it
                         "publish": round(self._last_publish_ms, 3)})
         pred.quality.update(quality_extra)
-        rec = prediction_record(pred, self.headers)
+        rec = prediction_record(pred, self._headers_for(model))
         t_pub = time.perf_counter()
         await self.publish(rec)
         publish_ms = self._last_publish_ms = (time.perf_counter() - t_pub) * 1000

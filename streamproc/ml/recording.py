@@ -6,6 +6,11 @@ copy) reads the three input topics from the beginning, records go through the sa
 whose span in the labels file covers enough of it. Windows without a label (between
 spans, or of streams the file does not name) are counted and skipped; undecodable and
 late records are counted and reported, never silently dropped.
+
+With ``append`` the windows go into an existing dataset (same window settings; windows it
+already holds are skipped, so recording the topics again adds only what is new). With
+``to_end`` recording stops at the end the topics had when it started, even while other
+streams go on publishing.
 """
 
 from __future__ import annotations
@@ -31,18 +36,26 @@ class RecordStats:
     late: int = 0
     duplicates: int = 0
     capped: int = 0  # refused by the aligner's memory cap
+    capped_frames: int = 0  # buffered frames the memory cap dropped (the oldest)
+    capped_audio_s: float = 0.0
     future: int = 0  # event time too far ahead of the clock (--max-future-ms)
     windows: int = 0
     labelled: int = 0
     unlabelled: int = 0
+    already: int = 0  # labelled, but the dataset held the window already
     reasons: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         out = (f"{self.records} records, {self.windows} windows: {self.labelled} labelled "
-               f"and written, {self.unlabelled} without a label skipped; "
+               f"and written, {self.already} already in the dataset, {self.unlabelled} "
+               "without a label skipped; "
                f"{self.undecodable} undecodable, {self.late} late, {self.duplicates} "
                f"duplicate, {self.capped} capped (memory cap) and {self.future} future "
                "(clock) records")
+        if self.capped_frames or self.capped_audio_s:
+            out += (f"\nthe memory cap dropped {self.capped_frames} buffered frames and "
+                    f"{self.capped_audio_s:.1f} s of buffered audio: windows are missing or "
+                    "masked (raise --max-buffer-frames / --max-buffer-audio-s)")
         if self.reasons:
             out += "\nundecodable: " + "; ".join(f"{n}x {r}" for r, n in self.reasons.items())
         return out
@@ -94,9 +107,11 @@ def record(settings: Settings, labels: str | Path, out: str | Path, *,
            origin: str | int = "first", min_overlap: float = 0.75, split: str = "train",
            idle_exit_s: float = 10.0, max_windows: int | None = None,
            stop: threading.Event | None = None, overwrite: bool = False,
+           append: bool = False, add_labels: bool = False, to_end: bool = False,
            log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> RecordStats:
     """Record labelled windows until the topics stay quiet for ``idle_exit_s`` seconds
-    (or ``max_windows`` are written, or ``stop`` is set); then flush what is buffered."""
+    (or ``max_windows`` are written, or ``stop`` is set, or with ``to_end`` every input
+    partition is read up to where it ended at the start); then flush what is buffered."""
     from kafka import TopicPartition
 
     from streamproc import kafka
@@ -112,10 +127,15 @@ def record(settings: Settings, labels: str | Path, out: str | Path, *,
     modality = {settings.topic(m): m for m in ("video", "audio", "text")}
     source = {"recorded_from": settings.bootstrap_servers, "topics": list(modality),
               "labels_file": str(labels), "origin": str(origin), "min_overlap": min_overlap,
-              "window_ms": settings.window_ms, "hop_ms": settings.hop_ms}
-    window = {"hop_ms": settings.hop_ms, "frames_per_window": settings.frames_per_window}
+              "window_ms": settings.window_ms, "hop_ms": settings.hop_ms,
+              "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    window = {"window_ms": settings.window_ms, "hop_ms": settings.hop_ms,
+              "frames_per_window": settings.frames_per_window,
+              "sample_rate": settings.sample_rate}
     writer = DatasetWriter(out, labels=spans.labels, source=source, window=window,
-                           overwrite=overwrite)
+                           overwrite=overwrite, append=append, add_labels=add_labels)
+    if append and writer.shards:
+        log(f"appending to {writer.path}: {writer.count} windows, labels {writer.labels}")
 
     def emit(windows: list[Window]) -> None:
         for w in windows:
@@ -124,14 +144,17 @@ def record(settings: Settings, labels: str | Path, out: str | Path, *,
             if label is None:
                 stats.unlabelled += 1
                 continue
-            writer.add(w, label, split, {"quality": dict(w.quality)})
-            stats.labelled += 1
+            if writer.add(w, label, split, {"quality": dict(w.quality)}):
+                stats.labelled += 1
+            else:
+                stats.already += 1
 
     try:
         tps = [TopicPartition(t, p) for t in modality
                for p in sorted(consumer.partitions_for_topic(t) or ())]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps) if to_end else {}
         quiet_since = time.monotonic()
         while not (stop is not None and stop.is_set()):
             polled = consumer.poll(timeout_ms=200)
@@ -168,9 +191,15 @@ def record(settings: Settings, labels: str | Path, out: str | Path, *,
                 break
             if max_windows is not None and stats.labelled >= max_windows:
                 break
+            if to_end and all(consumer.position(tp) >= end for tp, end in ends.items()):
+                log("read the topics up to where they ended at the start: finishing")
+                break
         emit(aligner.flush())
+        stats.capped_frames = int(aligner.stats.get("capped_frames", 0))
+        stats.capped_audio_s = float(aligner.stats.get("capped_audio_s", 0.0))
     finally:
         consumer.close()
+        writer.recording_source["origins_ns"] = dict(labeler.first_ns)
         writer.close()
     log(stats.summary())
     log(f"dataset written to {writer.path} ({writer.count} windows)")

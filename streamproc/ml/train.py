@@ -30,7 +30,8 @@ from torch import nn
 
 from streamproc.config import MODALITIES
 from streamproc.errors import UserError
-from streamproc.ml.dataset import Dataset, Example
+from streamproc.ml.dataset import SPLITS, Dataset, Example
+from streamproc.ml.splits import SPLIT_MODES, BlockSplit, block_splits
 from streamproc.models import model_device
 from streamproc.models.preprocess import Preprocess, WindowBatch, make_batches
 
@@ -102,6 +103,52 @@ def preprocess_for(ds: Dataset, **overrides: Any) -> Preprocess:
     return Preprocess(**{**base, **overrides})
 
 
+@dataclass(frozen=True)
+class SplitConfig:
+    """How ``train``/``eval`` split a dataset (streamproc.ml.splits)."""
+
+    mode: str = "auto"
+    blocks: BlockSplit = field(default_factory=BlockSplit)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, **dataclasses.asdict(self.blocks)}
+
+
+def dataset_splits(ds: Dataset, how: SplitConfig = SplitConfig(), log: Log = _stderr
+                   ) -> dict[str, list[Example]]:
+    """The dataset's examples by split: as stored, or by time blocks."""
+    if how.mode not in SPLIT_MODES:
+        raise UserError(f"split mode must be one of {', '.join(SPLIT_MODES)}, got {how.mode!r}")
+    mode = how.mode
+    if mode == "auto":
+        mode = "stored" if sum(1 for n in ds.splits.values() if n) > 1 else "blocks"
+    if mode == "stored":
+        return {s: ds.load(s) for s in SPLITS}
+    examples = ds.load()
+    assigned = block_splits([(e.window.stream_id, e.window.start_ns, e.window.end_ns, e.label)
+                             for e in examples], how.blocks)
+    out: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    for e, split in zip(examples, assigned, strict=True):
+        if split is not None:
+            out[split].append(e._replace(split=split))
+    b = how.blocks
+    dropped = assigned.count(None)
+    log(f"splits by time blocks of {b.block_s:g} s (val {b.val:g}, test {b.test:g}, seed "
+        f"{b.seed}): " + ", ".join(f"{s} {len(out[s])}" for s in SPLITS)
+        + f" windows; {dropped} dropped at boundaries between splits")
+    for s in ("val", "test"):
+        if (b.val if s == "val" else b.test) <= 0:
+            continue
+        missing = sorted({e.label for e in examples} - {e.label for e in out[s]})
+        if not out[s]:
+            log(f"note: no {s} windows: a class needs 2-3 blocks of {b.block_s:g} s before "
+                f"one goes to {s} (record more, or shorten --block-s)")
+        elif missing:
+            log(f"note: no {s} windows of {missing} (too few blocks of them; record more, "
+                "or shorten --block-s)")
+    return out
+
+
 @dataclass
 class Split:
     """One split as tensors: the batch, integer targets, and the examples' info."""
@@ -115,8 +162,10 @@ class Split:
 
 
 def load_split(ds: Dataset, split: str, pre: Preprocess, labels: Sequence[str] | None = None,
-               model: Any = None, device: str = "cpu", chunk: int = 256) -> Split | None:
-    """Preprocess every window of a split; None when the split is empty.
+               model: Any = None, device: str = "cpu", chunk: int = 256,
+               examples: list[Example] | None = None) -> Split | None:
+    """Preprocess every window of a split (or of ``examples``, already split); None when
+    it is empty.
 
     With ``model``, the outputs of its frozen pretrained encoders are computed here once
     per window (on ``device``) and the raw frames / waveform they read are dropped, chunk
@@ -125,7 +174,8 @@ def load_split(ds: Dataset, split: str, pre: Preprocess, labels: Sequence[str] |
     from streamproc.models import cache_frozen_features
     from streamproc.models.preprocess import make_batch
 
-    examples: list[Example] = ds.load(split)
+    if examples is None:
+        examples = ds.load(split)
     if not examples:
         return None
     labels = list(labels or ds.labels)
@@ -347,14 +397,16 @@ def time_preprocess(windows: Sequence[Any], pre: Preprocess, batch_size: int,
 
 
 def train_command(dataset: str | Path, model_name: str, out: str | Path, cfg: TrainConfig,
-                  model_options: dict[str, Any] | None = None, log: Log = _stderr
-                  ) -> dict[str, Any]:
+                  model_options: dict[str, Any] | None = None, log: Log = _stderr,
+                  splits: SplitConfig = SplitConfig()) -> dict[str, Any]:
     """Train one registered architecture on a dataset, save a checkpoint, report test."""
     from streamproc.models import count_parameters, create_model, resolve_device
     from streamproc.models.checkpoint import save_checkpoint
 
+    t_all = time.perf_counter()
     ds = Dataset(dataset)
     log(f"dataset {ds.path}: {len(ds)} windows {ds.splits}, labels {ds.labels}")
+    parts = dataset_splits(ds, splits, log)
     seed_everything(cfg.seed)
     # the model first: pretrained encoders decide part of the preprocessing (input size,
     # colour, waveform), and their frozen features are computed once while loading
@@ -363,10 +415,10 @@ def train_command(dataset: str | Path, model_name: str, out: str | Path, cfg: Tr
     dev = str(resolve_device(cfg.device))
     t0 = time.perf_counter()
     with torch_threads(cfg.threads):
-        train, val, test = (load_split(ds, s, pre, model=model, device=dev)
-                            for s in ("train", "val", "test"))
+        train, val, test = (load_split(ds, s, pre, model=model, device=dev,
+                                       examples=parts[s]) for s in SPLITS)
     if train is None:
-        raise UserError(f"{ds.path} has no 'train' split")
+        raise UserError(f"{ds.path} has no 'train' windows")
     frozen = [f"{m} {e.config.kind}" for m, e in model.encoders.items()
               if hasattr(e, "feature_key")]
     log(f"model {model_name}: {count_parameters(model):,} trained parameters"
@@ -380,24 +432,29 @@ def train_command(dataset: str | Path, model_name: str, out: str | Path, cfg: Tr
         report["test"] = evaluate(model, test, len(ds.labels))
         log("test: " + ", ".join(f"{k} {v:.3f}" for k, v in report["test"].items()))
     extra = {"dataset": str(ds.path), "dataset_source": ds.manifest.get("source", {}),
+             "dataset_windows": len(ds), "splits": {**splits.to_json(),
+                                                    **{s: len(parts[s]) for s in SPLITS}},
              "train_config": dataclasses.asdict(cfg), **report}
     path = save_checkpoint(model.cpu(), out, extra)
-    log(f"checkpoint written to {path}")
+    log(f"checkpoint written to {path} ({time.perf_counter() - t_all:.1f} s in all)")
     report["checkpoint"] = str(path)
     return report
 
 
 def eval_checkpoints(dataset: str | Path, specs: Sequence[str], device: str = "cpu",
-                     log: Log = _stderr) -> list[dict[str, Any]]:
+                     log: Log = _stderr, splits: SplitConfig = SplitConfig()
+                     ) -> list[dict[str, Any]]:
     """Evaluate given models (checkpoints or import paths) on a dataset's test split."""
     from streamproc.models import load_model
 
     ds = Dataset(dataset)
+    parts = dataset_splits(ds, splits, log)
     rows = []
     for spec in specs:
         model = load_model(spec, device)
-        split_name = "test" if ds.splits.get("test") else next(iter(ds.splits), "test")
-        split = load_split(ds, split_name, model.preprocess, model.labels)
+        split_name = "test" if parts["test"] else next((s for s in SPLITS if parts[s]), "test")
+        split = load_split(ds, split_name, model.preprocess, model.labels,
+                           examples=parts[split_name])
         if split is None:
             raise UserError(f"{ds.path} has no windows to evaluate on")
         row = {"model": spec, "name": model.name, "split": split_name, "windows": len(split),
@@ -445,7 +502,8 @@ def benchmark(dataset: str | Path, out_dir: str | Path, *,
               methods: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1, 2),
               cfg: TrainConfig = TrainConfig(), ensemble_size: int = 3,
               text_encoder: str = "gru", video_encoder: str = "cnn",
-              audio_encoder: str = "cnn", log: Log = _stderr) -> dict[str, Any]:
+              audio_encoder: str = "cnn", log: Log = _stderr,
+              splits: SplitConfig = SplitConfig()) -> dict[str, Any]:
     """Train and test every method on every seed; write results.{json,md,png}.
 
     The best single modality (by mean test accuracy, as in the fusion-gain goal it
@@ -458,12 +516,13 @@ def benchmark(dataset: str | Path, out_dir: str | Path, *,
                           ensemble_size=ensemble_size,
                           encoders={"text_encoder": text_encoder,
                                     "video_encoder": video_encoder,
-                                    "audio_encoder": audio_encoder}, log=log)
+                                    "audio_encoder": audio_encoder}, log=log,
+                          splits=splits)
 
 
 def _benchmark(dataset: str | Path, out_dir: str | Path, *, methods: Sequence[str] | None,
                seeds: Sequence[int], cfg: TrainConfig, ensemble_size: int,
-               encoders: dict[str, str], log: Log) -> dict[str, Any]:
+               encoders: dict[str, str], log: Log, splits: SplitConfig) -> dict[str, Any]:
     from streamproc.models import (
         FUSION_MODELS,
         SINGLE_MODELS,
@@ -483,8 +542,9 @@ def _benchmark(dataset: str | Path, out_dir: str | Path, *, methods: Sequence[st
     pre = probe.preprocess
     t0 = time.perf_counter()
     dev = str(resolve_device(cfg.device))
-    train, val, test = (load_split(ds, s, pre, model=probe, device=dev)
-                        for s in ("train", "val", "test"))
+    parts = dataset_splits(ds, splits, log)
+    train, val, test = (load_split(ds, s, pre, model=probe, device=dev, examples=parts[s])
+                        for s in SPLITS)
     if train is None or test is None:
         raise UserError(f"{ds.path}: eval needs 'train' and 'test' splits, has {ds.splits}")
     n_classes = len(ds.labels)
@@ -509,7 +569,7 @@ def _benchmark(dataset: str | Path, out_dir: str | Path, *, methods: Sequence[st
     runs: list[RunResult] = []
     probs: dict[tuple[str, int], torch.Tensor] = {}
     timing: dict[str, dict[str, float]] = {}
-    sample = [e.window for e in ds.load("test")[:64]]
+    sample = [e.window for e in parts["test"][:64]]
     # timed on raw windows: cached frozen features would leave the backbones out (and
     # a pretrained backbone's forward is long enough to need few repeats)
     timed = make_batches(sample, pre) if test.batch.features else test.batch

@@ -139,4 +139,5 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Any
         raise CheckpointError(f"checkpoint {path}: weights do not fit the architecture "
                               f"{config.architecture!r}: {e}") from None
     model.checkpoint_extra = meta.get("extra", {})
+    model.checkpoint_digest = meta["digest"]
     return model.to(device).eval()

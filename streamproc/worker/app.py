@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -41,7 +42,8 @@ from streamproc.errors import UserError
 from streamproc.inference.groups import other_groups
 from streamproc.inference.outputs import InferenceOutput, SummaryOutput, WindowOutput
 from streamproc.inference.predictions import ALIGN_ONLY_MODEL, prediction_headers
-from streamproc.inference.predictor import Predictor
+from streamproc.inference.predictor import Predictor, Served
+from streamproc.inference.reload import ModelReloader, Signature, checkpoint_dir, signature
 from streamproc.topics import check_topics
 from streamproc.wire import codec as wire
 from streamproc.worker import patches
@@ -135,7 +137,7 @@ def _output(settings: Settings, predictor: Predictor | None, metrics: Metrics,
     return InferenceOutput(predictor, send, model_info=predictor.info,
                            max_batch=settings.batch_size,
                            max_wait_ms=settings.batch_max_wait_ms, metrics=metrics,
-                           headers=headers)
+                           headers=headers, current_model=lambda: predictor.info)
 
 
 def create_app(settings: Settings, *, partitions: int | None = None,
@@ -233,7 +235,9 @@ def create_app(settings: Settings, *, partitions: int | None = None,
 
     @app.timer(interval=STATUS_EVERY_S)
     async def status() -> None:
-        log.info("status: %s", core.status_line())
+        served = "" if predictor is None else (
+            f" model={predictor.info['name']}/{predictor.info['version']}")
+        log.info("status: %s%s", core.status_line(), served)
 
     gauge_failed: list[bool] = []
 
@@ -311,6 +315,16 @@ def input_partitions(settings: Settings) -> int:
     return n
 
 
+def start_reloader(app: faust.App, reloader: ModelReloader) -> None:
+    """Start the hot reload once the worker runs (its log lines then reach the log)."""
+    # a plain handler, not the event loop's: it only wakes the reloader's thread
+    signal.signal(signal.SIGHUP, lambda _sig, _frame: reloader.trigger())
+
+    @app.task
+    async def hot_reload() -> None:
+        reloader.start()
+
+
 def log_when_started(app: faust.App, lines: Iterable[tuple[int, str]]) -> None:
     """Log ``(level, message)`` lines from a task of ``app``: faust sets up logging only
     when its worker starts, and drops anything logged before."""
@@ -321,12 +335,58 @@ def log_when_started(app: faust.App, lines: Iterable[tuple[int, str]]) -> None:
             log.log(level, "%s", msg)
 
 
+def fits_worker(settings: Settings, served: Served) -> list[str]:
+    """Why a model cannot serve the windows of a worker already running with ``settings``
+    (empty: it can). The aligners' K is fixed once they run: a model wanting another needs
+    a restart."""
+    k = served.preprocess.frames_per_window
+    problems = [] if k == settings.frames_per_window else [
+        f"it samples {k} frames per window and the running worker's windows have "
+        f"{settings.frames_per_window} (restart the worker to change frames_per_window)"]
+    return problems + [m for m in served.preprocess.mismatches(settings)
+                       if "frames_per_window" not in m]
+
+
+def model_reloader(settings: Settings, predictor: Predictor, metrics: Metrics,
+                   loaded: Signature) -> ModelReloader | None:
+    """The hot reload of the worker's checkpoint directory (None for an import path)."""
+    directory = checkpoint_dir(settings.model)
+    if directory is None:
+        return None
+    cfg = AlignConfig.from_settings(settings)
+
+    def check(served: Served) -> None:
+        problems = fits_worker(settings, served)
+        if problems:
+            raise UserError("it does not fit the worker's window settings: "
+                            + "; ".join(problems))
+        try:
+            took = predictor.warm_up(settings.batch_size, cfg, served)
+        except Exception as e:  # as at start-up: live windows meet such failures one by one
+            log.warning("model reload: warm-up on empty windows failed: %r", e)
+        else:
+            log.info("model reload: new model warmed up for batches of 1-%d in %.1f s",
+                     settings.batch_size, took)
+
+    def on_result(result: str, served: Served) -> None:
+        metrics.counters.inc("model_reloads", result=result)
+        if result == "ok":
+            metrics.serving(served.info)
+
+    return ModelReloader(predictor, directory, poll_s=settings.model_reload_s, check=check,
+                         on_result=on_result, loaded=loaded)
+
+
 def run_worker(settings: Settings) -> int:
     """``streamproc worker``: check topics, load the model, then run until SIGTERM / Ctrl-C."""
     n = input_partitions(settings)
     predictor = None
+    loaded: Signature = None
     notes: list[tuple[int, str]] = []  # logged once faust has set up logging
     if settings.model:
+        # before the load: a checkpoint written during it is then seen as new
+        directory = checkpoint_dir(settings.model)
+        loaded = signature(directory) if directory is not None else None
         predictor = Predictor(settings.model, settings.device,
                               settings.model_threads or max(1, (os.cpu_count() or 1) - 1))
         k = predictor.preprocess.frames_per_window
@@ -347,7 +407,9 @@ def run_worker(settings: Settings) -> int:
                                         f"1-{settings.batch_size} in {took:.1f} s"))
         notes.append((logging.INFO, f"serving model {predictor.info['name']} version "
                                     f"{predictor.info['version']} from {settings.model} on "
-                                    f"{predictor.device} ({predictor.threads} CPU thread(s))"))
+                                    f"{predictor.device} ({predictor.threads} CPU thread(s))"
+                      + (f" (checkpoint {predictor.info['checkpoint']})"
+                         if "checkpoint" in predictor.info else "")))
     else:
         notes.append((logging.WARNING, "NO MODEL: --model is empty, so this worker is "
                       "ALIGN-ONLY: its predictions are window summaries with empty labels "
@@ -361,7 +423,20 @@ def run_worker(settings: Settings) -> int:
     except OSError as e:
         raise UserError(f"cannot serve metrics on port {settings.metrics_port}: {e} "
                         "(--metrics-port 0 turns the endpoint off)") from None
+    reloader = None
+    if predictor is not None:
+        metrics.serving(predictor.info)
+        reloader = model_reloader(settings, predictor, metrics, loaded)
+        if reloader is None:
+            notes.append((logging.INFO, f"hot reload: off ({settings.model} is not a "
+                                        "checkpoint directory)"))
     app = create_app(settings, partitions=n, predictor=predictor, metrics=metrics)
+    if reloader is not None:
+        every = (f"every {settings.model_reload_s:g} s and " if settings.model_reload_s > 0
+                 else "")
+        notes.append((logging.INFO, f"hot reload: a new checkpoint in {reloader.directory} is "
+                                    f"served without a restart (looked for {every}on SIGHUP)"))
+        start_reloader(app, reloader)
     notes.insert(0, (logging.INFO, f"worker {WORKER_ID}: app {settings.app_id} on "
                                    f"{settings.bootstrap_servers}, {n} partitions"))
     log_when_started(app, notes)

@@ -39,9 +39,10 @@ class Counters:
     partition); windows_emitted, windows_published, windows_masked
     (label modality), windows_provisional, windows_revised (revised finals),
     revisions_too_late (transcript segments late even for a revision),
-    label_flips, predictions_reused, internal_errors, inference_errors; ignored (label
-    reason: records of a rebalance that Kafka delivers again, see acks.OffsetGate);
-    acks_refused (acks faust tried on its own, see patches.guard_consumer).
+    label_flips, predictions_reused, internal_errors, inference_errors; model_reloads
+    (label result: ok, refused, unchanged); ignored (label reason: records of a rebalance
+    that Kafka delivers again, see acks.OffsetGate); acks_refused (acks faust tried on its
+    own, see patches.guard_consumer).
     """
 
     def __init__(self) -> None:
@@ -124,6 +125,19 @@ class Metrics:
                                   ["topic", "partition"], registry=r)
         self.buffered = Gauge("streamproc_buffered", "Data held by the aligners.",
                               ["kind"], registry=r)
+        self.model_info = Gauge(
+            "streamproc_model_info", "The model being served: 1 for its name, version and "
+            "checkpoint digest (hot reload moves it to the new model).",
+            ["name", "version", "checkpoint"], registry=r)
+        self._model_labels: tuple[str, str, str] | None = None
+
+    def serving(self, info: Mapping[str, str]) -> None:
+        """Export ``info`` as the model being served (only it: the one before is removed)."""
+        labels = (info.get("name", ""), info.get("version", ""), info.get("checkpoint", ""))
+        if self._model_labels is not None and self._model_labels != labels:
+            self.model_info.remove(*self._model_labels)
+        self.model_info.labels(*labels).set(1)
+        self._model_labels = labels
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Expose /metrics over HTTP (port 0: not at all)."""

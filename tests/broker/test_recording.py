@@ -70,7 +70,71 @@ def test_record_writes_labelled_windows_from_the_topics(
     rc = main(["record", "--labels", str(clip.labels), "--out", str(out), "--idle-exit", "1",
                "--bootstrap-servers", settings.bootstrap_servers,
                "--topic-prefix", settings.topic_prefix])
-    assert rc == 2 and "already holds a dataset" in capsys.readouterr().err
+    assert rc == 2 and "already holds a dataset; append" in capsys.readouterr().err
+
+
+def test_record_appends_across_recordings_without_doubling_windows(
+        topics: Settings, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two recordings into one dataset: the second reads the topics from the start again
+    (the first stream's windows are skipped as already there) and adds the new stream;
+    labels in absolute times work beside relative ones; other window settings are
+    refused."""
+    settings = topics
+    origin = (time.time_ns() // NS_PER_S) * NS_PER_S - 120 * NS_PER_S  # whole seconds
+    clips = {sid: av.write_clip(tmp_path / sid, digits, stream_id=sid,
+                                cfg=av.PRESETS["tiny"], cache_dir=tmp_path / "tts")
+             for sid, digits in (("rec-a", [1, 4]), ("rec-b", [4, 7, 1]))}
+    args = ["--bootstrap-servers", settings.bootstrap_servers, "--topic-prefix",
+            settings.topic_prefix, "--idle-exit", "2"]
+    out = tmp_path / "recorded"
+
+    def replay_clip(sid: str, at: int) -> None:
+        c = clips[sid]
+        with Publisher(settings) as pub:
+            replay(pub, sid, c.video, c.audio, c.transcript, realtime=False, start_at_ns=at)
+
+    replay_clip("rec-a", origin)
+    assert main(["record", "--labels", str(clips["rec-a"].labels), "--out", str(out),
+                 "--to-end", *args]) == 0
+    err = capsys.readouterr().err
+    assert "6 labelled and written, 0 already in the dataset" in err
+    assert "read the topics up to where they ended" in err
+
+    # the second stream's labels in absolute time (what a live capture has)
+    b0 = origin + 60 * NS_PER_S
+    replay_clip("rec-b", b0)
+    iso = [time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b0 / NS_PER_S + 2 * i))
+           for i in range(4)]
+    labels_b = tmp_path / "b.csv"
+    labels_b.write_text("stream_id,start,end,label\n" + "".join(
+        f"rec-b,{iso[i]},{iso[i + 1]},{av.LABELS[d]}\n" for i, d in enumerate([4, 7, 1])))
+    rc = main(["record", "--labels", str(labels_b), "--out", str(out), "--append", *args])
+    assert rc == 2 and "labels ['seven'] are not among" in capsys.readouterr().err
+    rc = main(["record", "--labels", str(labels_b), "--out", str(out), "--append",
+               "--add-labels", *args])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "9 labelled and written" in err
+    # the same topics recorded again: nothing new
+    assert main(["record", "--labels", str(clips["rec-a"].labels), "--out", str(out),
+                 "--append", *args]) == 0
+    assert "0 labelled and written, 6 already in the dataset" in capsys.readouterr().err
+    # windows cut otherwise cannot join the dataset
+    rc = main(["record", "--labels", str(clips["rec-a"].labels), "--out", str(out),
+               "--append", "--hop-ms", "250", *args])
+    assert rc == 2 and "cut with hop_ms=500" in capsys.readouterr().err
+
+    ds = Dataset(out)
+    assert ds.labels == ["one", "four", "seven"]
+    examples = ds.load()
+    keys = [(e.window.stream_id, e.window.start_ns) for e in examples]
+    assert len(keys) == len(set(keys)) == 15
+    for e in examples:
+        w = e.window
+        t0, digits = (origin, [1, 4]) if w.stream_id == "rec-a" else (b0, [4, 7, 1])
+        i, offset = divmod(w.start_ns - t0, 2 * NS_PER_S)
+        assert offset in (0, NS_PER_S // 2, NS_PER_S) and e.label == av.LABELS[digits[i]]
+    assert [r["windows_added"] for r in ds.manifest["recordings"]] == [6, 9, 0]
 
 
 def test_record_refuses_missing_topics(settings: Settings, tmp_path: Path,

@@ -158,7 +158,8 @@ def test_labels_are_the_models_and_mostly_right(live: LiveRun, tiny_model: Path)
     heldout = predictor.model.checkpoint_extra["test"]["accuracy"]
     for p in live.preds:
         b = p.body
-        assert b["model"] == {"name": "avdigits-late", "version": predictor.info["version"]}
+        assert b["model"] == {"name": "avdigits-late", "version": predictor.info["version"],
+                              "checkpoint": predictor.info["checkpoint"]}
         assert list(b["scores"]) == predictor.labels
         assert math.fsum(b["scores"].values()) == pytest.approx(1.0, abs=1e-4)
         assert b["label"] == max(b["scores"], key=b["scores"].get)

@@ -231,3 +231,71 @@ def test_provisional_then_final_reuses_the_scores_when_nothing_changed() -> None
     assert r.get_sample_value("streamproc_provisional_to_final_seconds_count") == 2
     assert r.get_sample_value("streamproc_provisional_latency_seconds_count") == 2
     assert r.get_sample_value("streamproc_end_to_end_latency_seconds_count") == 2
+
+
+class _Swapping:
+    """A served model that is replaced after its ``swap_after``-th batch, the way the hot
+    reload swaps one in: each batch keeps the model it started with."""
+
+    def __init__(self, swap_after: int) -> None:
+        self.current = {"name": "m", "version": "A"}
+        self.swap_after = swap_after
+        self.batches: list[tuple[str, int]] = []
+
+    def __call__(self, windows):
+        model = self.current  # the batch's model, read once
+        self.batches.append((model["version"], len(windows)))
+        if len(self.batches) == self.swap_after:
+            self.current = {"name": "m", "version": "B", "checkpoint": "sha256:bbb"}
+        return [Scored(f"by-{model['version']}", {"x": 1.0}, 0.0, 0.0, model) for w in windows]
+
+
+def _run_swapping(model: _Swapping, waves: list[list[Window]]) -> list[wire.KafkaRecord]:
+    published: list[wire.KafkaRecord] = []
+
+    async def publish(rec):
+        await asyncio.sleep(0.002)
+        published.append(rec)
+
+    async def main():
+        output = InferenceOutput(model, publish, model_info={"name": "m", "version": "A"},
+                                 max_batch=4, max_wait_ms=5,
+                                 headers=(("sp-worker", b"w1"), ("sp-model", b"m/A")),
+                                 current_model=lambda: model.current)
+        await output.start()
+        for wave in waves:
+            await asyncio.wait_for(asyncio.gather(*(output.submit(w) for w in wave)), 10)
+        await output.stop()
+
+    asyncio.run(main())
+    return published
+
+
+def test_after_a_model_swap_every_stream_switches_once_and_names_its_model() -> None:
+    windows = {sid: [_window(sid, i) for i in range(12)] for sid in ("cam1", "cam2")}
+    model = _Swapping(swap_after=3)
+    interleaved = [w for i in range(12) for w in (windows["cam1"][i], windows["cam2"][i])]
+    published = _run_swapping(model, [interleaved[i:i + 4] for i in range(0, 24, 4)])
+    preds = [wire.decode_prediction(r) for r in published]
+    assert sorted(p.key for p in preds) == sorted(w.key for w in interleaved)  # each once
+    for sid in windows:
+        mine = sorted((p for p in preds if p.stream_id == sid), key=lambda p: p.window_start_ns)
+        versions = [p.model["version"] for p in mine]
+        assert versions == sorted(versions) and versions[-1] == "B", versions  # A..A B..B
+        assert versions[0] == "A"
+    for p, r in zip(preds, published, strict=True):
+        assert p.label == f"by-{p.model['version']}"  # the model named is the one that scored
+        assert dict(r.headers)["sp-model"] == f"m/{p.model['version']}".encode()
+        assert dict(r.headers)["sp-worker"] == b"w1"
+    assert next(p for p in preds if p.model["version"] == "B").model["checkpoint"] == "sha256:bbb"
+
+
+def test_windows_scored_before_the_swap_but_published_after_it_are_scored_again() -> None:
+    """The swap lands right after a batch computed: its windows are not out yet, and go out
+    scored by the new model (the old model's scores are not published once it is gone)."""
+    model = _Swapping(swap_after=1)
+    ws = [_window("cam1", i) for i in range(4)]
+    published = _run_swapping(model, [ws])
+    preds = [wire.decode_prediction(r) for r in published]
+    assert [p.model["version"] for p in preds] == ["B"] * 4
+    assert model.batches[0] == ("A", 4) and sum(n for v, n in model.batches if v == "B") == 4

@@ -148,7 +148,10 @@ def test_labels_file_round_trip_and_overlap_rule(tmp_path: Path) -> None:
     ("", "header must be"),
     ("stream,start,end,label\n", "header must be"),
     ("stream_id,start_s,end_s,label\ncam,0,1\n", ":2: expected 4 fields"),
-    ("stream_id,start_s,end_s,label\ncam,0,1,a\ncam,x,2,b\n", ":3: start_s and end_s must be"),
+    ("stream_id,start_s,end_s,label\ncam,0,1,a\ncam,x,2,b\n", ":3: start and end must be"),
+    ("stream_id,start,end,label\ncam,2026-11-30T09:00:00,2026-11-30T09:01:00,a\n",
+     ":2: a date and time needs its time zone"),
+    ("stream_id,start,end,label\ncam,0,2026-11-30T09:01:00Z,a\n", ":2: start and end must both"),
     ("stream_id,start_s,end_s,label\ncam,2,1,a\n", ":2: need a stream id"),
     ("stream_id,start_s,end_s,label\n\n", "no label spans"),
 ])
@@ -156,3 +159,137 @@ def test_bad_labels_files_name_the_line(tmp_path: Path, text: str, error: str) -
     (tmp_path / "l.csv").write_text(text)
     with pytest.raises(DatasetError, match=error):
         read_labels(tmp_path / "l.csv")
+
+
+def test_labels_file_with_absolute_times(tmp_path: Path) -> None:
+    (tmp_path / "l.csv").write_text(
+        "stream_id,start,end,label\n"
+        "door,2026-11-30T09:15:00Z,2026-11-30T09:15:10.5Z,speaking\n"
+        "door,2026-11-30T10:15:10.5+01:00,2026-11-30T09:16:00Z,silent\n"
+        "cam1,0,2,seven\n")
+    spans = read_labels(tmp_path / "l.csv")
+    t = 1_796_030_100 * NS_PER_S  # 2026-11-30T09:15:00Z
+    origin = 5 * NS_PER_S  # relative spans only
+    assert spans.label_for("door", t, t + NS_PER_S, origin) == "speaking"
+    assert spans.label_for("door", t + 11 * NS_PER_S, t + 12 * NS_PER_S, origin) == "silent"
+    assert spans.label_for("door", t + 60 * NS_PER_S, t + 61 * NS_PER_S, origin) is None
+    assert spans.label_for("cam1", origin, origin + NS_PER_S, origin) == "seven"
+    spans.write(tmp_path / "back.csv")
+    assert read_labels(tmp_path / "back.csv") == spans
+    assert "2026-11-30T09:15:10.500Z" in (tmp_path / "back.csv").read_text()
+
+
+def _at(sid: str, start_s: float, seed: int = 0) -> Window:
+    w = _window(1, np.random.default_rng(seed))
+    start = round(start_s * NS_PER_S)
+    return Window(sid, start, start + NS_PER_S, w.frames, w.frame_count, w.audio,
+                  w.audio_mask, w.sample_rate, w.segments, w.present, w.quality, w.provenance)
+
+
+WINDOW = {"window_ms": 1000, "hop_ms": 500, "frames_per_window": 8, "sample_rate": 16000}
+
+
+def test_append_adds_windows_once_and_keeps_the_earlier_ones(tmp_path: Path) -> None:
+    with DatasetWriter(tmp_path / "ds", labels=["a", "b"], window=WINDOW,
+                       source={"run": 1}) as w:
+        for i in range(5):
+            assert w.add(_at("cam", i * 0.5), "a")
+    with DatasetWriter(tmp_path / "ds", labels=["b"], window=WINDOW, source={"run": 2},
+                       append=True, shard_size=2) as w:
+        assert w.count == 5 and w.labels == ["a", "b"]
+        # the same span again (a second recording of the same topics): stored once, first label
+        assert not w.add(_at("cam", 1.0), "b")
+        for i in range(5, 9):
+            assert w.add(_at("cam", i * 0.5), "b")
+        assert w.add(_at("cam2", 0.0), "b")
+        assert w.skipped == 1
+    ds = Dataset(tmp_path / "ds")
+    keys = [(e.window.stream_id, e.window.start_ns, e.label) for e in ds.load()]
+    assert len(keys) == len({k[:2] for k in keys}) == 10
+    assert (("cam", NS_PER_S, "a")) in keys
+    assert ds.manifest["label_counts"] == {"a": 5, "b": 5}
+    assert ds.splits == {"train": 10}
+    runs = ds.manifest["recordings"]
+    assert [r["run"] for r in runs] == [1, 2]
+    assert [r["windows_added"] for r in runs] == [5, 5] and runs[1]["windows_skipped_existing"] == 1
+    assert all(r["complete"] for r in runs)
+    assert len(ds.index()) == 10 and ds.index()[0] == ("cam", 0, NS_PER_S, "a", "train")
+
+
+def test_append_checks_window_settings_and_labels(tmp_path: Path) -> None:
+    with DatasetWriter(tmp_path / "ds", labels=["a", "b"], window=WINDOW) as w:
+        w.add(_at("cam", 0), "a")
+    with pytest.raises(DatasetError, match=r"cut with hop_ms=500.*cut them with hop_ms=250"):
+        DatasetWriter(tmp_path / "ds", labels=["a"], window={**WINDOW, "hop_ms": 250},
+                      append=True)
+    with pytest.raises(DatasetError, match=r"labels \['c'\] are not among.*--add-labels"):
+        DatasetWriter(tmp_path / "ds", labels=["a", "c"], window=WINDOW, append=True)
+    with DatasetWriter(tmp_path / "ds", labels=["c", "a"], window=WINDOW, append=True,
+                       add_labels=True) as w:
+        assert w.labels == ["a", "b", "c"]
+        w.add(_at("cam", 5), "c")
+    assert Dataset(tmp_path / "ds").labels == ["a", "b", "c"]
+    with pytest.raises(DatasetError, match="already holds a dataset; append"):
+        DatasetWriter(tmp_path / "ds")
+
+
+def test_one_writer_at_a_time(tmp_path: Path) -> None:
+    with DatasetWriter(tmp_path / "ds", window=WINDOW) as w:
+        w.add(_at("cam", 0), "a")
+        with pytest.raises(DatasetError, match="being written by another process"):
+            DatasetWriter(tmp_path / "ds", window=WINDOW, append=True)
+    DatasetWriter(tmp_path / "ds", window=WINDOW, append=True).close()
+
+
+def test_a_crash_mid_recording_keeps_the_dataset_readable(tmp_path: Path) -> None:
+    """A recording killed part way (here: its process ends without closing the writer,
+    after two complete shards and while a third is half written) leaves the dataset with
+    what was there before plus every complete shard; the next append cleans up."""
+    import subprocess
+    import sys
+    import textwrap
+
+    with DatasetWriter(tmp_path / "ds", labels=["a"], window=WINDOW) as w:
+        for i in range(3):
+            w.add(_at("cam", i), "a")
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from pathlib import Path
+        import numpy as np
+        from streamproc.ml import dataset
+        from test_dataset import _at, WINDOW
+        w = dataset.DatasetWriter({str(tmp_path / "ds")!r}, labels=["a"], window=WINDOW,
+                                  append=True, shard_size=2)
+        for i in range(4):
+            w.add(_at("cam", 10 + i), "a")  # two shards, each followed by the manifest
+        real = dataset._atomic_write
+        def torn(path, data):
+            if path.name.endswith(".json") and path.name.startswith("shard-"):
+                path.with_name(path.name + ".tmp").write_bytes(data[:10])
+                os._exit(9)  # killed while writing the third shard
+            real(path, data)
+        dataset._atomic_write = torn
+        for i in range(4, 6):
+            w.add(_at("cam", 10 + i), "a")
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 9, r.stderr
+    assert list((tmp_path / "ds").glob("*.tmp"))  # the torn file is there...
+    ds = Dataset(tmp_path / "ds")  # ...but not in the manifest
+    assert len(ds.load()) == 7
+    assert not ds.manifest["recordings"][-1]["complete"]
+    with DatasetWriter(tmp_path / "ds", labels=["a"], window=WINDOW, append=True) as w:
+        assert w.count == 7
+        w.add(_at("cam", 20), "a")
+    assert not list((tmp_path / "ds").glob("*.tmp"))
+    assert len(Dataset(tmp_path / "ds").load()) == 8
+
+
+def test_record_summary_reports_what_the_memory_cap_dropped() -> None:
+    from streamproc.ml.recording import RecordStats
+
+    assert "memory cap dropped" not in RecordStats(records=3).summary()
+    text = RecordStats(records=3, capped_frames=40, capped_audio_s=2.5).summary()
+    assert "the memory cap dropped 40 buffered frames and 2.5 s of buffered audio" in text
+    assert "--max-buffer-frames" in text
