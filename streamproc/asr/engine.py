@@ -116,6 +116,15 @@ class SphinxEngine:
         dec.start_utt()
         return _SphinxUtterance(self, dec)
 
+    def prepare(self, decoders: int) -> None:
+        """Have ``decoders`` loaded before the first utterance: each stream in an utterance
+        holds one, and loading one on the hot path would delay every stream of the process."""
+        with self._lock:
+            missing = decoders - len(self._free)
+        for _ in range(missing):
+            dec = self._new_decoder()
+            self._give_back(dec)
+
     def _give_back(self, dec: Any) -> None:
         with self._lock:
             self._free.append(dec)

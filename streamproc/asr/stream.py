@@ -147,13 +147,16 @@ class StreamTranscriber:
     # --- input -----------------------------------------------------------------------
 
     def add(self, chunk: AudioChunk, token: int = -1) -> list[TranscriptSegment]:
+        return self.add_pcm(chunk.ts_ns, to_16k_mono(chunk), token)
+
+    def add_pcm(self, ts: int, x: np.ndarray, token: int = -1) -> list[TranscriptSegment]:
+        """A chunk already converted by :func:`to_16k_mono`: its first sample is at ``ts``
+        (ns). Decoding processes get audio in this form, not as wire records."""
         self.stats.chunks += 1
-        x = to_16k_mono(chunk)
         m = len(x)
         if m == 0:
             self.stats.skipped[SkipReason.EMPTY] += 1
             return []
-        ts = chunk.ts_ns
         out: list[TranscriptSegment] = []
         i0 = 0
         if self._pos_ns is None:

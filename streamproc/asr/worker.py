@@ -1,7 +1,10 @@
-"""``streamproc asr``: the Kafka shell around :class:`StreamTranscriber` (docs/asr.md).
+"""``streamproc asr``: the Kafka shell around the stream transcribers (docs/asr.md).
 
 A plain consumer loop (kafka-python, no asyncio): heartbeats run in the client's own
-thread, so decoding on the loop's thread delays nothing that has a deadline.
+thread, so decoding delays nothing that has a deadline. Decoding happens in a pool of
+processes (``asr_processes``, :mod:`streamproc.asr.pool`), or on the loop's own thread
+with ``asr_processes`` 0; the loop hands each stream's audio to its process and publishes
+the segments that come back.
 
 Guarantees, per partition of ``PREFIX.audio``:
 
@@ -9,7 +12,7 @@ Guarantees, per partition of ``PREFIX.audio``:
   sent so far is acknowledged (flush, then commit): a committed offset never covers audio
   whose final segment could still be lost;
 - the offset committed is the oldest record any stream of the partition still needs (the
-  audio since its last checkpoint), and the commit's metadata holds every stream's
+  audio since its last checkpoint, and every record still being decoded), and the commit's metadata holds every stream's
   checkpoint ``(next_seq, epoch_ns)``. Offset and checkpoints are committed in one
   request, so they always agree. A worker that takes the partition over (after ``kill
   -9``, a restart or a rebalance) resumes each stream at its checkpoint and publishes
@@ -25,7 +28,7 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,11 +37,17 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from streamproc import kafka
-from streamproc.asr.engine import Engine, load_engine
-from streamproc.asr.stream import Checkpoint, CutConfig, StreamTranscriber
-from streamproc.asr.vad import make_vad
+from streamproc.asr.pool import (
+    FLUSHED,
+    Decoding,
+    Encoded,
+    Result,
+    make_decoding,
+    pcm_bytes,
+    resolve_processes,
+)
+from streamproc.asr.stream import Checkpoint, CutConfig, to_16k_mono
 from streamproc.config import Settings
-from streamproc.errors import UserError
 from streamproc.wire import codec as wire
 
 log = logging.getLogger("streamproc.asr")
@@ -49,6 +58,13 @@ STATUS_INTERVAL_S = 30.0
 # 40 bytes plus its id, so a partition holds ~80 streams' checkpoints before this matters.
 MAX_METADATA_BYTES = 4000
 METADATA_VERSION = 1
+# Records handed to decoding and not yet back, at most: past it the loop stops reading
+# Kafka until decoding catches up (100 ms chunks: 100 s of one stream's audio).
+MAX_IN_FLIGHT = 1000
+# While decoding is under way the loop waits this long for results before it reads Kafka
+# again: the most a record waits to be handed on, and the loop's pace when busy.
+RESULT_WAIT_S = 0.02
+DRAIN_S = 10.0  # how long a stopping worker waits for the audio it handed to decoding
 
 
 class AsrError(RuntimeError):
@@ -83,20 +99,40 @@ def decode_checkpoints(metadata: str | None) -> dict[str, Checkpoint]:
 
 
 @dataclass
+class _Stream:
+    """What the loop knows of one stream: its state as of its last result back."""
+
+    handle: int
+    checkpoint: Checkpoint | None
+    needed: int | None = None  # the oldest offset its transcriber still needs
+    in_utterance: bool = False
+    in_flight: int = 0  # records handed to decoding, not back yet
+    flushing: bool = False  # an idle flush not back yet
+    last_audio: float = 0.0  # wall clock (monotonic) of its last record read
+
+
+@dataclass
 class _Partition:
     tp: TopicPartition
     resume: dict[str, Checkpoint]  # checkpoints read back for streams not seen yet
-    streams: dict[str, StreamTranscriber] = field(default_factory=dict)
-    last_audio: dict[str, float] = field(default_factory=dict)  # wall clock, monotonic
-    position: int | None = None  # the offset after the last record handled
+    streams: dict[str, _Stream] = field(default_factory=dict)
+    position: int | None = None  # the offset after the last record read
     committed: tuple[int, str] | None = None
+    # offsets handed to decoding in order, and those of them back (in any order)
+    decoding: deque[int] = field(default_factory=deque)
+    decoded: set[int] = field(default_factory=set)
+
+    def oldest_decoding(self) -> int | None:
+        while self.decoding and self.decoding[0] in self.decoded:
+            self.decoded.discard(self.decoding.popleft())
+        return self.decoding[0] if self.decoding else None
 
 
 @dataclass
 class AsrStats:
     records: int = 0
     audio_s: float = 0.0
-    decode_s: float = 0.0  # CPU time in the transcribers
+    decode_s: float = 0.0  # CPU time in the transcribers (of every decoding process)
     partials: int = 0
     finals: int = 0
     idle_flushes: int = 0
@@ -108,15 +144,20 @@ class AsrStats:
 class AsrWorker:
     """Reads ``PREFIX.audio`` in consumer group ``APPID-asr``, publishes to ``PREFIX.text``."""
 
-    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+    def __init__(self, settings: Settings, decoding: Decoding | None = None) -> None:
         self.settings = settings
         self.group = f"{settings.app_id}-asr"
         self.topic_in = settings.topic("audio")
         self.topic_out = settings.topic("text")
         self.cut = cut_config(settings)
-        self.engine = engine if engine is not None else load_engine(settings.asr_engine)
+        # decoding starts (and loads its models) before the worker joins its group
+        self.decoding = decoding if decoding is not None else make_decoding(
+            resolve_processes(settings.asr_processes), settings.asr_engine, self.cut,
+            settings.asr_vad, settings.asr_vad_mode)
         self.stats = AsrStats()
         self.parts: dict[int, _Partition] = {}
+        self._handles: dict[int, tuple[int, str]] = {}  # handle -> (partition, stream id)
+        self._next_handle = 0
         self._sent: list[Any] = []  # producer futures since the last flush
         self._consumer = kafka.group_consumer(settings, self.group, "asr")
         self._producer = kafka.producer(settings)
@@ -129,12 +170,19 @@ class AsrWorker:
 
     def run(self, stop: threading.Event) -> None:
         self._consumer.subscribe([self.topic_in], listener=_Listener(self))
-        log.info("asr worker: group %s, %s -> %s, engine %s", self.group, self.topic_in,
-                 self.topic_out, getattr(self.engine, "name", type(self.engine).__name__))
+        log.info("asr worker: group %s, %s -> %s, engine %s, %s", self.group, self.topic_in,
+                 self.topic_out, self.settings.asr_engine,
+                 f"{self.decoding.processes} decoding processes" if self.decoding.processes
+                 else "decoding in this process")
         last_commit = last_status = time.monotonic()
         try:
             while not stop.is_set():
-                batch = self._consumer.poll(timeout_ms=100, max_records=200)
+                busy = self.decoding.in_flight
+                batch = {}
+                if busy < MAX_IN_FLIGHT:
+                    # while decoding is under way, results are waited for below instead
+                    batch = self._consumer.poll(timeout_ms=0 if busy else 100,
+                                                max_records=200)
                 self._rebalanced()
                 now = time.monotonic()
                 for tp, records in batch.items():
@@ -143,6 +191,7 @@ class AsrWorker:
                         continue
                     for rec in records:
                         self._handle(part, rec, now)
+                self._collect(RESULT_WAIT_S if busy and not batch else 0.0)
                 self._idle_flush(now)
                 if now - last_commit >= COMMIT_INTERVAL_S:
                     self.commit()
@@ -150,15 +199,17 @@ class AsrWorker:
                 if now - last_status >= STATUS_INTERVAL_S:
                     self._log_status()
                     last_status = now
+            # what was handed to decoding is published before the last commit
+            deadline = time.monotonic() + DRAIN_S
+            while self.decoding.in_flight and time.monotonic() < deadline:
+                self._collect(0.1)
             self.commit()
             self._log_status()
         finally:
             self.close()
 
     def close(self) -> None:
-        for part in self.parts.values():
-            for tr in part.streams.values():
-                tr.close()
+        self.decoding.shutdown()
         self._producer.close(timeout=30)
         self._consumer.close(autocommit=False)
 
@@ -172,49 +223,71 @@ class AsrWorker:
             chunk = wire.decode(rec, expect_modality="audio",
                                 max_bytes=self.settings.max_message_bytes)
         except wire.WireError as e:
-            self._skip(rec, e.kind.value, e.reason)
+            self._skip(rec.topic, rec.partition, rec.offset, e.kind.value, e.reason)
             return
         assert isinstance(chunk, wire.AudioChunk)
         sid = chunk.stream_id
         if self._only and sid not in self._only:
             return
-        tr = part.streams.get(sid)
-        if tr is None:
-            tr = StreamTranscriber(sid, self.cut, self.engine,
-                                   make_vad(self.settings.asr_vad, self.settings.asr_vad_mode),
-                                   part.resume.pop(sid, None))
-            part.streams[sid] = tr
-        part.last_audio[sid] = now
-        t0 = time.process_time()
-        try:
-            segments = tr.add(chunk, msg.offset)
-        except Exception as e:  # a bug must not stop every other stream
-            log.exception("asr failed on %s offset %d of stream %r", self.topic_in, msg.offset,
-                          sid)
-            self._skip(rec, wire.DeadLetterKind.INTERNAL.value, f"{type(e).__name__}: {e}")
-            return
-        finally:
-            self.stats.decode_s += time.process_time() - t0
+        st = part.streams.get(sid)
+        if st is None:
+            resume = part.resume.pop(sid, None)
+            st = _Stream(self._next_handle, resume)
+            self._next_handle += 1
+            part.streams[sid] = st
+            self._handles[st.handle] = (part.tp.partition, sid)
+            self.decoding.open(st.handle, sid, resume)
+        st.last_audio = now
+        st.in_flight += 1
+        part.decoding.append(msg.offset)
         self.stats.audio_s += chunk.n_samples / chunk.sample_rate
-        self._publish(segments)
+        self.decoding.add(st.handle, msg.offset, chunk.ts_ns, pcm_bytes(to_16k_mono(chunk)))
 
-    def _skip(self, rec: wire.KafkaRecord, kind: str, reason: str) -> None:
+    def _collect(self, wait_s: float) -> None:
+        """Publish the segments decoding has made, for ``wait_s`` at most while it is busy."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            for r in self.decoding.results(max(0.0, deadline - time.monotonic())):
+                self._apply(r)
+            if not self.decoding.in_flight or time.monotonic() >= deadline:
+                return
+
+    def _apply(self, r: Result) -> None:
+        self.stats.decode_s += r.cpu_s
+        where = self._handles.get(r.handle)
+        if where is None:
+            return  # a stream of a revoked partition: its next owner replays it
+        part = self.parts[where[0]]
+        st = part.streams[where[1]]
+        if r.token == FLUSHED:
+            st.flushing = False
+        else:
+            st.in_flight -= 1
+            part.decoded.add(r.token)
+        if r.error is not None:
+            log.error("asr failed on %s offset %d of stream %r: %s", self.topic_in, r.token,
+                      where[1], r.error)
+            self._skip(self.topic_in, part.tp.partition, r.token,
+                       wire.DeadLetterKind.INTERNAL.value, r.error.splitlines()[0])
+        self._publish(where[1], r.segments)
+        st.checkpoint, st.needed, st.in_utterance = r.checkpoint, r.needed, r.in_utterance
+
+    def _skip(self, topic: str, partition: int, offset: int, kind: str, reason: str) -> None:
         self.stats.bad[kind] += 1
         self._bad_logged[reason] += 1
         seen = self._bad_logged[reason]
         if seen <= 3 or seen % 100 == 0:
-            log.warning("skipped %s offset %d partition %d (%s, %d so far): %s", rec.topic,
-                        rec.offset, rec.partition, kind, seen, reason)
+            log.warning("skipped %s offset %d partition %d (%s, %d so far): %s", topic,
+                        offset, partition, kind, seen, reason)
 
-    def _publish(self, segments: list[wire.TranscriptSegment]) -> None:
+    def _publish(self, sid: str, segments: tuple[Encoded, ...]) -> None:
         for seg in segments:
-            key, value, headers, ts_ms = wire.encode_parts(seg)
-            self._sent.append(self._producer.send(self.topic_out, value=value, key=key,
-                                                  headers=headers, timestamp_ms=ts_ms))
+            self._sent.append(self._producer.send(self.topic_out, value=seg.value,
+                                                  key=seg.key, headers=seg.headers,
+                                                  timestamp_ms=seg.timestamp_ms))
             if seg.final:
                 self.stats.finals += 1
-                log.debug("final %s seq %d [%d, %d): %s", seg.stream_id, seg.seq,
-                          seg.start_ns, seg.end_ns, seg.text)
+                log.debug("final %s seq %d: %s", sid, seg.seq, seg.text)
             else:
                 self.stats.partials += 1
 
@@ -225,10 +298,13 @@ class AsrWorker:
             high = self._consumer.highwater(part.tp)
             if high is not None and part.position is not None and part.position < high:
                 continue  # records of this partition are still to be read: not idle
-            for sid, tr in part.streams.items():
-                if tr.in_utterance and now - part.last_audio.get(sid, now) >= idle_s:
+            for st in part.streams.values():
+                # in_utterance is as of the stream's last result: wait for those on the way
+                if (st.in_utterance and not st.in_flight and not st.flushing
+                        and now - st.last_audio >= idle_s):
                     self.stats.idle_flushes += 1
-                    self._publish(tr.flush())
+                    st.flushing = True
+                    self.decoding.flush(st.handle)
 
     # --- commits ---------------------------------------------------------------------
 
@@ -265,11 +341,15 @@ class AsrWorker:
 
     def _commit_point(self, part: _Partition) -> tuple[int, str]:
         assert part.position is not None
-        needed = [t for tr in part.streams.values() if (t := tr.needed_token) is not None]
+        # each stream's state is as of its last result: its records after that are still
+        # being decoded, and the oldest of those is needed again too
+        needed = [t for st in part.streams.values() if (t := st.needed) is not None]
+        if (t := part.oldest_decoding()) is not None:
+            needed.append(t)
         offset = min([part.position, *needed])
         checkpoints = dict(part.resume)
-        for sid, tr in part.streams.items():
-            if (c := tr.checkpoint) is not None:
+        for sid, st in part.streams.items():
+            if (c := st.checkpoint) is not None:
                 checkpoints[sid] = c
         self._expire(part, checkpoints)
         meta = encode_checkpoints(checkpoints)
@@ -290,13 +370,15 @@ class AsrWorker:
         horizon = max(c.epoch_ns for c in checkpoints.values()) - \
             self.settings.stream_expiry_ms * 1_000_000
         for sid in [s for s, c in checkpoints.items() if c.epoch_ns < horizon]:
-            tr = part.streams.get(sid)
-            if tr is not None and (tr.in_utterance or tr.needed_token is not None):
+            st = part.streams.get(sid)
+            if st is not None and (st.in_utterance or st.needed is not None or st.in_flight
+                                   or st.flushing):
                 continue
             del checkpoints[sid]
             part.resume.pop(sid, None)
-            part.streams.pop(sid, None)
-            part.last_audio.pop(sid, None)
+            if st is not None:
+                del part.streams[sid]
+                self._drop(st)
 
     # --- rebalances ------------------------------------------------------------------
     # The coordinator calls the listener on the client's IO thread, where kafka-python 3
@@ -324,10 +406,14 @@ class AsrWorker:
         """Drop the partitions' state: their next owner replays from the last commit."""
         gone = [tp.partition for tp in tps if tp.partition in self.parts]
         for p in gone:
-            for tr in self.parts.pop(p).streams.values():
-                tr.close()
+            for st in self.parts.pop(p).streams.values():
+                self._drop(st)  # results on their way for it are dropped when they come
         if gone:
             log.info("revoked partitions %s", gone)
+
+    def _drop(self, st: _Stream) -> None:
+        self._handles.pop(st.handle, None)
+        self.decoding.close(st.handle)
 
     def _log_status(self) -> None:
         s = self.stats
@@ -365,10 +451,7 @@ def run_asr(settings: Settings) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    try:
-        worker = AsrWorker(settings)
-    except ImportError as e:
-        raise UserError(f"asr engine {settings.asr_engine!r} cannot load: {e}") from None
+    worker = AsrWorker(settings)
     worker.run(stop)
     log.info("asr worker stopped")
     return 0
