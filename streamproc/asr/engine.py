@@ -109,7 +109,8 @@ class SphinxEngine:
         return self._ready(self._ps.Decoder(**self._config))
 
     def _ready(self, dec: Any) -> Any:
-        if self._grammar is not None and dec.current_search() != "grammar":
+        """A new decoder, held to the grammar if there is one, settled."""
+        if self._grammar is not None:
             dec.add_jsgf_string("grammar", self._grammar)
             dec.activate_search("grammar")
         self._settle(dec)
