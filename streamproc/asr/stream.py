@@ -307,6 +307,8 @@ class StreamTranscriber:
 
     def _reset(self, at: int, at_ns: int | None = None) -> None:
         """Back to the initial state at sample ``at``: a checkpoint."""
+        # the voice detector adapts as it listens; a stream resumed here starts a new one
+        self.vad.reset()
         self._epoch = at
         self._epoch_seq = self._next_seq
         self._epoch_ns = self._time(at) if at_ns is None else at_ns

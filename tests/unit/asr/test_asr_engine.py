@@ -113,3 +113,37 @@ def test_streams_decoded_side_by_side_give_what_each_gives_alone(avdigits_tts: P
         together[c.stream_id] += trs[c.stream_id].add(c)
     assert together == alone
     assert all(any(s.final for s in segs) for segs in alone.values())
+
+
+@pytest.mark.slow
+def test_a_stream_resumed_at_a_checkpoint_publishes_the_same_segments(
+        avdigits_tts: Path) -> None:
+    """What a worker that takes a partition over does: resume at a checkpoint, read the
+    audio again from the oldest record it needs, and publish copies of what was published
+    (the voice detector starts afresh at every checkpoint, so it must here too)."""
+    from streamproc.ml.avdigits import synthesize
+
+    engine = SphinxEngine()
+    x = np.zeros(17 * RATE, np.float32)
+    for i in range(3):
+        said = 0.5 * synthesize(VOICES[(1 + i) % 2], SENTENCES[(1 + i) % 4], 1.0, 0, RATE,
+                                avdigits_tts)
+        at = i * 6 * RATE + RATE // 2 + RATE // 5
+        x[at:at + len(said)] = said
+    records = chunks("s", T0, x)
+    tr = StreamTranscriber("s", CutConfig(), engine, WebrtcVad())
+    segs, states = [], []
+    for k, c in enumerate(records):
+        segs += tr.add(c, k)
+        states.append((tr.checkpoint, tr.needed_token))
+    published = {s.seq: s for s in segs}
+    assert sum(s.final for s in segs) == 3
+    replayed = 0
+    for cut in range(20, 160, 20):
+        checkpoint, needed = states[cut]
+        again = StreamTranscriber("s", CutConfig(), engine, WebrtcVad(), checkpoint)
+        start = cut + 1 if needed is None else needed
+        replay = [s for k, c in enumerate(records[start:], start) for s in again.add(c, k)]
+        assert all(s == published.get(s.seq) for s in replay), cut
+        replayed += len(replay)
+    assert replayed > len(segs)
