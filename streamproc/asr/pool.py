@@ -8,9 +8,11 @@ Both are driven alike by the worker (the Kafka shell), per stream *handle*: ``op
 ``add`` audio (already 16 kHz mono, with its event time and Kafka offset), ``flush``,
 ``close``; each ``add`` and ``flush`` gives one :class:`Result` with the segments it made
 (wire-encoded, ready to send) and the stream's state afterwards (checkpoint, the oldest
-offset it still needs, whether an utterance is open). The worker publishes a result's
-segments before it takes the state into a commit, so the guarantees of docs/asr.md hold
-whatever the pool does in between.
+offset it still needs, whether an utterance is open), handed to the ``on_results``
+callback given to :meth:`Decoding.start`: at once on the caller's thread when decoding is
+local, on the pool's receiving thread as results come back otherwise. The worker
+publishes a result's segments before it takes the state into a commit, so the guarantees
+of docs/asr.md hold whatever the pool does in between.
 
 Affinity: a handle lives in one process from ``open`` to ``close``, and requests reach a
 process in the order they were made, so a stream's audio is decoded in order by one
@@ -32,6 +34,7 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,10 +145,17 @@ def _result(msg: tuple) -> Result:
                   None if cp is None else Checkpoint(*cp), needed, in_utt, cpu, error)
 
 
+OnResults = Callable[[list["Result"]], None]
+OnError = Callable[[BaseException], None]
+
+
 class Decoding:
-    """The interface the worker drives; results come back from :meth:`results`."""
+    """The interface the worker drives; results go to the ``on_results`` of :meth:`start`."""
 
     processes = 0
+
+    def start(self, on_results: OnResults, on_error: OnError) -> None:
+        raise NotImplementedError
 
     def open(self, handle: int, stream_id: str, resume: Checkpoint | None) -> None:
         raise NotImplementedError
@@ -161,11 +171,7 @@ class Decoding:
 
     @property
     def in_flight(self) -> int:
-        """Adds and flushes whose result has not been returned by :meth:`results` yet."""
-        raise NotImplementedError
-
-    def results(self, timeout: float = 0.0) -> list[Result]:
-        """Results ready now, waiting up to ``timeout`` seconds for the first one."""
+        """Adds and flushes whose result has not been handed to ``on_results`` yet."""
         raise NotImplementedError
 
     def shutdown(self) -> None:
@@ -177,7 +183,10 @@ class LocalDecoding(Decoding):
 
     def __init__(self, engine: Engine, cut: CutConfig, vad: str, vad_mode: int) -> None:
         self.host = Host(engine, cut, vad, vad_mode)
-        self._ready: list[Result] = []
+        self._on_results: OnResults | None = None
+
+    def start(self, on_results: OnResults, on_error: OnError) -> None:
+        self._on_results = on_results
 
     def open(self, handle: int, stream_id: str, resume: Checkpoint | None) -> None:
         self.host.handle((_OPEN, handle, stream_id,
@@ -194,16 +203,12 @@ class LocalDecoding(Decoding):
 
     def _do(self, req: tuple) -> None:
         out = self.host.handle(req)
-        assert out is not None
-        self._ready.append(_result(out))
+        assert out is not None and self._on_results is not None
+        self._on_results([_result(out)])
 
     @property
     def in_flight(self) -> int:
-        return len(self._ready)
-
-    def results(self, timeout: float = 0.0) -> list[Result]:
-        out, self._ready = self._ready, []
-        return out
+        return 0
 
     def shutdown(self) -> None:
         for h in list(self.host.streams):
@@ -242,6 +247,9 @@ class ProcessPool(Decoding):
         self.processes = processes
         self._children: list[_Child] = []
         self._where: dict[int, _Child] = {}
+        self._count_lock = threading.Lock()  # in-flight counts: the receiver lowers them
+        self._stopping = threading.Event()
+        self._receiver: threading.Thread | None = None
         started = []
         try:
             for i in range(processes):
@@ -274,6 +282,35 @@ class ProcessPool(Decoding):
         log.info("decoding in %d processes (pids %s), %d decoders loaded in each", processes,
                  ", ".join(str(c.proc.pid) for c in self._children), decoders_at_start)
 
+    def start(self, on_results: OnResults, on_error: OnError) -> None:
+        self._receiver = threading.Thread(target=self._receive, args=(on_results, on_error),
+                                          name="asr-receive", daemon=True)
+        self._receiver.start()
+
+    def _receive(self, on_results: OnResults, on_error: OnError) -> None:
+        """Hand results on as they come back, until shutdown or a process ends."""
+        by_conn = {c.conn: c for c in self._children}
+        try:
+            while not self._stopping.is_set():
+                for conn in mpc.wait(list(by_conn), 0.5):
+                    child = by_conn[conn]  # type: ignore[index]
+                    batch = []
+                    try:
+                        while child.conn.poll():
+                            batch.append(_result(child.conn.recv()))
+                    except (EOFError, OSError):
+                        if self._stopping.is_set():
+                            return
+                        child.proc.join(1)
+                        raise DecodingError(
+                            f"decoding process {child.index} (pid {child.proc.pid}) ended "
+                            f"with exit code {child.proc.exitcode}") from None
+                    with self._count_lock:
+                        child.in_flight -= len(batch)
+                    on_results(batch)
+        except BaseException as e:
+            on_error(e)
+
     def open(self, handle: int, stream_id: str, resume: Checkpoint | None) -> None:
         child = min(self._children, key=lambda c: (c.handles, c.in_flight, c.index))
         child.handles += 1
@@ -283,12 +320,14 @@ class ProcessPool(Decoding):
 
     def add(self, handle: int, token: int, ts_ns: int, pcm: bytes) -> None:
         child = self._where[handle]
-        child.in_flight += 1
+        with self._count_lock:
+            child.in_flight += 1
         child.outbox.put((_ADD, handle, token, ts_ns, pcm))
 
     def flush(self, handle: int) -> None:
         child = self._where[handle]
-        child.in_flight += 1
+        with self._count_lock:
+            child.in_flight += 1
         child.outbox.put((_FLUSH, handle))
 
     def close(self, handle: int) -> None:
@@ -299,24 +338,13 @@ class ProcessPool(Decoding):
 
     @property
     def in_flight(self) -> int:
-        return sum(c.in_flight for c in self._children)
-
-    def results(self, timeout: float = 0.0) -> list[Result]:
-        by_conn = {c.conn: c for c in self._children}
-        out: list[Result] = []
-        for conn in mpc.wait(list(by_conn), timeout):
-            child = by_conn[conn]  # type: ignore[index]
-            try:
-                while child.conn.poll():
-                    out.append(_result(child.conn.recv()))
-                    child.in_flight -= 1
-            except (EOFError, OSError):
-                child.proc.join(1)
-                raise DecodingError(f"decoding process {child.index} (pid {child.proc.pid}) "
-                                    f"ended with exit code {child.proc.exitcode}") from None
-        return out
+        with self._count_lock:
+            return sum(c.in_flight for c in self._children)
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        if self._receiver is not None:
+            self._receiver.join(2)
         for c in self._children:
             c.outbox.put((_STOP, 0))
             c.outbox.put(None)

@@ -3,8 +3,9 @@
 A plain consumer loop (kafka-python, no asyncio): heartbeats run in the client's own
 thread, so decoding delays nothing that has a deadline. Decoding happens in a pool of
 processes (``asr_processes``, :mod:`streamproc.asr.pool`), or on the loop's own thread
-with ``asr_processes`` 0; the loop hands each stream's audio to its process and publishes
-the segments that come back.
+with ``asr_processes`` 0; the loop hands each stream's audio to its process, and the
+pool's receiving thread publishes the segments that come back (one lock keeps the two
+threads' view of the streams whole).
 
 Guarantees, per partition of ``PREFIX.audio``:
 
@@ -58,12 +59,9 @@ STATUS_INTERVAL_S = 30.0
 # 40 bytes plus its id, so a partition holds ~80 streams' checkpoints before this matters.
 MAX_METADATA_BYTES = 4000
 METADATA_VERSION = 1
-# Records handed to decoding and not yet back, at most: past it the loop stops reading
-# Kafka until decoding catches up (100 ms chunks: 100 s of one stream's audio).
+# Records handed to decoding and not yet back, at most: past it the worker pauses its
+# partitions until decoding catches up (100 ms chunks: 100 s of one stream's audio).
 MAX_IN_FLIGHT = 1000
-# While decoding is under way the loop waits this long for results before it reads Kafka
-# again: the most a record waits to be handed on, and the loop's pace when busy.
-RESULT_WAIT_S = 0.02
 DRAIN_S = 10.0  # how long a stopping worker waits for the audio it handed to decoding
 
 
@@ -159,6 +157,11 @@ class AsrWorker:
         self._handles: dict[int, tuple[int, str]] = {}  # handle -> (partition, stream id)
         self._next_handle = 0
         self._sent: list[Any] = []  # producer futures since the last flush
+        # held by the loop and by the pool's receiving thread (re-entered when decoding is
+        # local: results then come back inside the loop's own call)
+        self._lock = threading.RLock()
+        self._failure: BaseException | None = None
+        self._paused = False
         self._consumer = kafka.group_consumer(settings, self.group, "asr")
         self._producer = kafka.producer(settings)
         self._bad_logged: Counter = Counter()
@@ -174,25 +177,26 @@ class AsrWorker:
                  self.topic_out, self.settings.asr_engine,
                  f"{self.decoding.processes} decoding processes" if self.decoding.processes
                  else "decoding in this process")
+        self.decoding.start(self._on_results, self._on_failure)
         last_commit = last_status = time.monotonic()
         try:
             while not stop.is_set():
-                busy = self.decoding.in_flight
-                batch = {}
-                if busy < MAX_IN_FLIGHT:
-                    # while decoding is under way, results are waited for below instead
-                    batch = self._consumer.poll(timeout_ms=0 if busy else 100,
-                                                max_records=200)
-                self._rebalanced()
-                now = time.monotonic()
-                for tp, records in batch.items():
-                    part = self.parts.get(tp.partition)
-                    if part is None:
-                        continue
-                    for rec in records:
-                        self._handle(part, rec, now)
-                self._collect(RESULT_WAIT_S if busy and not batch else 0.0)
-                self._idle_flush(now)
+                self._throttle()
+                # a plain poll with a timeout: kafka-python's group membership needs it
+                # (polls of 0 ms never finish a rejoin); segments go out meanwhile from
+                # the pool's receiving thread
+                batch = self._consumer.poll(timeout_ms=100, max_records=200)
+                self._check()
+                with self._lock:
+                    fresh = self._rebalanced()
+                    now = time.monotonic()
+                    for tp, records in batch.items():
+                        part = self.parts.get(tp.partition)
+                        if part is None or tp.partition in fresh:
+                            continue  # a partition just (re)assigned is read from its commit
+                        for rec in records:
+                            self._handle(part, rec, now)
+                    self._idle_flush(now)
                 if now - last_commit >= COMMIT_INTERVAL_S:
                     self.commit()
                     last_commit = now
@@ -202,11 +206,31 @@ class AsrWorker:
             # what was handed to decoding is published before the last commit
             deadline = time.monotonic() + DRAIN_S
             while self.decoding.in_flight and time.monotonic() < deadline:
-                self._collect(0.1)
+                self._check()
+                time.sleep(0.05)
             self.commit()
             self._log_status()
         finally:
             self.close()
+
+    def _on_failure(self, e: BaseException) -> None:
+        self._failure = e
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def _throttle(self) -> None:
+        """Pause reading while decoding is far behind; the group membership goes on."""
+        over = self.decoding.in_flight >= MAX_IN_FLIGHT
+        if over == self._paused:
+            return
+        self._paused = over
+        if over:
+            log.warning("decoding is %d records behind: reading paused", MAX_IN_FLIGHT)
+            self._consumer.pause(*self._consumer.assignment())
+        else:
+            self._consumer.resume(*self._consumer.paused())
 
     def close(self) -> None:
         self.decoding.shutdown()
@@ -243,14 +267,10 @@ class AsrWorker:
         self.stats.audio_s += chunk.n_samples / chunk.sample_rate
         self.decoding.add(st.handle, msg.offset, chunk.ts_ns, pcm_bytes(to_16k_mono(chunk)))
 
-    def _collect(self, wait_s: float) -> None:
-        """Publish the segments decoding has made, for ``wait_s`` at most while it is busy."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            for r in self.decoding.results(max(0.0, deadline - time.monotonic())):
+    def _on_results(self, results: list[Result]) -> None:
+        with self._lock:
+            for r in results:
                 self._apply(r)
-            if not self.decoding.in_flight or time.monotonic() >= deadline:
-                return
 
     def _apply(self, r: Result) -> None:
         self.stats.decode_s += r.cpu_s
@@ -309,22 +329,29 @@ class AsrWorker:
     # --- commits ---------------------------------------------------------------------
 
     def commit(self, partitions: list[int] | None = None) -> None:
-        """Flush the segments sent, then commit each partition's offset and checkpoints."""
+        """Commit each partition's offset and checkpoints once the segments they need are
+        acknowledged.
+
+        The state is taken first, with the segments sent for it; the flush after it waits
+        for those (and for any sent since, which the next commit covers)."""
+        offsets = {}
+        with self._lock:
+            sent, self._sent = self._sent, []
+            for p in (partitions if partitions is not None else list(self.parts)):
+                part = self.parts.get(p)
+                if part is None or part.position is None:
+                    continue
+                offset, meta = self._commit_point(part)
+                if part.committed != (offset, meta):
+                    offsets[part.tp] = OffsetAndMetadata(offset, meta, -1)
+                    part.committed = (offset, meta)
+                    log.debug("commit partition %d offset %d (read to %d): %s", p, offset,
+                              part.position, meta)
         self._producer.flush(timeout=60)
-        failed = [f.exception for f in self._sent if f.failed()]
-        self._sent = []
+        failed = [f.exception for f in sent if f.failed()]
         if failed:
             raise AsrError(f"{len(failed)} transcript segment(s) not published to "
                            f"{self.topic_out}: {failed[0]}")
-        offsets = {}
-        for p in (partitions if partitions is not None else list(self.parts)):
-            part = self.parts.get(p)
-            if part is None or part.position is None:
-                continue
-            offset, meta = self._commit_point(part)
-            if part.committed != (offset, meta):
-                offsets[part.tp] = OffsetAndMetadata(offset, meta, -1)
-                part.committed = (offset, meta)
         if offsets:
             try:
                 self._consumer.commit(offsets)
@@ -333,9 +360,10 @@ class AsrWorker:
                 # (older, and as consistent), so nothing is lost, only replayed
                 log.warning("commit failed (%s); the partitions' next owner replays from "
                             "the previous commit", e)
-                for tp in offsets:
-                    if (part := self.parts.get(tp.partition)) is not None:
-                        part.committed = None
+                with self._lock:
+                    for tp in offsets:
+                        if (part := self.parts.get(tp.partition)) is not None:
+                            part.committed = None
                 return
             self.stats.commits += 1
 
@@ -385,22 +413,39 @@ class AsrWorker:
     # allows no blocking call (commit, committed): it only notes the change, and the
     # loop applies it after poll() returns, before the records poll() fetched.
 
-    def _rebalanced(self) -> None:
-        changes, self._changes = self._changes, []
-        for added, tps in changes:
+    def _rebalanced(self) -> set[int]:
+        """Apply what the coordinator changed; the partitions (re)assigned."""
+        fresh: set[int] = set()
+        while self._changes:
+            added, tps = self._changes.pop(0)
             if added:
-                self.assigned(tps)
+                fresh |= self.assigned(tps)
             else:
                 self.revoked(tps)
+                fresh -= {tp.partition for tp in tps}
+        return fresh
 
-    def assigned(self, tps: list[TopicPartition]) -> None:
+    def assigned(self, tps: list[TopicPartition]) -> set[int]:
+        """Take partitions on at their last commit; the ones taken."""
+        owned = self._consumer.assignment()
+        taken = set()
         for tp in tps:
-            if tp.topic != self.topic_in or tp.partition in self.parts:
+            if tp.topic != self.topic_in or tp.partition in self.parts or tp not in owned:
                 continue
             committed = self._consumer.committed(tp, metadata=True)
             resume = decode_checkpoints(committed.metadata if committed else None)
+            # kafka-python keeps the read position of a partition that stays assigned
+            # across a rebalance; its streams restart at their checkpoints, whose audio
+            # is at the committed offset, so reading must go back there
+            if committed is not None:
+                self._consumer.seek(tp, committed.offset)
+            else:
+                self._consumer.seek_to_beginning(tp)
+            log.debug("partition %d resumes at %s", tp.partition, committed)
             self.parts[tp.partition] = _Partition(tp, resume)
+            taken.add(tp.partition)
         log.info("assigned partitions %s", sorted(self.parts))
+        return taken
 
     def revoked(self, tps: list[TopicPartition]) -> None:
         """Drop the partitions' state: their next owner replays from the last commit."""
@@ -417,7 +462,8 @@ class AsrWorker:
 
     def _log_status(self) -> None:
         s = self.stats
-        streams = sum(len(p.streams) for p in self.parts.values())
+        with self._lock:
+            streams = sum(len(p.streams) for p in self.parts.values())
         rtf = s.decode_s / s.audio_s if s.audio_s else 0.0
         log.info("asr: %d streams, %.0f s audio (RTF %.2f), %d partials, %d finals, "
                  "%d idle flushes, skipped %s", streams, s.audio_s, rtf, s.partials,
