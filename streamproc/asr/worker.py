@@ -172,6 +172,13 @@ class AsrWorker:
     # --- lifecycle -------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
+        # a group joined before the client has the topic's metadata (a topic created a
+        # moment ago) assigns this worker nothing, and kafka-python does not always rejoin
+        # once the metadata comes: have it first
+        deadline = time.monotonic() + 30
+        while (not self._consumer.partitions_for_topic(self.topic_in)
+               and time.monotonic() < deadline and not stop.is_set()):
+            time.sleep(0.2)
         self._consumer.subscribe([self.topic_in], listener=_Listener(self))
         log.info("asr worker: group %s, %s -> %s, engine %s, %s", self.group, self.topic_in,
                  self.topic_out, self.settings.asr_engine,
