@@ -12,7 +12,12 @@ transcript topic: end of speech (audio event time) -> final segment published, s
 start -> first partial published, p50 / p99; whether the worker kept up.
 
     .venv/bin/python benchmarks/bench_asr.py wer
-    .venv/bin/python benchmarks/bench_asr.py live --streams 1,2,4,6 --seconds 60
+    .venv/bin/python benchmarks/bench_asr.py live --streams 1,2,4,6 --seconds 60 \
+        --processes 0,2 --rounds 2
+
+``--processes``: the worker's ``asr_processes`` (0: decoding on the consumer's thread, N: a
+pool of N decoding processes); each stream count runs every value in turn, the order
+reversed every other round, so the values share the machine's load alike.
 """
 
 from __future__ import annotations
@@ -136,19 +141,27 @@ def bench_live(args: argparse.Namespace) -> None:
         broker = LocalBroker(tmp / "kafka").start()
         bootstrap = broker.bootstrap
     voices = SETS["flite (slt, kal16, awb, rms)"]
-    print("| streams | asr workers | load (1 min) | finals | end of speech -> final p50 / p99 / max | "
-          "speech start -> first partial p50 / p99 | worker RTF |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"machine: {os.cpu_count()} cores; {args.seconds:.0f} s per run")
+    print("| round | streams | asr workers | decoding processes | load (1 min) | finals | "
+          "end of speech -> final p50 / p99 / max | speech start -> first partial p50 / p99 | "
+          "worker RTF | CPU s: consumer + decoders |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     alive: list[subprocess.Popen] = []  # ended in `finally` even when a run fails
-    try:
+    runs = []
+    for r in range(args.rounds):
         for n in [int(v) for v in args.streams.split(",")]:
-            prefix = f"benchasr{n}-{os.getpid()}"
+            procs_list = args.processes.split(",")
+            for k, pv in enumerate(procs_list[::-1] if r % 2 else procs_list):
+                runs.append((r, n, pv, (r * 100 + n) * 10 + k))
+    try:
+        for rnd, n, pv, tag in runs:
+            prefix = f"benchasr{tag}-{os.getpid()}"
             settings = Settings(bootstrap_servers=bootstrap, topic_prefix=prefix, app_id=prefix,
-                                partitions=4)
+                                partitions=4, asr_processes=pv)
             create_topics(settings)
             env = {**os.environ, **{env_name(f): str(getattr(settings, f.name))
                                     for f in settings.__dataclass_fields__.values()}}
-            logs = [tmp / f"asr-{n}-{w}.log" for w in range(args.workers)]
+            logs = [tmp / f"asr-{tag}-{w}.log" for w in range(args.workers)]
             procs = [subprocess.Popen([sys.executable, "-m", "streamproc.cli", "asr"], env=env,
                                       stdout=open(lg, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
                                       cwd=REPO) for lg in logs]
@@ -203,6 +216,7 @@ def bench_live(args: argparse.Namespace) -> None:
             stop.set()
             reader.join(5)
             load1 = os.getloadavg()[0]
+            cpu = [_cpu_s(proc.pid) for proc in procs]
             for proc in procs:
                 proc.terminate()
             for proc in procs:
@@ -225,11 +239,12 @@ def bench_live(args: argparse.Namespace) -> None:
                     if par:
                         partial_lat.append((min(par) - s_ns) / 1e6)
             rtf = " / ".join(_rtf(lg) for lg in logs)
-            print(f"| {n} | {args.workers} | {load0:.1f} -> {load1:.1f} | {len(final_lat)} of "
+            print(f"| {rnd + 1} | {n} | {args.workers} | {pv} | {load0:.1f} -> {load1:.1f} | "
+                  f"{len(final_lat)} of "
                   f"{sum(len(s) for _, s in tracks.values())} | {_p(final_lat, 50):.0f} / "
                   f"{_p(final_lat, 99):.0f} / {max(final_lat, default=float('nan')):.0f} ms | "
-                  f"{_p(partial_lat, 50):.0f} / {_p(partial_lat, 99):.0f} ms | {rtf} |",
-                  flush=True)
+                  f"{_p(partial_lat, 50):.0f} / {_p(partial_lat, 99):.0f} ms | {rtf} | "
+                  f"{' / '.join(f'{a:.0f} + {b:.0f}' for a, b in cpu)} |", flush=True)
     finally:
         for proc in alive:
             if proc.poll() is None:
@@ -237,6 +252,27 @@ def bench_live(args: argparse.Namespace) -> None:
                 proc.wait(30)
         if broker is not None:
             broker.stop()
+
+
+def _cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds of a process and of its children (the decoding processes) so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def stat(p: str) -> list[str]:
+        with open(f"/proc/{p}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+
+    own = sum(int(v) for v in stat(str(pid))[11:13]) / tick
+    kids = 0.0
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                st = stat(p)
+            except OSError:
+                continue
+            if int(st[1]) == pid:
+                kids += sum(int(v) for v in st[11:13]) / tick
+    return own, kids
 
 
 def _spread(n: int, partitions: int) -> list[str]:
@@ -273,7 +309,10 @@ def main() -> None:
     live = sub.add_parser("live")
     live.add_argument("--streams", default="1,2,4")
     live.add_argument("--seconds", type=float, default=60.0)
-    live.add_argument("--workers", type=int, default=1, help="asr processes (one group)")
+    live.add_argument("--workers", type=int, default=1, help="asr workers (one group)")
+    live.add_argument("--processes", default="auto",
+                      help="asr_processes values to compare, comma separated [auto]")
+    live.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
     {"wer": bench_wer, "live": bench_live}[args.mode](args)
 

@@ -152,6 +152,10 @@ class Settings:
         "streamproc.asr.engine:pocketsphinx_engine", "Speech recogniser of `streamproc asr`: "
         "`package.module:factory` (docs/asr.md); the default is pocketsphinx with the "
         "English model its wheel ships.")
+    asr_processes: str = _opt(
+        "auto", "Decoding processes of `streamproc asr` (each stream's utterances are decoded "
+        "in one of them, in order): a number, auto (one per CPU core), or 0 to decode on "
+        "the consumer's own thread.")
     asr_vad: str = _opt("webrtc", "Voice activity detector cutting utterances: webrtc "
                         "(pocketsphinx's webrtc-style detector) or energy (a loudness gate).",
                         choices=ASR_VADS)
@@ -232,6 +236,9 @@ class Settings:
             "sasl_mechanism": (self.sasl_mechanism in ("", *SASL_MECHANISMS),
                                "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"),
             "asr_engine": (":" in self.asr_engine, "must be package.module:factory"),
+            "asr_processes": (self.asr_processes == "auto" or (
+                self.asr_processes.isdigit() and int(self.asr_processes) <= 256),
+                "must be auto or a number of processes, 0 to 256"),
             "asr_vad": (self.asr_vad in ASR_VADS, "must be webrtc or energy"),
             "asr_vad_mode": (0 <= self.asr_vad_mode <= 3, "must be 0, 1, 2 or 3"),
             "asr_partial_interval_ms": (self.asr_partial_interval_ms >= 0,
@@ -426,7 +433,8 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
                 "max_frame_pixels", "stream_expiry_ms"),
     "model": ("model", "batch_size", "batch_max_wait_ms", "device", "model_threads",
               "model_reload_s"),
-    "asr": ("asr_engine", "asr_vad", "asr_vad_mode", "asr_partial_interval_ms",
+    "asr": ("asr_engine", "asr_processes", "asr_vad", "asr_vad_mode",
+            "asr_partial_interval_ms",
             "asr_end_silence_ms", "asr_max_utterance_ms", "asr_gap_ms", "asr_lang",
             "asr_streams"),
     "worker": ("app_id", "data_dir", "metrics_port", "web_port", "session_timeout_ms"),

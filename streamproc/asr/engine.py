@@ -66,6 +66,10 @@ class Engine(Protocol):
 # pocketsphinx's own search settings: narrower beams without the second (flat-lexicon)
 # pass halve the decoding time but lose digits and short words (docs/benchmarks.md, ASR).
 SPHINX_CONFIG: dict[str, Any] = {}
+# Decoded after every utterance, so that each one starts from the same decoder state:
+# setting the cepstral mean back is not enough (a decoder that decoded other streams
+# placed the first word up to 40 ms differently), and 300 ms of digital silence is.
+_SETTLE = bytes(2 * SAMPLE_RATE * 3 // 10)
 _FILLER = re.compile(r"^[<\[+].*[>\]+]$")  # <s>, </s>, <sil>, [NOISE], +breath+
 _ALTERNATE = re.compile(r"\(\d+\)$")  # the(2): a dictionary pronunciation variant
 
@@ -73,10 +77,11 @@ _ALTERNATE = re.compile(r"\(\d+\)$")  # the(2): a dictionary pronunciation varia
 class SphinxEngine:
     """pocketsphinx 5 with the US English model its wheel ships.
 
-    A decoder holds ~90 MB and takes ~1 s to load, so decoders are pooled: an utterance
+    A decoder holds ~90 MB and takes ~0.3 s to load, so decoders are pooled: an utterance
     borrows one and gives it back when it ends (a worker needs as many as it has
-    utterances in progress at once). Each utterance starts from the same cepstral mean,
-    so a decoder's history never changes a result.
+    utterances in progress at once). Every decoder is brought to the same state before
+    each utterance (the same cepstral mean, then the same silence decoded), so a
+    decoder's history never changes a result.
     """
 
     name = "pocketsphinx"
@@ -94,18 +99,28 @@ class SphinxEngine:
             self._config["lm"] = None
         self._free: list[Any] = []
         self._lock = threading.Lock()
-        first = self._new_decoder()
+        first = self._ps.Decoder(**self._config)
         self._cmn = first.get_cmn()
         frate = int(first.config["frate"])
         self.samples_per_frame = SAMPLE_RATE // frate
-        self._free.append(first)
+        self._free.append(self._ready(first))
 
     def _new_decoder(self) -> Any:
-        dec = self._ps.Decoder(**self._config)
+        return self._ready(self._ps.Decoder(**self._config))
+
+    def _ready(self, dec: Any) -> Any:
+        """A new decoder, held to the grammar if there is one, settled."""
         if self._grammar is not None:
             dec.add_jsgf_string("grammar", self._grammar)
             dec.activate_search("grammar")
+        self._settle(dec)
         return dec
+
+    def _settle(self, dec: Any) -> None:
+        dec.set_cmn(self._cmn)
+        dec.start_utt()
+        dec.process_raw(_SETTLE)
+        dec.end_utt()
 
     def start(self) -> _SphinxUtterance:
         with self._lock:
@@ -116,7 +131,18 @@ class SphinxEngine:
         dec.start_utt()
         return _SphinxUtterance(self, dec)
 
+    def prepare(self, decoders: int) -> None:
+        """Have ``decoders`` loaded before the first utterance: each stream in an utterance
+        holds one, and loading one on the hot path would delay every stream of the process."""
+        with self._lock:
+            missing = decoders - len(self._free)
+        for _ in range(missing):
+            dec = self._new_decoder()
+            with self._lock:
+                self._free.append(dec)
+
     def _give_back(self, dec: Any) -> None:
+        self._settle(dec)
         with self._lock:
             self._free.append(dec)
 

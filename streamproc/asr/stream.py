@@ -147,13 +147,16 @@ class StreamTranscriber:
     # --- input -----------------------------------------------------------------------
 
     def add(self, chunk: AudioChunk, token: int = -1) -> list[TranscriptSegment]:
+        return self.add_pcm(chunk.ts_ns, to_16k_mono(chunk), token)
+
+    def add_pcm(self, ts: int, x: np.ndarray, token: int = -1) -> list[TranscriptSegment]:
+        """A chunk already converted by :func:`to_16k_mono`: its first sample is at ``ts``
+        (ns). Decoding processes get audio in this form, not as wire records."""
         self.stats.chunks += 1
-        x = to_16k_mono(chunk)
         m = len(x)
         if m == 0:
             self.stats.skipped[SkipReason.EMPTY] += 1
             return []
-        ts = chunk.ts_ns
         out: list[TranscriptSegment] = []
         i0 = 0
         if self._pos_ns is None:
@@ -304,6 +307,8 @@ class StreamTranscriber:
 
     def _reset(self, at: int, at_ns: int | None = None) -> None:
         """Back to the initial state at sample ``at``: a checkpoint."""
+        # the voice detector adapts as it listens; a stream resumed here starts a new one
+        self.vad.reset()
         self._epoch = at
         self._epoch_seq = self._next_seq
         self._epoch_ns = self._time(at) if at_ns is None else at_ns

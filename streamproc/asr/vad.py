@@ -25,14 +25,22 @@ class Vad(Protocol):
     def is_speech(self, frame: bytes) -> bool:
         """One frame of FRAME_BYTES bytes."""
 
+    def reset(self) -> None:
+        """Back to the state it was made in (a stream's checkpoint: see stream.py)."""
+
 
 class WebrtcVad:
     """pocketsphinx's webrtc-style detector; ``mode`` 0 (loose) to 3 (strict)."""
 
     def __init__(self, mode: int = 2) -> None:
+        self._mode = mode
+        self.reset()
+
+    def reset(self) -> None:
+        # the detector adapts to what it hears: a new one, not a rewound one
         from pocketsphinx import Vad as PsVad
 
-        self._vad = PsVad(mode, 16_000, FRAME_SAMPLES / 16_000)
+        self._vad = PsVad(self._mode, 16_000, FRAME_SAMPLES / 16_000)
         if self._vad.frame_bytes != FRAME_BYTES:
             raise RuntimeError(f"pocketsphinx Vad wants {self._vad.frame_bytes}-byte frames")
 
@@ -49,6 +57,9 @@ class EnergyVad:
     def is_speech(self, frame: bytes) -> bool:
         x = np.frombuffer(frame, "<i2").astype(np.float32)
         return float(np.mean(x * x)) > self._min_power
+
+    def reset(self) -> None:
+        pass  # no state
 
 
 def make_vad(kind: VadKind | str, mode: int = 2) -> Vad:

@@ -1,7 +1,11 @@
-"""``streamproc asr``: the Kafka shell around :class:`StreamTranscriber` (docs/asr.md).
+"""``streamproc asr``: the Kafka shell around the stream transcribers (docs/asr.md).
 
 A plain consumer loop (kafka-python, no asyncio): heartbeats run in the client's own
-thread, so decoding on the loop's thread delays nothing that has a deadline.
+thread, so decoding delays nothing that has a deadline. Decoding happens in a pool of
+processes (``asr_processes``, :mod:`streamproc.asr.pool`), or on the loop's own thread
+with ``asr_processes`` 0; the loop hands each stream's audio to its process, and the
+pool's receiving thread publishes the segments that come back (one lock keeps the two
+threads' view of the streams whole).
 
 Guarantees, per partition of ``PREFIX.audio``:
 
@@ -9,7 +13,7 @@ Guarantees, per partition of ``PREFIX.audio``:
   sent so far is acknowledged (flush, then commit): a committed offset never covers audio
   whose final segment could still be lost;
 - the offset committed is the oldest record any stream of the partition still needs (the
-  audio since its last checkpoint), and the commit's metadata holds every stream's
+  audio since its last checkpoint, and every record still being decoded), and the commit's metadata holds every stream's
   checkpoint ``(next_seq, epoch_ns)``. Offset and checkpoints are committed in one
   request, so they always agree. A worker that takes the partition over (after ``kill
   -9``, a restart or a rebalance) resumes each stream at its checkpoint and publishes
@@ -25,7 +29,7 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,11 +38,17 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from streamproc import kafka
-from streamproc.asr.engine import Engine, load_engine
-from streamproc.asr.stream import Checkpoint, CutConfig, StreamTranscriber
-from streamproc.asr.vad import make_vad
+from streamproc.asr.pool import (
+    FLUSHED,
+    Decoding,
+    Encoded,
+    Result,
+    make_decoding,
+    pcm_bytes,
+    resolve_processes,
+)
+from streamproc.asr.stream import Checkpoint, CutConfig, to_16k_mono
 from streamproc.config import Settings
-from streamproc.errors import UserError
 from streamproc.wire import codec as wire
 
 log = logging.getLogger("streamproc.asr")
@@ -49,6 +59,10 @@ STATUS_INTERVAL_S = 30.0
 # 40 bytes plus its id, so a partition holds ~80 streams' checkpoints before this matters.
 MAX_METADATA_BYTES = 4000
 METADATA_VERSION = 1
+# Records handed to decoding and not yet back, at most: past it the worker pauses its
+# partitions until decoding catches up (100 ms chunks: 100 s of one stream's audio).
+MAX_IN_FLIGHT = 1000
+DRAIN_S = 10.0  # how long a stopping worker waits for the audio it handed to decoding
 
 
 class AsrError(RuntimeError):
@@ -83,20 +97,40 @@ def decode_checkpoints(metadata: str | None) -> dict[str, Checkpoint]:
 
 
 @dataclass
+class _Stream:
+    """What the loop knows of one stream: its state as of its last result back."""
+
+    handle: int
+    checkpoint: Checkpoint | None
+    needed: int | None = None  # the oldest offset its transcriber still needs
+    in_utterance: bool = False
+    in_flight: int = 0  # records handed to decoding, not back yet
+    flushing: bool = False  # an idle flush not back yet
+    last_audio: float = 0.0  # wall clock (monotonic) of its last record read
+
+
+@dataclass
 class _Partition:
     tp: TopicPartition
     resume: dict[str, Checkpoint]  # checkpoints read back for streams not seen yet
-    streams: dict[str, StreamTranscriber] = field(default_factory=dict)
-    last_audio: dict[str, float] = field(default_factory=dict)  # wall clock, monotonic
-    position: int | None = None  # the offset after the last record handled
+    streams: dict[str, _Stream] = field(default_factory=dict)
+    position: int | None = None  # the offset after the last record read
     committed: tuple[int, str] | None = None
+    # offsets handed to decoding in order, and those of them back (in any order)
+    decoding: deque[int] = field(default_factory=deque)
+    decoded: set[int] = field(default_factory=set)
+
+    def oldest_decoding(self) -> int | None:
+        while self.decoding and self.decoding[0] in self.decoded:
+            self.decoded.discard(self.decoding.popleft())
+        return self.decoding[0] if self.decoding else None
 
 
 @dataclass
 class AsrStats:
     records: int = 0
     audio_s: float = 0.0
-    decode_s: float = 0.0  # CPU time in the transcribers
+    decode_s: float = 0.0  # CPU time in the transcribers (of every decoding process)
     partials: int = 0
     finals: int = 0
     idle_flushes: int = 0
@@ -108,16 +142,26 @@ class AsrStats:
 class AsrWorker:
     """Reads ``PREFIX.audio`` in consumer group ``APPID-asr``, publishes to ``PREFIX.text``."""
 
-    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+    def __init__(self, settings: Settings, decoding: Decoding | None = None) -> None:
         self.settings = settings
         self.group = f"{settings.app_id}-asr"
         self.topic_in = settings.topic("audio")
         self.topic_out = settings.topic("text")
         self.cut = cut_config(settings)
-        self.engine = engine if engine is not None else load_engine(settings.asr_engine)
+        # decoding starts (and loads its models) before the worker joins its group
+        self.decoding = decoding if decoding is not None else make_decoding(
+            resolve_processes(settings.asr_processes), settings.asr_engine, self.cut,
+            settings.asr_vad, settings.asr_vad_mode)
         self.stats = AsrStats()
         self.parts: dict[int, _Partition] = {}
+        self._handles: dict[int, tuple[int, str]] = {}  # handle -> (partition, stream id)
+        self._next_handle = 0
         self._sent: list[Any] = []  # producer futures since the last flush
+        # held by the loop and by the pool's receiving thread (re-entered when decoding is
+        # local: results then come back inside the loop's own call)
+        self._lock = threading.RLock()
+        self._failure: BaseException | None = None
+        self._paused = False
         self._consumer = kafka.group_consumer(settings, self.group, "asr")
         self._producer = kafka.producer(settings)
         self._bad_logged: Counter = Counter()
@@ -128,37 +172,75 @@ class AsrWorker:
     # --- lifecycle -------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
+        # a group joined before the client has the topic's metadata (a topic created a
+        # moment ago) assigns this worker nothing, and kafka-python does not always rejoin
+        # once the metadata comes: have it first
+        deadline = time.monotonic() + 30
+        while (not self._consumer.partitions_for_topic(self.topic_in)
+               and time.monotonic() < deadline and not stop.is_set()):
+            time.sleep(0.2)
         self._consumer.subscribe([self.topic_in], listener=_Listener(self))
-        log.info("asr worker: group %s, %s -> %s, engine %s", self.group, self.topic_in,
-                 self.topic_out, getattr(self.engine, "name", type(self.engine).__name__))
+        log.info("asr worker: group %s, %s -> %s, engine %s, %s", self.group, self.topic_in,
+                 self.topic_out, self.settings.asr_engine,
+                 f"{self.decoding.processes} decoding processes" if self.decoding.processes
+                 else "decoding in this process")
+        self.decoding.start(self._on_results, self._on_failure)
         last_commit = last_status = time.monotonic()
         try:
             while not stop.is_set():
+                self._throttle()
+                # a plain poll with a timeout: kafka-python's group membership needs it
+                # (polls of 0 ms never finish a rejoin); segments go out meanwhile from
+                # the pool's receiving thread
                 batch = self._consumer.poll(timeout_ms=100, max_records=200)
-                self._rebalanced()
-                now = time.monotonic()
-                for tp, records in batch.items():
-                    part = self.parts.get(tp.partition)
-                    if part is None:
-                        continue
-                    for rec in records:
-                        self._handle(part, rec, now)
-                self._idle_flush(now)
+                self._check()
+                with self._lock:
+                    fresh = self._rebalanced()
+                    now = time.monotonic()
+                    for tp, records in batch.items():
+                        part = self.parts.get(tp.partition)
+                        if part is None or tp.partition in fresh:
+                            continue  # a partition just (re)assigned is read from its commit
+                        for rec in records:
+                            self._handle(part, rec, now)
+                    self._idle_flush(now)
                 if now - last_commit >= COMMIT_INTERVAL_S:
                     self.commit()
                     last_commit = now
                 if now - last_status >= STATUS_INTERVAL_S:
                     self._log_status()
                     last_status = now
+            # what was handed to decoding is published before the last commit
+            deadline = time.monotonic() + DRAIN_S
+            while self.decoding.in_flight and time.monotonic() < deadline:
+                self._check()
+                time.sleep(0.05)
             self.commit()
             self._log_status()
         finally:
             self.close()
 
+    def _on_failure(self, e: BaseException) -> None:
+        self._failure = e
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def _throttle(self) -> None:
+        """Pause reading while decoding is far behind; the group membership goes on."""
+        over = self.decoding.in_flight >= MAX_IN_FLIGHT
+        if over == self._paused:
+            return
+        self._paused = over
+        if over:
+            log.warning("decoding is %d records behind: reading paused", MAX_IN_FLIGHT)
+            self._consumer.pause(*self._consumer.assignment())
+        else:
+            self._consumer.resume(*self._consumer.paused())
+
     def close(self) -> None:
-        for part in self.parts.values():
-            for tr in part.streams.values():
-                tr.close()
+        self.decoding.shutdown()
         self._producer.close(timeout=30)
         self._consumer.close(autocommit=False)
 
@@ -172,49 +254,67 @@ class AsrWorker:
             chunk = wire.decode(rec, expect_modality="audio",
                                 max_bytes=self.settings.max_message_bytes)
         except wire.WireError as e:
-            self._skip(rec, e.kind.value, e.reason)
+            self._skip(rec.topic, rec.partition, rec.offset, e.kind.value, e.reason)
             return
         assert isinstance(chunk, wire.AudioChunk)
         sid = chunk.stream_id
         if self._only and sid not in self._only:
             return
-        tr = part.streams.get(sid)
-        if tr is None:
-            tr = StreamTranscriber(sid, self.cut, self.engine,
-                                   make_vad(self.settings.asr_vad, self.settings.asr_vad_mode),
-                                   part.resume.pop(sid, None))
-            part.streams[sid] = tr
-        part.last_audio[sid] = now
-        t0 = time.process_time()
-        try:
-            segments = tr.add(chunk, msg.offset)
-        except Exception as e:  # a bug must not stop every other stream
-            log.exception("asr failed on %s offset %d of stream %r", self.topic_in, msg.offset,
-                          sid)
-            self._skip(rec, wire.DeadLetterKind.INTERNAL.value, f"{type(e).__name__}: {e}")
-            return
-        finally:
-            self.stats.decode_s += time.process_time() - t0
+        st = part.streams.get(sid)
+        if st is None:
+            resume = part.resume.pop(sid, None)
+            st = _Stream(self._next_handle, resume)
+            self._next_handle += 1
+            part.streams[sid] = st
+            self._handles[st.handle] = (part.tp.partition, sid)
+            self.decoding.open(st.handle, sid, resume)
+        st.last_audio = now
+        st.in_flight += 1
+        part.decoding.append(msg.offset)
         self.stats.audio_s += chunk.n_samples / chunk.sample_rate
-        self._publish(segments)
+        self.decoding.add(st.handle, msg.offset, chunk.ts_ns, pcm_bytes(to_16k_mono(chunk)))
 
-    def _skip(self, rec: wire.KafkaRecord, kind: str, reason: str) -> None:
+    def _on_results(self, results: list[Result]) -> None:
+        with self._lock:
+            for r in results:
+                self._apply(r)
+
+    def _apply(self, r: Result) -> None:
+        self.stats.decode_s += r.cpu_s
+        where = self._handles.get(r.handle)
+        if where is None:
+            return  # a stream of a revoked partition: its next owner replays it
+        part = self.parts[where[0]]
+        st = part.streams[where[1]]
+        if r.token == FLUSHED:
+            st.flushing = False
+        else:
+            st.in_flight -= 1
+            part.decoded.add(r.token)
+        if r.error is not None:
+            log.error("asr failed on %s offset %d of stream %r: %s", self.topic_in, r.token,
+                      where[1], r.error)
+            self._skip(self.topic_in, part.tp.partition, r.token,
+                       wire.DeadLetterKind.INTERNAL.value, r.error.splitlines()[0])
+        self._publish(where[1], r.segments)
+        st.checkpoint, st.needed, st.in_utterance = r.checkpoint, r.needed, r.in_utterance
+
+    def _skip(self, topic: str, partition: int, offset: int, kind: str, reason: str) -> None:
         self.stats.bad[kind] += 1
         self._bad_logged[reason] += 1
         seen = self._bad_logged[reason]
         if seen <= 3 or seen % 100 == 0:
-            log.warning("skipped %s offset %d partition %d (%s, %d so far): %s", rec.topic,
-                        rec.offset, rec.partition, kind, seen, reason)
+            log.warning("skipped %s offset %d partition %d (%s, %d so far): %s", topic,
+                        offset, partition, kind, seen, reason)
 
-    def _publish(self, segments: list[wire.TranscriptSegment]) -> None:
+    def _publish(self, sid: str, segments: tuple[Encoded, ...]) -> None:
         for seg in segments:
-            key, value, headers, ts_ms = wire.encode_parts(seg)
-            self._sent.append(self._producer.send(self.topic_out, value=value, key=key,
-                                                  headers=headers, timestamp_ms=ts_ms))
+            self._sent.append(self._producer.send(self.topic_out, value=seg.value,
+                                                  key=seg.key, headers=seg.headers,
+                                                  timestamp_ms=seg.timestamp_ms))
             if seg.final:
                 self.stats.finals += 1
-                log.debug("final %s seq %d [%d, %d): %s", seg.stream_id, seg.seq,
-                          seg.start_ns, seg.end_ns, seg.text)
+                log.debug("final %s seq %d: %s", sid, seg.seq, seg.text)
             else:
                 self.stats.partials += 1
 
@@ -225,30 +325,40 @@ class AsrWorker:
             high = self._consumer.highwater(part.tp)
             if high is not None and part.position is not None and part.position < high:
                 continue  # records of this partition are still to be read: not idle
-            for sid, tr in part.streams.items():
-                if tr.in_utterance and now - part.last_audio.get(sid, now) >= idle_s:
+            for st in part.streams.values():
+                # in_utterance is as of the stream's last result: wait for those on the way
+                if (st.in_utterance and not st.in_flight and not st.flushing
+                        and now - st.last_audio >= idle_s):
                     self.stats.idle_flushes += 1
-                    self._publish(tr.flush())
+                    st.flushing = True
+                    self.decoding.flush(st.handle)
 
     # --- commits ---------------------------------------------------------------------
 
     def commit(self, partitions: list[int] | None = None) -> None:
-        """Flush the segments sent, then commit each partition's offset and checkpoints."""
+        """Commit each partition's offset and checkpoints once the segments they need are
+        acknowledged.
+
+        The state is taken first, with the segments sent for it; the flush after it waits
+        for those (and for any sent since, which the next commit covers)."""
+        offsets = {}
+        with self._lock:
+            sent, self._sent = self._sent, []
+            for p in (partitions if partitions is not None else list(self.parts)):
+                part = self.parts.get(p)
+                if part is None or part.position is None:
+                    continue
+                offset, meta = self._commit_point(part)
+                if part.committed != (offset, meta):
+                    offsets[part.tp] = OffsetAndMetadata(offset, meta, -1)
+                    part.committed = (offset, meta)
+                    log.debug("commit partition %d offset %d (read to %d): %s", p, offset,
+                              part.position, meta)
         self._producer.flush(timeout=60)
-        failed = [f.exception for f in self._sent if f.failed()]
-        self._sent = []
+        failed = [f.exception for f in sent if f.failed()]
         if failed:
             raise AsrError(f"{len(failed)} transcript segment(s) not published to "
                            f"{self.topic_out}: {failed[0]}")
-        offsets = {}
-        for p in (partitions if partitions is not None else list(self.parts)):
-            part = self.parts.get(p)
-            if part is None or part.position is None:
-                continue
-            offset, meta = self._commit_point(part)
-            if part.committed != (offset, meta):
-                offsets[part.tp] = OffsetAndMetadata(offset, meta, -1)
-                part.committed = (offset, meta)
         if offsets:
             try:
                 self._consumer.commit(offsets)
@@ -257,19 +367,24 @@ class AsrWorker:
                 # (older, and as consistent), so nothing is lost, only replayed
                 log.warning("commit failed (%s); the partitions' next owner replays from "
                             "the previous commit", e)
-                for tp in offsets:
-                    if (part := self.parts.get(tp.partition)) is not None:
-                        part.committed = None
+                with self._lock:
+                    for tp in offsets:
+                        if (part := self.parts.get(tp.partition)) is not None:
+                            part.committed = None
                 return
             self.stats.commits += 1
 
     def _commit_point(self, part: _Partition) -> tuple[int, str]:
         assert part.position is not None
-        needed = [t for tr in part.streams.values() if (t := tr.needed_token) is not None]
+        # each stream's state is as of its last result: its records after that are still
+        # being decoded, and the oldest of those is needed again too
+        needed = [t for st in part.streams.values() if (t := st.needed) is not None]
+        if (t := part.oldest_decoding()) is not None:
+            needed.append(t)
         offset = min([part.position, *needed])
         checkpoints = dict(part.resume)
-        for sid, tr in part.streams.items():
-            if (c := tr.checkpoint) is not None:
+        for sid, st in part.streams.items():
+            if (c := st.checkpoint) is not None:
                 checkpoints[sid] = c
         self._expire(part, checkpoints)
         meta = encode_checkpoints(checkpoints)
@@ -290,48 +405,72 @@ class AsrWorker:
         horizon = max(c.epoch_ns for c in checkpoints.values()) - \
             self.settings.stream_expiry_ms * 1_000_000
         for sid in [s for s, c in checkpoints.items() if c.epoch_ns < horizon]:
-            tr = part.streams.get(sid)
-            if tr is not None and (tr.in_utterance or tr.needed_token is not None):
+            st = part.streams.get(sid)
+            if st is not None and (st.in_utterance or st.needed is not None or st.in_flight
+                                   or st.flushing):
                 continue
             del checkpoints[sid]
             part.resume.pop(sid, None)
-            part.streams.pop(sid, None)
-            part.last_audio.pop(sid, None)
+            if st is not None:
+                del part.streams[sid]
+                self._drop(st)
 
     # --- rebalances ------------------------------------------------------------------
     # The coordinator calls the listener on the client's IO thread, where kafka-python 3
     # allows no blocking call (commit, committed): it only notes the change, and the
     # loop applies it after poll() returns, before the records poll() fetched.
 
-    def _rebalanced(self) -> None:
-        changes, self._changes = self._changes, []
-        for added, tps in changes:
+    def _rebalanced(self) -> set[int]:
+        """Apply what the coordinator changed; the partitions (re)assigned."""
+        fresh: set[int] = set()
+        while self._changes:
+            added, tps = self._changes.pop(0)
             if added:
-                self.assigned(tps)
+                fresh |= self.assigned(tps)
             else:
                 self.revoked(tps)
+                fresh -= {tp.partition for tp in tps}
+        return fresh
 
-    def assigned(self, tps: list[TopicPartition]) -> None:
+    def assigned(self, tps: list[TopicPartition]) -> set[int]:
+        """Take partitions on at their last commit; the ones taken."""
+        owned = self._consumer.assignment()
+        taken = set()
         for tp in tps:
-            if tp.topic != self.topic_in or tp.partition in self.parts:
+            if tp.topic != self.topic_in or tp.partition in self.parts or tp not in owned:
                 continue
             committed = self._consumer.committed(tp, metadata=True)
             resume = decode_checkpoints(committed.metadata if committed else None)
+            # kafka-python keeps the read position of a partition that stays assigned
+            # across a rebalance; its streams restart at their checkpoints, whose audio
+            # is at the committed offset, so reading must go back there
+            if committed is not None:
+                self._consumer.seek(tp, committed.offset)
+            else:
+                self._consumer.seek_to_beginning(tp)
+            log.debug("partition %d resumes at %s", tp.partition, committed)
             self.parts[tp.partition] = _Partition(tp, resume)
+            taken.add(tp.partition)
         log.info("assigned partitions %s", sorted(self.parts))
+        return taken
 
     def revoked(self, tps: list[TopicPartition]) -> None:
         """Drop the partitions' state: their next owner replays from the last commit."""
         gone = [tp.partition for tp in tps if tp.partition in self.parts]
         for p in gone:
-            for tr in self.parts.pop(p).streams.values():
-                tr.close()
+            for st in self.parts.pop(p).streams.values():
+                self._drop(st)  # results on their way for it are dropped when they come
         if gone:
             log.info("revoked partitions %s", gone)
 
+    def _drop(self, st: _Stream) -> None:
+        self._handles.pop(st.handle, None)
+        self.decoding.close(st.handle)
+
     def _log_status(self) -> None:
         s = self.stats
-        streams = sum(len(p.streams) for p in self.parts.values())
+        with self._lock:
+            streams = sum(len(p.streams) for p in self.parts.values())
         rtf = s.decode_s / s.audio_s if s.audio_s else 0.0
         log.info("asr: %d streams, %.0f s audio (RTF %.2f), %d partials, %d finals, "
                  "%d idle flushes, skipped %s", streams, s.audio_s, rtf, s.partials,
@@ -365,10 +504,7 @@ def run_asr(settings: Settings) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    try:
-        worker = AsrWorker(settings)
-    except ImportError as e:
-        raise UserError(f"asr engine {settings.asr_engine!r} cannot load: {e}") from None
+    worker = AsrWorker(settings)
     worker.run(stop)
     log.info("asr worker stopped")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -20,13 +21,14 @@ from asr_helpers import (
     read_segments,
     speech_track,
 )
-from worker_helpers import partition_of
+from worker_helpers import keys_on_partitions, partition_of
 
 from streamproc import kafka
 from streamproc.asr.engine import SphinxEngine
 from streamproc.asr.stream import StreamTranscriber
 from streamproc.asr.vad import make_vad
 from streamproc.asr.worker import cut_config
+from streamproc.ml.avdigits import synthesize
 from streamproc.topics import create_topics
 from streamproc.wire import codec as wire
 
@@ -130,3 +132,76 @@ def test_kill_9_and_restart_lose_no_final_and_replay_identical_copies(
         # counts it once: same seq, same span, same text and words
         assert {s.seq for s in got if s.final} == {s.seq for s in segs if s.final}
         assert all(s == by_seq[s.seq] for s in got), sid
+
+
+def _final_count(log: str) -> int:
+    """Finals the worker published, from its last status line."""
+    counts = re.findall(r"(\d+) finals", log)
+    assert counts, log[-2000:]
+    return int(counts[-1])
+
+
+def test_a_worker_joining_and_one_leaving_mid_stream_lose_no_final(
+        kafka_bootstrap: str, avdigits_tts: Path, tmp_path: Path) -> None:
+    """Two `streamproc asr` in one group on a 4-partition audio topic: the second joins
+    while the first works through the audio, then the first leaves before the last of it.
+    Every final arrives, and every copy of a segment is the oracle's (same seq, same span,
+    same text), so the aligner counts each once."""
+    settings = asr_settings(kafka_bootstrap).replace(partitions=4, asr_processes="2")
+    create_topics(settings)
+    t0 = (time.time_ns() // NS - 120) * NS
+    slot = 6 * RATE  # a sentence starts every 6 s: each phase ends in a pause of every stream
+    sids = keys_on_partitions("mic", settings.partitions)
+    records = []
+    for k, sid in enumerate(sids):
+        x = np.zeros(3 * slot + RATE // 2, np.float32)
+        for i in range(3):
+            said = 0.5 * synthesize(VOICES[(k + i) % 2], SENTENCES[(k + i) % 4], 1.0, 0, RATE,
+                                    avdigits_tts)
+            assert len(said) < 3.5 * RATE  # its final is out before the phase's end
+            at = i * slot + RATE // 2 + k * RATE // 5
+            x[at:at + len(said)] = said
+        records += chunks(sid, t0, x)
+    engine = SphinxEngine()
+    expected: dict[str, dict[int, wire.TranscriptSegment]] = {}
+    for sid in sids:
+        tr = StreamTranscriber(sid, cut_config(settings), engine,
+                               make_vad(settings.asr_vad, settings.asr_vad_mode))
+        expected[sid] = {s.seq: s for c in records if c.stream_id == sid for s in tr.add(c)}
+        assert sum(s.final for s in expected[sid].values()) == 3, sid
+    records.sort(key=lambda r: r.ts_ns)
+    phase = [[r for r in records if a * slot * NS // RATE <= r.ts_ns - t0 < b * slot * NS // RATE]
+             for a, b in ((0, 2), (2, 4))]
+
+    def finals_by_stream(pubs: list, n: int) -> bool:
+        return all(len({p.segment.seq for p in pubs if p.segment.final
+                        and p.segment.stream_id == sid}) >= n for sid in sids)
+
+    publish(settings, phase[0])
+    a = AsrProc(settings, tmp_path / "asr-a.log")
+    b = None
+    try:
+        # the second worker joins once the first has begun: a rebalance mid-stream
+        read_segments(settings, lambda ps: len(finals_of(ps)) >= 1, timeout=120)
+        b = AsrProc(settings, tmp_path / "asr-b.log")
+        b.wait_for(r"assigned partitions \[\d", timeout=120)
+        read_segments(settings, lambda ps: finals_by_stream(ps, 2), timeout=120)
+        # the first leaves; the rest of the audio comes while the group hands its
+        # partitions over
+        assert a.stop() == 0
+        publish(settings, phase[1])
+        pubs = read_segments(settings, lambda ps: finals_by_stream(ps, 3), timeout=120)
+    finally:
+        a.abandon()
+        if b is not None:
+            assert b.stop() == 0
+    assert b is not None
+    assert "revoked partitions" in a.log()  # both workers held partitions, in turn
+    assert len(re.findall(r"assigned partitions \[\d", b.log())) >= 2
+    assert _final_count(a.log()) > 0 and _final_count(b.log()) > 0
+    for sid in sids:
+        got = [p.segment for p in pubs if p.segment.stream_id == sid]
+        assert {s.seq for s in got if s.final} == {s.seq for s in expected[sid].values()
+                                                   if s.final}, sid
+        # duplicates only as identical copies of the oracle's segments
+        assert [s for s in got if s != expected[sid].get(s.seq)] == [], sid

@@ -9,6 +9,7 @@ import urllib.request
 
 import pytest
 
+from streamproc.asr.engine import DIGIT_WORDS
 from streamproc.config import Settings
 from streamproc.dev.demo import Layout, run
 from streamproc.dev.localkafka import free_port
@@ -74,3 +75,61 @@ def test_demo_predicts_every_window_of_its_clips_and_summarises(settings: Settin
     # the clip files it replayed, and the cached model a second run reuses
     assert (layout.clips / "cam1.avi").stat().st_size > 0
     assert (layout.model / "recipe.sha256").exists()
+
+
+def test_demo_asr_transcribes_the_clips_itself_and_scores_the_words(settings: Settings,
+                                                                   tmp_path) -> None:
+    """`streamproc demo --asr`: the clips replay without their SRT, `streamproc asr` makes
+    the transcripts, the demo prints their word error rate, and every window is predicted
+    with them."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from streamproc.wire import codec as wire
+
+    layout = Layout(tmp_path / "demo")
+    out = io.StringIO()
+    s = settings.replace(metrics_port=free_port(), view_port=0)
+    rc = run(s, own_broker=False, streams=2, layout=layout, preset="tiny", digits=3, asr=True,
+             out=out)
+    text = out.getvalue()
+    (tmp_path / "demo-output.txt").write_text(text)  # what a user saw, kept with the logs
+    assert rc == 0, text
+    lines = text.splitlines()
+    summary = next(line for line in lines if line.startswith("windows predicted:"))
+    done, expected = (int(x) for x in summary.split()[2:5:2])
+    assert done == expected > 0
+    # the word error rate, overall and per clip, against what each clip says
+    wer_line = next(line for line in lines if line.startswith("ASR ("))
+    assert "word error rate" in wer_line and "%" in wer_line, wer_line
+    per_clip = [line for line in lines if line.strip().startswith(("cam1: WER", "cam2: WER"))]
+    assert len(per_clip) == 2, text
+    # the transcripts on PREFIX.text are the recogniser's: finals with word timings (the
+    # clips' SRT cues have none), digit words only (the demo's grammar engine)
+    topic = s.topic("text")
+    consumer = KafkaConsumer(bootstrap_servers=s.bootstrap_servers, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(topic, p) for p in range(s.partitions)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        segs: dict[tuple[int, int], wire.TranscriptSegment] = {}
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            for msgs in consumer.poll(timeout_ms=500).values():
+                for m in msgs:
+                    seg = wire.decode(wire.KafkaRecord.from_client(m), expect_modality="text")
+                    assert isinstance(seg, wire.TranscriptSegment)
+                    segs[(m.partition, m.offset)] = seg
+    finally:
+        consumer.close()
+    finals = [g for g in segs.values() if g.final and g.text]
+    assert finals, "the recogniser published no final transcript"
+    assert all(g.words for g in finals)
+    assert {w for g in segs.values() for w in g.text.split()} <= set(DIGIT_WORDS)
+    assert "asr worker stopped" in (layout.logs / "asr.log").read_text()
+    # the predictions used them: windows whose text came from those segments
+    every = [json.loads(x) for x in (layout.logs / "predictions.jsonl").read_text().splitlines()]
+    preds = [p for p in every if p["final"]]
+    assert {p["stream_id"] for p in preds} == {"cam1", "cam2"}
+    with_text = [p for p in preds if p["modalities"]["text"]["present"]]
+    assert with_text, "no window had a transcript"
+    assert all(tuple(po) in segs for p in with_text for po in p["provenance"]["text"])

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
-from asr_helpers import NS, SENTENCES, VOICES, chunks, speech_track
+from asr_helpers import NS, RATE, SENTENCES, VOICES, chunks, speech_track
 
 from streamproc.asr.engine import SphinxEngine, load_engine
 from streamproc.asr.stream import CutConfig, StreamTranscriber
@@ -82,3 +83,67 @@ def test_a_grammar_engine_serves_utterances_at_once(avdigits_tts: Path) -> None:
         u.feed(pcm)
     assert a.finish().text == b.finish().text == "seven three one five"
     assert engine.pooled == 2
+
+
+@pytest.mark.slow
+def test_streams_decoded_side_by_side_give_what_each_gives_alone(avdigits_tts: Path) -> None:
+    """Utterances of four streams overlap, so the pooled decoders change hands between
+    streams: each stream's segments are still those it gets decoded on its own (what a
+    worker that replays one stream after a crash relies on)."""
+    from streamproc.ml.avdigits import synthesize
+
+    records = []
+    for k in range(4):
+        x = np.zeros(11 * RATE, np.float32)
+        for i in range(2):
+            said = 0.5 * synthesize(VOICES[(k + i) % 2], SENTENCES[(k + i) % 4], 1.0, 0, RATE,
+                                    avdigits_tts)
+            at = i * 6 * RATE + RATE // 2 + k * RATE // 5
+            x[at:at + len(said)] = said
+        records += chunks(f"s{k}", T0, x)
+    alone = {}
+    one_by_one = SphinxEngine()
+    for k in range(4):
+        tr = StreamTranscriber(f"s{k}", CutConfig(), one_by_one, WebrtcVad())
+        alone[f"s{k}"] = [s for c in records if c.stream_id == f"s{k}" for s in tr.add(c)]
+    shared = SphinxEngine()
+    trs = {sid: StreamTranscriber(sid, CutConfig(), shared, WebrtcVad()) for sid in alone}
+    together: dict[str, list] = {sid: [] for sid in alone}
+    for c in sorted(records, key=lambda r: r.ts_ns):
+        together[c.stream_id] += trs[c.stream_id].add(c)
+    assert together == alone
+    assert all(any(s.final for s in segs) for segs in alone.values())
+
+
+@pytest.mark.slow
+def test_a_stream_resumed_at_a_checkpoint_publishes_the_same_segments(
+        avdigits_tts: Path) -> None:
+    """What a worker that takes a partition over does: resume at a checkpoint, read the
+    audio again from the oldest record it needs, and publish copies of what was published
+    (the voice detector starts afresh at every checkpoint, so it must here too)."""
+    from streamproc.ml.avdigits import synthesize
+
+    engine = SphinxEngine()
+    x = np.zeros(17 * RATE, np.float32)
+    for i in range(3):
+        said = 0.5 * synthesize(VOICES[(1 + i) % 2], SENTENCES[(1 + i) % 4], 1.0, 0, RATE,
+                                avdigits_tts)
+        at = i * 6 * RATE + RATE // 2 + RATE // 5
+        x[at:at + len(said)] = said
+    records = chunks("s", T0, x)
+    tr = StreamTranscriber("s", CutConfig(), engine, WebrtcVad())
+    segs, states = [], []
+    for k, c in enumerate(records):
+        segs += tr.add(c, k)
+        states.append((tr.checkpoint, tr.needed_token))
+    published = {s.seq: s for s in segs}
+    assert sum(s.final for s in segs) == 3
+    replayed = 0
+    for cut in range(20, 160, 20):
+        checkpoint, needed = states[cut]
+        again = StreamTranscriber("s", CutConfig(), engine, WebrtcVad(), checkpoint)
+        start = cut + 1 if needed is None else needed
+        replay = [s for k, c in enumerate(records[start:], start) for s in again.add(c, k)]
+        assert all(s == published.get(s.seq) for s in replay), cut
+        replayed += len(replay)
+    assert replayed > len(segs)

@@ -23,3 +23,19 @@ def test_settings_become_the_cut_config() -> None:
     c = cut_config(s)
     assert (c.end_silence_ms, c.partial_interval_ms, c.max_utterance_ms, c.gap_ms, c.lang) == (
         700, 0, 9000, 2000, None)
+
+
+def test_asr_processes_is_auto_or_a_count() -> None:
+    import os
+
+    import pytest
+
+    from streamproc.asr.pool import resolve_processes
+    from streamproc.config import ConfigError
+
+    assert resolve_processes(Settings().asr_processes) == len(os.sched_getaffinity(0))
+    assert [resolve_processes(Settings(asr_processes=v).asr_processes)
+            for v in ("0", "1", "4")] == [0, 1, 4]
+    for bad in ("", "-1", "two", "1.5", "257"):
+        with pytest.raises(ConfigError, match="asr_processes"):
+            Settings(asr_processes=bad)
