@@ -131,7 +131,25 @@ def test_kill_9_and_restart_lose_no_final_and_replay_identical_copies(
         # every final arrived, and every copy of a segment is the oracle's, so the aligner
         # counts it once: same seq, same span, same text and words
         assert {s.seq for s in got if s.final} == {s.seq for s in segs if s.final}
-        assert all(s == by_seq[s.seq] for s in got), sid
+        assert all(same_segment(s, by_seq[s.seq]) for s in got), sid
+
+
+#: How far a word's times may move between two decodes of the same audio: pocketsphinx
+#: keeps some state across utterances, so a replayed utterance's first word can start a
+#: frame or so away from the first decode's.
+WORD_SLACK_NS = 50_000_000
+
+
+def same_segment(got: wire.TranscriptSegment, want: wire.TranscriptSegment | None) -> bool:
+    """The copy the aligner counts once: the same seq, span (its duplicate key), text and
+    finality, the same words at times within WORD_SLACK_NS."""
+    if want is None or (got.seq, got.start_ns, got.end_ns, got.text, got.final) != (
+            want.seq, want.start_ns, want.end_ns, want.text, want.final):
+        return False
+    gw, ww = got.words or (), want.words or ()
+    return len(gw) == len(ww) and all(
+        a.text == b.text and abs(a.start_ns - b.start_ns) <= WORD_SLACK_NS
+        and abs(a.end_ns - b.end_ns) <= WORD_SLACK_NS for a, b in zip(gw, ww, strict=True))
 
 
 def _final_count(log: str) -> int:
@@ -203,5 +221,5 @@ def test_a_worker_joining_and_one_leaving_mid_stream_lose_no_final(
         got = [p.segment for p in pubs if p.segment.stream_id == sid]
         assert {s.seq for s in got if s.final} == {s.seq for s in expected[sid].values()
                                                    if s.final}, sid
-        # duplicates only as identical copies of the oracle's segments
-        assert [s for s in got if s != expected[sid].get(s.seq)] == [], sid
+        # duplicates only as copies of the oracle's segments
+        assert [s for s in got if not same_segment(s, expected[sid].get(s.seq))] == [], sid
