@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from streamproc.inference.predictor import Predictor, Served
-from streamproc.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
 log = logging.getLogger("streamproc.worker")
 
@@ -31,10 +30,19 @@ SETTLE_S = 1.0
 Signature = tuple[tuple[int, int, int], ...] | None
 
 
+def _files() -> tuple[str, str]:
+    """A checkpoint's two files. Imported here, not with this module: the model stack
+    (torch) is loaded only by a worker that serves a model, at start-up; an align-only
+    worker would pay about 500 MB and seconds of start-up for nothing."""
+    from streamproc.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+
+    return CONFIG_FILE, WEIGHTS_FILE
+
+
 def checkpoint_dir(spec: str) -> Path | None:
     """The checkpoint directory of a ``--model`` spec; None for an import path."""
     path = Path(spec).expanduser()
-    if path.is_file() and path.name in (CONFIG_FILE, WEIGHTS_FILE):
+    if path.is_file() and path.name in _files():
         return path.parent
     return path if path.is_dir() else None
 
@@ -42,7 +50,7 @@ def checkpoint_dir(spec: str) -> Path | None:
 def signature(directory: Path) -> Signature:
     """What changes when a checkpoint in ``directory`` is written (None: not all there)."""
     try:
-        stats = [(directory / name).stat() for name in (CONFIG_FILE, WEIGHTS_FILE)]
+        stats = [(directory / name).stat() for name in _files()]
     except OSError:
         return None
     return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
@@ -106,8 +114,8 @@ class ModelReloader:
         if sig is None:
             if forced:
                 log.error("model reload refused: %s has no complete checkpoint (it needs %s "
-                          "and %s); still serving %s", self.directory, CONFIG_FILE,
-                          WEIGHTS_FILE, self.predictor.served.describe())
+                          "and %s); still serving %s", self.directory, *_files(),
+                          self.predictor.served.describe())
             self._seen = sig
             return None
         while True:  # a checkpoint being written: wait until its files stay as they are
