@@ -393,7 +393,6 @@ def _train_config(args: argparse.Namespace, settings: Settings):
 
     return TrainConfig(epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
                        patience=args.patience, modality_dropout=args.modality_dropout,
-                       min_epoch_windows=args.min_epoch_windows,
                        seed=args.seed, device=settings.device, threads=args.threads,
                        progress=sys.stderr.isatty())
 
@@ -530,10 +529,6 @@ def _model_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--batch-size", dest="train_batch_size", type=int, default=64,
                        help="training batch size [64]")
         p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate [0.003]")
-        p.add_argument("--min-epoch-windows", type=int, default=512,
-                       help="an epoch draws at least this many windows: a smaller labelled "
-                            "set is repeated, reshuffled each pass, so it still gets enough "
-                            "optimizer steps [512]")
         p.add_argument("--modality-dropout", type=float, default=0.3,
                        help="probability of masking each modality of a training window [0.3]")
         p.add_argument("--text-encoder", choices=["gru", "transformer", "minilm"],

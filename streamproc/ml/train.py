@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import random
 import statistics
 import sys
@@ -48,10 +49,6 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     patience: int = 6  # epochs without a better validation accuracy before stopping
-    # An epoch draws at least this many windows (a small labelled set is repeated,
-    # reshuffled each pass): with 100 windows and batches of 64, an epoch of one pass is
-    # 2 optimizer steps, and 40 epochs left the heads far from converged (docs/models.md).
-    min_epoch_windows: int = 512
     modality_dropout: float = 0.3
     seed: int = 0
     device: str = "auto"
@@ -217,19 +214,9 @@ def modality_keep(present: torch.Tensor, p: float, modalities: Sequence[str],
     return keep
 
 
-def _minibatches(n: int, size: int, gen: torch.Generator | None,
-                 at_least: int = 0) -> list[torch.Tensor]:
-    """Batches of indices into ``n`` items: one pass in order without ``gen``; with it,
-    shuffled passes until at least ``at_least`` items are drawn."""
-    if gen is None:
-        return list(torch.arange(n).split(size))
-    passes = max(1, -(-at_least // n)) if n else 1
-    order = torch.cat([torch.randperm(n, generator=gen) for _ in range(passes)])
+def _minibatches(n: int, size: int, gen: torch.Generator | None) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
     return list(order.split(size))
-
-
-def _epoch_batches(n: int, cfg: TrainConfig) -> int:
-    return -(-max(n, n * -(-cfg.min_epoch_windows // max(n, 1))) // cfg.batch_size)
 
 
 @torch.no_grad()
@@ -274,7 +261,7 @@ def _train(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig,
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * _epoch_batches(len(train), cfg)
+    steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, steps),
                                                 pct_start=0.15)
     loss_fn = nn.CrossEntropyLoss()
@@ -288,8 +275,7 @@ def _train(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig,
         model.train()
         t0 = time.perf_counter()
         total_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(_minibatches(len(train), cfg.batch_size, gen, cfg.min_epoch_windows),
-                   leave=False, unit="batch",
+        bar = tqdm(_minibatches(len(train), cfg.batch_size, gen), leave=False, unit="batch",
                    desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress)
         for idx in bar:
             b = train.batch.select(idx)

@@ -49,9 +49,7 @@ class Counters:
         self._c: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
 
     def inc(self, name: str, n: float = 1, **labels: str) -> None:
-        # called a few times per record: skip the sort for the usual zero or one label
-        items = tuple(labels.items())
-        self._c[(name, items if len(items) < 2 else tuple(sorted(items)))] += n
+        self._c[(name, tuple(sorted(labels.items())))] += n
 
     def get(self, name: str, **labels: str) -> float:
         """One series, or the sum over all label values when no labels are given."""

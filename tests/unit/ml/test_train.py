@@ -19,7 +19,6 @@ from streamproc.ml.dataset import Dataset, read_labels
 from streamproc.ml.recording import WindowLabeler
 from streamproc.ml.train import (
     Split,
-    _minibatches,
     TrainConfig,
     accuracy,
     benchmark,
@@ -114,21 +113,6 @@ def test_modality_keep_never_drops_everything() -> None:
     assert float(dropped) == pytest.approx(float(expected), abs=0.02)
     assert modality_keep(present, 0.5, ("video",), gen).all()  # unimodal: nothing to drop
     assert modality_keep(present, 0.0, MODALITIES, gen).all()
-
-
-@pytest.mark.parametrize("n", [20, 100, 512, 700])
-def test_an_epoch_of_a_small_set_repeats_it_in_whole_shuffled_passes(n: int) -> None:
-    gen = torch.Generator().manual_seed(0)
-    batches = _minibatches(n, 64, gen, at_least=512)
-    drawn = torch.cat(batches)
-    passes = -(-512 // n)
-    assert len(drawn) == n * passes >= 512  # enough optimizer steps, whole passes only
-    for p in range(passes):  # each pass draws every window once, in its own order
-        assert sorted(drawn[p * n:(p + 1) * n].tolist()) == list(range(n))
-    if passes > 1:
-        assert drawn[:n].tolist() != drawn[n:2 * n].tolist()
-    assert all(len(b) == 64 for b in batches[:-1])
-    assert torch.cat(_minibatches(n, 64, None, at_least=512)).tolist() == list(range(n))
 
 
 def test_macro_f1_matches_scikit_learn() -> None:
