@@ -19,8 +19,8 @@ from streamproc.ml.dataset import Dataset, read_labels
 from streamproc.ml.recording import WindowLabeler
 from streamproc.ml.train import (
     Split,
-    _minibatches,
     TrainConfig,
+    _minibatches,
     accuracy,
     benchmark,
     load_split,
