@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from typing import overload
 
 from streamproc.config import Settings, add_settings_args
 from streamproc.errors import UserError, quiet_client_logs
@@ -111,6 +112,7 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     broker = lk.LocalBroker(data_dir, port=args.port)
     broker.start()
+    assert broker.proc is not None  # start() launched it, or raised
     print(f"Kafka {lk.KAFKA_VERSION} running, pid {broker.proc.pid}: "
           f"export STREAMPROC_BOOTSTRAP={broker.bootstrap}")
     print(f"log: {broker.log_file}; stop with `streamproc broker stop{again}`")
@@ -198,6 +200,10 @@ def _produce_logging(settings: Settings) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+@overload
+def _device(text: str) -> int | str: ...
+@overload
+def _device(text: None) -> None: ...
 def _device(text: str | None) -> int | str | None:
     """A device index when it is all digits, else a name or URL."""
     if text is None:

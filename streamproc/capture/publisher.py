@@ -23,7 +23,7 @@ from typing import IO, Any, Protocol
 from kafka.errors import KafkaError
 
 from streamproc import kafka
-from streamproc.config import MODALITIES, Settings
+from streamproc.config import MODALITIES, Modality, Settings
 from streamproc.errors import UserError
 from streamproc.kafka import DEFAULT_BATCH_BYTES, DEFAULT_LINGER_MS, MiB
 from streamproc.topics import check_topics as check_topic_state
@@ -108,7 +108,7 @@ class Publisher:
         self._closed = False
         self._error_counts: dict[str, int] = {}
         # (future, modality, size, payload bytes) of every record not settled yet, in send order
-        self._pending: collections.deque[tuple[Any, str, int, int]] = collections.deque()
+        self._pending: collections.deque[tuple[Any, Modality, int, int]] = collections.deque()
         if check_topics:
             check_topic_state(settings, inputs_only=True)
         self._producer = kafka.producer(settings, linger_ms=linger_ms, batch_bytes=batch_bytes)
@@ -161,10 +161,10 @@ class Publisher:
         self._pending.append((future, mod, size, len(value)))
         return future
 
-    def _wait_for_room(self, size: int) -> list[tuple[str, str, int]]:
+    def _wait_for_room(self, size: int) -> list[tuple[Modality, str, int]]:
         """Block (the lock held on entry and exit) until ``size`` more bytes fit the cap."""
         stats = self._stats
-        failures: list[tuple[str, str, int]] = []
+        failures: list[tuple[Modality, str, int]] = []
         t0 = time.monotonic()
         # size > cap alone must still go through once nothing else is in flight
         while (stats.in_flight_bytes > 0 and not self._closed
@@ -183,11 +183,11 @@ class Publisher:
         stats.blocked_s += time.monotonic() - t0
         return failures
 
-    def _drain(self) -> list[tuple[str, str, int]]:
+    def _drain(self) -> list[tuple[Modality, str, int]]:
         """Settle the settled futures at the head of the queue (caller holds the lock);
         the failures, for :meth:`_log_failures` once the lock is released."""
         pending, stats = self._pending, self._stats
-        failures: list[tuple[str, str, int]] = []
+        failures: list[tuple[Modality, str, int]] = []
         while pending and pending[0][0].is_done:
             future, mod, size, payload = pending.popleft()
             stats.in_flight_bytes -= size
@@ -199,7 +199,7 @@ class Publisher:
                 failures.append(self._count_failure(mod, future.exception))
         return failures
 
-    def _count_failure(self, mod: str, exc: BaseException) -> tuple[str, str, int]:
+    def _count_failure(self, mod: Modality, exc: BaseException) -> tuple[Modality, str, int]:
         self._stats.by_modality[mod].failed += 1
         reason = f"{type(exc).__name__}: {exc}"
         self._stats.last_error = reason
@@ -207,7 +207,7 @@ class Publisher:
         self._error_counts[reason] = seen
         return mod, reason, seen
 
-    def _log_failures(self, failures: list[tuple[str, str, int]]) -> None:
+    def _log_failures(self, failures: list[tuple[Modality, str, int]]) -> None:
         for mod, reason, seen in failures:
             if seen <= 3 or seen % 100 == 0:  # every reason logged, floods thinned
                 log.error("%s record to %s not delivered (%d so far with this reason): %s",
@@ -278,7 +278,7 @@ class Publisher:
 # --- status line -----------------------------------------------------------------------
 
 
-def format_status(rates: dict[str, float], drops: int, errors: int,
+def format_status(rates: dict[Modality, float], drops: int, errors: int,
                   in_flight_bytes: int = 0) -> str:
     """One status line: per-modality rates, drops and delivery errors."""
     return (f"video {rates.get('video', 0.0):5.1f} frames/s | "

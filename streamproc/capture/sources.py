@@ -41,7 +41,7 @@ from streamproc.capture.transcripts import (
     load_transcript,
     parse_json_cue,
 )
-from streamproc.config import MODALITIES
+from streamproc.config import MODALITIES, Modality
 from streamproc.errors import UserError
 from streamproc.wire import codec as wire
 from streamproc.wire.codec import NS_PER_S, AudioChunk, TranscriptSegment, VideoFrame, samples_to_ns
@@ -213,7 +213,7 @@ class StreamWriter:
         self._lock = threading.Lock()
         self.resyncs = 0
 
-    def next_seq(self, modality: str) -> int:
+    def next_seq(self, modality: Modality) -> int:
         with self._lock:
             seq = self._seq[modality]
             self._seq[modality] = seq + 1
@@ -735,7 +735,8 @@ def audio_chunks(path: str | Path, stream_id: str, origin_ns: int, chunk_ms: int
         have, ts, seq = 0, None, seq0
         for frame in _decoded(container, stream, path):
             if ts is None:
-                start = 0 if frame.pts is None else _ns(frame.pts, stream.time_base) - zero
+                start = (0 if frame.pts is None or stream.time_base is None
+                         else _ns(frame.pts, stream.time_base) - zero)
                 ts = origin_ns + max(0, start)
             block = _samples(frame, info.channels)
             pending.append(block)
@@ -854,18 +855,18 @@ class FileSource:
             tb = stream.time_base
             prev: int | None = None
             for i, frame in enumerate(_decoded(container, stream, video)):
-                if frame.pts is None:  # no timestamp: one nominal period after the last
+                if frame.pts is None or tb is None:  # no timestamp: a nominal period after the last
                     rel = 0 if prev is None else prev + period
                 else:
                     rel = _ns(frame.pts, tb) - zero
                 # a broken file's timestamps may go back; the stream's never do
                 rel = max(rel, 0 if prev is None else prev + 1)
-                image = to_bgr.reformat(frame, format="bgr24").to_ndarray()
+                image: np.ndarray = to_bgr.reformat(frame, format="bgr24").to_ndarray()
                 if self.size is not None and (image.shape[1], image.shape[0]) != self.size:
                     image = cv2.resize(image, self.size, interpolation=cv2.INTER_AREA)
                 rec = VideoFrame.from_image(self.stream_id, origin + rel, seq0 + i, image,
                                             "jpeg", self.jpeg_quality)
-                duration = _ns(frame.duration, tb) if frame.duration else 0
+                duration = _ns(frame.duration, tb) if frame.duration and tb is not None else 0
                 out["video"] = i + 1
                 out["video_end"] = rel + (duration or period or (rel - (prev or 0)))
                 prev = rel

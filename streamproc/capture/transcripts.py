@@ -17,6 +17,7 @@ import html
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +68,7 @@ class LineError(ValueError):
 def _lines(data: str | bytes, source: str, issues: list[ParseIssue]) -> tuple[list[str], set[int]]:
     """Split into lines; a line that is not UTF-8 is reported, kept as a placeholder (so
     it still separates nothing and ends nothing) and its index returned in the bad set."""
-    raw_lines: list[str] | list[bytes] = data.splitlines()
+    raw_lines: Sequence[str | bytes] = data.splitlines()
     out: list[str] = []
     bad: set[int] = set()
     for i, raw in enumerate(raw_lines):

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from streamproc.align.aligner import Window, even_indices
+from streamproc.config import Modality
 from streamproc.errors import UserError
 from streamproc.wire.codec import NS_PER_S, TranscriptSegment, VideoFrame, encode_image, pcm_bytes
 
@@ -491,12 +492,14 @@ def segment_windows(seg: Segment, seg_start_ns: int, stream_id: str, cfg: AVDigi
         audio = seg.audio[lo:lo + n] if seg.audio_ok else np.zeros(n, np.float32)
         mask = np.full(n, seg.audio_ok)
         wsegs = [s for s in segs if s.start_ns < we and s.end_ns > ws]
-        present = {"video": bool(frames), "audio": seg.audio_ok, "text": bool(wsegs)}
+        present: dict[Modality, bool] = {"video": bool(frames), "audio": seg.audio_ok,
+                                         "text": bool(wsegs)}
         if not any(present.values()):
             continue  # the aligner emits no window without any data either
-        quality = {"frames_dropped": 0, "audio_missing_s": 0.0 if seg.audio_ok
-                   else cfg.window_ms / 1000, "late_events": 0, "duplicates": 0,
-                   "closed_by": "watermark"}
+        quality: dict[str, float | int | str] = {
+            "frames_dropped": 0, "audio_missing_s": 0.0 if seg.audio_ok
+            else cfg.window_ms / 1000, "late_events": 0, "duplicates": 0,
+            "closed_by": "watermark"}
         out.append(Window(stream_id, ws, we, frames, len(idx) if seg.video_ok else 0,
                           np.asarray(audio, np.float32), mask, cfg.sample_rate, wsegs,
                           present, quality, {}))
@@ -595,7 +598,7 @@ def write_clip(out_dir: str | Path, digits: Sequence[int], *, stream_id: str = "
                  out / f"{stream_id}.labels.csv", stream_id, [int(d) for d in digits],
                  len(digits) * cfg.segment_s)
     s = cfg.image_size
-    writer = cv2.VideoWriter(str(paths.video), cv2.VideoWriter_fourcc(*"MJPG"), cfg.fps, (s, s))
+    writer = cv2.VideoWriter(str(paths.video), cv2.VideoWriter.fourcc(*"MJPG"), cfg.fps, (s, s))
     if not writer.isOpened():
         raise UserError(f"OpenCV cannot write MJPG video to {paths.video}")
     seg_ns = round(cfg.segment_s * NS_PER_S)

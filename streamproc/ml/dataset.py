@@ -298,7 +298,7 @@ class DatasetWriter:
         blobs = [f.data for f in frames]
         audio = [_audio_int16(w.audio) for w, _ in self._pending]
         masks = [np.packbits(np.asarray(w.audio_mask, bool)) for w, _ in self._pending]
-        arrays = {
+        arrays: dict[str, np.ndarray] = {
             "frame_bytes": np.frombuffer(b"".join(blobs), np.uint8),
             "frame_offsets": np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64),
             "window_frames": np.cumsum([0] + [len(w.frames) for w, _ in self._pending],
@@ -314,7 +314,8 @@ class DatasetWriter:
             "mask_offsets": np.cumsum([0] + [len(m) for m in masks], dtype=np.int64),
         }
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        # mypy matches **arrays against savez's `allow_pickle: bool` too (numpy stubs)
+        np.savez(buf, **arrays)  # type: ignore[arg-type]
         npz = buf.getvalue()
         meta = json.dumps([m for _, m in self._pending], ensure_ascii=False,
                           separators=(",", ":")).encode("utf-8")

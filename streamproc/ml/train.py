@@ -305,7 +305,7 @@ def _train(model: nn.Module, train: Split, val: Split | None, cfg: TrainConfig,
             + f"  ({stats.seconds:.1f}s)")
         if val is None:
             continue
-        if better:
+        if better and val_acc is not None:
             best_acc, stale, result.best_epoch = val_acc, 0, epoch
             best_state = copy.deepcopy(model.state_dict())
         else:
@@ -402,6 +402,7 @@ def train_command(dataset: str | Path, model_name: str, out: str | Path, cfg: Tr
     """Train one registered architecture on a dataset, save a checkpoint, report test."""
     from streamproc.models import count_parameters, create_model, resolve_device
     from streamproc.models.checkpoint import save_checkpoint
+    from streamproc.models.encoders import FrozenEncoder
 
     t_all = time.perf_counter()
     ds = Dataset(dataset)
@@ -420,7 +421,7 @@ def train_command(dataset: str | Path, model_name: str, out: str | Path, cfg: Tr
     if train is None:
         raise UserError(f"{ds.path} has no 'train' windows")
     frozen = [f"{m} {e.config.kind}" for m, e in model.encoders.items()
-              if hasattr(e, "feature_key")]
+              if isinstance(e, FrozenEncoder)]
     log(f"model {model_name}: {count_parameters(model):,} trained parameters"
         + (f" (frozen pretrained: {', '.join(frozen)})" if frozen else "")
         + f"; device {cfg.device}; modality dropout {cfg.modality_dropout}; windows "

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -112,7 +112,10 @@ class MultimodalModel(nn.Module):
         token_lens.update({m: e.n_tokens for m, e in self.encoders.items()
                            if isinstance(e, FrozenEncoder)})
         self.fusion = build_fusion(
-            config.fusion, config.modalities, {m: e.dim for m, e in self.encoders.items()},
+            config.fusion, config.modalities,
+            # nn.ModuleDict yields nn.Module (torch types its other attributes Tensor |
+            # Module); every encoder of ENCODERS sets an int `dim`
+            {m: cast(int, e.dim) for m, e in self.encoders.items()},
             token_lens, len(config.labels), **config.fusion_options)
         self._index = [MODALITIES.index(m) for m in config.modalities]
 

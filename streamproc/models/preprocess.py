@@ -20,7 +20,7 @@ import weakref
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import cv2
 import numpy as np
@@ -386,6 +386,10 @@ def hz_to_mel(hz: np.ndarray | float) -> np.ndarray | float:
     return 2595.0 * np.log10(1.0 + np.asarray(hz) / 700.0)
 
 
+@overload
+def mel_to_hz(mel: float) -> float: ...
+@overload
+def mel_to_hz(mel: np.ndarray) -> np.ndarray: ...
 def mel_to_hz(mel: np.ndarray | float) -> np.ndarray | float:
     return 700.0 * (10.0 ** (np.asarray(mel) / 2595.0) - 1.0)
 
