@@ -20,7 +20,6 @@ from streamproc.ml.recording import WindowLabeler
 from streamproc.ml.train import (
     Split,
     TrainConfig,
-    _minibatches,
     accuracy,
     benchmark,
     load_split,
