@@ -55,7 +55,7 @@ from pathlib import Path
 
 from streamproc.align.aligner import AlignConfig, Aligner, Window
 from streamproc.capture.publisher import Publisher
-from streamproc.config import Settings
+from streamproc.config import Settings, env_name
 from streamproc.dev.demo import Layout, WorkerProcess, default_dir, percentile, prepare_model
 from streamproc.dev.localkafka import existing_or_local, free_port
 from streamproc.readers import consume
@@ -83,12 +83,15 @@ def log(msg: str) -> None:
 PROVISIONAL_ON: str | None = None
 #: Whether the live run's transcripts pause as speech does (--pauses).
 PAUSES = False
+#: Worker settings to override (--set NAME=VALUE).
+OVERRIDES: dict[str, str] = {}
 
 
 def base_settings(bootstrap: str, model: Path, provisional_on: str | None = None) -> Settings:
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     s = Settings(bootstrap_servers=bootstrap, topic_prefix=prefix, app_id=prefix,
                  partitions=4, model=str(model), metrics_port=free_port())
+    s = s.replace(**{k: type(getattr(s, k))(v) for k, v in OVERRIDES.items()})
     return s if provisional_on is None else s.replace(provisional_on=provisional_on)
 
 
@@ -671,10 +674,23 @@ def main() -> int:
     ap.add_argument("--frame-sizes", default="",
                     help="WxH,... : only the live run, once per frame size (e.g. "
                          "640x480,1280x720), one row each")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a worker setting for every run (repeatable), e.g. "
+                         "--set batch_max_wait_ms=0")
     args = ap.parse_args()
     global PROVISIONAL_ON, PAUSES
     PROVISIONAL_ON = args.provisional_on
     PAUSES = args.pauses
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if not hasattr(Settings(), name):
+            ap.error(f"--set {item}: no setting {name!r} (see `streamproc config`)")
+        OVERRIDES[name] = value
+        # the worker subprocess reads the settings it is not given as flags from here
+        field = next(f for f in dataclasses.fields(Settings) if f.name == name)
+        os.environ[env_name(field)] = value
+    if OVERRIDES:
+        log(f"worker settings: {OVERRIDES}")
     model = args.model or prepare_model(Layout(default_dir()), log=log)
     if args.frame_sizes:
         sizes = [tuple(int(x) for x in sz.split("x")) for sz in args.frame_sizes.split(",")]
