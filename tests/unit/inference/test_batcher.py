@@ -50,6 +50,37 @@ def test_partial_batch_leaves_after_max_wait() -> None:
     assert res.queue_ms >= 40  # it did wait for company before running alone
 
 
+def test_without_a_wait_a_batch_takes_what_is_queued_and_the_next_fills_meanwhile() -> None:
+    """max_wait 0: windows closed together go in one batch at once; what comes while it
+    computes forms the next batch (no timer anywhere)."""
+    sizes: list[int] = []
+    computing = threading.Event()
+    release = threading.Event()
+
+    def model(items):
+        sizes.append(len(items))
+        computing.set()
+        release.wait(5)
+        return items
+
+    async def main():
+        b = MicroBatcher(model, max_batch=32, max_wait_ms=0)
+        await b.start()
+        first = [b.submit(i) for i in range(5)]  # one poll's windows: the same tick
+        while not computing.is_set():
+            await asyncio.sleep(0.001)
+        later = [b.submit(i) for i in range(5, 8)]  # closed while the model computes
+        release.set()
+        out = await asyncio.wait_for(asyncio.gather(*first, *later), 5)
+        await b.stop()
+        return out
+
+    out = _run(main())
+    assert sizes == [5, 3]
+    assert [o.result for o in out] == list(range(8))
+    assert all(o.queue_ms < 1000 for o in out[:5])
+
+
 def test_model_runs_off_the_event_loop() -> None:
     """While a slow batch computes, the loop keeps serving other coroutines."""
     release = threading.Event()
