@@ -87,8 +87,11 @@ PAUSES = False
 
 def base_settings(bootstrap: str, model: Path, provisional_on: str | None = None) -> Settings:
     prefix = f"bench{uuid.uuid4().hex[:8]}"
-    s = Settings(bootstrap_servers=bootstrap, topic_prefix=prefix, app_id=prefix,
-                 partitions=4, model=str(model), metrics_port=free_port())
+    # from the environment: the worker gets its settings from these (STREAMPROC_MODEL_THREADS
+    # and the like set for a run reach it here), not from the environment itself
+    s = Settings.load().replace(bootstrap_servers=bootstrap, topic_prefix=prefix,
+                                app_id=prefix, partitions=4, model=str(model),
+                                metrics_port=free_port())
     return s if provisional_on is None else s.replace(provisional_on=provisional_on)
 
 
