@@ -426,7 +426,8 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
     # (streamproc-ROLE-APPID), so whatever opens a client reads app_id
     "kafka": ("bootstrap_servers", "security_protocol", "sasl_mechanism", "sasl_username",
               "sasl_password", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "app_id"),
-    # main() gives it to the Kafka clients' loggers: it matters where a client runs
+    # the command's own log, and the Kafka clients' loggers (main() sets those): it acts
+    # where a command logs or opens a client
     "logging": ("log_level",),
     "topics": ("topic_prefix", "max_message_bytes"),
     "topic_layout": ("partitions", "replication_factor"),
