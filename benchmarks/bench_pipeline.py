@@ -89,9 +89,11 @@ OVERRIDES: dict[str, str] = {}
 
 def base_settings(bootstrap: str, model: Path, provisional_on: str | None = None) -> Settings:
     prefix = f"bench{uuid.uuid4().hex[:8]}"
-    s = Settings(bootstrap_servers=bootstrap, topic_prefix=prefix, app_id=prefix,
-                 partitions=4, model=str(model), metrics_port=free_port())
-    s = s.replace(**{k: type(getattr(s, k))(v) for k, v in OVERRIDES.items()})
+    # from the environment: the worker gets its settings from these (STREAMPROC_MODEL_THREADS
+    # and the like set for a run reach it here), not from the environment itself
+    s = Settings.load().replace(bootstrap_servers=bootstrap, topic_prefix=prefix,
+                                app_id=prefix, partitions=4, model=str(model),
+                                metrics_port=free_port())
     return s if provisional_on is None else s.replace(provisional_on=provisional_on)
 
 
@@ -686,7 +688,7 @@ def main() -> int:
         if not hasattr(Settings(), name):
             ap.error(f"--set {item}: no setting {name!r} (see `streamproc config`)")
         OVERRIDES[name] = value
-        # the worker subprocess reads the settings it is not given as flags from here
+        # base_settings reads it from the environment, like any STREAMPROC_* set for a run
         field = next(f for f in dataclasses.fields(Settings) if f.name == name)
         os.environ[env_name(field)] = value
     if OVERRIDES:

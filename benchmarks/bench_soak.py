@@ -160,8 +160,11 @@ def slope(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float
 
 def soak(bootstrap: str, model: str, args: argparse.Namespace, tmp: Path) -> tuple[list[Sample], dict]:
     prefix = f"soak{uuid.uuid4().hex[:8]}"
-    settings = Settings(bootstrap_servers=bootstrap, topic_prefix=prefix, app_id=prefix,
-                        partitions=4, model=model, metrics_port=free_port())
+    # from the environment: the worker gets its settings from these, not from the
+    # environment itself (dev.demo.child_command)
+    settings = Settings.load().replace(bootstrap_servers=bootstrap, topic_prefix=prefix,
+                                       app_id=prefix, partitions=4, model=model,
+                                       metrics_port=free_port())
     create_topics(settings)
     worker = WorkerProcess(settings, Path(model) if model else "", tmp / "worker.log")
     collector = Collector(settings)

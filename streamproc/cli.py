@@ -13,18 +13,19 @@ import sys
 from collections.abc import Callable
 from typing import overload
 
-from streamproc.config import Settings, add_settings_args
+from streamproc.config import COMMAND_GROUPS, Settings, add_settings_args
 from streamproc.errors import UserError, quiet_client_logs
 
 Handler = Callable[[argparse.Namespace, Settings], int | None]
 
 
-def _command(sub: argparse._SubParsersAction, name: str, handler: Handler, help: str,
-             settings: bool = True) -> argparse.ArgumentParser:
+def _command(sub: argparse._SubParsersAction, name: str, handler: Handler, help: str, *,
+             groups: tuple[str, ...] | None) -> argparse.ArgumentParser:
+    """A subcommand whose flags include the settings of ``groups``, the ones it reads
+    (its row of :data:`COMMAND_GROUPS`): a flag it shows is one that acts."""
     p = sub.add_parser(name, help=help, description=help)
     p.set_defaults(handler=handler)
-    if settings:
-        add_settings_args(p)
+    add_settings_args(p, groups)
     return p
 
 
@@ -290,9 +291,7 @@ def _produce_parsers(sub: argparse._SubParsersAction) -> None:
     psub = group.add_subparsers(dest="source", metavar="SOURCE", required=True)
 
     def source(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
-        p = _command(psub, name, handler, help, settings=False)
-        # producers read only the connection, topic names and logging settings
-        add_settings_args(p, groups=("kafka", "topics", "logging"))
+        p = _command(psub, name, handler, help, groups=COMMAND_GROUPS["produce"])
         p.add_argument("--stream-id", required=True, help="stream id: the Kafka key")
         return p
 
@@ -498,26 +497,23 @@ def _model_parsers(sub: argparse._SubParsersAction) -> None:
                            "deterministic for a seed.")
     asub = group.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    def window_flags(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
-        # dests match Settings fields: the worker's environment applies, and is validated
-        for dest in names:
-            p.add_argument("--" + dest.replace("_", "-"), dest=dest, type=int, default=None,
-                           help=f"as the worker's setting (env STREAMPROC_{dest.upper()})")
+    def generator_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--seed", type=int, default=0, help="generator seed [0]")
         p.add_argument("--cache", default="", help="speech cache directory "
                        "[~/.cache/streamproc/avdigits-tts]")
 
     p = _command(asub, "dataset", cmd_avdigits_dataset, "Write the AV-Digits dataset "
                  "(train/val/test; test holds out voices, noise seeds, digit images).",
-                 settings=False)
+                 groups=COMMAND_GROUPS["avdigits dataset"])
     p.add_argument("out", help="dataset directory to write")
     p.add_argument("--preset", choices=["tiny", "small", "full"], default="small",
                    help="size: tiny (CI), small, full (the docs/models.md benchmark) [small]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
-    window_flags(p, ("window_ms", "hop_ms", "frames_per_window", "sample_rate"))
+    generator_flags(p)
 
     p = _command(asub, "clip", cmd_avdigits_clip, "Write one stream's clip of spoken, "
-                 "shown and transcribed digits for `streamproc produce file`.", settings=False)
+                 "shown and transcribed digits for `streamproc produce file`.",
+                 groups=COMMAND_GROUPS["avdigits clip"])
     p.add_argument("out", help="directory for STREAM.avi, STREAM.wav, STREAM.srt, "
                    "STREAM.labels.csv")
     p.add_argument("--digits", default="0123456789", help="digits in order [0123456789]")
@@ -525,7 +521,7 @@ def _model_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds-per-digit", type=float, default=2.0, help="[2.0]")
     p.add_argument("--split", choices=["train", "val", "test"], default="test",
                    help="whose voices and noise seeds to use [test: held out]")
-    window_flags(p, ("sample_rate",))
+    generator_flags(p)
 
     def training_flags(p: argparse.ArgumentParser, epochs: int, patience: int) -> None:
         p.add_argument("--epochs", type=int, default=epochs, help=f"at most [{epochs}]")
@@ -547,8 +543,6 @@ def _model_parsers(sub: argparse._SubParsersAction) -> None:
                             "network, frozen (only its projection trains)")
         p.add_argument("--threads", type=int, default=1,
                        help="torch CPU threads (0: torch's default) [1]")
-        p.add_argument("--device", dest="device", default=None,
-                       help="auto, cpu, cuda or cuda:N (env STREAMPROC_DEVICE) [auto]")
         p.add_argument("--split-by", choices=["auto", "stored", "blocks"], default="auto",
                        help="stored: the split each window was recorded with; blocks: whole "
                             "blocks of --block-s seconds per stream, so neighbouring windows "
@@ -565,7 +559,7 @@ def _model_parsers(sub: argparse._SubParsersAction) -> None:
 
     names = "early, late, lmf, tfn, attention (fusion); video, audio, text (single)"
     p = _command(sub, "train", cmd_train, "Train a model on a dataset directory and save a "
-                 "checkpoint (safetensors + JSON).", settings=False)
+                 "checkpoint (safetensors + JSON).", groups=COMMAND_GROUPS["train"])
     p.add_argument("dataset", help="dataset directory (streamproc record / avdigits dataset)")
     p.add_argument("--model", dest="arch", default="late", help=f"architecture: {names} [late]")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
@@ -578,7 +572,7 @@ def _model_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = _command(sub, "eval", cmd_eval, "Benchmark every fusion method and single modality "
                  "over seeds (Markdown table + PNG), or evaluate given models.",
-                 settings=False)
+                 groups=COMMAND_GROUPS["eval"])
     p.add_argument("dataset", help="dataset directory with train/val/test splits")
     p.add_argument("--out", default="runs/eval", help="results directory [runs/eval]")
     p.add_argument("--methods", default="", help=f"comma separated subset of: {names} [all]")
@@ -592,7 +586,8 @@ def _model_parsers(sub: argparse._SubParsersAction) -> None:
     training_flags(p, 15, 6)
 
     p = _command(sub, "record", cmd_record, "Record labelled windows from the input topics "
-                 "into a dataset directory (labels from a CSV of stream time spans).")
+                 "into a dataset directory (labels from a CSV of stream time spans).",
+                 groups=COMMAND_GROUPS["record"])
     p.add_argument("--labels", required=True, help="CSV: stream_id,start,end,label; times in "
                    "seconds from the origin, or ISO-8601 with a zone (2026-11-30T09:15:00Z)")
     p.add_argument("--out", required=True, help="dataset directory to write")
@@ -647,18 +642,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = _command(sub, "config", cmd_config, "Print the effective settings and where each "
-                 "value came from (default, environment, flag).")
+                 "value came from (default, environment, flag).",
+                 groups=COMMAND_GROUPS["config"])
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--markdown", action="store_true",
                    help="print every setting with its flag, variable and default (Markdown)")
 
-    p = _command(sub, "topics", cmd_topics, "Create or check the streamproc topics.")
+    p = _command(sub, "topics", cmd_topics, "Create or check the streamproc topics.",
+                 groups=COMMAND_GROUPS["topics"])
     p.add_argument("action", choices=["create", "check"],
                    help="create: make missing topics, then check; check: report problems")
 
     p = _command(sub, "broker", cmd_broker, "Run a local single-node Kafka (KRaft) for "
                  "development: fetch, start, stop, status; `tool NAME ARGS...` runs one of "
-                 "Kafka's own tools with the same jars.", settings=False)
+                 "Kafka's own tools with the same jars.", groups=COMMAND_GROUPS["broker"])
     bsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     for action, help in (("start", "start a broker in the background"),
                          ("stop", "stop the broker started from --dir"),
@@ -684,7 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "consume", cmd_consume, "Print predictions: a live table, or JSON "
                  "lines; a window's provisional prediction, then its final one as an update "
-                 "row; copies from worker restarts are collapsed.")
+                 "row; copies from worker restarts are collapsed.",
+                 groups=COMMAND_GROUPS["consume"])
     p.add_argument("--stream", default=None, help="only this stream id")
     p.add_argument("--follow", "-f", action="store_true", help="keep waiting for new ones")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -700,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "view", cmd_view, "Serve a live web view: a tile per stream (newest "
                  "frame, label, modalities, words, latency), timelines, dead letters and the "
                  "workers' health. Reads the topics with its own group-less consumer; never "
-                 "writes to Kafka.")
+                 "writes to Kafka.", groups=COMMAND_GROUPS["view"])
     # short spellings of --view-host / --view-port (same settings, same environment)
     p.add_argument("--host", dest="view_host", default=None, metavar="ADDRESS",
                    help="same as --view-host [127.0.0.1; 0.0.0.0 serves every interface, "
@@ -710,18 +708,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     _command(sub, "worker", cmd_worker, "Run a faust worker: align the input topics into "
              "windows and publish them; refuses to start unless the topics are co-partitioned. "
-             "Stop with Ctrl-C or SIGTERM.")
+             "Stop with Ctrl-C or SIGTERM.", groups=COMMAND_GROUPS["worker"])
 
     _command(sub, "asr", cmd_asr, "Run a speech recognition worker: transcribe "
              "PREFIX.audio offline (pocketsphinx by default) into transcript segments on "
-             "PREFIX.text, in consumer group APPID-asr. Stop with Ctrl-C or SIGTERM.")
+             "PREFIX.text, in consumer group APPID-asr. Stop with Ctrl-C or SIGTERM.",
+             groups=COMMAND_GROUPS["asr"])
 
     _produce_parsers(sub)
     _model_parsers(sub)
 
     p = _command(sub, "demo", cmd_demo, "The whole pipeline on this machine: local broker, "
                  "sample clips, reference model, worker, real-time replay, live predictions "
-                 "and a summary.")
+                 "and a summary.", groups=COMMAND_GROUPS["demo"])
     p.add_argument("--streams", type=int, default=3, help="how many camera streams [3]")
     p.add_argument("--dir", default="", help="where clips, model and logs go "
                    "[~/.cache/streamproc/demo]")

@@ -136,7 +136,8 @@ class Settings:
         "and hot-reloads it (no restart; a bad one is refused and the served model goes on); "
         "0: only on SIGHUP.")
     # --- worker ----------------------------------------------------------------------
-    app_id: str = _opt("streamproc", "Consumer group / faust app id shared by all workers.")
+    app_id: str = _opt("streamproc", "Consumer group / faust app id shared by all workers; "
+                       "every Kafka client's id names it too (streamproc-ROLE-APPID).")
     data_dir: str = _opt(
         "", "Worker state directory (faust's datadir). Empty: ~/.cache/streamproc/worker."
     )
@@ -417,51 +418,94 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
-# Settings by what uses them, so a command's --help lists only the flags it reads. A
-# setting in no group is offered to every command.
+# Settings by what uses them. A command names what it reads (COMMAND_GROUPS) as these
+# groups and, where it reads only part of a group, single settings; so its --help offers
+# no flag that does nothing for it. Group names are never setting names.
 SETTING_GROUPS: dict[str, tuple[str, ...]] = {
+    # every Kafka client: where the brokers are, how it logs in, and its client id
+    # (streamproc-ROLE-APPID), so whatever opens a client reads app_id
     "kafka": ("bootstrap_servers", "security_protocol", "sasl_mechanism", "sasl_username",
-              "sasl_password", "ssl_cafile", "ssl_certfile", "ssl_keyfile"),
+              "sasl_password", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "app_id"),
+    # the command's own log, and the Kafka clients' loggers (main() sets those): it acts
+    # where a command logs or opens a client
+    "logging": ("log_level",),
     "topics": ("topic_prefix", "max_message_bytes"),
     "topic_layout": ("partitions", "replication_factor"),
+    # the windows an Aligner cuts (AlignConfig.from_settings), and a model's window shape
     "windows": ("window_ms", "hop_ms", "lateness_video_ms", "lateness_audio_ms",
                 "lateness_text_ms", "idle_deadline_video_ms", "idle_deadline_audio_ms",
-                "idle_deadline_text_ms", "expected_modalities", "provisional_on",
-                "revision_horizon_ms",
+                "idle_deadline_text_ms", "expected_modalities", "revision_horizon_ms",
                 "frames_per_window", "sample_rate", "max_buffer_frames", "max_buffer_audio_s",
                 "max_future_ms", "max_lead_ms", "max_span_audio_ms", "max_span_text_ms",
-                "max_frame_pixels", "stream_expiry_ms"),
-    "model": ("model", "batch_size", "batch_max_wait_ms", "device", "model_threads",
-              "model_reload_s"),
-    "asr": ("asr_engine", "asr_processes", "asr_vad", "asr_vad_mode",
-            "asr_partial_interval_ms",
-            "asr_end_silence_ms", "asr_max_utterance_ms", "asr_gap_ms", "asr_lang",
-            "asr_streams"),
-    "worker": ("app_id", "data_dir", "metrics_port", "web_port", "session_timeout_ms"),
-    "logging": ("log_level",),
+                "stream_expiry_ms"),
+    "inference": ("batch_size", "batch_max_wait_ms", "device", "model_threads",
+                  "model_reload_s"),
+    "worker": ("data_dir", "metrics_port", "web_port", "session_timeout_ms"),
+    "asr": ("asr_processes", "asr_vad", "asr_vad_mode", "asr_partial_interval_ms",
+            "asr_end_silence_ms", "asr_gap_ms", "asr_lang", "asr_streams"),
     "view": ("view_host", "view_port", "view_token", "view_metrics_url", "view_fps",
              "view_history_s"),
 }
 
+# What each command reads, as SETTING_GROUPS names or setting names; its --help offers
+# these as flags (None: every setting). Traced from the code each command runs;
+# tests/unit/test_cli_settings.py holds the table to that code.
+COMMAND_GROUPS: dict[str, tuple[str, ...] | None] = {
+    "config": None,  # prints them all
+    "broker": (),
+    "topics": ("kafka", "logging", "topics", "topic_layout"),
+    "produce": ("kafka", "logging", "topics"),
+    "consume": ("kafka", "logging", "topics"),
+    "view": ("kafka", "logging", "topics", "view", "max_frame_pixels"),
+    # the worker makes only its progress topic, as many partitions as the inputs have
+    "worker": ("kafka", "logging", "topics", "replication_factor", "windows",
+               "provisional_on", "max_frame_pixels", "model", "inference", "worker"),
+    "asr": ("kafka", "logging", "topics", "asr", "asr_engine", "asr_max_utterance_ms",
+            "session_timeout_ms", "stream_expiry_ms"),
+    # a dataset holds final windows only: record never reads provisional_on
+    "record": ("kafka", "logging", "topics", "windows"),
+    "avdigits dataset": ("window_ms", "hop_ms", "frames_per_window", "sample_rate"),
+    "avdigits clip": ("sample_rate",),
+    "train": ("device",),
+    "eval": ("device",),
+    # topics, producers and a reader in its own process; a worker, a view and (--asr) a
+    # recogniser as children, which get these settings from it. It picks their model,
+    # data_dir, web_port, asr_engine and asr_max_utterance_ms itself.
+    "demo": ("kafka", "logging", "topics", "topic_layout", "windows", "provisional_on",
+             "max_frame_pixels", "inference", "metrics_port", "session_timeout_ms", "asr",
+             "view"),
+}
 
-def add_settings_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
+
+def settings_named(groups: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The settings that ``groups`` (:data:`SETTING_GROUPS` names or setting names; None:
+    every setting) stand for, in the order of :class:`Settings`."""
+    every = tuple(f.name for f in dataclasses.fields(Settings))
+    if groups is None:
+        return every
+    wanted: set[str] = set()
+    for name in groups:
+        if name in SETTING_GROUPS:
+            wanted.update(SETTING_GROUPS[name])
+        elif name in every:
+            wanted.add(name)
+        else:
+            raise ValueError(f"{name!r} is neither a settings group nor a setting")
+    return tuple(n for n in every if n in wanted)
+
+
+def add_settings_args(parser: argparse.ArgumentParser,
                       groups: tuple[str, ...] | None = None) -> None:
-    """Add one ``--flag`` per setting; unset flags stay None so env and defaults apply.
-
-    ``skip``: settings whose flag the command uses for something else (``produce camera
-    --device`` is a camera); they still come from the environment. ``groups``: only the
-    settings of these :data:`SETTING_GROUPS` (None: all); the others still come from the
-    environment and their defaults.
-    """
-    shown = None
-    if groups is not None:
-        grouped = {name for names in SETTING_GROUPS.values() for name in names}
-        shown = {name for g in groups for name in SETTING_GROUPS[g]}
-        shown |= {f.name for f in dataclasses.fields(Settings)} - grouped
-    group = parser.add_argument_group("settings (also from STREAMPROC_* environment variables)")
-    for f in dataclasses.fields(Settings):
-        if f.name in skip or (shown is not None and f.name not in shown):
-            continue
+    """Add a ``--flag`` for each setting of ``groups`` (see :func:`settings_named`); unset
+    flags stay None, so the environment and the defaults apply, to the others as well."""
+    names = settings_named(groups)
+    if not names:
+        return
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    group = parser.add_argument_group(
+        "settings this command reads (each also from its STREAMPROC_* variable)")
+    for name in names:
+        f = fields[name]
         choices = f.metadata["choices"]
         by_kind: dict[str, Any] = (
             {"choices": choices, "type": functools.partial(_spelled, choices)} if choices
@@ -473,3 +517,45 @@ def add_settings_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
             help=f"{f.metadata['help']} [env {env_name(f)}; default {f.default!r}]",
             **by_kind,
         )
+
+
+def commands_table() -> str:
+    """Which settings each command reads, as Markdown (the README's): a command's groups
+    and single settings, then the settings of each group."""
+    def shown(name: str) -> str:
+        return f"*{name}*" if name in SETTING_GROUPS else f"`{name}`"
+
+    rows = ["| command | settings it reads: the flags its `--help` lists |", "|---|---|"]
+    for command, groups in COMMAND_GROUPS.items():
+        what = ("every setting (it prints them)" if groups is None
+                else ", ".join(shown(g) for g in groups) or "none")
+        rows.append(f"| `streamproc {command}` | {what} |")
+    rows += ["", "| group | settings |", "|---|---|"]
+    rows += [f"| *{g}* | {', '.join(f'`{n}`' for n in names)} |"
+             for g, names in SETTING_GROUPS.items()]
+    return "\n".join(rows)
+
+
+def settings_argv(settings: Settings, names: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    """Flags and environment variables that give a child ``streamproc`` command the values
+    ``names`` have in ``settings``: a flag for each value other than the default (the rest
+    are defaults there too, in an environment without STREAMPROC_* variables); secrets as
+    variables, never on a command line, where ``ps`` shows them."""
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    flags: list[str] = []
+    env: dict[str, str] = {}
+    for name in names:
+        f, value = fields[name], getattr(settings, name)
+        if value == f.default:
+            continue
+        if f.metadata["secret"]:
+            env[env_name(f)] = str(value)
+        else:
+            # --flag=VALUE: a value may start with a dash
+            flags.append(f"{flag_name(f)}={value}")
+    return flags, env
+
+
+def settings_environ_names() -> frozenset[str]:
+    """The environment variable of every setting."""
+    return frozenset(env_name(f) for f in dataclasses.fields(Settings))

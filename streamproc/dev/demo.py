@@ -20,7 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from streamproc.config import Settings
+from streamproc.config import (
+    COMMAND_GROUPS,
+    Settings,
+    settings_argv,
+    settings_environ_names,
+    settings_named,
+)
 from streamproc.errors import UserError
 from streamproc.wire.codec import NS_PER_S, Prediction
 
@@ -140,6 +146,22 @@ def prepare(layout: Layout, streams: int, retrain: bool = False, preset: str = D
 # ---------------------------------------------------------------------------------------
 
 
+def child_command(settings: Settings, command: str, *own: str
+                  ) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment of a ``streamproc COMMAND`` child of the demo: the values
+    ``settings`` gives every setting both commands read (secrets in the environment), then
+    ``own``, the flags the demo sets for this child itself (argparse keeps the last).
+    STREAMPROC_* setting variables are left out of its environment: a flag given to the demo
+    reaches the child, and a variable the demo does not read cannot."""
+    theirs = set(settings_named(COMMAND_GROUPS[command]))
+    names = tuple(n for n in settings_named(COMMAND_GROUPS["demo"]) if n in theirs)
+    flags, secrets = settings_argv(settings, names)
+    unset = settings_environ_names()
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update(secrets, PYTHONUNBUFFERED="1")
+    return [sys.executable, "-m", "streamproc.cli", command, *flags, *own], env
+
+
 class WorkerProcess:
     """A real `streamproc worker` subprocess with its log in a file."""
 
@@ -149,16 +171,10 @@ class WorkerProcess:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
-        args = [sys.executable, "-m", "streamproc.cli", "worker",
-                "--bootstrap-servers", settings.bootstrap_servers,
-                "--topic-prefix", settings.topic_prefix, "--app-id", settings.app_id,
-                "--partitions", str(settings.partitions), "--model", str(model),
-                "--web-port", str(free_port()), "--metrics-port", str(settings.metrics_port),
-                "--data-dir", str(log_path.parent / "worker-state"),
-                "--window-ms", str(settings.window_ms), "--hop-ms", str(settings.hop_ms),
-                "--provisional-on", settings.provisional_on]
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        args, env = child_command(settings, "worker", f"--model={model}",
+                                  f"--web-port={free_port()}",
+                                  f"--data-dir={log_path.parent / 'worker-state'}")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -195,19 +211,11 @@ class ViewProcess:
         port = settings.view_port if _port_free(settings.view_host, settings.view_port) \
             else free_port()
         self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
-        args = [sys.executable, "-m", "streamproc.cli", "view",
-                "--bootstrap-servers", settings.bootstrap_servers,
-                "--topic-prefix", settings.topic_prefix, "--view-host", settings.view_host,
-                "--view-port", str(port), "--view-fps", str(settings.view_fps),
-                "--view-history-s", str(settings.view_history_s),
-                "--max-message-bytes", str(settings.max_message_bytes)]
+        # the health panel reads the demo's worker unless the settings name endpoints
         metrics = settings.view_metrics_url or (
             f"http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else "")
-        if metrics:
-            args += ["--view-metrics-url", metrics]
-        # the token (if any) travels in the environment, never on a command line
-        env = {**os.environ, "PYTHONUNBUFFERED": "1",
-               "STREAMPROC_VIEW_TOKEN": settings.view_token}
+        args, env = child_command(settings, "view", f"--view-port={port}",
+                                  f"--view-metrics-url={metrics}")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def log(self) -> str:
@@ -240,12 +248,9 @@ class AsrProcess:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
         # the clips say digits and nothing else: a recogniser held to those words
-        args = [sys.executable, "-m", "streamproc.cli", "asr",
-                "--bootstrap-servers", settings.bootstrap_servers,
-                "--topic-prefix", settings.topic_prefix, "--app-id", settings.app_id,
-                "--asr-engine", DEMO_ASR_ENGINE, "--asr-max-utterance-ms", "4000"]
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        args, env = child_command(settings, "asr", f"--asr-engine={DEMO_ASR_ENGINE}",
+                                  "--asr-max-utterance-ms=4000")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout

@@ -664,32 +664,15 @@ def _help(*argv: str) -> str:
 
 @pytest.mark.parametrize("source", ["camera", "mic", "file", "transcript"])
 def test_produce_help_lists_only_the_settings_producers_use(source: str) -> None:
+    # the whole table of commands and settings: tests/unit/test_cli_settings.py
     text = _help("produce", source)
     for flag in ("--bootstrap-servers", "--security-protocol", "--topic-prefix",
-                 "--max-message-bytes", "--log-level", "--stream-id"):
+                 "--max-message-bytes", "--log-level", "--app-id", "--stream-id"):
         assert flag in text
-    from streamproc.config import SETTING_GROUPS
-
-    unused = [n for g in ("windows", "model", "worker", "topic_layout")
-              for n in SETTING_GROUPS[g]]
-    assert {"window_ms", "model", "batch_size", "app_id", "partitions"} <= set(unused)
-    for name in unused:
-        flag = "--" + name.replace("_", "-")
-        if name == "device":  # camera and mic use --device for their own device
-            assert "CUDA" not in text
-            continue
+    for flag in ("--window-ms", "--model", "--batch-size", "--partitions", "--data-dir",
+                 "--asr-vad", "--view-port"):
         assert flag + " " not in text, f"produce {source} --help offers {flag}"
-    assert "--window-ms" in _help("worker")  # the worker still offers every setting
-
-
-def test_setting_groups_name_real_settings_once() -> None:
-    import dataclasses
-
-    from streamproc.config import SETTING_GROUPS, Settings
-
-    names = [n for group in SETTING_GROUPS.values() for n in group]
-    assert len(names) == len(set(names))
-    assert set(names) <= {f.name for f in dataclasses.fields(Settings)}
+    assert "CUDA" not in text  # camera and mic use --device for their own device
 
 
 def test_produce_file_help_says_the_video_brings_its_audio_and_all_are_optional() -> None:
