@@ -125,7 +125,10 @@ class Settings:
         "Empty: no model, the worker is align-only (window summaries, empty labels).",
     )
     batch_size: int = _opt(32, "Largest micro-batch of windows sent to the model at once.")
-    batch_max_wait_ms: int = _opt(20, "Longest a window waits for its micro-batch to fill (ms).")
+    batch_max_wait_ms: int = _opt(
+        0, "Longest a window waits for its micro-batch to fill (ms). 0: a batch takes the "
+           "windows already waiting and starts at once; those that close while the model "
+           "computes fill the next one, so batches still grow under load.")
     device: str = _opt("auto", "auto (CUDA when available), cpu or cuda.")
     model_threads: int = _opt(
         0, "Threads torch runs the model with on the CPU; 0: one less than the CPU count "
