@@ -18,6 +18,10 @@ Why it is shaped this way:
   stalls a stream, windows keep closing one hop at a time rather than in a burst when a
   source falls silent, and a source's own delay (a recogniser's lag) is kept; windows
   closed without a modality say so (``present`` and ``quality``).
+- A watermark never moves backwards. A record whose windows all closed (late, or a
+  revision) is not counted as the modality sending: it says nothing about the present, and
+  its old event time must not hold the stream back. A silent modality that comes back
+  behind where the clock had moved its watermark takes it up from there.
 """
 
 from __future__ import annotations
@@ -390,6 +394,7 @@ class _Stream:
         "fast_blocker",
         "first_seen",
         "frames_per_window",
+        "heard",
         "kept",
         "last_seen",
         "late_pending",
@@ -407,6 +412,7 @@ class _Stream:
     def __init__(self, sid: str, now_ns: int, resume_before: int | None) -> None:
         self.sid = sid
         self.first_seen = now_ns
+        self.heard = now_ns  # its last record of any kind (for expiry)
         self.due = _INF  # when poll() looks at it again without a record (in Aligner._due)
         self.last_seen: dict[Modality, int] = {}
         self.wm: dict[Modality, int] = {}
@@ -517,6 +523,9 @@ class Aligner:
         # (when, stream): streams to look at without a record, because a silent
         # modality's watermark moves with the clock or a modality's deadline comes
         self._due: list[tuple[int, str]] = []
+        # the clock of the latest poll(): add() finds a silent modality's watermark where
+        # poll() had moved it (add()'s own clock may run ahead, while a backlog is read)
+        self._polled: float = -_INF
         self._accepted: dict[int, Outcome] = {}
         self._picks: dict[int, frozenset[int]] = {}  # frames in a window -> the picked indices
         self.stats: dict[str, int | float] = dict.fromkeys(
@@ -567,20 +576,43 @@ class Aligner:
         if key in buffered or (st.dropped_any and self._seen(st, mod, key)):
             return self._duplicate(st, rec, k_first, k_last)
 
-        # Only a record that can move one of the stream's closing limits (final or
-        # provisional) makes poll() look at the stream: one of the modality that limits it,
-        # or one that comes back from idle.
+        st.heard = now_ns
         last_seen = st.last_seen
-        if mod == st.blocker or st.blocker is None or \
-                now_ns - last_seen.get(mod, st.first_seen) >= self._idle[mod] or \
-                (self.cfg.provisional and (mod == st.fast_blocker or st.fast_blocker is None)):
-            self._dirty.add(sid)
-        last_seen[mod] = now_ns
-        wm = st.wm.get(mod)
-        if wm is None or e > wm:
-            st.wm[mod] = e
-
+        seen = last_seen.get(mod)
+        # where the modality's watermark stands on poll()'s clock (the one windows closed
+        # on; add()'s may run ahead while a backlog is read): past its newest event time
+        # when silent past its deadline
+        wm = x = st.wm.get(mod)
+        if x is not None and seen is not None:
+            silent = self._polled - seen - self._idle[mod]
+            if silent > 0:
+                x += int(silent)
         cb = st.closed_before
+        rb = st.resume_before
+        # A record whose windows all closed (late, or a revision) is not the source sending:
+        # it is alive, but the record says nothing about the present, and counting it would
+        # end a silence and take the watermark back to the modality's newest event time,
+        # holding the stream until the modality fell silent again (for ever, while a
+        # recogniser far behind sends only late segments). A restart's replay (windows
+        # published before it) counts where it moves the watermark on: it rebuilds the
+        # watermarks the restarted aligner lacks.
+        if cb is None or k_last >= cb or \
+                (rb is not None and k_last < rb and (x is None or e > x)):
+            # Never below where the clock had moved it: windows after those that closed
+            # on the clock wait for its records from there, not from an older event time.
+            if x is None or e > x:
+                st.wm[mod] = e
+            elif x != wm:
+                st.wm[mod] = x
+            # Only a record that can move one of the stream's closing limits (final or
+            # provisional) makes poll() look at the stream: one of the modality that limits
+            # it, or one that comes back from idle.
+            if mod == st.blocker or st.blocker is None or \
+                    now_ns - (st.first_seen if seen is None else seen) >= self._idle[mod] or \
+                    (self.cfg.provisional and (mod == st.fast_blocker or st.fast_blocker is None)):
+                self._dirty.add(sid)
+            last_seen[mod] = now_ns
+
         reason = ""
         if cb is not None and k_first < cb:
             revised = 0
@@ -649,6 +681,8 @@ class Aligner:
         whose time came (a deadline, or a window that a clock-driven watermark reaches), so
         calling this after each record is cheap.
         """
+        if now_ns > self._polled:
+            self._polled = now_ns
         if self._expiry and now_ns >= self._expiry_check_at:
             self._expire(now_ns)
         ids = self._dirty
@@ -693,8 +727,12 @@ class Aligner:
         """The input could not be read for ``ns`` (broker away, fetches failing): idleness
         means the source sent nothing, so that time does not count toward any idle
         deadline; every stream's last-seen times move on by it."""
+        # so does the clock add() measures silences on, which then still finds a silent
+        # modality's watermark where the last poll() had moved it
+        self._polled += ns
         for st in self._streams.values():
             st.first_seen += ns
+            st.heard += ns
             for m in st.last_seen:
                 st.last_seen[m] += ns
 
@@ -795,7 +833,7 @@ class Aligner:
         expiry = self._expiry
         expired = self._expired
         for sid, st in list(self._streams.items()):
-            if st.buckets or now_ns - max(st.last_seen.values(), default=st.first_seen) < expiry:
+            if st.buckets or now_ns - st.heard < expiry:
                 continue
             del self._streams[sid]
             self._dirty.discard(sid)
@@ -856,8 +894,20 @@ class Aligner:
         return Outcome(OutcomeStatus.LATE, (
             f"late {mod} record seq {rec.seq} of stream {rec.stream_id!r} {what}: its "
             f"{windows} already closed (stream closed before {_fmt_ns(st.closed_before)}; "
-            f"{mod} watermark {_fmt_ns(st.wm.get(mod))}, allowed lateness "
+            f"{mod} watermark {self._standing(st, mod)}, allowed lateness "
             f"{self._late[mod] // 1_000_000} ms{horizon})"))
+
+    def _standing(self, st: _Stream, mod: Modality) -> str:
+        """Where a modality's watermark stood at the last poll, for a late record's reason:
+        its newest event time, or past it where the modality was silent past its idle
+        deadline (the watermark its windows closed on)."""
+        wm, seen = st.wm.get(mod), st.last_seen.get(mod)
+        if wm is None or seen is None:
+            return _fmt_ns(wm)
+        silent = self._polled - seen - self._idle[mod]
+        if silent <= 0:
+            return _fmt_ns(wm)
+        return f"{_fmt_ns(wm + int(silent))} (silent, moved on with the clock)"
 
     def _future(self, rec: MediaRecord, ahead_ns: int) -> Outcome:
         self.stats["future"] += 1

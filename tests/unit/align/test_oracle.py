@@ -349,11 +349,13 @@ def test_resume_after_a_crash_gives_every_window_exactly_once(sc: Scenario, data
 @settings(max_examples=40, deadline=None)
 @given(window_ms=st.sampled_from([300, 500, 1000, 2000]), hop_div=st.sampled_from([1, 2, 4]),
        late_ms=st.integers(0, 300), idle_ms=st.integers(300, 2000),
-       outage_at=st.integers(5, 30), outage_len=st.integers(0, 60))
+       outage_at=st.integers(5, 30), outage_len=st.integers(0, 60), late_chunk=st.booleans())
 def test_mic_unplugged_then_back_with_a_fake_clock(window_ms, hop_div, late_ms, idle_ms,
-                                                   outage_at, outage_len):
+                                                   outage_at, outage_len, late_chunk):
     """Live feed (clock = event time): 20 fps video, 100 ms audio chunks; the microphone
-    is silent from outage_at to outage_at + outage_len (in 100 ms steps)."""
+    is silent from outage_at to outage_at + outage_len (in 100 ms steps). With
+    ``late_chunk``, a stale chunk from before the outage arrives during it, once its
+    windows closed: it is late, and windows keep closing on the clock as before."""
     hop_ms = max(50, window_ms // hop_div)
     a = Aligner(align_config(window_ms, hop_ms, late_ms=late_ms, idle_ms=idle_ms,
                        expected=("video", "audio")))
@@ -361,13 +363,22 @@ def test_mic_unplugged_then_back_with_a_fake_clock(window_ms, hop_div, late_ms, 
     out: list[tuple[int, Window]] = []
     seqs: dict = {}
     feed_live(a, 0, off, True, seqs, out)
-    feed_live(a, off, on, False, seqs, out)
+    # the stale chunk's windows end by off + W; they close lateness + deadline after that
+    stale_at = -(-(off + window_ms + late_ms + idle_ms) // 100) * 100 + 100
+    n_late = int(late_chunk and off >= 100 and stale_at < on)
+    if n_late:
+        feed_live(a, off, stale_at, False, seqs, out)
+        stale = chunk("cam", (off - 100) * MS, 10**6, np.full(1600, 7, np.int16))
+        assert a.add(stale, stale_at * MS).status == "late"
+        feed_live(a, stale_at, on, False, seqs, out)
+    else:
+        feed_live(a, off, on, False, seqs, out)
     feed_live(a, on, on + 3000, True, seqs, out)
     out += [(None, w) for w in a.flush()]
     keys = [w.key for _, w in out]
     assert len(keys) == len(set(keys))
     assert_start_order([w for _, w in out])
-    assert a.stats["late"] == 0 and a.stats["late_partial"] == 0
+    assert a.stats["late"] == n_late and a.stats["late_partial"] == 0
     for now, w in out:
         s, e = w.start_ns // MS, w.end_ns // MS
         if s < 0 or e > on + 3000:

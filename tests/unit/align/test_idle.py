@@ -1,0 +1,172 @@
+"""Idle deadlines and records that come after them: a modality's watermark never moves
+backwards. Once its idle clock moved it on, a record behind it (late, a revision, or a
+source coming back with a longer lag) does not pull it back, so windows keep closing at
+the pace they had, and records that come back are still in every window still open."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamproc.align.aligner import AlignConfig, Aligner, ClosedBy, Outcome, OutcomeStatus, Window
+from streamproc.config import Settings
+from streamproc.testing import MS, S, chunk, frame, segment
+from streamproc.wire.codec import MediaRecord
+
+T0 = 1_800_000_000 * S  # the wall clock is event time here
+STEP = 100 * MS
+
+
+def media(t0_ms: int, t1_ms: int, video: bool = True, audio: bool = True,
+          first_seq: int = 0) -> list[tuple[int, MediaRecord]]:
+    """(arrival, record): 10 fps video and 100 ms chunks from ``t0_ms`` to ``t1_ms``,
+    each arriving as it ends."""
+    events: list[tuple[int, MediaRecord]] = []
+    for i, t in enumerate(range(T0 + t0_ms * MS, T0 + t1_ms * MS, STEP), first_seq):
+        if video:
+            events.append((t, frame("cam", t, i)))
+        if audio:
+            events.append((t + STEP, chunk("cam", t, i, np.full(1600, 100, np.int16))))
+    return events
+
+
+def said(seq: int, start_ms: int, end_ms: int, at_ms: int) -> tuple[int, MediaRecord]:
+    """(arrival, record): a final transcript segment over [start_ms, end_ms) sent at at_ms."""
+    return T0 + at_ms * MS, segment("cam", seq, T0 + start_ms * MS, T0 + end_ms * MS)
+
+
+def run(a: Aligner, events: list[tuple[int, MediaRecord]], until_ms: int
+        ) -> tuple[list[tuple[int, Window]], dict[int, Outcome]]:
+    """Add each record at its arrival, polling every 100 ms of clock up to ``until_ms``:
+    the windows with the clock they came at, and the outcome of every record (by id)."""
+    events = sorted(events, key=lambda e: e[0])
+    out: list[tuple[int, Window]] = []
+    outcomes: dict[int, Outcome] = {}
+    i = 0
+    for now in range(events[0][0], T0 + until_ms * MS + 1, STEP):
+        while i < len(events) and events[i][0] <= now:
+            outcomes[id(events[i][1])] = a.add(events[i][1], events[i][0])
+            i += 1
+        out += [(now, w) for w in a.poll(now)]
+    return out, outcomes
+
+
+def finals(out: list[tuple[int, Window]]) -> dict[int, tuple[int, Window]]:
+    """Window end (ms after T0) -> (clock in ms after T0, window) of its first final; no
+    window has two."""
+    by: dict[int, tuple[int, Window]] = {}
+    for now, w in out:
+        if w.final and w.quality["closed_by"] != ClosedBy.REVISION:
+            end = (w.end_ns - T0) // MS
+            assert end not in by, f"window ending at {end} ms closed twice"
+            by[end] = ((now - T0) // MS, w)
+    return by
+
+
+def aligner(**changes: object) -> Aligner:
+    """The default settings (1 s windows every 0.5 s, text lateness 3 s, idle deadlines
+    1 s), no provisionals and no revisions unless asked."""
+    kw = {"provisional_on": "none", "revision_horizon_ms": 0} | changes
+    return Aligner(AlignConfig.from_settings(Settings(**kw)))
+
+
+# Video and audio live for 20 s; the transcript says two segments (1 s of recogniser lag)
+# and falls silent at 2.9 s: past its deadline from 3.9 s, its watermark moves on from
+# 1.9 s with the clock, so a window ending at E closes at E + 5 s (lateness 3 s, the 1 s
+# deadline and the 1 s the segments lagged), masked where the text has nothing.
+SPOKEN = [said(0, 0, 900, 1900), said(1, 1000, 1900, 2900)]
+PACE_MS = 5000
+
+
+@pytest.mark.parametrize("revision_ms", [0, 10_000])
+def test_a_late_segment_after_the_text_fell_silent_does_not_stall_the_stream(
+        revision_ms: int) -> None:
+    # at 12 s the windows up to the one ending at 7 s closed on the idle clock; a segment
+    # over 3.0..3.5 s (its windows long closed) then says nothing about the present
+    late = said(9, 3000, 3500, 12_000)
+    a = aligner(revision_horizon_ms=revision_ms)
+    out, outcomes = run(a, media(0, 20_000) + SPOKEN + [late], 20_000)
+    by_end = finals(out)
+    # every window closes at the pace the idle clock set, before the segment and after it
+    for end in range(500, 20_000 - PACE_MS + 1, 500):
+        at, w = by_end[end]
+        assert at == end + PACE_MS, f"window ending at {end} ms closed at {at} ms"
+        if end >= 3000:  # nothing of the transcript's: closed on its deadline
+            assert w.quality["closed_by"] == ClosedBy.DEADLINE and not w.present["text"]
+    # and the segment itself is handled as it always was
+    outcome = outcomes[id(late[1])]
+    if not revision_ms:
+        assert outcome.status == OutcomeStatus.LATE and a.stats["late"] == 1
+        # the watermark it names is the one its windows closed on
+        assert "text watermark 1800000009.900s (silent, moved on with the clock)" \
+            in outcome.reason
+        (first_after,) = [w for end, (at, w) in by_end.items() if at == 12_000]
+        assert first_after.quality["late_events"] == 1
+    else:
+        assert outcome.status == OutcomeStatus.ACCEPTED and "revises 2" in outcome.reason
+        revised = [(now, w) for now, w in out if w.quality["closed_by"] == ClosedBy.REVISION]
+        assert [((now - T0) // MS, (w.start_ns - T0) // MS) for now, w in revised] == [
+            (12_000, 2500), (12_000, 3000)]
+        assert all(w.present["text"] and w.rev == 1 for _, w in revised)
+        assert a.stats["late"] == 0 and a.stats["revisions"] == 2
+
+
+def test_late_segments_keep_coming_while_the_text_is_silent() -> None:
+    """A recogniser so far behind that every segment is late: the stream is not held back by
+    any of them (each one is reported late)."""
+    lagging = [said(10 + i, 500 + i * 500, 900 + i * 500, 8000 + i * 700) for i in range(15)]
+    a = aligner()
+    out, outcomes = run(a, media(0, 20_000) + SPOKEN + lagging, 20_000)
+    by_end = finals(out)
+    for end in range(500, 20_000 - PACE_MS + 1, 500):
+        assert by_end[end][0] == end + PACE_MS, end
+    assert all(outcomes[id(r)].status == OutcomeStatus.LATE for _, r in lagging)
+    assert a.stats["late"] == len(lagging)
+
+
+def test_a_transcript_that_comes_back_behind_the_idle_clock_loses_nothing() -> None:
+    """The recogniser comes back at 12 s with 4.6 s of lag (more than it had): its segments
+    are in every window they overlap (none closed on the idle clock before them), and its
+    watermark, which the idle clock had moved to 9.9 s, does not fall back to theirs: when
+    it falls silent again, windows wait no longer than its live spell added."""
+    back = [said(10, 6500, 7400, 12_000), said(11, 7400, 8400, 13_000)]
+    a = aligner()
+    out, outcomes = run(a, media(0, 25_000) + SPOKEN + back, 25_000)
+    for _, r in back:
+        o = outcomes[id(r)]
+        assert o.status == OutcomeStatus.ACCEPTED and not o.reason, o
+    assert a.stats["late"] == 0 and a.stats["late_partial"] == 0
+    by_end = finals(out)
+    for end, (_, w) in by_end.items():
+        want = {r.seq for _, r in SPOKEN + back
+                if r.start_ns < w.end_ns and r.end_ns > w.start_ns}
+        assert {s.seq for s in w.segments} == want, end
+    for end in range(500, 7000, 500):  # before it came back: the idle clock's pace
+        assert by_end[end][0] == end + PACE_MS, end
+    # it was live from 12 s (the last poll before: 11.9 s) to its deadline after its last
+    # segment (14 s); the watermark stood still meanwhile and then moved on with the clock
+    # again from where it stood
+    live_ms = 14_000 - 11_900
+    for end in range(7000, 25_000 - PACE_MS - live_ms + 1, 500):
+        at, w = by_end[end]
+        assert at == end + PACE_MS + live_ms, f"window ending at {end} ms closed at {at} ms"
+
+
+def test_a_late_frame_after_the_camera_fell_silent_stalls_neither_provisionals_nor_finals(
+        ) -> None:
+    """The same for video, and for provisional windows (here they close on the video
+    alone, finals on the audio's longer lateness too)."""
+    late = (T0 + 8000 * MS, frame("cam", T0 + 1000 * MS, 999))
+    a = aligner(provisional_on="video", expected_modalities="video,audio",
+                lateness_audio_ms=2000)
+    out, outcomes = run(a, media(0, 3000) + media(3000, 15_000, video=False, first_seq=30)
+                        + [late], 15_000)
+    assert outcomes[id(late[1])].status == OutcomeStatus.LATE
+    # the camera's watermark moves on from 2.9 s with the clock once it is silent past
+    # 3.9 s: a window ending at E >= 3 s has its provisional at the first poll after
+    # E + 1.25 s (video lateness 250 ms and the 1 s deadline), its final at E + 2 s (the
+    # audio's lateness)
+    for final, pace in ((False, 1300), (True, 2000)):
+        closed = {(w.end_ns - T0) // MS: (now - T0) // MS for now, w in out if w.final == final}
+        for end in range(4000, 15_000 - pace + 1, 500):
+            assert closed.get(end) == end + pace, (final, end, closed.get(end))
