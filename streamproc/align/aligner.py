@@ -398,6 +398,7 @@ class _Stream:
         "kept",
         "last_seen",
         "late_pending",
+        "late_run",
         "marked",
         "provisional_before",
         "published_before",
@@ -413,6 +414,8 @@ class _Stream:
         self.sid = sid
         self.first_seen = now_ns
         self.heard = now_ns  # its last record of any kind (for expiry)
+        # per modality, (first, last) wall time of its current run of late records
+        self.late_run: dict[Modality, tuple[int, int]] = {}
         self.due = _INF  # when poll() looks at it again without a record (in Aligner._due)
         self.last_seen: dict[Modality, int] = {}
         self.wm: dict[Modality, int] = {}
@@ -596,8 +599,26 @@ class Aligner:
         # recogniser far behind sends only late segments). A restart's replay (windows
         # published before it) counts where it moves the watermark on: it rebuilds the
         # watermarks the restarted aligner lacks.
-        if cb is None or k_last >= cb or \
-                (rb is not None and k_last < rb and (x is None or e > x)):
+        live = cb is None or k_last >= cb
+        lagging = False
+        if not live:
+            # ... unless the modality sends nothing else, steadily (no gap over its idle
+            # deadline) for its idle deadline: then it is not a straggler but a source now
+            # lagging more than before. Its watermark follows its records again (the stream
+            # waits for them from their own time, once), as for any source's steady delay;
+            # otherwise all it sends would be late for as long as the lag lasts.
+            run = st.late_run.get(mod)
+            first = now_ns if run is None or now_ns - run[1] > self._idle[mod] else run[0]
+            st.late_run[mod] = (first, now_ns)
+            lagging = now_ns - first >= self._idle[mod]
+        elif mod in st.late_run:
+            del st.late_run[mod]
+        if lagging:
+            if wm is None or e > wm:
+                st.wm[mod] = e
+            self._dirty.add(sid)
+            last_seen[mod] = now_ns
+        elif live or (rb is not None and k_last < rb and (x is None or e > x)):
             # Never below where the clock had moved it: windows after those that closed
             # on the clock wait for its records from there, not from an older event time.
             if x is None or e > x:

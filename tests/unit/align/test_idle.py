@@ -111,10 +111,11 @@ def test_a_late_segment_after_the_text_fell_silent_does_not_stall_the_stream(
         assert a.stats["late"] == 0 and a.stats["revisions"] == 2
 
 
-def test_late_segments_keep_coming_while_the_text_is_silent() -> None:
-    """A recogniser so far behind that every segment is late: the stream is not held back by
-    any of them (each one is reported late)."""
-    lagging = [said(10 + i, 500 + i * 500, 900 + i * 500, 8000 + i * 700) for i in range(15)]
+def test_late_segments_now_and_then_while_the_text_is_silent() -> None:
+    """Stragglers: late segments more than the idle deadline apart never hold the stream
+    back (each one is reported late); a source is followed at a new lag only when it sends
+    late records steadily (the camera test below)."""
+    lagging = [said(10 + i, 500 + i * 500, 900 + i * 500, 8000 + i * 1200) for i in range(9)]
     a = aligner()
     out, outcomes = run(a, media(0, 20_000) + SPOKEN + lagging, 20_000)
     by_end = finals(out)
@@ -170,3 +171,22 @@ def test_a_late_frame_after_the_camera_fell_silent_stalls_neither_provisionals_n
         closed = {(w.end_ns - T0) // MS: (now - T0) // MS for now, w in out if w.final == final}
         for end in range(4000, 15_000 - pace + 1, 500):
             assert closed.get(end) == end + pace, (final, end, closed.get(end))
+
+
+def test_a_camera_back_with_a_steady_longer_lag_is_followed_again() -> None:
+    """A source that comes back 3 s behind its own past pace sends only late records at
+    first; once it has done so steadily for its idle deadline, the stream follows it at
+    the new lag (one stall), instead of finding every one of its frames late for ever."""
+    a = aligner(expected_modalities="video,audio")
+    events = media(0, 30_000, video=False)  # audio live for 30 s
+    events += [(T0 + t * MS, frame("cam", T0 + t * MS, t // 100)) for t in range(0, 3000, 100)]
+    # silent from 3 s, back at 8 s with frames from 5 s on: 3 s behind
+    back = [(T0 + (t + 3000) * MS, frame("cam", T0 + t * MS, 1000 + t // 100))
+            for t in range(5000, 27_000, 100)]
+    out, outcomes = run(a, events + back, 34_000)
+    late = [r for _, r in back if outcomes[id(r)].status == OutcomeStatus.LATE]
+    # the frames of its first idle deadline behind the closed windows, then none
+    assert 0 < len(late) <= 25 and late == [r for _, r in back[:len(late)]]
+    by = finals(out)
+    followed = [by[end][1] for end in range(8000, 27_000, 500)]
+    assert all(w.present["video"] and len(w.frames) == 8 for w in followed)
