@@ -496,6 +496,7 @@ def report(live: dict, summary: dict, sat: dict, model: Path, args: argparse.Nam
     med = {k: statistics.median(v) for k, v in sat.items()}
     a, r = summary["added"], summary["received"]
     kept = summary["missing"] == 0 and summary["rate"] >= 0.98 * summary["due"]
+    last = live["samples"][-1][1] if live["samples"] else {}
     rows = [
         "| measure | value | goal |",
         "|---|---|---|",
@@ -514,6 +515,9 @@ def report(live: dict, summary: dict, sat: dict, model: Path, args: argparse.Nam
         f"<= 1.3 |",
         f"| revised finals (transcripts after their windows' finals) | "
         f"{summary['revisions']} | reported |",
+        f"| records late for their windows / all dead letters (live, worker counters) | "
+        f"{last.get('streamproc_late_total', 0):.0f} / "
+        f"{last.get('streamproc_dead_letters_total', 0):.0f} | reported |",
         f"| window end -> final prediction received: p50 / p99 | "
         f"{percentile(summary['final_total'], 50):.0f} / "
         f"{percentile(summary['final_total'], 99):.0f} ms | p99 <= text lateness + 200 ms |",
