@@ -529,6 +529,8 @@ class Aligner:
         # the clock of the latest poll(): add() finds a silent modality's watermark where
         # poll() had moved it (add()'s own clock may run ahead, while a backlog is read)
         self._polled: float = -_INF
+        # True until the caller says the replay after a resume is over (replay_done())
+        self._replaying = True
         self._accepted: dict[int, Outcome] = {}
         self._picks: dict[int, frozenset[int]] = {}  # frames in a window -> the picked indices
         self.stats: dict[str, int | float] = dict.fromkeys(
@@ -597,8 +599,8 @@ class Aligner:
         # end a silence and take the watermark back to the modality's newest event time,
         # holding the stream until the modality fell silent again (for ever, while a
         # recogniser far behind sends only late segments). A restart's replay (windows
-        # published before it) counts where it moves the watermark on: it rebuilds the
-        # watermarks the restarted aligner lacks.
+        # published before it) counts where it moves the watermark on, until the caller
+        # says it is over: it rebuilds the watermarks the restarted aligner lacks.
         live = cb is None or k_last >= cb
         lagging = False
         if not live:
@@ -618,7 +620,8 @@ class Aligner:
                 st.wm[mod] = e
             self._dirty.add(sid)
             last_seen[mod] = now_ns
-        elif live or (rb is not None and k_last < rb and (x is None or e > x)):
+        elif live or (self._replaying and rb is not None and k_last < rb and
+                      (x is None or e > x)):
             # Never below where the clock had moved it: windows after those that closed
             # on the clock wait for its records from there, not from an older event time.
             if x is None or e > x:
@@ -690,6 +693,12 @@ class Aligner:
                 self._accepted.clear()
             out = self._accepted[k_last] = Outcome(OutcomeStatus.ACCEPTED, "", k_last)
         return out
+
+    def replay_done(self) -> None:
+        """The records of windows published before a restart have all been read again.
+        From now on such a record is an ordinary late one (a recogniser far behind): it no
+        longer moves its modality's watermark, which only a replay needs rebuilt."""
+        self._replaying = False
 
     def poll(self, now_ns: int, provisional: bool = True) -> list[Window]:
         """Windows that may close now (watermark or idle deadline), per stream in start order.

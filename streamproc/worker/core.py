@@ -547,7 +547,10 @@ class WorkerCore:
             last = self._read_through[partition] = now
         # while a partition replays its backlog after a resume, its provisional windows went
         # out before (from this worker or the previous owner): none again
-        self._emit(partition, aligner.poll(last, not self.gate.catching_up(partition)))
+        live = not self.gate.catching_up(partition)
+        if live:
+            aligner.replay_done()
+        self._emit(partition, aligner.poll(last, live))
 
     def _note_stall(self, partition: int, aligner: Aligner,
                     fast: bool = False) -> tuple[bool, int | None]:

@@ -190,3 +190,33 @@ def test_a_camera_back_with_a_steady_longer_lag_is_followed_again() -> None:
     by = finals(out)
     followed = [by[end][1] for end in range(8000, 27_000, 500)]
     assert all(w.present["video"] and len(w.frames) == 8 for w in followed)
+
+
+@pytest.mark.parametrize("replay_over", [True, False])
+def test_after_a_restart_late_segments_hold_the_stream_only_while_replaying(
+        replay_over: bool) -> None:
+    """A restarted aligner rebuilds watermarks from replayed records (windows published
+    before the restart). Once the replay is over (the worker has read its backlog), a
+    recogniser far behind sending segments for those windows is late like any other and
+    holds nothing back."""
+    # further apart than the text's idle deadline: stragglers, not a source to follow
+    lagging = [said(10 + i, 5000 + i * 300, 5300 + i * 300, 10_500 + i * 1200)
+               for i in range(13)]
+
+    def go(text: bool) -> tuple[dict[int, tuple[int, Window]], dict[int, Outcome]]:
+        a = Aligner(AlignConfig.from_settings(Settings(provisional_on="none",
+                                                       revision_horizon_ms=0)),
+                    resume={"cam": T0 + 9500 * MS})  # published through the window at 9.5 s
+        if replay_over:
+            a.replay_done()
+        out, outcomes = run(a, media(10_000, 30_000, first_seq=100) +
+                            (lagging if text else []), 30_000)
+        return finals(out), outcomes
+
+    base, _ = go(False)
+    held, outcomes = go(True)
+    if replay_over:
+        assert {e: c for e, (c, _) in held.items()} == {e: c for e, (c, _) in base.items()}
+    else:  # a replay: the segments rebuild the text watermark, which then holds
+        assert all(outcomes[id(r)].status == OutcomeStatus.REPLAYED for _, r in lagging)
+        assert held.get(11_000, (30_001, None))[0] > base[11_000][0]  # or not by 30 s
