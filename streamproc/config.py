@@ -70,8 +70,12 @@ class Settings:
     # --- windows (docs/design.md §3) -------------------------------------------------
     window_ms: int = _opt(1000, "Window length W in milliseconds of event time.")
     hop_ms: int = _opt(500, "Window hop H in milliseconds (H = W gives tumbling windows).")
-    lateness_video_ms: int = _opt(250, "Allowed lateness of video frames (ms).")
-    lateness_audio_ms: int = _opt(250, "Allowed lateness of audio chunks (ms).")
+    # A stream's frames and chunks come in order from one producer (Kafka keeps a
+    # partition's order), so lateness only absorbs reordering between producers; every
+    # millisecond of it delays each window's first answer (docs/benchmarks.md).
+    lateness_video_ms: int = _opt(100, "Allowed lateness of video frames (ms).")
+    lateness_audio_ms: int = _opt(
+        100, "Allowed lateness of audio chunks (ms); at least one chunk (100 ms by default).")
     lateness_text_ms: int = _opt(3000, "Allowed lateness of transcript segments (ms); ASR lags.")
     idle_deadline_video_ms: int = _opt(
         1000, "Video silent this long (ms, wall clock): its watermark moves on with the clock.")

@@ -421,7 +421,8 @@ def test_backlog_keeps_window_order_and_names_its_writer(
     predictor = Predictor(str(tiny_model), "cpu")
     name, version = predictor.info["name"], predictor.info["version"]
     assert served == (f"{name} version {version}", "cpu")
-    window = (f"window_ms=1000,hop_ms=500,lateness_video_ms=250,lateness_audio_ms=250,"
+    window = (f"window_ms=1000,hop_ms=500,lateness_video_ms={settings.lateness_video_ms},"
+              f"lateness_audio_ms={settings.lateness_audio_ms},"
               f"lateness_text_ms={settings.lateness_text_ms},frames_per_window=8")
     for m in msgs:
         h = dict(m.headers)

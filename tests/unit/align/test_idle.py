@@ -159,7 +159,7 @@ def test_a_late_frame_after_the_camera_fell_silent_stalls_neither_provisionals_n
     alone, finals on the audio's longer lateness too)."""
     late = (T0 + 8000 * MS, frame("cam", T0 + 1000 * MS, 999))
     a = aligner(provisional_on="video", expected_modalities="video,audio",
-                lateness_audio_ms=2000)
+                lateness_video_ms=250, lateness_audio_ms=2000)
     out, outcomes = run(a, media(0, 3000) + media(3000, 15_000, video=False, first_seq=30)
                         + [late], 15_000)
     assert outcomes[id(late[1])].status == OutcomeStatus.LATE
