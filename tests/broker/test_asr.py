@@ -131,7 +131,8 @@ def test_kill_9_and_restart_lose_no_final_and_replay_identical_copies(
         # every final arrived, and every copy of a segment is the oracle's, so the aligner
         # counts it once: same seq, same span, same text and words
         assert {s.seq for s in got if s.final} == {s.seq for s in segs if s.final}
-        assert all(same_segment(s, by_seq[s.seq]) for s in got), sid
+        differ = [(s, by_seq.get(s.seq)) for s in got if not same_segment(s, by_seq.get(s.seq))]
+        assert not differ, f"{sid}: {differ}"
 
 
 #: How far a word's times may move between two decodes of the same audio: pocketsphinx
