@@ -121,6 +121,17 @@ def run_loop(settings: Settings, n: int, decode: bool) -> float:
     return asyncio.run(_loop(settings, n, decode))
 
 
+def peak_rss_kb() -> int:
+    """This process's peak RSS in KiB (VmHWM). Not getrusage's ru_maxrss: Linux carries a
+    parent's peak into its child across fork and exec, so a child smaller than the
+    benchmark that started it reported the parent's figure."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def run_agent(settings: Settings, n: int, noop: bool = False, profile: str = "",
               settle_s: float = 0.0, windows: int = 0, timeout_s: float = 600) -> dict:
     """The worker in a child process (faust owns its event loop and signal handlers).
@@ -177,7 +188,7 @@ def agent_child() -> None:
         out.write_text(json.dumps({
             "events_s": n / marks["elapsed"], "cpu_s": time.process_time(),
             "cpu_run_s": marks["cpu_run"], "cpu_us": marks["cpu_run"] / n * 1e6,
-            "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "maxrss_kb": peak_rss_kb(),
             "windows": state.counters.get("windows_emitted"),
             "published": state.counters.get("windows_published"),
             "dead_letters": state.counters.get("dead_letters")}))

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import struct
 import subprocess
@@ -68,7 +67,7 @@ from streamproc.topics import create_topics
 from streamproc.wire import codec as wire
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_agent import keep_backlog, produce_backlog, run_agent, write_section
+from bench_agent import keep_backlog, peak_rss_kb, produce_backlog, run_agent, write_section
 from bench_align import w1_records
 from bench_producer import machine
 
@@ -256,7 +255,7 @@ class Span:
 
     def result(self, n: int, **extra: Any) -> dict[str, Any]:
         return {"events_s": n / (self.t1 - self.t0), "cpu_run_s": self.c1 - self.c0,
-                "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, **extra}
+                "maxrss_kb": peak_rss_kb(), **extra}
 
 
 def _consumer_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
