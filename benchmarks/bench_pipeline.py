@@ -83,9 +83,6 @@ def log(msg: str) -> None:
 PROVISIONAL_ON: str | None = None
 #: Whether the live run's transcripts pause as speech does (--pauses).
 PAUSES = False
-#: Worker settings to override (--set NAME=VALUE).
-OVERRIDES: dict[str, str] = {}
-
 
 def base_settings(bootstrap: str, model: Path, provisional_on: str | None = None) -> Settings:
     prefix = f"bench{uuid.uuid4().hex[:8]}"
@@ -687,16 +684,15 @@ def main() -> int:
     global PROVISIONAL_ON, PAUSES
     PROVISIONAL_ON = args.provisional_on
     PAUSES = args.pauses
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if not hasattr(Settings(), name):
-            ap.error(f"--set {item}: no setting {name!r} (see `streamproc config`)")
-        OVERRIDES[name] = value
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    overrides = dict(item.partition("=")[::2] for item in args.set)
+    for name, value in overrides.items():
+        if name not in fields:
+            ap.error(f"--set {name}={value}: no setting {name!r} (see `streamproc config`)")
         # base_settings reads it from the environment, like any STREAMPROC_* set for a run
-        field = next(f for f in dataclasses.fields(Settings) if f.name == name)
-        os.environ[env_name(field)] = value
-    if OVERRIDES:
-        log(f"worker settings: {OVERRIDES}")
+        os.environ[env_name(fields[name])] = value
+    if overrides:
+        log(f"worker settings: {overrides}")
     model = args.model or prepare_model(Layout(default_dir()), log=log)
     if args.frame_sizes:
         sizes = [tuple(int(x) for x in sz.split("x")) for sz in args.frame_sizes.split(",")]

@@ -584,21 +584,15 @@ class Aligner:
         st.heard = now_ns
         last_seen = st.last_seen
         seen = last_seen.get(mod)
-        # where the modality's watermark stands on poll()'s clock (the one windows closed
-        # on; add()'s may run ahead while a backlog is read): past its newest event time
-        # when silent past its deadline
-        wm = x = st.wm.get(mod)
-        if x is not None and seen is not None:
-            silent = self._polled - seen - self._idle[mod]
-            if silent > 0:
-                x += int(silent)
+        wm = st.wm.get(mod)
+        x = self._clock_wm(st, mod)
         cb = st.closed_before
         rb = st.resume_before
         # A record whose windows all closed (late, or a revision) is not the source sending:
         # it is alive, but the record says nothing about the present, and counting it would
         # end a silence and take the watermark back to the modality's newest event time,
-        # holding the stream until the modality fell silent again (for ever, while a
-        # recogniser far behind sends only late segments). A restart's replay (windows
+        # holding the stream until the modality fell silent again (or for as long as a
+        # recogniser far behind sends late segments now and then). A restart's replay (windows
         # published before it) counts where it moves the watermark on, until the caller
         # says it is over: it rebuilds the watermarks the restarted aligner lacks.
         live = cb is None or k_last >= cb
@@ -927,17 +921,23 @@ class Aligner:
             f"{mod} watermark {self._standing(st, mod)}, allowed lateness "
             f"{self._late[mod] // 1_000_000} ms{horizon})"))
 
-    def _standing(self, st: _Stream, mod: Modality) -> str:
-        """Where a modality's watermark stood at the last poll, for a late record's reason:
-        its newest event time, or past it where the modality was silent past its idle
-        deadline (the watermark its windows closed on)."""
+    def _clock_wm(self, st: _Stream, mod: Modality) -> int | None:
+        """Where a modality's watermark stands on poll()'s clock (the one windows closed on;
+        add()'s may run ahead while a backlog is read): its newest event time, or past it
+        by as long as the modality has been silent past its idle deadline."""
         wm, seen = st.wm.get(mod), st.last_seen.get(mod)
         if wm is None or seen is None:
-            return _fmt_ns(wm)
+            return wm
         silent = self._polled - seen - self._idle[mod]
-        if silent <= 0:
+        return wm + int(silent) if silent > 0 else wm
+
+    def _standing(self, st: _Stream, mod: Modality) -> str:
+        """Where a modality's watermark stood at the last poll, for a late record's reason
+        (the watermark its windows closed on)."""
+        wm, x = st.wm.get(mod), self._clock_wm(st, mod)
+        if x == wm:
             return _fmt_ns(wm)
-        return f"{_fmt_ns(wm + int(silent))} (silent, moved on with the clock)"
+        return f"{_fmt_ns(x)} (silent, moved on with the clock)"
 
     def _future(self, rec: MediaRecord, ahead_ns: int) -> Outcome:
         self.stats["future"] += 1

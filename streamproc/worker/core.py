@@ -538,8 +538,9 @@ class WorkerCore:
         # fetches failing) does not count toward idleness afterwards either: producers
         # deliver what they kept once the broker is back.
         behind, fetched = reading or self._note_stall(partition, aligner)
+        live = not self.gate.catching_up(partition)
         last = self._read_through.get(partition)
-        if not (behind or self.gate.catching_up(partition) or not self.flowing()):
+        if live and not behind and self.flowing():
             known = now if fetched is None else min(now, fetched)
             if last is None or known > last:
                 last = self._read_through[partition] = known
@@ -547,7 +548,6 @@ class WorkerCore:
             last = self._read_through[partition] = now
         # while a partition replays its backlog after a resume, its provisional windows went
         # out before (from this worker or the previous owner): none again
-        live = not self.gate.catching_up(partition)
         if live:
             aligner.replay_done()
         self._emit(partition, aligner.poll(last, live))
