@@ -66,10 +66,6 @@ class Engine(Protocol):
 # pocketsphinx's own search settings: narrower beams without the second (flat-lexicon)
 # pass halve the decoding time but lose digits and short words (docs/benchmarks.md, ASR).
 SPHINX_CONFIG: dict[str, Any] = {}
-# Decoded after every utterance, so that each one starts from the same decoder state:
-# setting the cepstral mean back is not enough (a decoder that decoded other streams
-# placed the first word up to 40 ms differently), and 300 ms of digital silence is.
-_SETTLE = bytes(2 * SAMPLE_RATE * 3 // 10)
 _FILLER = re.compile(r"^[<\[+].*[>\]+]$")  # <s>, </s>, <sil>, [NOISE], +breath+
 _ALTERNATE = re.compile(r"\(\d+\)$")  # the(2): a dictionary pronunciation variant
 
@@ -79,9 +75,10 @@ class SphinxEngine:
 
     A decoder holds ~90 MB and takes ~0.3 s to load, so decoders are pooled: an utterance
     borrows one and gives it back when it ends (a worker needs as many as it has
-    utterances in progress at once). Every decoder is brought to the same state before
-    each utterance (the same cepstral mean, then the same silence decoded), so a
-    decoder's history never changes a result.
+    utterances in progress at once). Each utterance starts with a fresh front end
+    (``reinit_feat``, ~0.1 ms): the cepstral mean and the noise estimate adapt as a
+    decoder listens, and a decoder that heard other audio before otherwise places words
+    a frame or two differently, which moves a final's span and so its duplicate key.
     """
 
     name = "pocketsphinx"
@@ -100,7 +97,6 @@ class SphinxEngine:
         self._free: list[Any] = []
         self._lock = threading.Lock()
         first = self._ps.Decoder(**self._config)
-        self._cmn = first.get_cmn()
         frate = int(first.config["frate"])
         self.samples_per_frame = SAMPLE_RATE // frate
         self._free.append(self._ready(first))
@@ -109,25 +105,18 @@ class SphinxEngine:
         return self._ready(self._ps.Decoder(**self._config))
 
     def _ready(self, dec: Any) -> Any:
-        """A new decoder, held to the grammar if there is one, settled."""
+        """A new decoder, held to the grammar if there is one."""
         if self._grammar is not None:
             dec.add_jsgf_string("grammar", self._grammar)
             dec.activate_search("grammar")
-        self._settle(dec)
         return dec
-
-    def _settle(self, dec: Any) -> None:
-        dec.set_cmn(self._cmn)
-        dec.start_utt()
-        dec.process_raw(_SETTLE)
-        dec.end_utt()
 
     def start(self) -> _SphinxUtterance:
         with self._lock:
             dec = self._free.pop() if self._free else None
         if dec is None:
             dec = self._new_decoder()
-        dec.set_cmn(self._cmn)
+        dec.reinit_feat()
         dec.start_utt()
         return _SphinxUtterance(self, dec)
 
@@ -142,7 +131,6 @@ class SphinxEngine:
                 self._free.append(dec)
 
     def _give_back(self, dec: Any) -> None:
-        self._settle(dec)
         with self._lock:
             self._free.append(dec)
 
