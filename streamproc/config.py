@@ -102,8 +102,10 @@ class Settings:
     max_buffer_audio_s: float = _opt(60.0, "Cap on buffered audio seconds per stream.")
     max_future_ms: int = _opt(
         60_000, "Records whose event time (the end, for a span) is further ahead of the "
-        "worker's clock are dead-lettered (a producer clock is wrong); 0: no limit, and the "
-        "worker's clock is not compared with event times at all.")
+        "worker's clock are dead-lettered (a producer clock is wrong); a modality whose "
+        "records come further behind than this is not followed as a lagging source (its "
+        "clock stepped back). 0: no limit, and the worker's clock is not compared with "
+        "event times at all.")
     max_lead_ms: int = _opt(
         2000, "How far one record may end ahead of both the worker's clock and every "
         "watermark of its stream (ms); records further ahead are dead-lettered, so one "

@@ -83,6 +83,13 @@ class ClosedBy(StrEnum):
 # reported as a duplicate, not late. Looked up only on that rare path, so add() pays nothing
 # for it.
 RETIRED_WINDOWS_KEPT = 512
+# Keys remembered per closed window at most: while nothing closes (a stream held), late
+# records keep adding theirs to the newest set, and a flood of them must not grow it for
+# ever; past this a new set starts (the oldest drops out of the deque).
+RETIRED_KEYS_PER_SET = 4096
+# Late records a modality must send, steadily, before it counts as a source lagging more
+# than before (with its idle deadline of them): two stragglers are no source.
+LATE_RUN_RECORDS = 3
 # Audio at another rate than the model's is resampled with its neighbours as filter context:
 # chunks this close to a window join its bucket, so no filter edge falls inside the window.
 RESAMPLE_PAD_NS = 10_000_000
@@ -415,7 +422,9 @@ class _Stream:
         self.first_seen = now_ns
         self.heard = now_ns  # its last record of any kind (for expiry)
         # per modality, (first, last) wall time of its current run of late records
-        self.late_run: dict[Modality, tuple[int, int]] = {}
+        # per modality: (first, last, count) of its records whose windows had all closed,
+        # while nothing live came between them
+        self.late_run: dict[Modality, tuple[int, int, int]] = {}
         self.due = _INF  # when poll() looks at it again without a record (in Aligner._due)
         self.last_seen: dict[Modality, int] = {}
         self.wm: dict[Modality, int] = {}
@@ -580,13 +589,17 @@ class Aligner:
         key = (rec.seq, s, e)
         if key in buffered or (st.dropped_any and self._seen(st, mod, key)):
             return self._duplicate(st, rec, k_first, k_last)
+        cb = st.closed_before
+        # a copy of a record whose windows had all closed (late, a revision, a replay) is
+        # a duplicate before anything else: the source sent it once
+        if cb is not None and k_last < cb and self._seen(st, mod, key):
+            return self._duplicate(st, rec, k_first, k_last)
 
         st.heard = now_ns
         last_seen = st.last_seen
         seen = last_seen.get(mod)
         wm = st.wm.get(mod)
         x = self._clock_wm(st, mod)
-        cb = st.closed_before
         rb = st.resume_before
         # A record whose windows all closed (late, or a revision) is not the source sending:
         # it is alive, but the record says nothing about the present, and counting it would
@@ -596,26 +609,33 @@ class Aligner:
         # published before it) counts where it moves the watermark on, until the caller
         # says it is over: it rebuilds the watermarks the restarted aligner lacks.
         live = cb is None or k_last >= cb
+        replayed = self._replaying and rb is not None and k_last < rb
         lagging = False
-        if not live:
+        if not live and not replayed:
             # ... unless the modality sends nothing else, steadily (no gap over its idle
             # deadline) for its idle deadline: then it is not a straggler but a source now
             # lagging more than before. Its watermark follows its records again (the stream
             # waits for them from their own time, once), as for any source's steady delay;
-            # otherwise all it sends would be late for as long as the lag lasts.
+            # otherwise all it sends would be late for as long as the lag lasts. Not when it
+            # is further behind than max_future_ms: that is a clock that stepped back, and
+            # following it would hold the stream for as long.
             run = st.late_run.get(mod)
-            first = now_ns if run is None or now_ns - run[1] > self._idle[mod] else run[0]
-            st.late_run[mod] = (first, now_ns)
-            lagging = now_ns - first >= self._idle[mod]
-        elif mod in st.late_run:
+            if run is None or now_ns - run[1] > self._idle[mod]:
+                run = (now_ns, now_ns, 1)
+            else:
+                run = (run[0], now_ns, run[2] + 1)
+            st.late_run[mod] = run
+            lagging = (run[2] >= LATE_RUN_RECORDS and now_ns - run[0] >= self._idle[mod]
+                       and not (self.cfg.max_future_ns and x is not None
+                                and x - e > self.cfg.max_future_ns))
+        elif live and mod in st.late_run:
             del st.late_run[mod]
         if lagging:
             if wm is None or e > wm:
                 st.wm[mod] = e
             self._dirty.add(sid)
             last_seen[mod] = now_ns
-        elif live or (self._replaying and rb is not None and k_last < rb and
-                      (x is None or e > x)):
+        elif live or (replayed and (x is None or e > x)):
             # Never below where the clock had moved it: windows after those that closed
             # on the clock wait for its records from there, not from an older event time.
             if x is None or e > x:
@@ -643,8 +663,6 @@ class Aligner:
                     self._remember(st, (mod, *key))  # a later copy is a duplicate
                     return Outcome(OutcomeStatus.ACCEPTED,
                                    f"revises {revised} closed window(s)", k_last)
-                if self._seen(st, mod, key):
-                    return self._duplicate(st, rec, k_first, k_last)
                 return self._too_old(st, rec, key, s, e, k_first, k_last)
             rb = st.resume_before
             lo = k_first if rb is None else max(k_first, rb)
@@ -692,7 +710,11 @@ class Aligner:
         """The records of windows published before a restart have all been read again.
         From now on such a record is an ordinary late one (a recogniser far behind): it no
         longer moves its modality's watermark, which only a replay needs rebuilt."""
+        if not self._replaying:
+            return
         self._replaying = False
+        for st in self._streams.values():
+            st.late_run.clear()  # replayed records are no source lagging
 
     def poll(self, now_ns: int, provisional: bool = True) -> list[Window]:
         """Windows that may close now (watermark or idle deadline), per stream in start order.
@@ -759,6 +781,8 @@ class Aligner:
             st.heard += ns
             for m in st.last_seen:
                 st.last_seen[m] += ns
+            for m, (first, last, n) in st.late_run.items():
+                st.late_run[m] = (first + ns, last + ns, n)
 
     def closed_before(self, stream_id: str) -> int | None:
         """Every window of the stream with start < this has closed (published or empty).
@@ -1053,7 +1077,7 @@ class Aligner:
                     st.marked[k] = b
 
     def _remember(self, st: _Stream, key: tuple[str, int, int, int]) -> None:
-        if not st.retired:
+        if not st.retired or len(st.retired[-1]) >= RETIRED_KEYS_PER_SET:
             st.retired.append(set())
         st.retired[-1].add(key)
 

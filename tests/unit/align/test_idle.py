@@ -220,3 +220,130 @@ def test_after_a_restart_late_segments_hold_the_stream_only_while_replaying(
     else:  # a replay: the segments rebuild the text watermark, which then holds
         assert all(outcomes[id(r)].status == OutcomeStatus.REPLAYED for _, r in lagging)
         assert held.get(11_000, (30_001, None))[0] > base[11_000][0]  # or not by 30 s
+def test_a_copy_of_a_late_segment_is_not_a_source_lagging() -> None:
+    """A late segment and a copy of it (a producer retry, one idle deadline later): the
+    copy is a duplicate, counted once; neither is the source sending, so the stream keeps
+    the pace the idle clock set (as with the late segment alone)."""
+    late = said(9, 3000, 3500, 12_000)
+    copy = (T0 + 13_000 * MS, segment("cam", 9, T0 + 3000 * MS, T0 + 3500 * MS))
+    a = aligner()
+    out, outcomes = run(a, media(0, 20_000) + SPOKEN + [late, copy], 20_000)
+    assert outcomes[id(late[1])].status == OutcomeStatus.LATE
+    assert outcomes[id(copy[1])].status == OutcomeStatus.DUPLICATE
+    by_end = finals(out)
+    for end in range(500, 20_000 - PACE_MS + 1, 500):
+        assert end in by_end, f"window ending at {end} ms never closed by 20 s"
+        at, _ = by_end[end]
+        assert at == end + PACE_MS, f"window ending at {end} ms closed at {at} ms"
+
+
+def test_with_a_zero_idle_deadline_one_straggler_is_not_a_lagging_source() -> None:
+    """idle_deadline_text_ms=0 (allowed: "must not be negative"): the text watermark moves
+    with the clock as soon as the recogniser is quiet. One late segment, alone, is a
+    straggler; it must not pull the watermark back to its own event time."""
+    pace = 4000  # text lateness 3 s + the 1 s the segments lagged, no deadline
+    late = said(9, 3000, 3500, 12_000)
+    a = aligner(idle_deadline_text_ms=0)
+    out, outcomes = run(a, media(0, 20_000) + SPOKEN + [late], 20_000)
+    assert outcomes[id(late[1])].status == OutcomeStatus.LATE
+    by_end = finals(out)
+    for end in range(500, 20_000 - pace + 1, 500):
+        assert end in by_end, f"window ending at {end} ms never closed by 20 s"
+        at, _ = by_end[end]
+        assert at == end + pace, f"window ending at {end} ms closed at {at} ms"
+
+
+def _restart_run(straggler: bool) -> tuple[dict, dict]:
+    """A worker restarted at 10 s (published through the window at 9.5 s) reads a backlog
+    for 1.5 s of its clock: a recogniser far behind, segments every 300 ms for windows
+    published before the restart (replayed). The backlog is read by 11.5 s and the
+    worker says so (replay_done) at its next poll; media are live from 10 s. With
+    ``straggler``, one more segment for a published window comes at 12.2 s, and no
+    other text for the rest of the run."""
+    a = Aligner(AlignConfig.from_settings(Settings(provisional_on="none",
+                                                   revision_horizon_ms=0)),
+                resume={"cam": T0 + 9500 * MS})
+    backlog = [said(10 + i, 4000 + i * 300, 4300 + i * 300, 10_000 + i * 300)
+               for i in range(6)]  # arrive 10.0 .. 11.5 s
+    extra = [said(30, 3000, 3300, 12_200)] if straggler else []
+    events = sorted(media(10_000, 30_000, first_seq=100) + backlog + extra,
+                    key=lambda e: e[0])
+    out, outcomes, i = [], {}, 0
+    replaying = True
+    for now in range(T0 + 10_000 * MS, T0 + 30_000 * MS + 1, 100 * MS):
+        while i < len(events) and events[i][0] <= now:
+            outcomes[id(events[i][1])] = a.add(events[i][1], events[i][0])
+            i += 1
+        if replaying and now >= T0 + 11_600 * MS:
+            replaying = False
+            a.replay_done()
+        # as the worker does: the poll clock stands still while it reads the backlog
+        out += [(now, w) for w in a.poll(T0 + 10_000 * MS if replaying else now,
+                                         not replaying)]
+    return finals(out), {**outcomes, "extra": [outcomes[id(r)] for _, r in extra]}
+
+
+def test_a_straggler_just_after_the_replay_is_late_like_any_other() -> None:
+    """docs/alignment.md: after the replay 'such a record is late like any other'. A
+    single straggler holds nothing back, whatever the replay before it: the windows
+    close when they do without it."""
+    base, _ = _restart_run(False)
+    held, outcomes = _restart_run(True)
+    assert [o.status for o in outcomes["extra"]] == [OutcomeStatus.REPLAYED]
+    diff = {e: (base[e][0], held.get(e, (None,))[0]) for e in base
+            if held.get(e, (None,))[0] != base[e][0]}
+    assert not diff, f"window end -> (closed at without, with the straggler): {diff}"
+
+
+def test_a_camera_whose_clock_steps_back_does_not_stop_the_stream() -> None:
+    """At 5 s the camera's clock steps back 10 minutes (NTP, a reboot): every frame it
+    sends from then on is for windows closed long ago. That is no lag to follow (more
+    than max_future_ms behind): its frames stay late, the windows keep closing without
+    video, and the late keys remembered stay bounded."""
+    a = aligner(expected_modalities="video,audio")
+    events = media(0, 60_000, video=False)  # audio live for 60 s
+    events += [(T0 + t * MS, frame("cam", T0 + t * MS, t // 100)) for t in range(0, 5000, 100)]
+    back = [(T0 + t * MS, frame("cam", T0 + (t - 600_000) * MS, 1000 + t // 100))
+            for t in range(5000, 60_000, 100)]
+    out, outcomes = run(a, events + back, 60_000)
+    assert all(outcomes[id(r)].status == OutcomeStatus.LATE for _, r in back)
+    by_end = finals(out)
+    st = a._streams["cam"]
+    missing = [end for end in range(500, 50_000, 500) if end not in by_end]
+    assert not missing, (f"{len(missing)} windows never closed, from {missing[0]} ms; "
+                         f"video wm {(st.wm['video'] - T0) / S:.1f} s, "
+                         f"retired[-1] holds {len(st.retired[-1])} keys")
+
+
+def _camera_back(outage: bool) -> int:
+    """test_idle's camera, back 6 s behind (from 11 s); with ``outage`` the broker is away
+    from 11.45 s to 13.45 s: what was produced meanwhile is read at 13.45 s, after
+    Aligner.pause(2 s), as the worker does. Returns how many of its frames were late."""
+    a = aligner(expected_modalities="video,audio")
+    events = media(0, 30_000, video=False)
+    events += [(T0 + t * MS, frame("cam", T0 + t * MS, t // 100)) for t in range(0, 3000, 100)]
+    back = [(T0 + (t + 6000) * MS, frame("cam", T0 + t * MS, 1000 + t // 100))
+            for t in range(5000, 27_000, 100)]
+    events = sorted(events + back, key=lambda e: e[0])
+    lo, hi = T0 + 11_450 * MS, T0 + 13_450 * MS
+    outcomes, i, paused = {}, 0, False
+    for now in range(T0, T0 + 34_000 * MS + 1, 50 * MS):
+        if outage and lo < now < hi:
+            continue  # nothing read, no poll (the worker's poll clock stands still)
+        if outage and now >= hi and not paused:
+            a.pause(hi - lo)
+            paused = True
+        while i < len(events) and events[i][0] <= now:
+            at = now if outage and lo < events[i][0] < hi else events[i][0]
+            outcomes[id(events[i][1])] = a.add(events[i][1], at)
+            i += 1
+        a.poll(now)
+    return sum(outcomes[id(r)].status == OutcomeStatus.LATE for _, r in back)
+
+
+def test_time_the_input_could_not_be_read_does_not_break_a_late_run() -> None:
+    """docs/alignment.md / worker.md: time in which the worker could not read its input
+    does not count toward idleness. A camera sending late frames steadily is followed
+    after its idle deadline of them; an outage of the input in the middle of that run
+    is no gap in the source's sending, so it should not start the run again."""
+    assert _camera_back(True) == _camera_back(False), "late frames with / without outage"
