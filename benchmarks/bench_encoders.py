@@ -28,8 +28,8 @@ import subprocess
 import sys
 import time
 
-ENCODERS = [("video", "cnn"), ("video", "efficientnet-lite0"), ("audio", "cnn"),
-            ("audio", "silero-vad")]
+ENCODERS = [("video", "cnn"), ("video", "efficientnet-lite0"),
+            ("video", "haar-face"), ("audio", "cnn"), ("audio", "silero-vad")]
 
 
 def w1_windows(n: int) -> list:

@@ -2,7 +2,8 @@
 against the number of labelled training windows (docs/models.md).
 
 For each encoder setting (``scratch``: the small CNNs on 16x16 grey frames and log-mel;
-``pretrained``: EfficientNet-Lite0 + Silero VAD, frozen), each number of labelled windows
+``pretrained``: EfficientNet-Lite0 + Silero VAD, frozen; ``pretrained-face``: OpenCV's Haar face
+detector + Silero VAD, frozen), each number of labelled windows
 (a class-balanced random draw from the train split, per seed) and each method, trains
 with early stopping on the validation split and reports test accuracy, and accuracy with
 the video or the audio removed at test time, as mean ± std over seeds.
@@ -41,8 +42,9 @@ from streamproc.ml.train import (
 )
 from streamproc.models import create_model
 
-SETTINGS = {"scratch": {}, "pretrained": {"video_encoder": "efficientnet-lite0",
-                                          "audio_encoder": "silero-vad"}}
+SETTINGS = {"scratch": {},
+            "pretrained": {"video_encoder": "efficientnet-lite0", "audio_encoder": "silero-vad"},
+            "pretrained-face": {"video_encoder": "haar-face", "audio_encoder": "silero-vad"}}
 
 
 def subset(split: Split, n: int, seed: int) -> Split:
@@ -67,7 +69,7 @@ def main() -> None:
     ap.add_argument("--preset", default="small", choices=sorted(rw.PRESETS))
     ap.add_argument("--sizes", default="20,50,100,200,0")
     ap.add_argument("--methods", default="early,late,lmf,tfn,attention,video,audio")
-    ap.add_argument("--settings", default="scratch,pretrained")
+    ap.add_argument("--settings", default="scratch,pretrained,pretrained-face")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--patience", type=int, default=10)

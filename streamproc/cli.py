@@ -535,9 +535,11 @@ def _model_parsers(sub: argparse._SubParsersAction) -> None:
                        help="probability of masking each modality of a training window [0.3]")
         p.add_argument("--text-encoder", choices=["gru", "transformer", "minilm"],
                        default=None, help="text encoder [gru]; minilm needs the extra")
-        p.add_argument("--video-encoder", choices=["cnn", "efficientnet-lite0"], default=None,
+        p.add_argument("--video-encoder",
+                       choices=["cnn", "efficientnet-lite0", "haar-face"], default=None,
                        help="video encoder [cnn]; efficientnet-lite0: pretrained on ImageNet, "
-                            "frozen (only its projection trains)")
+                            "frozen (only its projection trains); haar-face: OpenCV's "
+                            "pretrained face detector (whether a face is on screen, its size)")
         p.add_argument("--audio-encoder", choices=["cnn", "silero-vad"], default=None,
                        help="audio encoder [cnn]; silero-vad: the pretrained Silero VAD "
                             "network, frozen (only its projection trains)")

@@ -257,6 +257,7 @@ def create_model(arch: str, /, labels: Sequence[str], preprocess: Preprocess | N
 PRETRAINED_ENCODERS = {
     # two of the K frames: each costs a network pass, and a window's frames barely differ
     "efficientnet-lite0": EncoderConfig("efficientnet-lite0", frames=2, dropout=0.2),
+    "haar-face": EncoderConfig("haar-face", frames=2, dropout=0.2),
     "silero-vad": EncoderConfig("silero-vad", dropout=0.2),
 }
 

