@@ -366,6 +366,14 @@ class _Bucket:
     def empty(self) -> bool:
         return not any(self.recs.values())
 
+    def holds_data(self, start: int, end: int) -> bool:
+        """Whether any record has data inside ``[start, end)``: audio at another rate joins
+        the windows next to it as resampling context only (RESAMPLE_PAD_NS), and a window
+        with nothing else is no window of the stream."""
+        recs = self.recs
+        return bool(recs["video"] or recs["text"]) or any(
+            r.ts_ns < end and r.end_ns > start for r in recs["audio"])
+
 
 class _Kept:
     """A final window that late transcript segments may still revise.
@@ -1157,7 +1165,7 @@ class Aligner:
                 lo = st.published_before if st.published_before is not None else -_INF
                 for k in sorted(k for k in st.buckets if lo <= k <= k_fast):
                     b = st.buckets[k]
-                    if b.provisional is not None:
+                    if b.provisional is not None or not b.holds_data(k, k + w):
                         continue
                     if not provisional:
                         self.stats["provisional_skipped"] += 1
@@ -1187,7 +1195,9 @@ class Aligner:
         for k in ready:
             b = st.buckets.pop(k)
             why = self._closed_by(st, k, self.cfg.expected) if closed_by is None else closed_by
-            if restored is not None and k < restored:
+            if not b.holds_data(k, k + self._w) and b.provisional is None:
+                pass  # resampling context only: closed, and nothing to publish
+            elif restored is not None and k < restored:
                 self._restore(st, k, b, why, out)
             else:
                 w = self._build(st, k, b, why)

@@ -205,6 +205,21 @@ def test_other_sample_rates_are_resampled_without_edge_artefacts(sr_in: int):
         assert np.max(np.abs(w.audio - expect)) < tolerance, start
 
 
+@pytest.mark.parametrize("sr_in", [44100, 48000])
+@pytest.mark.parametrize("order", ["in order", "reversed"])
+def test_resampling_context_opens_no_window_of_its_own(sr_in: int, order: str):
+    """Audio at another rate joins the windows next to it as filter context. A stream whose
+    first chunk starts on a hop boundary has no window before it: the context alone is no
+    data, and no window with every modality missing comes out, in either arrival order."""
+    n = sr_in // 10
+    a = Aligner(align_config(1000, 500))
+    recs = [chunk("s", 10 * S + round(i * n * S / sr_in), i, np.full(n, 0.1), sample_rate=sr_in)
+            for i in range(30)]  # 10.0 .. 13.0 s
+    wins = run(a, recs if order == "in order" else recs[::-1])
+    assert [w.start_ns // MS for w in wins] == list(range(9_500, 12_501, 500))
+    assert all(w.present["audio"] for w in wins)
+
+
 # --- text ----------------------------------------------------------------------------------
 
 
