@@ -109,9 +109,14 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     # start
     if pid is not None:
-        print(f"already running, pid {pid}, bootstrap {_daemon_bootstrap(data_dir)}")
+        bootstrap = _daemon_bootstrap(data_dir)
+        if args.port is not None and not bootstrap.endswith(f":{args.port}"):
+            raise UserError(f"a broker from {data_dir} is already running (pid {pid}) on "
+                            f"{bootstrap}, not port {args.port}: stop it first, or use "
+                            "another --dir")
+        print(f"already running, pid {pid}, bootstrap {bootstrap}")
         return 0
-    broker = lk.LocalBroker(data_dir, port=args.port)
+    broker = lk.LocalBroker(data_dir, port=9092 if args.port is None else args.port)
     broker.start()
     assert broker.proc is not None  # start() launched it, or raised
     print(f"Kafka {lk.KAFKA_VERSION} running, pid {broker.proc.pid}: "
@@ -667,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--dir", default="", help="broker data/log directory "
                        "[default ~/.cache/streamproc/broker]")
         if action == "start":
-            b.add_argument("--port", type=int, default=9092,
+            b.add_argument("--port", type=int, default=None,
                            help="listener port [default 9092]")
     from streamproc.dev.localkafka import TOOLS
 

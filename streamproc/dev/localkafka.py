@@ -264,6 +264,8 @@ class LocalBroker:
         # A temporary directory we made is ours to remove on a clean stop (benchmarks write
         # gigabytes there); a directory the caller named is left alone.
         self._owns_dir = data_dir is None
+        if not 0 <= port <= 65535:
+            raise LocalKafkaError(f"port {port} is not a TCP port (1-65535, or 0 for any free one)")
         self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="sp-kafka-"))
         self.port = port or free_port()
         self.controller_port = free_port()
@@ -340,6 +342,12 @@ class LocalBroker:
         return "\n".join([*lines, ""])
 
     def start(self, timeout: float = 90.0) -> LocalBroker:
+        # another process answering on our port would pass the readiness check while
+        # this broker dies failing to bind it
+        for port in (*self.ports.values(), self.controller_port):
+            if port_open("127.0.0.1", port):
+                raise LocalKafkaError(f"port {port} is already in use on 127.0.0.1 (another "
+                                      "broker?): stop it, or pick another --port")
         libs = fetch_jars()
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
         props = self.data_dir / "server.properties"
