@@ -9,6 +9,7 @@ bootstrap"; :func:`broker_error` names the cause a probe found
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 import ssl
@@ -158,6 +159,10 @@ def quiet_client_logs(level: str) -> None:
     for name in ("kafka.net", "kafka.cluster"):
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.CRITICAL)
     logging.getLogger("kafka").setLevel(logging.DEBUG if debug else logging.WARNING)
+    # group joins and subscription updates at INFO: the worker logs its assignments itself
+    logging.getLogger("aiokafka").setLevel(logging.DEBUG if debug else logging.WARNING)
+    if not debug:  # OpenCV's own [ WARN ] lines (a camera that cannot be opened): read at
+        os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # its import, which comes later
     # warns "sending username and password in the clear" on every SASL_PLAINTEXT connection
     logging.getLogger("aiokafka.conn").setLevel(logging.DEBUG if debug else logging.ERROR)
     coordinator = logging.getLogger("aiokafka.consumer.group_coordinator")

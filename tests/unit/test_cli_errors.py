@@ -103,7 +103,7 @@ def test_quiet_logs_drop_only_the_coordinator_lookups_aiokafka_retries() -> None
 
     from streamproc.errors import quiet_client_logs
 
-    names = ("kafka", "kafka.net", "kafka.cluster", "aiokafka.conn",
+    names = ("kafka", "kafka.net", "kafka.cluster", "aiokafka", "aiokafka.conn",
              "aiokafka.consumer.group_coordinator")
     saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).filters)) for n in names}
     coordinator = logging.getLogger("aiokafka.consumer.group_coordinator")
@@ -111,6 +111,8 @@ def test_quiet_logs_drop_only_the_coordinator_lookups_aiokafka_retries() -> None
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
     coordinator.addHandler(handler)
+    root, root_level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.INFO)  # what --log-level info gives the worker
     try:
         quiet_client_logs("info")
         coordinator.error("Group Coordinator Request failed: %s",
@@ -122,10 +124,15 @@ def test_quiet_logs_drop_only_the_coordinator_lookups_aiokafka_retries() -> None
         assert [m.split(":")[0] for m in seen] == ["Group Coordinator Request failed",
                                                    "OffsetCommit failed for group g"]
         assert "GroupAuthorizationFailedError" in seen[0]
+        # routine INFO (group joins, "Updating subscribed topics") stays out below debug
+        coordinator.info("Joined group %s", "g")
+        assert len(seen) == 2
         quiet_client_logs("debug")
         coordinator.warning("Marking the coordinator dead (node %s)for group %s.", 1, "g")
-        assert len(seen) == 3
+        coordinator.info("Joined group %s", "g")
+        assert len(seen) == 4
     finally:
+        root.setLevel(root_level)
         coordinator.removeHandler(handler)
         for n, (level, filters) in saved.items():
             logging.getLogger(n).setLevel(level)

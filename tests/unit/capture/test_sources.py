@@ -679,3 +679,26 @@ def test_produce_file_help_says_the_video_brings_its_audio_and_all_are_optional(
     text = " ".join(_help("produce", "file").split())
     assert "its audio track is sent too unless --audio or --no" in text
     assert "any of them as long as one is given" in text
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_a_camera_that_cannot_be_opened_says_so_in_one_line(level: str) -> None:
+    """OpenCV prints its own [ WARN ] lines for a device index it cannot open; below debug
+    the CLI's logging set-up keeps them out, so the command's one-line reason stands alone."""
+    code = ("import sys\n"
+            "from streamproc.errors import UserError, quiet_client_logs\n"
+            f"quiet_client_logs({level!r})\n"
+            "from streamproc.capture.sources import CameraSource\n"
+            "try:\n"
+            "    CameraSource(None, 'c', 7).open()\n"
+            "except UserError as e:\n"
+            "    print(e, file=sys.stderr)\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_LOG_LEVEL"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env=env)
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("cannot open camera 7 "), out.stderr
+    if level == "info":
+        assert len(lines) == 1, out.stderr
+    else:
+        assert any("WARN" in x for x in lines[:-1]), out.stderr  # OpenCV's, as it says them
