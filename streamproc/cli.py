@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import overload
 
-from streamproc.config import COMMAND_GROUPS, Settings, add_settings_args
+from streamproc.config import COMMAND_GROUPS, Settings, add_settings_args, unknown_env
 from streamproc.errors import UserError, quiet_client_logs
 
 Handler = Callable[[argparse.Namespace, Settings], int | None]
@@ -40,7 +41,9 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     rows = Settings.describe(args)
     if args.json:
-        print(json.dumps({name: value for name, value, _ in rows}, indent=2))
+        # typed values (a secret that is set shows as ***) and where each came from
+        print(json.dumps({name: {"value": shown if shown == "***" else getattr(settings, name),
+                                 "source": source} for name, shown, source in rows}, indent=2))
         return 0
     width = max(len(r[0]) for r in rows)
     vwidth = min(40, max(len(r[1]) for r in rows))
@@ -79,7 +82,6 @@ def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
-    import os
     import shlex
     from pathlib import Path
 
@@ -623,7 +625,6 @@ def _model_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    import os
     from pathlib import Path
 
     from streamproc.dev.demo import Layout, default_dir, run
@@ -651,7 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "config", cmd_config, "Print the effective settings and where each "
                  "value came from (default, environment, flag).",
                  groups=COMMAND_GROUPS["config"])
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true",
+                   help='print JSON instead of a table: {"NAME": {"value", "source"}}')
     p.add_argument("--markdown", action="store_true",
                    help="print every setting with its flag, variable and default (Markdown)")
 
@@ -752,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings.load(args)
+        for line in unknown_env(os.environ):
+            print(f"streamproc: warning: {line}", file=sys.stderr)
         quiet_client_logs(settings.log_level)
         return int(args.handler(args, settings) or 0)
     except UserError as e:
@@ -760,8 +764,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # output piped into `head` and the like: not an error
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 

@@ -395,6 +395,26 @@ def env_name(f: dataclasses.Field) -> str:
     return f.metadata["env"] or f"STREAMPROC_{f.name.upper()}"
 
 
+#: STREAMPROC_* variables read that are not settings: where caches live, and where the
+#: browser tests put their screenshots.
+OTHER_ENV = frozenset({"STREAMPROC_CACHE", "STREAMPROC_SCREENSHOT_DIR"})
+
+
+def unknown_env(environ: Mapping[str, str]) -> list[str]:
+    """One line per STREAMPROC_* variable that nothing reads (a misspelt setting would
+    otherwise be ignored without a word), with the closest known name."""
+    import difflib
+
+    known = {env_name(f) for f in dataclasses.fields(Settings)} | OTHER_ENV
+    out = []
+    for name in sorted(environ):
+        if name.startswith("STREAMPROC_") and name not in known:
+            near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            out.append(f"{name} is not a setting and is ignored{hint}")
+    return out
+
+
 def flag_name(f: dataclasses.Field) -> str:
     return "--" + f.name.replace("_", "-")
 

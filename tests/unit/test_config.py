@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -60,8 +61,10 @@ def test_config_command_prints_effective_settings_and_hides_secrets() -> None:
                           "--window-ms", "3000"], capture_output=True, text=True, env=env,
                          check=True).stdout
     shown = json.loads(out)
-    assert shown["partitions"] == "6" and shown["window_ms"] == "3000"
-    assert shown["sasl_password"] == "***"
+    assert shown["partitions"] == {"value": 6, "source": "env STREAMPROC_PARTITIONS"}
+    assert shown["window_ms"] == {"value": 3000, "source": "flag"}
+    assert shown["sasl_password"] == {"value": "***", "source": "env STREAMPROC_SASL_PASSWORD"}
+    assert shown["hop_ms"]["source"] == "default"
     table = subprocess.run([sys.executable, "-m", "streamproc.cli", "config"],
                            capture_output=True, text=True, env=env, check=True).stdout
     assert "hunter2" not in table
@@ -135,3 +138,22 @@ def test_security_kwargs_mean_the_same_to_kafka_python_aiokafka_and_faust(
     for key in ("sasl_mechanism", "sasl_plain_username", "sasl_plain_password"):
         assert faust_kw.get(key) == kw.get(key), key
     assert (faust_kw.get("ssl_context") is None) == (kw.get("ssl_context") is None)
+
+
+def test_unknown_streamproc_variables_are_named_with_the_setting_meant() -> None:
+    """A misspelt setting variable would be ignored without a word: every command warns."""
+    from streamproc.config import unknown_env
+
+    env = {"STREAMPROC_BOOTSTRAP_SERVERS": "x", "STREAMPROC_BOOTSTRAP": "y",
+           "STREAMPROC_CACHE": "/tmp", "STREAMPROC_LOGLEVEL": "debug", "PATH": "/bin"}
+    assert unknown_env(env) == [
+        "STREAMPROC_BOOTSTRAP_SERVERS is not a setting and is ignored (did you mean "
+        "STREAMPROC_BOOTSTRAP?)",
+        "STREAMPROC_LOGLEVEL is not a setting and is ignored (did you mean "
+        "STREAMPROC_LOG_LEVEL?)"]
+    out = subprocess.run([sys.executable, "-m", "streamproc.cli", "config"],
+                         env={**os.environ, "STREAMPROC_PARTITON": "8"}, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0
+    assert ("streamproc: warning: STREAMPROC_PARTITON is not a setting and is ignored (did "
+            "you mean STREAMPROC_PARTITIONS?)") in out.stderr

@@ -135,7 +135,7 @@ def test_the_cli_binds_loopback_by_default_and_takes_host_and_port() -> None:
     shown = subprocess.run([sys.executable, "-m", "streamproc.cli", "config", "--json"],
                            capture_output=True, text=True, check=True,
                            env={"STREAMPROC_VIEW_TOKEN": "hunter2", "PATH": ""}).stdout
-    assert json.loads(shown)["view_token"] == "***"
+    assert json.loads(shown)["view_token"]["value"] == "***"
 
 
 async def _events(c: TestClient, n: int) -> list[tuple[str, Any]]:
