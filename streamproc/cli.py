@@ -281,7 +281,9 @@ def cmd_produce_transcript(args: argparse.Namespace, settings: Settings) -> int:
     _produce_logging(settings)
     with PublishSession(settings) as session:
         writer = StreamWriter(session.publisher, args.stream_id)
-        stats = publish_transcript_lines(writer, stdin_lines(sys.stdin, session.stop),
+        # bytes, decoded line by line: a line that is not UTF-8 is skipped, not fatal
+        stdin = getattr(sys.stdin, "buffer", sys.stdin)
+        stats = publish_transcript_lines(writer, stdin_lines(stdin, session.stop),
                                          jsonl=args.jsonl,
                                          max_span_ns=round(args.max_span_s * 1e9))
     print(f"{args.stream_id}: {stats.segments} transcript segments ({stats.partial} partial), "
@@ -351,7 +353,9 @@ def _produce_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-ms", type=int, default=100, help="audio chunk length in ms [100]")
 
     p = source("transcript", cmd_produce_transcript, "Publish transcript lines from stdin: "
-               "plain lines stamped on arrival, or JSONL segments (--jsonl).")
+               "plain lines stamped on arrival, or JSONL segments (--jsonl). Input is UTF-8; "
+               "a line that is not (or not valid JSONL) is logged with its number and "
+               "skipped.")
     p.add_argument("--jsonl", action="store_true",
                    help='stdin holds JSON objects {"text", "start_ns", "end_ns", "final", ...}')
     p.add_argument("--max-span-s", type=float, default=5.0,

@@ -1018,23 +1018,45 @@ class TranscriptStats:
     issues: list[ParseIssue] = field(default_factory=list)
 
 
-def publish_transcript_lines(writer: StreamWriter, lines: Iterable[str], *, jsonl: bool = False,
-                             max_span_ns: int = 5 * NS_PER_S,
+def _utf8_line(raw: str | bytes) -> str:
+    """``raw`` as text; LineError when it is not UTF-8 (bytes that do not decode, or text
+    read with surrogateescape that carries undecodable bytes as surrogates)."""
+    if isinstance(raw, bytes):
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise LineError(f"not UTF-8 (bad byte at column {e.start + 1})") from None
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise LineError(f"not UTF-8 (bad byte at column {e.start + 1})") from None
+    return raw
+
+
+def publish_transcript_lines(writer: StreamWriter, lines: Iterable[str | bytes], *,
+                             jsonl: bool = False, max_span_ns: int = 5 * NS_PER_S,
                              source: str = "<stdin>") -> TranscriptStats:
     """Publish transcript lines as they arrive.
 
     Plain text: each line is a final segment ending at its arrival and starting at the
     previous line's arrival (at most ``max_span_ns`` earlier). JSONL: each line is a
     segment object; its span is used as given (absolute epoch time) or, when absent,
-    stamped like a text line. Bad lines are logged with their number and skipped.
+    stamped like a text line. Lines are UTF-8 (bytes, or text); bad lines, also those
+    that are not UTF-8, are logged with their number and skipped.
     """
     stats = TranscriptStats()
     prev = writer.clock.now_ns()
     for no, raw in enumerate(lines, start=1):
         arrival = writer.clock.now_ns()
-        line = raw.rstrip("\r\n")
         start = max(prev, arrival - max_span_ns)
         prev = arrival  # a blank line too says "nothing was said before this"
+        try:
+            line = _utf8_line(raw).rstrip("\r\n")
+        except LineError as e:
+            issue = ParseIssue(source, no, f"{e}; line skipped")
+            log.warning("transcript %s", issue)
+            stats.issues.append(issue)
+            continue
         if not line.strip():
             continue
         if jsonl:
@@ -1057,7 +1079,7 @@ def publish_transcript_lines(writer: StreamWriter, lines: Iterable[str], *, json
     return stats
 
 
-def stdin_lines(stream: Any, stop: threading.Event) -> Iterator[str]:
+def stdin_lines(stream: Any, stop: threading.Event) -> Iterator[Any]:
     """Lines from a blocking stream, ending at EOF or when ``stop`` is set.
 
     A daemon thread does the blocking reads so a signal can end the loop at once.

@@ -212,6 +212,20 @@ def test_cli_transcript_from_stdin(topics: Settings) -> None:
     assert (t2[1].start_ns, t2[1].end_ns, t2[1].lang) == (now, now + S, "en")
 
 
+@pytest.mark.parametrize("lang", ["C", "C.UTF-8"])
+def test_cli_transcript_skips_stdin_lines_that_are_not_utf8(topics: Settings, lang: str) -> None:
+    sid = f"t-bad-{lang}"
+    proc = subprocess.run([CLI, "produce", "transcript", "--stream-id", sid],
+                          input=b"before\n\xff\xfebad\nafter\n", capture_output=True,
+                          env={**cli_env(topics), "LC_ALL": lang, "LANG": lang}, timeout=60)
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert "<stdin>:2: not UTF-8 (bad byte at column 1); line skipped" in err
+    assert f"{sid}: 2 transcript segments (0 partial), 1 line(s) skipped" in out
+    assert "delivered 2 of 2 records" in out
+
+
 def test_cli_exits_nonzero_with_a_readable_message_when_the_broker_is_unreachable(
         media) -> None:
     env = {**os.environ, "STREAMPROC_BOOTSTRAP": f"127.0.0.1:{free_port()}"}

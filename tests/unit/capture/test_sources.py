@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.abc
+import io
 import importlib.machinery
 import itertools
 import os
@@ -48,6 +49,7 @@ from streamproc.capture.sources import (
     import_sounddevice,
     publish_transcript_lines,
     replay,
+    stdin_lines,
 )
 from streamproc.errors import UserError
 from streamproc.testing import T0, ManualClock
@@ -165,6 +167,22 @@ def test_transcript_lines_are_stamped_on_arrival_and_bad_jsonl_lines_skipped() -
     partial, exact = outbox.records
     assert partial.end_ns - partial.start_ns == 3 * S and not partial.final  # capped span
     assert (exact.start_ns, exact.end_ns, exact.seq) == (T0, T0 + 7, 3)
+
+
+def test_transcript_lines_that_are_not_utf8_are_skipped_and_the_rest_published() -> None:
+    # stdin read as bytes (the CLI), and text read with surrogateescape (a C locale)
+    outbox, clock = ListOutbox(), ManualClock()
+    w = StreamWriter(outbox, "s", clock=clock)
+    stdin = io.BytesIO(b"before\n\xff\xfebad\nafter\r\n")
+    st = publish_transcript_lines(w, stdin_lines(stdin, threading.Event()))
+    assert [str(i) for i in st.issues] == [
+        "<stdin>:2: not UTF-8 (bad byte at column 1); line skipped"]
+    assert [s.text for s in outbox.records] == ["before", "after"]
+    outbox.records.clear()
+    escaped = b"ok\n\xff\xfebad\n".decode("utf-8", "surrogateescape").splitlines(True)
+    st = publish_transcript_lines(w, escaped, jsonl=True)
+    assert [(i.line, i.message[:10]) for i in st.issues] == [(1, "not JSON: "), (2, "not UTF-8 ")]
+    assert outbox.records == []
 
 
 # --- files --------------------------------------------------------------------------------
