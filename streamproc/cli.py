@@ -267,11 +267,30 @@ def cmd_produce_file(args: argparse.Namespace, settings: Settings) -> int:
                      container_audio=not args.no_audio)
     start = None if args.start_at is None else round(args.start_at * 1e9)
     with PublishSession(settings) as session:
+        _check_start_at(args, start, session.publisher.max_ahead_ms)
         session.show_status()
         stats = replay_source(session.publisher, src, realtime=not args.fast,
                               start_at_ns=start, stop_event=session.stop)
     print(stats.summary())
     return session.report()
+
+
+def _check_start_at(args: argparse.Namespace, start_ns: int | None,
+                    max_ahead_ms: int | None) -> None:
+    """Refuse a --fast replay whose first record the broker would already refuse: its
+    event time further ahead of now than the topics' message.timestamp.after.max.ms
+    (without --fast, records wait for their event time and are never ahead)."""
+    import time
+
+    if not args.fast or start_ns is None or max_ahead_ms is None:
+        return
+    ahead_ms = (start_ns - time.time_ns()) // 1_000_000
+    if ahead_ms > max_ahead_ms:
+        raise UserError(f"--start-at is {ahead_ms / 3_600_000:.1f} h ahead of now and the "
+                        f"broker refuses records more than {max_ahead_ms / 3_600_000:g} h "
+                        f"ahead (message.timestamp.after.max.ms={max_ahead_ms}): with --fast "
+                        "every record would be refused; give an earlier --start-at, or drop "
+                        "--fast to send each record when its time comes")
 
 
 def cmd_produce_transcript(args: argparse.Namespace, settings: Settings) -> int:
@@ -346,7 +365,10 @@ def _produce_parsers(sub: argparse._SubParsersAction) -> None:
     pace.add_argument("--fast", action="store_true", help="send as fast as the broker takes it")
     p.add_argument("--loop", action="store_true", help="repeat until stopped")
     p.add_argument("--start-at", type=float, default=None, metavar="EPOCH",
-                   help="event time of the first frame, in seconds since the epoch "
+                   help="event time of the first frame, in seconds since the epoch; in "
+                        "the future, records wait for their time, and with --fast one "
+                        "further ahead than the broker accepts (its topics' "
+                        "message.timestamp.after.max.ms, 1 h by default) is refused "
                         "[default: now]")
     p.add_argument("--size", default=None, help="resize frames to WxH")
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 [90]")

@@ -26,6 +26,8 @@ class TopicState:
     name: str
     partitions: int | None  # None: the topic does not exist
     max_message_bytes: int | None
+    # how far ahead of the broker's clock a record's timestamp may be (None: not known)
+    timestamp_after_max_ms: int | None = None
 
 
 def topic_configs(settings: Settings) -> dict[str, str]:
@@ -72,6 +74,7 @@ def describe(settings: Settings, names: tuple[str, ...] | None = None) -> list[T
                 if t.get("error_code", 0) == 0:
                     parts[t["name"]] = len(t["partitions"])
         sizes: dict[str, int] = {}
+        ahead: dict[str, int] = {}
         if present:
             res = admin.describe_configs(
                 [ConfigResource(ConfigResourceType.TOPIC, n) for n in present],
@@ -79,11 +82,13 @@ def describe(settings: Settings, names: tuple[str, ...] | None = None) -> list[T
             for name, conf in res.get("topic", {}).items():
                 if "max.message.bytes" in conf:
                     sizes[name] = int(conf["max.message.bytes"]["value"])
+                if "message.timestamp.after.max.ms" in conf:
+                    ahead[name] = int(conf["message.timestamp.after.max.ms"]["value"])
     except KafkaError as e:
         raise TopicError(f"could not describe topics on {settings.bootstrap_servers}: {e}") from e
     finally:
         admin.close()
-    return [TopicState(n, parts.get(n), sizes.get(n)) for n in names]
+    return [TopicState(n, parts.get(n), sizes.get(n), ahead.get(n)) for n in names]
 
 
 def problems(settings: Settings, states: list[TopicState]) -> list[str]:

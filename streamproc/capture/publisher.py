@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import re
 import signal
 import sys
 import threading
@@ -35,6 +36,17 @@ log = logging.getLogger(__name__)
 # the producer's buffer without limit instead of making the sources drop frames.
 DEFAULT_MAX_IN_FLIGHT_BYTES = 64 * MiB
 HEADER_ALLOWANCE = 128  # bytes counted per record for key framing and wire headers
+
+# numbers in a failure's text (timestamps, offsets, limits) that vary record by record;
+# "[Error 87]" names the kind and stays
+_VARYING_NUMBER = re.compile(r"(?<!Error )\b\d+\b")
+
+
+def failure_kind(exc: BaseException) -> str:
+    """What a delivery failure is, not which record it hit: the error class and its
+    message with every number but the error code masked as N, so a flood of failures
+    that differ only in timestamps or offsets counts as one kind."""
+    return f"{type(exc).__name__}: {_VARYING_NUMBER.sub('N', str(exc))}"
 
 
 class Outbox(Protocol):
@@ -106,11 +118,16 @@ class Publisher:
         self._stats = PublisherStats()
         self._lock = threading.Lock()
         self._closed = False
-        self._error_counts: dict[str, int] = {}
+        self._error_counts: dict[str, int] = {}  # by failure_kind
+        # the topics' message.timestamp.after.max.ms, the least of them (None: not known)
+        self.max_ahead_ms: int | None = None
         # (future, modality, size, payload bytes) of every record not settled yet, in send order
         self._pending: collections.deque[tuple[Any, Modality, int, int]] = collections.deque()
         if check_topics:
-            check_topic_state(settings, inputs_only=True)
+            limits = [s.timestamp_after_max_ms
+                      for s in check_topic_state(settings, inputs_only=True)
+                      if s.timestamp_after_max_ms is not None]
+            self.max_ahead_ms = min(limits, default=None)
         self._producer = kafka.producer(settings, linger_ms=linger_ms, batch_bytes=batch_bytes)
         try:
             # fetch metadata now so the first frame never waits for it
@@ -203,14 +220,16 @@ class Publisher:
         self._stats.by_modality[mod].failed += 1
         reason = f"{type(exc).__name__}: {exc}"
         self._stats.last_error = reason
-        seen = self._error_counts.get(reason, 0) + 1
-        self._error_counts[reason] = seen
+        kind = failure_kind(exc)
+        seen = self._error_counts.get(kind, 0) + 1
+        self._error_counts[kind] = seen
         return mod, reason, seen
 
     def _log_failures(self, failures: list[tuple[Modality, str, int]]) -> None:
         for mod, reason, seen in failures:
-            if seen <= 3 or seen % 100 == 0:  # every reason logged, floods thinned
-                log.error("%s record to %s not delivered (%d so far with this reason): %s",
+            # every kind logged once in full; a flood of one kind only at 10, 100, 1000, ...
+            if seen == 1 or _power_of_ten(seen):
+                log.error("%s record to %s not delivered (%d so far of this kind): %s",
                           mod, self._topics[mod], seen, reason)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -230,7 +249,7 @@ class Publisher:
 
     @property
     def error_reasons(self) -> dict[str, int]:
-        """Every distinct delivery failure reason and how often it happened."""
+        """Every kind of delivery failure (:func:`failure_kind`) and how often it happened."""
         self._settle()
         with self._lock:
             return dict(self._error_counts)
@@ -273,6 +292,12 @@ class Publisher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _power_of_ten(n: int) -> bool:
+    while n >= 10 and n % 10 == 0:
+        n //= 10
+    return n == 1
 
 
 # --- status line -----------------------------------------------------------------------

@@ -949,7 +949,7 @@ def replay_source(outbox: Outbox, src: FileSource, *, realtime: bool = True,
     clock = clock or Clock()
     origin = clock.now_ns() if start_at_ns is None else start_at_ns
     pace0 = clock.now_ns()
-    if origin - pace0 > FUTURE_LIMIT_NS:
+    if not realtime and origin - pace0 > FUTURE_LIMIT_NS:  # realtime: records wait
         log.warning("event times start %.1f h ahead of now: brokers refuse records more than "
                     "message.timestamp.after.max.ms ahead (1 h by default since Kafka 4.0)",
                     (origin - pace0) / 3600 / NS_PER_S)

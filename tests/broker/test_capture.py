@@ -226,6 +226,19 @@ def test_cli_transcript_skips_stdin_lines_that_are_not_utf8(topics: Settings, la
     assert "delivered 2 of 2 records" in out
 
 
+def test_cli_fast_replay_too_far_ahead_for_the_broker_is_refused_up_front(
+        topics: Settings, media) -> None:
+    start = time.time() + 2 * 3600  # the local broker refuses records over 1 h ahead
+    proc = subprocess.run([CLI, "produce", "file", "--stream-id", "fut", str(media.video),
+                           "--start-at", str(start), "--fast"], capture_output=True, text=True,
+                          env=cli_env(topics), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "streamproc produce: --start-at is 2.0 h ahead of now and the broker refuses " \
+        "records more than 1 h ahead (message.timestamp.after.max.ms=3600000)" in proc.stderr
+    assert "delivered" not in proc.stdout
+
+
 def test_cli_exits_nonzero_with_a_readable_message_when_the_broker_is_unreachable(
         media) -> None:
     env = {**os.environ, "STREAMPROC_BOOTSTRAP": f"127.0.0.1:{free_port()}"}

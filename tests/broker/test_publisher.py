@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import time
 
 import numpy as np
@@ -100,6 +101,39 @@ def test_delivery_failures_are_counted_with_reasons_and_later_records_still_go(
     assert "InvalidTimestampError" in reasons and "MessageSizeTooLargeError" in reasons
     texts = [wire.decode(r).text for r in read_topic(topics, topics.topic("text"), 1)]
     assert texts == ["now"]
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_a_flood_of_one_failure_is_one_kind_with_a_count(topics: Settings) -> None:
+    pub = Publisher(topics)
+    limit = pub.max_ahead_ms  # the topics' message.timestamp.after.max.ms
+    if limit is None or limit > 10 * 365 * 86_400_000:
+        pub.close()
+        pytest.skip("this broker accepts any timestamp ahead")
+    ahead = time.time_ns() + (limit + 3_600_000) * 1_000_000
+    logged = _Records()
+    logger = logging.getLogger("streamproc.capture.publisher")
+    logger.addHandler(logged)
+    try:
+        for i in range(30):  # each refusal names its own timestamp and offset
+            pub.publish(wire.TranscriptSegment("fut", i, "x", ahead + i * S, ahead + i * S + 1))
+        pub.close()
+    finally:
+        logger.removeHandler(logged)
+    assert pub.stats.failed == 30
+    [(kind, n)] = pub.error_reasons.items()
+    assert n == 30 and "Timestamp N of message with offset N is out of range" in kind
+    # the first in full, then at 10: not one line per record
+    assert [m[m.index("("):m.index(")") + 1] for m in logged.messages] == [
+        "(1 so far of this kind)", "(10 so far of this kind)"]
 
 
 def test_in_flight_cap_bounds_buffered_bytes(topics: Settings) -> None:

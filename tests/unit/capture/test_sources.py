@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import importlib.abc
-import io
 import importlib.machinery
+import io
 import itertools
 import os
 import subprocess

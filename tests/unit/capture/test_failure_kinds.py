@@ -1,0 +1,25 @@
+"""Publisher parts that need no broker (tests/broker/test_publisher.py has the rest)."""
+
+from __future__ import annotations
+
+from kafka.errors import InvalidRecordError, MessageSizeTooLargeError
+
+from streamproc.capture.publisher import _power_of_ten, failure_kind
+
+
+def test_failures_that_differ_only_in_their_numbers_are_one_kind() -> None:
+    def refused(ts: int, offset: int) -> InvalidRecordError:
+        return InvalidRecordError(f"Timestamp {ts} of message "
+                                  f"with offset {offset} is out of range. The timestamp should "
+                                  "be within [-9223370240805325139, 1796053050668]")
+
+    kinds = {failure_kind(refused(1796056650634 + i, i)) for i in range(280)}
+    assert kinds == {"InvalidRecordError: [Error 87] InvalidRecordError: Timestamp N of message "
+                     "with offset N is out of range. The timestamp should be within [-N, N]"}
+    # another class is another kind, and topic names keep their digits
+    assert failure_kind(MessageSizeTooLargeError("t2024.video: 9000000 bytes")) == \
+        "MessageSizeTooLargeError: [Error 10] MessageSizeTooLargeError: t2024.video: N bytes"
+
+
+def test_a_flood_is_logged_at_powers_of_ten() -> None:
+    assert [n for n in range(1, 2001) if _power_of_ten(n)] == [1, 10, 100, 1000]
