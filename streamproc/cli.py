@@ -755,7 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "demo", cmd_demo, "The whole pipeline on this machine: local broker, "
                  "sample clips, reference model, worker, real-time replay, live predictions "
-                 "and a summary.", groups=COMMAND_GROUPS["demo"])
+                 "and a summary. A --metrics-port already in use is refused before anything "
+                 "is prepared.", groups=COMMAND_GROUPS["demo"])
     p.add_argument("--streams", type=int, default=3, help="how many camera streams [3]")
     p.add_argument("--dir", default="", help="where clips, model and logs go "
                    "[~/.cache/streamproc/demo]")

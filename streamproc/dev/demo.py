@@ -441,6 +441,12 @@ def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layou
     from streamproc.topics import create_topics
 
     layout = layout or Layout(default_dir())
+    if not prepare_only and settings.metrics_port and not _port_free("0.0.0.0",
+                                                                     settings.metrics_port):
+        # the worker serves it (on every interface): fail now, not after the clips,
+        # the training and the broker
+        raise UserError(f"cannot serve metrics on port {settings.metrics_port}: it is in use "
+                        "(give the demo another --metrics-port, or 0 for no endpoint)")
     clips = prepare(layout, streams, retrain, preset, digits)
     if prepare_only:
         print(f"model: {layout.model}", file=out)

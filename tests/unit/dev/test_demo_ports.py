@@ -1,0 +1,38 @@
+"""`streamproc demo` checks what it will need before its expensive preparation."""
+
+from __future__ import annotations
+
+import socket
+
+from streamproc import cli
+from streamproc.config import Settings
+from streamproc.dev import demo
+
+
+def test_a_taken_metrics_port_fails_before_clips_training_and_broker(
+        monkeypatch, tmp_path, capsys) -> None:
+    def prepare(*_a: object, **_k: object) -> list:
+        raise AssertionError("prepared before the port check")
+
+    monkeypatch.setattr(demo, "prepare", prepare)
+    monkeypatch.delenv("STREAMPROC_BOOTSTRAP", raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc = cli.main(["demo", "--dir", str(tmp_path), "--metrics-port", str(port)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err == (f"streamproc demo: cannot serve metrics on port {port}: it is in use "
+                   "(give the demo another --metrics-port, or 0 for no endpoint)\n")
+
+
+def test_prepare_only_serves_nothing_so_needs_no_port(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(demo, "prepare", lambda *_a, **_k: [])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        s = Settings(metrics_port=taken.getsockname()[1])
+        assert demo.run(s, own_broker=False, layout=demo.Layout(tmp_path),
+                        prepare_only=True) == 0
+
