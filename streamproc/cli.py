@@ -62,8 +62,11 @@ def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
         created = create_topics(settings)
         for name in settings.all_topics:
             print(f"{'created' if name in created else 'exists '}  {name}")
+    # a count given (flag or environment) is one the topics must have; the default is not
+    asked = next((settings.partitions for name, _, source in Settings.describe(args)
+                  if name == "partitions" and source != "default"), None)
     states = describe(settings)
-    found = problems(settings, states)
+    found = problems(settings, states, partitions=asked)
     for s in states:
         parts = "-" if s.partitions is None else str(s.partitions)
         size = "-" if s.max_message_bytes is None else str(s.max_message_bytes)
@@ -686,7 +689,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "topics", cmd_topics, "Create or check the streamproc topics.",
                  groups=COMMAND_GROUPS["topics"])
     p.add_argument("action", choices=["create", "check"],
-                   help="create: make missing topics, then check; check: report problems")
+                   help="create: make missing topics, then check; check: report problems "
+                   "(exit 1), among them topics whose partition count is not the one "
+                   "--partitions (or STREAMPROC_PARTITIONS) gives; without it any count "
+                   "will do as long as the topics share it")
 
     p = _command(sub, "broker", cmd_broker, "Run a local single-node Kafka (KRaft) for "
                  "development: fetch, start, stop, status; `tool NAME ARGS...` runs one of "

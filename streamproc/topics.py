@@ -7,6 +7,7 @@ letters get the same count so a stream's outputs stay on "its" partition too.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
@@ -91,27 +92,48 @@ def describe(settings: Settings, names: tuple[str, ...] | None = None) -> list[T
     return [TopicState(n, parts.get(n), sizes.get(n), ahead.get(n)) for n in names]
 
 
-def problems(settings: Settings, states: list[TopicState]) -> list[str]:
-    """Every reason the topics cannot serve streamproc, in words a person can act on."""
+def problems(settings: Settings, states: list[TopicState],
+             partitions: int | None = None) -> list[str]:
+    """Every reason the topics cannot serve streamproc, in words a person can act on.
+
+    ``partitions``: the count asked for (``--partitions`` given to ``streamproc topics``);
+    existing topics with another count are then a problem too. None: any count will do
+    as long as the topics agree (what workers and producers check).
+    """
     out = []
     by_name = {s.name: s for s in states}
     missing = [s.name for s in states if s.partitions is None]
     if missing:
         out.append(f"missing topic(s): {', '.join(missing)} (run `streamproc topics create`)")
+    if partitions is not None:
+        other = [s for s in states if s.partitions is not None and s.partitions != partitions]
+        for count in sorted({s.partitions for s in other if s.partitions is not None}):
+            names = [s.name for s in other if s.partitions == count]
+            out.append(
+                f"{_and(names)} {'has' if len(names) == 1 else 'have'} {count} partitions, "
+                f"not the {partitions} asked for (--partitions); `topics create` never "
+                "changes an existing topic: recreate them, or add partitions with "
+                "kafka-topics --alter (streams then move to other partitions)")
     counts = {n: c for n in settings.input_topics if (c := by_name[n].partitions) is not None}
-    if len(set(counts.values())) > 1:
+    # the inputs' count: the one they share, else the one most of them have (None: a tie)
+    ranked = collections.Counter(counts.values()).most_common()
+    want = ranked[0][0] if ranked and (len(ranked) == 1 or ranked[0][1] > ranked[1][1]) \
+        else None
+    if len(ranked) > 1:
         detail = ", ".join(f"{n}={c}" for n, c in counts.items())
+        if want is not None:  # one of three differs
+            detail += ": " + _and([n for n, c in counts.items() if c != want]) + " differs"
         out.append(
             f"input topics are not co-partitioned: partition counts differ ({detail}); one "
             "worker must own every modality of a stream, so give them the same count "
             "(add partitions with kafka-topics --alter, or recreate them)"
         )
-    outputs = [s for s in states if s.name not in counts and s.partitions is not None]
-    if counts and outputs:
-        want = max(counts.values())
-        for s in outputs:
-            if s.partitions != want:
-                out.append(f"{s.name} has {s.partitions} partitions, the inputs have {want}")
+    if want is not None:
+        inputs = "the inputs have" if len(ranked) == 1 else \
+            f"{_and([n for n, c in counts.items() if c == want])} have"
+        for s in states:
+            if s.name not in counts and s.partitions is not None and s.partitions != want:
+                out.append(f"{s.name} has {s.partitions} partitions, {inputs} {want}")
     for s in states:
         if s.max_message_bytes is not None and s.max_message_bytes < settings.max_message_bytes:
             out.append(
@@ -120,6 +142,10 @@ def problems(settings: Settings, states: list[TopicState]) -> list[str]:
                 "rejected (raise the topic setting or lower --max-message-bytes)"
             )
     return out
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def check_topics(settings: Settings, inputs_only: bool = False) -> list[TopicState]:

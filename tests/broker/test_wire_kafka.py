@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 
@@ -167,6 +168,47 @@ def test_topics_check_detects_mismatched_partition_counts(settings: Settings) ->
         capture_output=True, text=True, timeout=60)
     assert cli.returncode == 1
     assert "not co-partitioned" in cli.stderr
+
+
+def _topics_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMPROC_")}
+    return subprocess.run(
+        [sys.executable, "-m", "streamproc.cli", "topics", *args,
+         "--bootstrap-servers", settings.bootstrap_servers, "--topic-prefix",
+         settings.topic_prefix], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_topics_create_with_another_partition_count_than_the_existing_topics_says_so(
+        settings: Settings) -> None:
+    create_topics(settings)  # 4 partitions each
+    for action in ("create", "check"):
+        cli = _topics_cli(settings, action, "--partitions", "8")
+        assert cli.returncode == 1, (action, cli.stdout, cli.stderr)
+        assert "ok:" not in cli.stdout
+        assert (f"{settings.topic('video')}, {settings.topic('audio')}, "
+                f"{settings.topic('text')}, {settings.topic('predictions')} and "
+                f"{settings.topic('deadletter')} have 4 partitions, not the 8 asked for "
+                "(--partitions)") in cli.stderr, cli.stderr
+    # the count they have, asked for or not asked for at all: fine
+    for flags in (("--partitions", "4"), ()):
+        cli = _topics_cli(settings, "check", *flags)
+        assert cli.returncode == 0, cli.stderr
+        assert "ok: topics exist and are co-partitioned" in cli.stdout
+
+
+def test_topics_check_names_the_input_that_is_not_co_partitioned(settings: Settings) -> None:
+    admin = kafka.admin(settings)
+    try:
+        admin.create_topics([NewTopic(settings.topic("audio"), 6, 1,
+                                      topic_configs=topic_configs(settings))])
+    finally:
+        admin.close()
+    create_topics(settings)  # the rest with 4 partitions
+    cli = _topics_cli(settings, "check")
+    assert cli.returncode == 1
+    assert f"{settings.topic('audio')} differs" in cli.stderr
+    assert "the inputs have 6" not in cli.stderr  # the outputs agree with the other inputs
+    assert "predictions has" not in cli.stderr
 
 
 def test_topics_create_then_check_is_clean(settings: Settings) -> None:
