@@ -235,7 +235,8 @@ class Settings:
             "revision_horizon_ms": (self.revision_horizon_ms >= 0, "must not be negative"),
             "batch_size": (self.batch_size >= 1, "must be at least 1"),
             "model_threads": (self.model_threads >= 0, "must not be negative"),
-            "session_timeout_ms": (self.session_timeout_ms >= 1000, "must be at least 1000"),
+            # group.min.session.timeout.ms: a broker refuses a shorter session at join
+            "session_timeout_ms": (self.session_timeout_ms >= 6000, "must be at least 6000"),
             "batch_max_wait_ms": (self.batch_max_wait_ms >= 0, "must not be negative"),
             "model_reload_s": (self.model_reload_s >= 0, "must not be negative"),
             "device": (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),

@@ -33,6 +33,9 @@ def test_defaults_env_and_flags_in_that_order() -> None:
     [
         ({"hop_ms": 1500}, "hop_ms=1500: must be positive and at most window_ms=1000"),
         ({"partitions": 0}, "partitions=0: must be at least 1"),
+        # what the help says brokers allow (group.min.session.timeout.ms)
+        ({"session_timeout_ms": 5999}, "session_timeout_ms=5999: must be at least 6000 "
+                                       "(.*brokers allow 6000 and up"),
         ({"device": "tpu"}, "device='tpu': must be auto, cpu, cuda or cuda:N"),
         ({"expected_modalities": "video,smell"}, "expected_modalities='video,smell'"),
     ],
