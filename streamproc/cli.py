@@ -416,7 +416,10 @@ def cmd_avdigits_clip(args: argparse.Namespace, settings: Settings) -> int:
 
     from streamproc.ml import avdigits as av
 
-    digits = [int(c) for c in args.digits if c.isdigit()]
+    if not args.digits or any(c not in "0123456789" for c in args.digits):
+        raise UserError(f"--digits takes the digits 0-9 to show and say, in order "
+                        f"(e.g. 0123456789), got {args.digits!r}")
+    digits = [int(c) for c in args.digits]
     cfg = dataclasses.replace(av.PRESETS["full"], segment_s=args.seconds_per_digit,
                               sample_rate=settings.sample_rate)
     clip = av.write_clip(args.out, digits, stream_id=args.stream_id, cfg=cfg, seed=args.seed,
@@ -552,7 +555,8 @@ def _model_parsers(sub: argparse._SubParsersAction) -> None:
                  groups=COMMAND_GROUPS["avdigits clip"])
     p.add_argument("out", help="directory for STREAM.avi, STREAM.wav, STREAM.srt, "
                    "STREAM.labels.csv")
-    p.add_argument("--digits", default="0123456789", help="digits in order [0123456789]")
+    p.add_argument("--digits", default="0123456789",
+                   help="digits in order, nothing else [0123456789]")
     p.add_argument("--stream-id", default="cam1", help="stream id [cam1]")
     p.add_argument("--seconds-per-digit", type=float, default=2.0, help="[2.0]")
     p.add_argument("--split", choices=["train", "val", "test"], default="test",

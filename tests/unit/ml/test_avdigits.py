@@ -167,6 +167,18 @@ def test_speech_is_cached_and_missing_engines_are_named(tmp_path: Path,
         av.synthesize(voice, "four", 1.0, 0, 16000, tmp_path / "empty")
 
 
+@pytest.mark.parametrize("digits", ["12a", "", "4 2", "\u00b2"])
+def test_clip_refuses_digits_that_are_not_digits(tmp_path: Path, capsys, digits: str) -> None:
+    from streamproc.cli import main
+
+    rc = main(["avdigits", "clip", str(tmp_path / "c"), "--digits", digits])
+    assert rc == 2
+    assert capsys.readouterr().err == (
+        "streamproc avdigits: --digits takes the digits 0-9 to show and say, in order "
+        f"(e.g. 0123456789), got {digits!r}\n")
+    assert not (tmp_path / "c").exists()
+
+
 def test_presets_and_cli(tmp_path: Path, tts_cache: Path) -> None:
     from streamproc.cli import main
 
