@@ -93,12 +93,12 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "tool":
         cmd = lk.tool_command(args.tool, args.tool_args)
         os.execvp(cmd[0], cmd)  # the tool takes over: its stdin, output and exit code
+    if args.action == "fetch":  # no --dir: the jars are shared by every broker directory
+        print(f"Kafka {lk.KAFKA_VERSION} jars and tools in {lk.fetch_jars(quiet=False)}")
+        return 0
     data_dir = Path(args.dir).expanduser().absolute() if args.dir else lk.default_broker_dir()
     # the commands to repeat for this broker: --dir only when it is not the default
     again = f" --dir {shlex.quote(str(data_dir))}" if args.dir else ""
-    if args.action == "fetch":
-        print(f"Kafka {lk.KAFKA_VERSION} jars and tools in {lk.fetch_jars(quiet=False)}")
-        return 0
     if args.action == "stop":
         stopped = lk.stop_daemon(data_dir)
         print("stopped" if stopped else f"no broker running from {data_dir} (one started "
@@ -705,10 +705,12 @@ def build_parser() -> argparse.ArgumentParser:
     for action, help in (("start", "start a broker in the background"),
                          ("stop", "stop the broker started from --dir"),
                          ("status", "is the broker of --dir running, and where"),
-                         ("fetch", "only fetch the Kafka jars and tools (Maven, cached)")):
+                         ("fetch", "only fetch the Kafka jars and tools (Maven, cached in "
+                                   "~/.cache/streamproc, shared by every --dir)")):
         b = bsub.add_parser(action, help=help, description=help)
-        b.add_argument("--dir", default="", help="broker data/log directory "
-                       "[default ~/.cache/streamproc/broker]")
+        if action != "fetch":  # the jars' cache is not a broker's directory
+            b.add_argument("--dir", default="", help="broker data/log directory "
+                           "[default ~/.cache/streamproc/broker]")
         if action == "start":
             b.add_argument("--port", type=int, default=None,
                            help="listener port [default 9092]")
