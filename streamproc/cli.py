@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import overload
@@ -156,6 +157,12 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
     table = PredictionTable(args.stream, revisions=args.revisions)
     if not args.json:
         print(table.header())
+
+    def terminated(signum: int, _frame: object) -> None:
+        sys.exit(128 + signum)  # 143, as for a plain SIGTERM, but after the summary below
+
+    # SIGTERM (kill, a service manager) ends it as Ctrl-C does: with the summary
+    old_handler = signal.signal(signal.SIGTERM, terminated)
     try:
         for p in consume(settings, stream=args.stream, follow=args.follow,
                          from_beginning=not args.from_end, timeout_s=args.timeout, stats=stats,
@@ -164,6 +171,7 @@ def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
             if lines:
                 print("\n".join(lines), flush=True)
     finally:
+        signal.signal(signal.SIGTERM, old_handler)
         print(stats.summary(), file=sys.stderr)
     return 0
 
@@ -731,7 +739,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "row; copies from worker restarts are collapsed.",
                  groups=COMMAND_GROUPS["consume"])
     p.add_argument("--stream", default=None, help="only this stream id")
-    p.add_argument("--follow", "-f", action="store_true", help="keep waiting for new ones")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="keep waiting for new ones; Ctrl-C (exit 130) or SIGTERM (exit 143) "
+                   "stops, and the summary is printed on stderr")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--from-end", action="store_true", help="skip what is already there")
     p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")

@@ -4,8 +4,10 @@ by prediction key, in the API and in `streamproc consume`."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 from kafka import KafkaProducer
@@ -43,6 +45,37 @@ def test_consume_collapses_duplicates_from_kafka(topics: Settings) -> None:
     lines = [json.loads(line) for line in cli.stdout.splitlines()]
     assert [(x["stream_id"], x["window_start_ns"]) for x in lines] == [p.key for p in preds[:5]]
     assert "2 duplicates collapsed" in cli.stderr
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_consume_follow_stopped_by_a_signal_prints_its_summary(topics: Settings, sig: int,
+                                                               code: int) -> None:
+    producer = KafkaProducer(bootstrap_servers=topics.bootstrap_servers, acks="all")
+    for i in range(2):
+        kr = wire.encode_prediction(prediction("cam-1", i))
+        producer.send(topics.topic("predictions"), key=kr.key, value=kr.value,
+                      headers=list(kr.headers), timestamp_ms=kr.timestamp_ms)
+    producer.flush(30)
+    producer.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamproc.cli", "consume", "-f", "--json",
+         "--bootstrap-servers", topics.bootstrap_servers, "--topic-prefix", topics.topic_prefix],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killer = threading.Timer(60, proc.kill)  # a hang fails the test instead of hanging it
+    killer.start()
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(2)]  # both read: it now waits for more
+        assert all(line.startswith("{") for line in lines), lines
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        killer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, err
+    assert "2 predictions (" in err and "Traceback" not in err
 
 
 @pytest.mark.broker
