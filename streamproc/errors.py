@@ -159,6 +159,10 @@ def quiet_client_logs(level: str) -> None:
     for name in ("kafka.net", "kafka.cluster"):
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.CRITICAL)
     logging.getLogger("kafka").setLevel(logging.DEBUG if debug else logging.WARNING)
+    # a refused batch, warned once per batch: the Publisher reports each of its records
+    # (by kind, with a count), so a flood of refusals does not print twice
+    logging.getLogger("kafka.producer.producer_batch").setLevel(
+        logging.DEBUG if debug else logging.ERROR)
     # group joins and subscription updates at INFO: the worker logs its assignments itself
     logging.getLogger("aiokafka").setLevel(logging.DEBUG if debug else logging.WARNING)
     if not debug:  # OpenCV's own [ WARN ] lines (a camera that cannot be opened): read at

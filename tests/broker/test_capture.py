@@ -239,6 +239,26 @@ def test_cli_fast_replay_too_far_ahead_for_the_broker_is_refused_up_front(
     assert "delivered" not in proc.stdout
 
 
+def test_cli_a_flood_of_refused_records_is_a_few_lines_not_one_per_record(
+        topics: Settings) -> None:
+    ahead = time.time_ns() + 2 * 3600 * S  # the local broker refuses records over 1 h ahead
+    lines = "".join(f'{{"text": "w{i}", "start_ns": {ahead + i * S}, '
+                    f'"end_ns": {ahead + i * S + 1}}}\n' for i in range(120))
+    proc = subprocess.run([CLI, "produce", "transcript", "--stream-id", "fut", "--jsonl"],
+                          input=lines, capture_output=True, text=True, env=cli_env(topics),
+                          timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "delivered 0 of 120 records" in proc.stdout
+    err = proc.stderr.splitlines()
+    # the 1st, 10th and 100th refusal, then the summary: one kind with its count
+    assert [line[line.index("(") + 1:line.index(")")] for line in err[:3]] == [
+        "1 so far of this kind", "10 so far of this kind", "100 so far of this kind"], err
+    assert err[3:] == ["120 record(s) NOT delivered:",
+                       "  120 x InvalidRecordError: [Error 87] InvalidRecordError: Timestamp N "
+                       "of message with offset N is out of range. The timestamp should be "
+                       "within [-N, N]"], err
+
+
 def test_cli_exits_nonzero_with_a_readable_message_when_the_broker_is_unreachable(
         media) -> None:
     env = {**os.environ, "STREAMPROC_BOOTSTRAP": f"127.0.0.1:{free_port()}"}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 from kafka.errors import InvalidRecordError, MessageSizeTooLargeError
 
 from streamproc.capture.publisher import _power_of_ten, failure_kind
+from streamproc.errors import quiet_client_logs
 
 
 def test_failures_that_differ_only_in_their_numbers_are_one_kind() -> None:
@@ -23,3 +26,16 @@ def test_failures_that_differ_only_in_their_numbers_are_one_kind() -> None:
 
 def test_a_flood_is_logged_at_powers_of_ten() -> None:
     assert [n for n in range(1, 2001) if _power_of_ten(n)] == [1, 10, 100, 1000]
+
+
+def test_kafka_pythons_warning_per_refused_batch_is_left_to_the_publisher() -> None:
+    batch = logging.getLogger("kafka.producer.producer_batch")
+    try:
+        quiet_client_logs("info")
+        assert not batch.isEnabledFor(logging.WARNING)
+        assert logging.getLogger("kafka.producer.sender").isEnabledFor(logging.WARNING)
+        quiet_client_logs("debug")
+        assert batch.isEnabledFor(logging.WARNING)
+    finally:
+        batch.setLevel(logging.NOTSET)
+        logging.getLogger("kafka").setLevel(logging.NOTSET)
