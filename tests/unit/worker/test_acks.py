@@ -384,7 +384,8 @@ def test_client_errors_are_logged_once_summarised_then_recovered(caplog) -> None
     faults = ClientFaults(summary_s=10, quiet_s=5, clock=lambda: now[0])
     logger = logging.getLogger("aiokafka.test_faults")
     logger.addFilter(faults)
-    with caplog.at_level(logging.INFO):
+    # its own level: below debug the CLI keeps aiokafka's loggers at WARNING
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger=logger.name):
         for i in range(3000):  # a broker away for 30 s: 100 lines a second
             now[0] = i / 100
             logger.error("Unable connect to node with id %d", 1)
