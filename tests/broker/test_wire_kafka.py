@@ -147,14 +147,19 @@ def test_frame_over_the_topic_limit_is_refused_by_the_broker(settings: Settings)
         producer.close()
 
 
-def test_topics_check_detects_mismatched_partition_counts(settings: Settings) -> None:
+def _one_topic_with(settings: Settings, modality: str, partitions: int) -> None:
+    """``modality``'s topic with ``partitions``, then the rest as configured (4)."""
     admin = kafka.admin(settings)
     try:
-        admin.create_topics([NewTopic(settings.topic("video"), 3, 1,
+        admin.create_topics([NewTopic(settings.topic(modality), partitions, 1,
                                       topic_configs=topic_configs(settings))])
     finally:
         admin.close()
-    create_topics(settings)  # the rest with the configured 4 partitions
+    create_topics(settings)
+
+
+def test_topics_check_detects_mismatched_partition_counts(settings: Settings) -> None:
+    _one_topic_with(settings, "video", 3)
     with pytest.raises(TopicError) as err:
         check_topics(settings)
     text = str(err.value)
@@ -197,13 +202,7 @@ def test_topics_create_with_another_partition_count_than_the_existing_topics_say
 
 
 def test_topics_check_names_the_input_that_is_not_co_partitioned(settings: Settings) -> None:
-    admin = kafka.admin(settings)
-    try:
-        admin.create_topics([NewTopic(settings.topic("audio"), 6, 1,
-                                      topic_configs=topic_configs(settings))])
-    finally:
-        admin.close()
-    create_topics(settings)  # the rest with 4 partitions
+    _one_topic_with(settings, "audio", 6)
     cli = _topics_cli(settings, "check")
     assert cli.returncode == 1
     assert f"{settings.topic('audio')} differs" in cli.stderr

@@ -78,6 +78,18 @@ SPOKEN = [said(0, 0, 900, 1900), said(1, 1000, 1900, 2900)]
 PACE_MS = 5000
 
 
+def assert_paced(out: list[tuple[int, Window]], pace_ms: int = PACE_MS,
+                 until_ms: int = 20_000) -> dict[int, tuple[int, Window]]:
+    """Every window ending by ``until_ms - pace_ms`` closed ``pace_ms`` after its end;
+    returns the finals by end (ms)."""
+    by_end = finals(out)
+    for end in range(500, until_ms - pace_ms + 1, 500):
+        assert end in by_end, f"window ending at {end} ms never closed by {until_ms} ms"
+        at, _ = by_end[end]
+        assert at == end + pace_ms, f"window ending at {end} ms closed at {at} ms"
+    return by_end
+
+
 @pytest.mark.parametrize("revision_ms", [0, 10_000])
 def test_a_late_segment_after_the_text_fell_silent_does_not_stall_the_stream(
         revision_ms: int) -> None:
@@ -86,11 +98,10 @@ def test_a_late_segment_after_the_text_fell_silent_does_not_stall_the_stream(
     late = said(9, 3000, 3500, 12_000)
     a = aligner(revision_horizon_ms=revision_ms)
     out, outcomes = run(a, media(0, 20_000) + SPOKEN + [late], 20_000)
-    by_end = finals(out)
     # every window closes at the pace the idle clock set, before the segment and after it
+    by_end = assert_paced(out)
     for end in range(500, 20_000 - PACE_MS + 1, 500):
-        at, w = by_end[end]
-        assert at == end + PACE_MS, f"window ending at {end} ms closed at {at} ms"
+        w = by_end[end][1]
         if end >= 3000:  # nothing of the transcript's: closed on its deadline
             assert w.quality["closed_by"] == ClosedBy.DEADLINE and not w.present["text"]
     # and the segment itself is handled as it always was
@@ -118,9 +129,7 @@ def test_late_segments_now_and_then_while_the_text_is_silent() -> None:
     lagging = [said(10 + i, 500 + i * 500, 900 + i * 500, 8000 + i * 1200) for i in range(9)]
     a = aligner()
     out, outcomes = run(a, media(0, 20_000) + SPOKEN + lagging, 20_000)
-    by_end = finals(out)
-    for end in range(500, 20_000 - PACE_MS + 1, 500):
-        assert by_end[end][0] == end + PACE_MS, end
+    assert_paced(out)
     assert all(outcomes[id(r)].status == OutcomeStatus.LATE for _, r in lagging)
     assert a.stats["late"] == len(lagging)
 
@@ -230,11 +239,7 @@ def test_a_copy_of_a_late_segment_is_not_a_source_lagging() -> None:
     out, outcomes = run(a, media(0, 20_000) + SPOKEN + [late, copy], 20_000)
     assert outcomes[id(late[1])].status == OutcomeStatus.LATE
     assert outcomes[id(copy[1])].status == OutcomeStatus.DUPLICATE
-    by_end = finals(out)
-    for end in range(500, 20_000 - PACE_MS + 1, 500):
-        assert end in by_end, f"window ending at {end} ms never closed by 20 s"
-        at, _ = by_end[end]
-        assert at == end + PACE_MS, f"window ending at {end} ms closed at {at} ms"
+    assert_paced(out)
 
 
 def test_with_a_zero_idle_deadline_one_straggler_is_not_a_lagging_source() -> None:
@@ -246,11 +251,7 @@ def test_with_a_zero_idle_deadline_one_straggler_is_not_a_lagging_source() -> No
     a = aligner(idle_deadline_text_ms=0)
     out, outcomes = run(a, media(0, 20_000) + SPOKEN + [late], 20_000)
     assert outcomes[id(late[1])].status == OutcomeStatus.LATE
-    by_end = finals(out)
-    for end in range(500, 20_000 - pace + 1, 500):
-        assert end in by_end, f"window ending at {end} ms never closed by 20 s"
-        at, _ = by_end[end]
-        assert at == end + pace, f"window ending at {end} ms closed at {at} ms"
+    assert_paced(out, pace)
 
 
 def _restart_run(straggler: bool) -> tuple[dict, dict]:
