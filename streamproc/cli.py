@@ -116,7 +116,7 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
     # start
     if pid is not None:
         bootstrap = _daemon_bootstrap(data_dir)
-        if args.port is not None and not bootstrap.endswith(f":{args.port}"):
+        if args.port and not bootstrap.endswith(f":{args.port}"):  # 0: any port
             raise UserError(f"a broker from {data_dir} is already running (pid {pid}) on "
                             f"{bootstrap}, not port {args.port}: stop it first, or use "
                             "another --dir")

@@ -633,7 +633,10 @@ class Aligner:
             else:
                 run = (run[0], now_ns, run[2] + 1)
             st.late_run[mod] = run
-            lagging = (run[2] >= LATE_RUN_RECORDS and now_ns - run[0] >= self._idle[mod]
+            # lasting some time too: a batch's records share one clock reading, and with a
+            # deadline of 0 a run is never more than one batch
+            lagging = (run[2] >= LATE_RUN_RECORDS
+                       and now_ns - run[0] >= max(self._idle[mod], 1)
                        and not (self.cfg.max_future_ns and x is not None
                                 and x - e > self.cfg.max_future_ns))
         elif live and mod in st.late_run:

@@ -41,6 +41,7 @@ def test_broker_daemon_starts_serves_and_stops(tmp_path) -> None:
         status = _cli("status", "--dir", d)
         assert status.returncode == 0 and f"127.0.0.1:{port}" in status.stdout
         assert "already running" in _cli("start", "--dir", d).stdout
+        assert "already running" in _cli("start", "--dir", d, "--port", "0").stdout  # any
         # another port for the running broker, or its port for another one: refused, not
         # reported as running (the second broker would die failing to bind the port)
         moved = _cli("start", "--dir", d, "--port", str(port + 1))

@@ -229,6 +229,8 @@ def test_after_a_restart_late_segments_hold_the_stream_only_while_replaying(
     else:  # a replay: the segments rebuild the text watermark, which then holds
         assert all(outcomes[id(r)].status == OutcomeStatus.REPLAYED for _, r in lagging)
         assert held.get(11_000, (30_001, None))[0] > base[11_000][0]  # or not by 30 s
+
+
 def test_a_copy_of_a_late_segment_is_not_a_source_lagging() -> None:
     """A late segment and a copy of it (a producer retry, one idle deadline later): the
     copy is a duplicate, counted once; neither is the source sending, so the stream keeps
@@ -242,15 +244,17 @@ def test_a_copy_of_a_late_segment_is_not_a_source_lagging() -> None:
     assert_paced(out)
 
 
-def test_with_a_zero_idle_deadline_one_straggler_is_not_a_lagging_source() -> None:
+@pytest.mark.parametrize("stragglers", [1, 3])
+def test_with_a_zero_idle_deadline_stragglers_are_no_lagging_source(stragglers: int) -> None:
     """idle_deadline_text_ms=0 (allowed: "must not be negative"): the text watermark moves
-    with the clock as soon as the recogniser is quiet. One late segment, alone, is a
-    straggler; it must not pull the watermark back to its own event time."""
+    with the clock as soon as the recogniser is quiet. Late segments, alone or several in
+    one fetched batch (one clock reading for all of them), are stragglers; they must not
+    pull the watermark back to their own event time."""
     pace = 4000  # text lateness 3 s + the 1 s the segments lagged, no deadline
-    late = said(9, 3000, 3500, 12_000)
+    late = [said(9 + i, 3000 + 100 * i, 3100 + 100 * i, 12_000) for i in range(stragglers)]
     a = aligner(idle_deadline_text_ms=0)
-    out, outcomes = run(a, media(0, 20_000) + SPOKEN + [late], 20_000)
-    assert outcomes[id(late[1])].status == OutcomeStatus.LATE
+    out, outcomes = run(a, media(0, 20_000) + SPOKEN + late, 20_000)
+    assert all(outcomes[id(r)].status == OutcomeStatus.LATE for _, r in late)
     assert_paced(out, pace)
 
 
