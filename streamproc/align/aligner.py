@@ -429,7 +429,6 @@ class _Stream:
         self.sid = sid
         self.first_seen = now_ns
         self.heard = now_ns  # its last record of any kind (for expiry)
-        # per modality, (first, last) wall time of its current run of late records
         # per modality: (first, last, count) of its records whose windows had all closed,
         # while nothing live came between them
         self.late_run: dict[Modality, tuple[int, int, int]] = {}
@@ -595,12 +594,11 @@ class Aligner:
         # A record is its seq and its span: a producer that restarts its sequence numbers
         # sends new records under old seqs, and only a copy has the same span too.
         key = (rec.seq, s, e)
-        if key in buffered or (st.dropped_any and self._seen(st, mod, key)):
-            return self._duplicate(st, rec, k_first, k_last)
         cb = st.closed_before
         # a copy of a record whose windows had all closed (late, a revision, a replay) is
         # a duplicate before anything else: the source sent it once
-        if cb is not None and k_last < cb and self._seen(st, mod, key):
+        if key in buffered or ((st.dropped_any or (cb is not None and k_last < cb))
+                               and self._seen(st, mod, key)):
             return self._duplicate(st, rec, k_first, k_last)
 
         st.heard = now_ns

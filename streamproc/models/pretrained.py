@@ -210,10 +210,10 @@ class HaarFaces(nn.Module):
         grey = np.round(255 * img).astype(np.uint8)
         out = np.zeros((len(grey), self.FEATURES), np.float32)
         with self._lock:
-            for i, img in enumerate(grey):
-                side = min(img.shape)
+            for i, frame in enumerate(grey):
+                side = min(frame.shape)
                 faces = self.cascade.detectMultiScale(
-                    np.ascontiguousarray(img), scaleFactor=1.1, minNeighbors=3,
+                    np.ascontiguousarray(frame), scaleFactor=1.1, minNeighbors=3,
                     minSize=(max(1, side // 6), max(1, side // 6)))
                 if len(faces):
                     out[i] = (1.0, float(max(w for _, _, w, _ in faces)) / side,
