@@ -93,7 +93,11 @@ def test_speech_becomes_timed_segments_silence_none_and_a_dead_mic_its_final(
 
 def test_kill_9_and_restart_lose_no_final_and_replay_identical_copies(
         kafka_bootstrap: str, avdigits_tts: Path, tmp_path: Path) -> None:
-    settings = asr_settings(kafka_bootstrap)
+    # The producer stalls between the halves, with cam-b mid-sentence. A worker that saw no
+    # audio for gap_ms of wall time would end that utterance there (the idle flush, which
+    # the oracle's one continuous feed never does), racing the kill: the stall must not
+    # count as the microphone going quiet.
+    settings = asr_settings(kafka_bootstrap).replace(asr_gap_ms=600_000)
     create_topics(settings)
     t0 = (time.time_ns() // NS - 60) * NS
     x, spoken = speech_track(SENTENCES[:3], VOICES[1], avdigits_tts, pauses_s=(3.0, 4.0))
