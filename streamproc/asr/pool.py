@@ -82,6 +82,7 @@ class Result:
     checkpoint: Checkpoint | None
     needed: int | None  # the oldest offset the stream still needs (its audio since checkpoint)
     in_utterance: bool
+    position_ns: int | None  # event time just after the stream's last sample
     cpu_s: float  # CPU time the transcriber took
     error: str | None = None  # the add failed (a bug): the record is skipped
 
@@ -128,10 +129,13 @@ class Host:
             segs = []
             error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
         cpu = time.process_time() - t0
-        cp = tr.checkpoint
-        return (h, token, [_encode(s) for s in segs],
-                None if cp is None else (cp.next_seq, cp.epoch_ns), tr.needed_token,
-                tr.in_utterance, cpu, error)
+        return (h, token, [_encode(s) for s in segs], _plain(tr.checkpoint), tr.needed_token,
+                tr.in_utterance, tr.position_ns, cpu, error)
+
+
+def _plain(cp: Checkpoint | None) -> tuple[int, int, int | None] | None:
+    """A checkpoint as plain values, to cross a process boundary."""
+    return None if cp is None else (cp.next_seq, cp.epoch_ns, cp.flush_at_ns)
 
 
 def _encode(seg: wire.TranscriptSegment) -> tuple:
@@ -140,9 +144,9 @@ def _encode(seg: wire.TranscriptSegment) -> tuple:
 
 
 def _result(msg: tuple) -> Result:
-    h, token, segs, cp, needed, in_utt, cpu, error = msg
+    h, token, segs, cp, needed, in_utt, pos, cpu, error = msg
     return Result(h, token, tuple(Encoded(*s) for s in segs),
-                  None if cp is None else Checkpoint(*cp), needed, in_utt, cpu, error)
+                  None if cp is None else Checkpoint(*cp), needed, in_utt, pos, cpu, error)
 
 
 OnResults = Callable[[list["Result"]], None]
@@ -189,8 +193,7 @@ class LocalDecoding(Decoding):
         self._on_results = on_results
 
     def open(self, handle: int, stream_id: str, resume: Checkpoint | None) -> None:
-        self.host.handle((_OPEN, handle, stream_id,
-                          None if resume is None else (resume.next_seq, resume.epoch_ns)))
+        self.host.handle((_OPEN, handle, stream_id, _plain(resume)))
 
     def add(self, handle: int, token: int, ts_ns: int, pcm: bytes) -> None:
         self._do((_ADD, handle, token, ts_ns, pcm))
@@ -315,8 +318,7 @@ class ProcessPool(Decoding):
         child = min(self._children, key=lambda c: (c.handles, c.in_flight, c.index))
         child.handles += 1
         self._where[handle] = child
-        child.outbox.put((_OPEN, handle, stream_id,
-                          None if resume is None else (resume.next_seq, resume.epoch_ns)))
+        child.outbox.put((_OPEN, handle, stream_id, _plain(resume)))
 
     def add(self, handle: int, token: int, ts_ns: int, pcm: bytes) -> None:
         child = self._where[handle]

@@ -14,7 +14,10 @@ epoch_ns)``. Everything that follows is a function of the audio from ``epoch_ns`
 a transcriber restored from a checkpoint and fed the same records again (those before
 the checkpoint are skipped sample-exactly) publishes the same segments with the same
 ``sp-seq`` and spans: copies the aligner counts once. Only the idle :meth:`flush` looks
-at no audio; it ends an utterance where a gap in the audio would have ended it too.
+at no audio; it ends an utterance where a gap in the audio would have ended it too. A
+checkpoint can name where a flush happened (``flush_at_ns``, the stream's position then):
+a transcriber resumed from it flushes when its audio reaches that point again, so even
+the segments of a flush replay as copies.
 """
 
 from __future__ import annotations
@@ -50,10 +53,12 @@ class CutConfig:
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """Where a stream can resume: nothing before ``epoch_ns`` is needed again."""
+    """Where a stream can resume: nothing before ``epoch_ns`` is needed again;
+    ``flush_at_ns``: an idle flush happened once the audio reached this event time."""
 
     next_seq: int
     epoch_ns: int
+    flush_at_ns: int | None = None
 
 
 class SkipReason(StrEnum):
@@ -105,6 +110,7 @@ class StreamTranscriber:
         self._epoch_seq = self._next_seq  # the seq the stream had at its checkpoint
         self._pos_ns: int | None = resume.epoch_ns if resume else None
         self._epoch_ns: int | None = self._pos_ns
+        self._flush_at = resume.flush_at_ns if resume else None
         self._n = 0  # 16 kHz samples accepted so far (an index of this object's own)
         self._epoch = 0
         # (first sample, sample 0 of its chunk, chunk ts_ns): sample times, by bisection
@@ -128,7 +134,14 @@ class StreamTranscriber:
 
     @property
     def checkpoint(self) -> Checkpoint | None:
-        return None if self._epoch_ns is None else Checkpoint(self._epoch_seq, self._epoch_ns)
+        if self._epoch_ns is None:
+            return None
+        return Checkpoint(self._epoch_seq, self._epoch_ns, self._flush_at)
+
+    @property
+    def position_ns(self) -> int | None:
+        """Event time just after the last sample had; None before any."""
+        return self._pos_ns
 
     @property
     def needed_token(self) -> int | None:
@@ -183,10 +196,13 @@ class StreamTranscriber:
             out += self._frame(start + k, buf[k:k + FRAME_SAMPLES].tobytes())
             k += FRAME_SAMPLES
         self._pending = buf[k:].copy()
+        if self._flush_at is not None and self._pos_ns >= self._flush_at:
+            out += self.flush()  # where the flush this checkpoint names happened
         return out
 
     def flush(self) -> list[TranscriptSegment]:
         """The stream's audio stopped (idle): end the utterance in progress, if any."""
+        self._flush_at = None
         if self._utt is None:
             return []
         out = self._end_utterance(gap=True)

@@ -19,6 +19,10 @@ Guarantees, per partition of ``PREFIX.audio``:
   -9``, a restart or a rebalance) resumes each stream at its checkpoint and publishes
   the same segments again with the same ``sp-seq`` and spans, which the aligner counts
   once;
+- an idle flush (a stream's audio stopped mid-utterance) is the one decision taken on
+  the wall clock, so it is committed before it is made: the stream's checkpoint names
+  the event time it is flushed at (``flush_at_ns``), and a worker that replays the
+  stream flushes it there too, publishing the same final;
 - a record that is not wire-format audio is counted and skipped with its reason: the
   alignment worker dead-letters it already.
 """
@@ -30,7 +34,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, TopicPartition
@@ -77,8 +81,11 @@ def cut_config(settings: Settings) -> CutConfig:
 
 
 def encode_checkpoints(checkpoints: dict[str, Checkpoint]) -> str:
+    def plain(c: Checkpoint) -> list[int]:
+        return [c.next_seq, c.epoch_ns] + ([] if c.flush_at_ns is None else [c.flush_at_ns])
+
     return json.dumps({"v": METADATA_VERSION,
-                       "s": {sid: [c.next_seq, c.epoch_ns] for sid, c in checkpoints.items()}},
+                       "s": {sid: plain(c) for sid, c in checkpoints.items()}},
                       separators=(",", ":"), ensure_ascii=False)
 
 
@@ -90,7 +97,8 @@ def decode_checkpoints(metadata: str | None) -> dict[str, Checkpoint]:
         obj = json.loads(metadata)
         if obj.get("v") != METADATA_VERSION:
             return {}
-        return {str(sid): Checkpoint(int(v[0]), int(v[1])) for sid, v in obj["s"].items()}
+        return {str(sid): Checkpoint(int(v[0]), int(v[1]), int(v[2]) if len(v) > 2 else None)
+                for sid, v in obj["s"].items()}
     except (ValueError, TypeError, KeyError, AttributeError, IndexError):
         log.warning("ignoring commit metadata that is not ours: %.80r", metadata)
         return {}
@@ -106,6 +114,8 @@ class _Stream:
     in_utterance: bool = False
     in_flight: int = 0  # records handed to decoding, not back yet
     flushing: bool = False  # an idle flush not back yet
+    flush_at: int | None = None  # event time of that flush, committed before it is asked
+    position_ns: int | None = None  # event time just after its last sample decoded
     last_audio: float = 0.0  # wall clock (monotonic) of its last record read
 
 
@@ -203,7 +213,10 @@ class AsrWorker:
                             continue  # a partition just (re)assigned is read from its commit
                         for rec in records:
                             self._handle(part, rec, now)
-                    self._idle_flush(now)
+                    idle = self._idle(now)
+                if idle:
+                    self._flush(idle)
+                    last_commit = now
                 if now - last_commit >= COMMIT_INTERVAL_S:
                     self.commit()
                     last_commit = now
@@ -287,7 +300,7 @@ class AsrWorker:
         part = self.parts[where[0]]
         st = part.streams[where[1]]
         if r.token == FLUSHED:
-            st.flushing = False
+            st.flushing, st.flush_at = False, None
         else:
             st.in_flight -= 1
             part.decoded.add(r.token)
@@ -298,6 +311,7 @@ class AsrWorker:
                        wire.DeadLetterKind.INTERNAL.value, r.error.splitlines()[0])
         self._publish(where[1], r.segments)
         st.checkpoint, st.needed, st.in_utterance = r.checkpoint, r.needed, r.in_utterance
+        st.position_ns = r.position_ns
 
     def _skip(self, topic: str, partition: int, offset: int, kind: str, reason: str) -> None:
         self.stats.bad[kind] += 1
@@ -318,30 +332,52 @@ class AsrWorker:
             else:
                 self.stats.partials += 1
 
-    def _idle_flush(self, now: float) -> None:
-        """End the utterances of streams whose audio stopped, once nothing is left to read."""
+    def _idle(self, now: float) -> dict[int, list[str]]:
+        """Streams whose audio stopped mid-utterance, once nothing is left to read, by
+        partition; each is marked to be flushed where its audio stopped."""
         idle_s = self.settings.asr_gap_ms / 1000
-        for part in self.parts.values():
+        out: dict[int, list[str]] = {}
+        for p, part in self.parts.items():
             high = self._consumer.highwater(part.tp)
             if high is not None and part.position is not None and part.position < high:
                 continue  # records of this partition are still to be read: not idle
-            for st in part.streams.values():
+            for sid, st in part.streams.items():
                 # in_utterance is as of the stream's last result: wait for those on the way
                 if (st.in_utterance and not st.in_flight and not st.flushing
+                        and st.flush_at is None and st.position_ns is not None
                         and now - st.last_audio >= idle_s):
+                    st.flush_at = st.position_ns
+                    out.setdefault(p, []).append(sid)
+        return out
+
+    def _flush(self, idle: dict[int, list[str]]) -> None:
+        """Commit where the idle streams will be flushed, then flush them: a worker that
+        replays them flushes them at the same event time, so their finals are copies."""
+        done = self.commit(list(idle))
+        with self._lock:
+            for p, sids in idle.items():
+                part = self.parts.get(p)
+                for sid in sids:
+                    st = part.streams.get(sid) if part is not None else None
+                    if st is None or st.flush_at is None:
+                        continue  # revoked meanwhile: its next owner has the commit
+                    if p not in done:
+                        st.flush_at = None  # not committed: the next round tries again
+                        continue
                     self.stats.idle_flushes += 1
                     st.flushing = True
                     self.decoding.flush(st.handle)
 
     # --- commits ---------------------------------------------------------------------
 
-    def commit(self, partitions: list[int] | None = None) -> None:
+    def commit(self, partitions: list[int] | None = None) -> set[int]:
         """Commit each partition's offset and checkpoints once the segments they need are
-        acknowledged.
+        acknowledged; the partitions whose commit holds their current state.
 
         The state is taken first, with the segments sent for it; the flush after it waits
         for those (and for any sent since, which the next commit covers)."""
         offsets = {}
+        current = set()
         with self._lock:
             sent, self._sent = self._sent, []
             for p in (partitions if partitions is not None else list(self.parts)):
@@ -349,7 +385,9 @@ class AsrWorker:
                 if part is None or part.position is None:
                     continue
                 offset, meta = self._commit_point(part)
-                if part.committed != (offset, meta):
+                if part.committed == (offset, meta):
+                    current.add(p)
+                else:
                     offsets[part.tp] = OffsetAndMetadata(offset, meta, -1)
                     part.committed = (offset, meta)
                     log.debug("commit partition %d offset %d (read to %d): %s", p, offset,
@@ -371,8 +409,9 @@ class AsrWorker:
                     for tp in offsets:
                         if (part := self.parts.get(tp.partition)) is not None:
                             part.committed = None
-                return
+                return current
             self.stats.commits += 1
+        return current | {tp.partition for tp in offsets}
 
     def _commit_point(self, part: _Partition) -> tuple[int, str]:
         assert part.position is not None
@@ -385,6 +424,8 @@ class AsrWorker:
         checkpoints = dict(part.resume)
         for sid, st in part.streams.items():
             if (c := st.checkpoint) is not None:
+                if st.flush_at is not None:
+                    c = replace(c, flush_at_ns=st.flush_at)
                 checkpoints[sid] = c
         self._expire(part, checkpoints)
         meta = encode_checkpoints(checkpoints)

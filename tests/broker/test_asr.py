@@ -139,6 +139,59 @@ def test_kill_9_and_restart_lose_no_final_and_replay_identical_copies(
         assert not differ, f"{sid}: {differ}"
 
 
+def test_kill_9_right_after_an_idle_flush_replays_the_same_final(
+        kafka_bootstrap: str, avdigits_tts: Path, tmp_path: Path) -> None:
+    """The producer stalls with cam-b mid-sentence: the worker flushes cam-b's utterance
+    (the one decision it takes on the wall clock), publishes that final and is killed at
+    once, most likely before its next commit. The audio then goes on without a gap. The
+    replay flushes where the first worker did, so every copy of every segment is the
+    same as a transcriber's that was flushed at the stall."""
+    settings = asr_settings(kafka_bootstrap)
+    create_topics(settings)
+    t0 = (time.time_ns() // NS - 60) * NS
+    x, _ = speech_track(SENTENCES[:3], VOICES[1], avdigits_tts, pauses_s=(3.0, 4.0))
+    y, spoken_b = speech_track(SENTENCES[1:][::-1], VOICES[0], avdigits_tts,
+                               pauses_s=(4.0, 3.0))
+    records = chunks("cam-a", t0, x) + chunks("cam-b", t0, y)
+    said = spoken_b[1]
+    cut = t0 + (said.start_ns + said.end_ns) // 2  # the middle of cam-b's second sentence
+    first = sorted((r for r in records if r.ts_ns < cut), key=lambda r: r.ts_ns)
+    rest = sorted((r for r in records if r.ts_ns >= cut), key=lambda r: r.ts_ns)
+    engine = SphinxEngine()
+    expected: dict[str, list[wire.TranscriptSegment]] = {}
+    before_stall: dict[str, int] = {}
+    for sid in ("cam-a", "cam-b"):
+        tr = StreamTranscriber(sid, cut_config(settings), engine,
+                               make_vad(settings.asr_vad, settings.asr_vad_mode))
+        segs = [s for c in first if c.stream_id == sid for s in tr.add(c)]
+        segs += tr.flush()  # what the idle flush does (nothing for a stream in a pause)
+        before_stall[sid] = sum(s.final for s in segs)
+        expected[sid] = segs + [s for c in rest if c.stream_id == sid for s in tr.add(c)]
+    assert before_stall["cam-b"] >= 2  # the flushed final is among them
+    publish(settings, first)
+    asr = AsrProc(settings, tmp_path / "asr.log")
+    try:
+        read_segments(settings, lambda ps: all(len(finals_of(ps, sid)) >= n
+                                               for sid, n in before_stall.items()), timeout=90)
+    finally:
+        asr.kill()
+    publish(settings, rest)
+    asr = AsrProc(settings, tmp_path / "asr.log")
+    try:
+        n_finals = sum(s.final for segs in expected.values() for s in segs)
+        pubs = read_segments(settings, lambda ps: len({(p.segment.stream_id, p.segment.seq)
+                                                       for p in ps if p.segment.final})
+                             >= n_finals, timeout=120)
+    finally:
+        assert asr.stop() == 0
+    for sid, segs in expected.items():
+        got = [p.segment for p in pubs if p.segment.stream_id == sid]
+        by_seq = {s.seq: s for s in segs}
+        assert {s.seq for s in got if s.final} == {s.seq for s in segs if s.final}, sid
+        differ = [(s, by_seq.get(s.seq)) for s in got if not same_segment(s, by_seq.get(s.seq))]
+        assert not differ, f"{sid}: {differ}"
+
+
 def same_segment(got: wire.TranscriptSegment, want: wire.TranscriptSegment | None) -> bool:
     """The copy the aligner counts once: the same seq and span (its duplicate key), and the
     same text, finality and word times (a decoder's history changes none of them)."""

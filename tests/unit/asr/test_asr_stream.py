@@ -101,6 +101,46 @@ def test_a_replay_from_any_checkpoint_repeats_the_same_segments() -> None:
         assert redo == published_after
 
 
+def test_a_replay_flushes_where_the_checkpoint_says_an_idle_flush_happened() -> None:
+    """The producer stalls mid-utterance, the stream is flushed, then its audio goes on
+    without a gap. A replay from the checkpoint the flush was committed with (the state
+    before it, plus where it happened) repeats the flushed run's segments; without that
+    mark it ends the utterance elsewhere (the case the mark is for)."""
+    x = np.concatenate([silence(1), tone(3), silence(1.5), tone(1), silence(2)])
+    cs = chunks("s", T0, x)
+    stall = 22  # chunks before the stall: mid-tone
+    tr = StreamTranscriber("s", CutConfig(), CountingEngine(), EnergyVad())
+    out = []
+    for k, c in enumerate(cs[:stall]):
+        out += tr.add(c, k)
+    assert tr.in_utterance and tr.checkpoint is not None and tr.position_ns is not None
+    committed = Checkpoint(tr.checkpoint.next_seq, tr.checkpoint.epoch_ns, tr.position_ns)
+    needed = tr.needed_token
+    out += tr.flush()
+    assert tr.checkpoint is not None and tr.checkpoint.flush_at_ns is None
+    for k, c in enumerate(cs[stall:], start=stall):
+        out += tr.add(c, k)
+    published_after = [s for s in out if s.seq >= committed.next_seq]
+    assert sum(s.final for s in published_after) == 3  # the cut tone's two parts, the next
+
+    def replay(cp: Checkpoint) -> tuple[list[wire.TranscriptSegment], list[Checkpoint]]:
+        again = StreamTranscriber("s", CutConfig(), CountingEngine(), EnergyVad(), cp)
+        redo, cps = [], []
+        for j, c in enumerate(cs[needed:], start=needed):
+            redo += again.add(c, j)
+            assert again.checkpoint is not None
+            cps.append(again.checkpoint)
+        return redo, cps
+
+    redo, cps = replay(committed)
+    assert redo == published_after
+    # until the replay reaches the flush, its checkpoint keeps the mark (a second crash
+    # flushes there too); after it, the mark is spent
+    assert cps[stall - needed - 2] == committed and cps[stall - needed - 1].flush_at_ns is None
+    unmarked, _ = replay(Checkpoint(committed.next_seq, committed.epoch_ns))
+    assert unmarked != published_after
+
+
 def test_copies_and_overlaps_are_skipped_sample_exactly() -> None:
     x = np.concatenate([silence(1), tone(1.5), silence(2)])
     cs = chunks("s", T0, x)
