@@ -172,6 +172,7 @@ class AsrWorker:
         self._lock = threading.RLock()
         self._failure: BaseException | None = None
         self._paused = False
+        self._flush_after = 0.0  # no idle flush before this (monotonic): a commit failed
         self._consumer = kafka.group_consumer(settings, self.group, "asr")
         self._producer = kafka.producer(settings)
         self._bad_logged: Counter = Counter()
@@ -215,7 +216,7 @@ class AsrWorker:
                             self._handle(part, rec, now)
                     idle = self._idle(now)
                 if idle:
-                    self._flush(idle)
+                    self._flush(idle, now)
                     last_commit = now
                 if now - last_commit >= COMMIT_INTERVAL_S:
                     self.commit()
@@ -337,6 +338,8 @@ class AsrWorker:
         partition; each is marked to be flushed where its audio stopped."""
         idle_s = self.settings.asr_gap_ms / 1000
         out: dict[int, list[str]] = {}
+        if now < self._flush_after:
+            return out
         for p, part in self.parts.items():
             high = self._consumer.highwater(part.tp)
             if high is not None and part.position is not None and part.position < high:
@@ -350,10 +353,11 @@ class AsrWorker:
                     out.setdefault(p, []).append(sid)
         return out
 
-    def _flush(self, idle: dict[int, list[str]]) -> None:
+    def _flush(self, idle: dict[int, list[str]], now: float) -> None:
         """Commit where the idle streams will be flushed, then flush them: a worker that
-        replays them flushes them at the same event time, so their finals are copies."""
-        done = self.commit(list(idle))
+        replays them flushes them at the same event time, so their finals are copies.
+        Every partition is committed (the periodic commit this stands in for)."""
+        done = self.commit()
         with self._lock:
             for p, sids in idle.items():
                 part = self.parts.get(p)
@@ -362,7 +366,10 @@ class AsrWorker:
                     if st is None or st.flush_at is None:
                         continue  # revoked meanwhile: its next owner has the commit
                     if p not in done:
-                        st.flush_at = None  # not committed: the next round tries again
+                        # not committed (a rebalance, most likely): try again a commit
+                        # interval later, not on every poll
+                        st.flush_at = None
+                        self._flush_after = now + COMMIT_INTERVAL_S
                         continue
                     self.stats.idle_flushes += 1
                     st.flushing = True
