@@ -12,7 +12,9 @@ partitions) and a confluent-kafka transactional producer (committed and aborted 
 from __future__ import annotations
 
 import dataclasses
+import queue
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -579,24 +581,45 @@ def send_all(settings: Settings, plan: list[Sent]) -> None:
         if s.batch >= 0:
             batches.setdefault(s.batch, []).append(s)
     done_batches: set[int] = set()
-    with KafkaSender(settings, max_request_size=max_bytes) as kp:
-        for s in paced(plan):
-            if s.via is Via.KAFKA:
-                kp.send(s)
-            elif s.via is Via.DEFAULT_PARTITIONER:
-                send_confluent(cp, settings, s, wait=False)
-                cp.poll(0)
-            elif s.batch not in done_batches:
-                done_batches.add(s.batch)
+    # the other application's transactions (a flush, then a commit or an abort) go out
+    # from a thread of their own: in the paced loop they would stall the valid streams
+    txns: queue.Queue[tuple[int, Via] | None] = queue.Queue()
+    failed: list[BaseException] = []
+
+    def other_app() -> None:
+        try:
+            while (item := txns.get()) is not None:
+                batch, via = item
                 tp.begin_transaction()
-                for b in batches[s.batch]:
+                for b in batches[batch]:
                     send_confluent(tp, settings, b, wait=False)
                 tp.flush(30)  # every record has its offset, also the ones aborted next
-                if s.via is Via.TXN_COMMIT:
+                if via is Via.TXN_COMMIT:
                     tp.commit_transaction(30)
                 else:
                     tp.abort_transaction(30)
-        cp.flush(60)
+        except BaseException as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=other_app, name="other-app")
+    thread.start()
+    try:
+        with KafkaSender(settings, max_request_size=max_bytes) as kp:
+            for s in paced(plan):
+                if s.via is Via.KAFKA:
+                    kp.send(s)
+                elif s.via is Via.DEFAULT_PARTITIONER:
+                    send_confluent(cp, settings, s, wait=False)
+                    cp.poll(0)
+                elif s.batch not in done_batches:
+                    done_batches.add(s.batch)
+                    txns.put((s.batch, s.via))
+            cp.flush(60)
+    finally:
+        txns.put(None)
+        thread.join(120)
+    if failed:
+        raise failed[0]
     missing = [s for s in plan if s.source is None]
     assert not missing, f"{len(missing)} records not delivered, e.g. {missing[0]}"
 

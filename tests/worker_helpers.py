@@ -152,6 +152,32 @@ def read_all(settings: Settings, topic: str, done: Callable[[list], bool],
         consumer.close()
 
 
+def read_to_end(settings: Settings, topic: str, timeout: float = 30) -> list:
+    """Every record of ``topic`` (read_committed) up to its end as of this call; fails
+    when the end is not reached in ``timeout`` (never a partial read taken for all)."""
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
+                             isolation_level="read_committed", enable_auto_commit=False,
+                             max_partition_fetch_bytes=settings.max_message_bytes)
+    try:
+        parts = [TopicPartition(topic, p)
+                 for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        assert parts, f"no topic {topic}"
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        ends = consumer.end_offsets(parts)
+        out: list = []
+        deadline = time.monotonic() + timeout
+        while any(consumer.position(tp) < ends[tp] for tp in parts):
+            assert time.monotonic() < deadline, (
+                f"{topic}: read to {[consumer.position(tp) for tp in parts]} of "
+                f"{[ends[tp] for tp in parts]} in {timeout} s")
+            for msgs in consumer.poll(timeout_ms=300).values():
+                out.extend(msgs)
+        return out
+    finally:
+        consumer.close()
+
+
 def read_predictions(settings: Settings, want: set[tuple[str, int]],
                      timeout: float = 40, finals_only: bool = True) -> list[Pred]:
     """Predictions until every window of ``want`` has its final; the finals (or every

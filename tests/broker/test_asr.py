@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from asr_helpers import (
     SENTENCES,
     VOICES,
     AsrProc,
+    Published,
     asr_settings,
     chunks,
     finals_of,
@@ -123,10 +125,7 @@ def test_kill_9_and_restart_lose_no_final_and_replay_identical_copies(
     publish(settings, rest)
     asr = AsrProc(settings, tmp_path / "asr.log")
     try:
-        n_finals = sum(s.final for segs in expected.values() for s in segs)
-        pubs = read_segments(settings, lambda ps: len({(p.segment.stream_id, p.segment.seq)
-                                                       for p in ps if p.segment.final})
-                             >= n_finals, timeout=120)
+        pubs = read_segments(settings, every_final(expected), timeout=120)
     finally:
         assert asr.stop() == 0
     for sid, segs in expected.items():
@@ -178,10 +177,7 @@ def test_kill_9_right_after_an_idle_flush_replays_the_same_final(
     publish(settings, rest)
     asr = AsrProc(settings, tmp_path / "asr.log")
     try:
-        n_finals = sum(s.final for segs in expected.values() for s in segs)
-        pubs = read_segments(settings, lambda ps: len({(p.segment.stream_id, p.segment.seq)
-                                                       for p in ps if p.segment.final})
-                             >= n_finals, timeout=120)
+        pubs = read_segments(settings, every_final(expected), timeout=120)
     finally:
         assert asr.stop() == 0
     for sid, segs in expected.items():
@@ -190,6 +186,15 @@ def test_kill_9_right_after_an_idle_flush_replays_the_same_final(
         assert {s.seq for s in got if s.final} == {s.seq for s in segs if s.final}, sid
         differ = [(s, by_seq.get(s.seq)) for s in got if not same_segment(s, by_seq.get(s.seq))]
         assert not differ, f"{sid}: {differ}"
+
+
+def every_final(expected: dict[str, list[wire.TranscriptSegment]]
+                ) -> Callable[[list[Published]], bool]:
+    """Done once every stream has each of its expected finals (a stream's extra final
+    must not make up for another's missing one)."""
+    want = {(sid, s.seq) for sid, segs in expected.items() for s in segs if s.final}
+    return lambda ps: want <= {(p.segment.stream_id, p.segment.seq) for p in ps
+                               if p.segment.final}
 
 
 def same_segment(got: wire.TranscriptSegment, want: wire.TranscriptSegment | None) -> bool:

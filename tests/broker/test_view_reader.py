@@ -59,14 +59,19 @@ def test_the_reader_starts_a_history_back_and_takes_each_topic(topics: Settings)
                                   (now - S) // MS)),
     ])
 
+    read_by: list[int] = []  # when the view had read everything sent
+
     async def run() -> ViewServer:
         view = ViewServer(settings, health_urls=[])
         await view.start()
         try:
-            for _ in range(200):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
                 st = view.state
                 if (st.dead.total and "cam" in view.thumbs and st.stats["audio"]
-                        and st.stats["unreadable"]):
+                        and st.stats["unreadable"] and "cam" in st.streams
+                        and st.streams["cam"].windows):
+                    read_by.append(time.time_ns())
                     break
                 await asyncio.sleep(0.05)
         finally:
@@ -74,13 +79,14 @@ def test_the_reader_starts_a_history_back_and_takes_each_topic(topics: Settings)
         return view
 
     view = asyncio.run(run())
+    assert read_by, f"the view did not read every topic in 30 s: {view.state.stats}"
     cam = view.state.streams["cam"]
     assert [e.label for e in cam.windows.values()] == ["recent"]
     assert cam.words() == "seven eight"
     assert view.state.stats["video"] == 1  # the frame of a minute ago was not read
     assert cam.frame is not None and cam.frame.ts_ns == new_frame.ts_ns
     assert view.thumbs["cam"].width == 64
-    assert cam.badges(time.time_ns()) == {"video": "present", "audio": "masked",
+    assert cam.badges(read_by[0]) == {"video": "present", "audio": "masked",
                                           "text": "present"}
     assert view.state.dead.by_kind == {"decode": 1}
     assert list(cam.marks) == [(new_frame.ts_ns // MS, "decode")]

@@ -40,6 +40,7 @@ from worker_helpers import (
     produce,
     read_all,
     read_predictions,
+    read_to_end,
     start_time,
     stream_plan,
     worker_settings,
@@ -58,8 +59,10 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 # one worker, five streams: alignment, a dead microphone, corrupt and late records
 # ---------------------------------------------------------------------------------------
 
-GAP = (1500 * MS, 3500 * MS)  # mic-off's audio is missing over this part of the run
-DUR_S = 5.0
+# mic-off's audio is missing over this part of the run: long enough that the windows
+# closed on its deadline are out well before the microphone is back, on a slow machine too
+GAP = (1500 * MS, 4500 * MS)
+DUR_S = 6.0
 
 
 def _corrupt(plan: list[Planned], sid: str, t0: int) -> list[Planned]:
@@ -125,7 +128,7 @@ def live_run(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory):
         n_dead = sum(p.role in ("decode", "late") for p in plan)
         dead = read_all(settings, settings.topic("deadletter"), lambda m: len(m) >= n_dead, 20)
         time.sleep(0.5)  # anything extra (it must not be) would show up in the final read
-        dead = read_all(settings, settings.topic("deadletter"), lambda m: False, 1)
+        dead = read_to_end(settings, settings.topic("deadletter"))
         assert worker.stop() == 0, worker.log()[-3000:]
         yield LiveRun(t0, plan, expected, preds, dead, worker)
     finally:
@@ -289,14 +292,17 @@ def test_late_transcripts_revise_finals_across_a_kill_9(kafka_bootstrap: str,
         cfg = AlignConfig.from_settings(settings)
         touched: list[list[tuple[str, int]]] = []  # per late segment, its windows in order
         for i, (sid, at_ms, send_ms) in enumerate(
-                [(streams[0], 1100, 2600), (streams[1], 1600, 3600)]):
+                [(streams[0], 1100, 3400), (streams[1], 1600, 4400)]):
             late = segment(sid, 1000 + i, t0 + at_ms * MS, t0 + (at_ms + 200) * MS,
                            f"{sid} late words {i}")
             plan.append(Planned(t0 + send_ms * MS, "text", wire.encode(late), late))
             touched.append([(sid, k) for k in cfg.window_starts(late.start_ns, late.end_ns)])
 
+        # a late segment goes out over a second after the transcript that closes its first
+        # window, and the kill comes over a second after the one that closes the second
+        # late segment's first window: a slow machine has that long to publish those finals
         def at(send_at: int) -> None:
-            if send_at >= t0 + 3000 * MS and len(workers) == 1:
+            if send_at >= t0 + 3800 * MS and len(workers) == 1:
                 first.kill()
                 workers.append(WorkerProc(settings, tmp_path / "second.log"))
 
@@ -396,7 +402,7 @@ def test_two_workers_split_partitions_and_take_over(kafka_bootstrap: str,
         # the progress topic (on each stream's own partition) ends at each stream's last
         # window: what a next owner would resume from
         last: dict[str, int] = {}
-        for m in read_all(settings, progress_topic(settings), lambda m: False, 3):
+        for m in read_to_end(settings, progress_topic(settings)):
             sid = m.key.decode()
             assert m.partition == partition_of(sid, 4), sid
             last[sid] = StreamProgress.decode(m.value).through  # type: ignore[assignment]
@@ -457,7 +463,7 @@ def test_a_backlog_longer_than_the_buffer_caps_gives_the_oracles_windows(
     worker = WorkerProc(settings, tmp_path / "worker.log")
     try:
         preds = read_predictions(settings, set(expected), timeout=120)
-        dead = read_all(settings, settings.topic("deadletter"), lambda m: False, 1)
+        dead = read_to_end(settings, settings.topic("deadletter"))
         assert worker.stop() == 0, worker.log()[-3000:]
     finally:
         worker.abandon()

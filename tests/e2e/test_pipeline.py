@@ -47,6 +47,7 @@ from worker_helpers import (
     pred_of,
     read_all,
     read_predictions,
+    read_to_end,
 )
 
 from streamproc import kafka
@@ -78,9 +79,8 @@ class LiveRun:
 
 
 def read_everything(settings: Settings) -> list[Pred]:
-    """Every prediction on the topic (read for 3 s, so copies nobody waited for show too)."""
-    return [pred_of(m) for m in read_all(settings, settings.topic("predictions"),
-                                          lambda m: False, 3)]
+    """Every prediction on the topic so far (copies nobody waited for too)."""
+    return [pred_of(m) for m in read_to_end(settings, settings.topic("predictions"))]
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def live(kafka_bootstrap: str, tiny_model: Path, avdigits_tts: Path,
         # read again after a clean stop: anything extra (it must not be) shows up too
         everything = read_everything(settings)
         dead = [wire.decode_dead_letter(wire.KafkaRecord.from_client(m))
-                for m in read_all(settings, settings.topic("deadletter"), lambda m: False, 2)]
+                for m in read_to_end(settings, settings.topic("deadletter"))]
         return LiveRun(worker_settings, clips, origin, expected,
                        [p for p in everything if p.final], [p for p in everything if not p.final],
                        bad, dead, worker.log())
