@@ -178,6 +178,21 @@ def read_to_end(settings: Settings, topic: str, timeout: float = 30) -> list:
         consumer.close()
 
 
+def committed_and_ends(settings: Settings, partitions: Iterable[int]
+                       ) -> tuple[dict[TopicPartition, int | None], dict[TopicPartition, int]]:
+    """The worker group's committed offsets of the input topics' ``partitions``, and
+    their end offsets."""
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
+                             group_id=settings.app_id, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(settings.topic(m), p) for m in ("video", "audio", "text")
+               for p in partitions]
+        ends = consumer.end_offsets(tps)
+        return {tp: consumer.committed(tp) for tp in tps}, ends
+    finally:
+        consumer.close()
+
+
 def read_predictions(settings: Settings, want: set[tuple[str, int]],
                      timeout: float = 40, finals_only: bool = True) -> list[Pred]:
     """Predictions until every window of ``want`` has its final; the finals (or every

@@ -18,6 +18,8 @@ from typing import Generic, NamedTuple, TypeVar
 
 log = logging.getLogger(__name__)
 
+STOP_TIMEOUT_S = 30.0  # how long a stopping worker waits for windows handed to the model
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -70,15 +72,22 @@ class MicroBatcher(Generic[T, R]):
         self._task = asyncio.create_task(self._run(), name="micro-batcher")
 
     async def stop(self) -> None:
-        """Finish what was submitted, then stop."""
+        """Finish what was submitted (for up to ``STOP_TIMEOUT_S``), then stop."""
         if self._task is None:
             return
-        await self._started_queue().join()
+        try:
+            await asyncio.wait_for(self._started_queue().join(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            # their windows are not published, so their records are never acked: the
+            # next owner of the partitions replays them
+            log.warning("stopping with %d window(s) not scored after %.0f s", self.pending,
+                        STOP_TIMEOUT_S)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            # a model call may still be running: wait for it off the event loop
+            await asyncio.to_thread(self._executor.shutdown, True)
         self._task = None
 
     @property

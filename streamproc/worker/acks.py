@@ -436,10 +436,15 @@ class OffsetGate:
         if end is not None:
             self._target[tp] = end
         floor = self._floor.pop(tp, None)
-        # floor > committed: committed..floor-1 were processed and acked before the
-        # revocation but not committed yet; they come again as 'redelivered'.
         # floor < committed: committed past a record never acked: it is read again.
+        # floor > committed: committed..floor-1 were processed and acked before the
+        # revocation but not committed yet; they come again as 'redelivered'. The
+        # consumer forgot those acks with the revocation, and it commits nothing while
+        # its oldest ack is beyond the committed offset: they are acked again, as a
+        # range stepped over, in their turn.
         self._next[tp] = committed if floor is None else floor
+        if floor is not None and floor > committed:
+            self._jumped.append((tp, committed, floor))
         self._step_over_skips(tp)
 
     def admit(self, tp: TP, offset: int) -> Admit:
@@ -525,7 +530,11 @@ class OffsetGate:
         return self._next.get(tp)
 
     def skip_to(self, tp: TP, offset: int) -> None:
-        """The records before ``offset`` are gone (deleted by retention): go on from it."""
+        """The records before ``offset`` are gone (deleted by retention): go on from it,
+        the range they held acked in its turn (nothing there to process)."""
+        nxt = self._next.get(tp)
+        if nxt is not None and offset > nxt:
+            self._jumped.append((tp, nxt, offset))
         self._next[tp] = offset
         self._hole.pop(tp, None)
         self._tries.pop(tp, None)

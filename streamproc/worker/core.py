@@ -458,6 +458,8 @@ class WorkerCore:
         for tp in revoked:
             self._ends.pop(tp, None)
         dropped = self.ledger.drop_partitions(parts)
+        if self.ledger.inflight() < MAX_INFLIGHT_WINDOWS:
+            self._room.set()  # their windows no longer count: reading may go on
         if parts:
             log.info("partitions %s revoked: dropped %d held record(s); the owner replays them",
                      sorted(parts), dropped)

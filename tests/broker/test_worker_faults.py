@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from confluent_kafka import Producer as ConfluentProducer
-from kafka import KafkaConsumer, TopicPartition
 from worker_helpers import (
     Planned,
     RawName,
     WorkerProc,
     assert_windows_equal,
+    committed_and_ends,
     confluent_producer,
     oracle,
     partition_of,
@@ -239,14 +239,7 @@ def test_transactions_in_the_input_topics_are_read_committed(kafka_bootstrap: st
         assert dead == []
         # the group committed past the transactions' markers and aborted records: a next
         # worker starts at the log end, nothing to re-read
-        consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
-                                 group_id=settings.app_id, enable_auto_commit=False)
-        try:
-            tps = [TopicPartition(settings.topic(m), part) for m in ("video", "audio", "text")]
-            ends = consumer.end_offsets(tps)
-            committed = {tp: consumer.committed(tp) for tp in tps}
-        finally:
-            consumer.close()
+        committed, ends = committed_and_ends(settings, [part])
         assert committed == ends
     finally:
         for w in workers:

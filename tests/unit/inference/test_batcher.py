@@ -133,3 +133,44 @@ def test_failing_batch_fails_its_futures_and_the_next_batch_still_runs() -> None
         return [o.result for o in ok]
 
     assert _run(main()) == ["y", "z"]
+
+
+def test_stop_waits_for_a_stuck_model_call_within_a_bound_and_off_the_event_loop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model call that does not finish: stop() gives up on the windows still queued
+    after STOP_TIMEOUT_S, and waits for the call in progress without blocking the loop."""
+    from streamproc.inference import batcher as batcher_module
+
+    monkeypatch.setattr(batcher_module, "STOP_TIMEOUT_S", 0.2)
+    started, release = threading.Event(), threading.Event()
+
+    def stuck(items):
+        started.set()
+        release.wait(10)
+        return list(items)
+
+    async def main() -> tuple[float, int]:
+        b = MicroBatcher(stuck, max_batch=1, max_wait_ms=0)
+        await b.start()
+        b.submit("a")
+        b.submit("b")  # queued behind the stuck call
+        await asyncio.to_thread(started.wait, 5)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        t = asyncio.create_task(ticker())
+        asyncio.get_running_loop().call_later(0.5, release.set)  # the call ends at last
+        t0 = time.monotonic()
+        await b.stop()
+        took = time.monotonic() - t0
+        t.cancel()
+        return took, ticks
+
+    took, ticks = _run(main())
+    assert 0.4 <= took < 5  # the queue wait gave up at 0.2 s; then the call in progress
+    assert ticks >= 20  # the loop kept running meanwhile (it stood still before)
