@@ -321,6 +321,24 @@ def cmd_produce_transcript(args: argparse.Namespace, settings: Settings) -> int:
     return session.report()
 
 
+def _in_range(kind: type[int] | type[float], lo: float, hi: float | None = None,
+              lo_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number of ``kind`` in [lo, hi] ((lo, hi] with ``lo_open``)."""
+    def parse(text: str) -> float:
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if (x <= lo if lo_open else x < lo) or (hi is not None and x > hi):
+            what = f"{'above' if lo_open else 'at least'} {lo:g}" + (
+                f" and at most {hi:g}" if hi is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {what}: {text}")
+        return x
+
+    parse.__name__ = kind.__name__  # what argparse names in "invalid ... value"
+    return parse
+
+
 def _produce_parsers(sub: argparse._SubParsersAction) -> None:
     group = sub.add_parser(
         "produce", help="Publish a camera, a microphone, media files or transcripts.",
@@ -343,17 +361,20 @@ def _produce_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=float, default=None,
                    help="keep at most this many frames/s (by dropping) [default: all]")
     p.add_argument("--size", default=None, help="resize frames to WxH, e.g. 640x480")
-    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 [90]")
-    p.add_argument("--queue", type=int, default=8,
+    p.add_argument("--jpeg-quality", type=_in_range(int, 1, 100), default=90,
+                   help="JPEG quality 1-100 [90]")
+    p.add_argument("--queue", type=_in_range(int, 1), default=8,
                    help="frames buffered between capture and Kafka before dropping [8]")
 
     p = source("mic", cmd_produce_mic, "Capture a microphone (PortAudio via sounddevice) "
                "as PCM chunks.")
     p.add_argument("--device", dest="source_device", default=None,
                    help="input device name or index [default: system default]")
-    p.add_argument("--rate", type=int, default=16000, help="sample rate in Hz [16000]")
-    p.add_argument("--channels", type=int, default=1, help="channels [1]")
-    p.add_argument("--chunk-ms", type=int, default=100, help="chunk length in ms [100]")
+    p.add_argument("--rate", type=_in_range(int, 1), default=16000,
+                   help="sample rate in Hz [16000]")
+    p.add_argument("--channels", type=_in_range(int, 1), default=1, help="channels [1]")
+    p.add_argument("--chunk-ms", type=_in_range(int, 1, 10_000), default=100,
+                   help="chunk length in ms, 1-10000 [100]")
     p.add_argument("--sample-format", choices=["s16le", "f32le"], default="s16le",
                    help="PCM sample format [s16le]")
 
@@ -382,8 +403,10 @@ def _produce_parsers(sub: argparse._SubParsersAction) -> None:
                         "message.timestamp.after.max.ms, 1 h by default) is refused "
                         "[default: now]")
     p.add_argument("--size", default=None, help="resize frames to WxH")
-    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 [90]")
-    p.add_argument("--chunk-ms", type=int, default=100, help="audio chunk length in ms [100]")
+    p.add_argument("--jpeg-quality", type=_in_range(int, 1, 100), default=90,
+                   help="JPEG quality 1-100 [90]")
+    p.add_argument("--chunk-ms", type=_in_range(int, 1, 10_000), default=100,
+                   help="audio chunk length in ms, 1-10000 [100]")
 
     p = source("transcript", cmd_produce_transcript, "Publish transcript lines from stdin: "
                "plain lines stamped on arrival, or JSONL segments (--jsonl). Input is UTF-8; "
@@ -744,7 +767,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "stops, and the summary is printed on stderr")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--from-end", action="store_true", help="skip what is already there")
-    p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--timeout", type=_in_range(float, 0, lo_open=True), default=None,
+                   help="stop after this many seconds (above 0)")
     p.add_argument("--finals", action="store_true",
                    help="only final predictions: skip provisional ones")
     p.add_argument("--revisions", action="store_true",

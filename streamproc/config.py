@@ -589,3 +589,28 @@ def settings_argv(settings: Settings, names: tuple[str, ...]) -> tuple[list[str]
 def settings_environ_names() -> frozenset[str]:
     """The environment variable of every setting."""
     return frozenset(env_name(f) for f in dataclasses.fields(Settings))
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could bind ``host:port`` now (a port in TIME_WAIT counts as free,
+    as servers bind with SO_REUSEADDR)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def check_worker_ports(settings: Settings, who: str = "the worker") -> None:
+    """UserError when a port the worker serves on (every interface) is taken."""
+    for name, port, off in (("metrics", settings.metrics_port, "no endpoint"),
+                            ("web", settings.web_port, "no faust web server")):
+        if port and not port_free("0.0.0.0", port):
+            raise UserError(f"cannot serve {name} on port {port}: it is in use (another "
+                            f"worker on this machine? give {who} another "
+                            f"--{name}-port, or 0 for {off})")

@@ -23,6 +23,8 @@ from pathlib import Path
 from streamproc.config import (
     COMMAND_GROUPS,
     Settings,
+    check_worker_ports,
+    port_free,
     settings_argv,
     settings_environ_names,
     settings_named,
@@ -208,7 +210,7 @@ class ViewProcess:
         from streamproc.dev.localkafka import free_port
 
         self.log_path = log_path
-        port = settings.view_port if _port_free(settings.view_host, settings.view_port) \
+        port = settings.view_port if port_free(settings.view_host, settings.view_port) \
             else free_port()
         self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
         # the health panel reads the demo's worker unless the settings name endpoints
@@ -269,20 +271,6 @@ class AsrProcess:
 
         terminate(self.proc, timeout)
         self._log.close()
-
-
-def _port_free(host: str, port: int) -> bool:
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as sock:
-        # as the view's server binds: a port left in TIME_WAIT by an earlier run is free
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def asr_report(settings: Settings, clips: list, timeout_s: float = 10.0) -> list[str]:
@@ -441,12 +429,10 @@ def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layou
     from streamproc.topics import create_topics
 
     layout = layout or Layout(default_dir())
-    if not prepare_only and settings.metrics_port and not _port_free("0.0.0.0",
-                                                                     settings.metrics_port):
-        # the worker serves it (on every interface): fail now, not after the clips,
-        # the training and the broker
-        raise UserError(f"cannot serve metrics on port {settings.metrics_port}: it is in use "
-                        "(give the demo another --metrics-port, or 0 for no endpoint)")
+    if not prepare_only:
+        # the worker serves metrics (on every interface; its web server on a free port):
+        # fail now, not after the clips, the training and the broker
+        check_worker_ports(settings.replace(web_port=0), "the demo")
     clips = prepare(layout, streams, retrain, preset, digits)
     if prepare_only:
         print(f"model: {layout.model}", file=out)

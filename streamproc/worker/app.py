@@ -37,7 +37,7 @@ from faust.types.auth import CredentialsT
 
 from streamproc import kafka
 from streamproc.align.aligner import AlignConfig
-from streamproc.config import Settings
+from streamproc.config import Settings, check_worker_ports
 from streamproc.errors import UserError
 from streamproc.inference.groups import other_groups
 from streamproc.inference.outputs import InferenceOutput, SummaryOutput, WindowOutput
@@ -379,6 +379,7 @@ def model_reloader(settings: Settings, predictor: Predictor, metrics: Metrics,
 
 def run_worker(settings: Settings) -> int:
     """``streamproc worker``: check topics, load the model, then run until SIGTERM / Ctrl-C."""
+    check_worker_ports(settings)  # before anything slow (faust binds its port late)
     n = input_partitions(settings)
     predictor = None
     loaded: Signature = None

@@ -319,3 +319,26 @@ def test_settings_argv_passes_values_other_than_the_defaults() -> None:
     flags, env = settings_argv(s, ("window_ms", "hop_ms", "asr_lang", "view_token"))
     assert flags == ["--window-ms=2000", "--asr-lang="]
     assert env == {"STREAMPROC_VIEW_TOKEN": "t"}
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["produce", "file", "--stream-id", "e", "x.mp4", "--chunk-ms", "0"],
+     "argument --chunk-ms: must be at least 1 and at most 10000: 0"),
+    (["produce", "file", "--stream-id", "e", "x.mp4", "--jpeg-quality", "500"],
+     "argument --jpeg-quality: must be at least 1 and at most 100: 500"),
+    (["produce", "mic", "--stream-id", "m", "--channels", "0"],
+     "argument --channels: must be at least 1: 0"),
+    (["produce", "camera", "--stream-id", "c", "--queue", "-3"],
+     "argument --queue: must be at least 1: -3"),
+    (["consume", "--timeout", "0"], "argument --timeout: must be above 0: 0"),
+    (["consume", "--timeout", "soon"], "argument --timeout: not a number: 'soon'"),
+])
+def test_out_of_range_numbers_are_refused_with_their_bounds(argv: list[str],
+                                                            says: str) -> None:
+    """A zero chunk length floods Kafka with one record per sample, a zero timeout reads
+    nothing and says all is well: both are refused before anything runs."""
+    with contextlib.redirect_stderr(io.StringIO()) as err, pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2 and says in err.getvalue()
+    ok = build_parser().parse_args(["consume", "--timeout", "0.5"])
+    assert ok.timeout == 0.5

@@ -24,7 +24,24 @@ def test_a_taken_metrics_port_fails_before_clips_training_and_broker(
     err = capsys.readouterr().err
     assert rc == 2
     assert err == (f"streamproc demo: cannot serve metrics on port {port}: it is in use "
-                   "(give the demo another --metrics-port, or 0 for no endpoint)\n")
+                   "(another worker on this machine? give the demo another --metrics-port, "
+                   "or 0 for no endpoint)\n")
+
+
+def test_a_worker_refuses_a_taken_web_port_in_one_line_before_anything(
+        monkeypatch, capsys) -> None:
+    """faust would bind it only once the worker started, and fail with a traceback."""
+    monkeypatch.delenv("STREAMPROC_BOOTSTRAP", raising=False)
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # no broker at this address: the port is checked before any connection
+        rc = cli.main(["worker", "--bootstrap-servers", "127.0.0.1:1", "--web-port",
+                       str(port), "--metrics-port", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert f"cannot serve web on port {port}: it is in use" in err
 
 
 def test_prepare_only_serves_nothing_so_needs_no_port(monkeypatch, tmp_path) -> None:
