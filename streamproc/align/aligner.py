@@ -574,8 +574,8 @@ class Aligner:
         if e - s > self._max_span[mod]:
             return self._too_long(rec, e - s)
         st = self._streams.get(sid)
-        if self._lead and e - now_ns > self._lead and self.cfg.max_future_ns:
-            ahead = self._ahead(st, rec, e, now_ns)
+        if self._lead and s - now_ns > self._lead and self.cfg.max_future_ns:
+            ahead = self._ahead(st, rec, s, now_ns)
             if ahead is not None:
                 return ahead
         if st is None:
@@ -980,11 +980,12 @@ class Aligner:
                        f"worker's clock (limit {self.cfg.max_future_ns / NS_PER_S:.0f} s, "
                        "max_future_ms): is the producer's clock wrong?")
 
-    def _ahead(self, st: _Stream | None, rec: MediaRecord, e: int,
+    def _ahead(self, st: _Stream | None, rec: MediaRecord, s: int,
                now_ns: int) -> Outcome | None:
-        """Refuse a record that would move the stream's time more than ``max_lead_ns``
-        ahead of both the wall clock and every watermark the stream has (its own modality's
-        included); None: fine.
+        """Refuse a record that starts more than ``max_lead_ns`` ahead of both the wall
+        clock and every watermark the stream has (its own modality's included); None:
+        fine. From its start: a long span (a subtitle cue of 3 s) is no jump ahead, and
+        the span limits bound how far its end reaches.
 
         A stream's first record is held only to ``max_future_ns``: a producer whose clock
         runs a few seconds ahead of the worker's then keeps streaming (each record moves
@@ -995,13 +996,13 @@ class Aligner:
             return None
         mod = rec.modality
         ref = max(now_ns, max(st.wm.values()))
-        if e - ref <= self._lead:
+        if s - ref <= self._lead:
             return None  # a replay faster than real time: its modalities come together
         self.stats["future"] += 1
         self.stats["ahead"] += 1
         return Outcome(OutcomeStatus.FUTURE,
-                       f"{mod} record seq {rec.seq} of stream {rec.stream_id!r} ends "
-                       f"{(e - ref) / NS_PER_S:.1f} s ahead of this worker's clock and the "
+                       f"{mod} record seq {rec.seq} of stream {rec.stream_id!r} starts "
+                       f"{(s - ref) / NS_PER_S:.1f} s ahead of this worker's clock and the "
                        "stream's other modalities (limit "
                        f"{self._lead / NS_PER_S:g} s, max_lead_ms): one record may not move "
                        "a watermark that far, it would make the stream's real data late; "

@@ -124,6 +124,15 @@ def test_the_lead_is_measured_from_the_clock_or_the_streams_watermarks() -> None
     fast = defaults()
     outs = [fast.add(frame("f", now + i * 100 * MS, i), now) for i in range(100)]
     assert {o.status for o in outs} == {"accepted"}
+    # a subtitle file alone, sent at once: cues of 2.5-4 s, each a moment after the last
+    subs = defaults()
+    cues = [(0, 2500), (2800, 5800), (6000, 10_000), (10_300, 12_800)]
+    outs = [subs.add(segment("t", i, now + a * MS, now + b * MS), now)
+            for i, (a, b) in enumerate(cues)]
+    assert {o.status for o in outs} == {"accepted"}
+    # but a cue that starts 3 s past everything the stream has is refused
+    out = subs.add(segment("t", 9, now + 15_800 * MS, now + 16_000 * MS), now)
+    assert out.status == "future" and "starts 3.0 s ahead" in out.reason
     # a fast replay runs ahead of the clock, its modalities together: each record is
     # within the lead of the others
     b = defaults()
