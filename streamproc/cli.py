@@ -143,16 +143,16 @@ def _daemon_bootstrap(data_dir) -> str:
 
 
 def cmd_consume(args: argparse.Namespace, settings: Settings) -> int:
-    from streamproc import kafka
     from streamproc.readers import (
         ConsumeStats,
         PredictionTable,
+        check_predictions_topic,
         consume,
         format_json,
     )
 
-    # a wrong address or login fails here, as one line, before any table is printed
-    kafka.consumer(settings).close()
+    # a wrong address or login, or no topic, fails here, as one line, before any table
+    check_predictions_topic(settings)
     stats = ConsumeStats()
     table = PredictionTable(args.stream, revisions=args.revisions)
     if not args.json:

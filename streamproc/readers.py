@@ -117,6 +117,23 @@ class Selection:
         return True
 
 
+def check_predictions_topic(settings: Settings) -> None:
+    """UserError, in one line, when the broker cannot be used or the predictions topic
+    does not exist (before a reader prints anything)."""
+    consumer = kafka.consumer(settings)
+    try:
+        _partitions(consumer, settings.topic("predictions"))
+    finally:
+        consumer.close()
+
+
+def _partitions(consumer: Any, topic: str) -> list[int]:
+    parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        raise UserError(f"topic {topic} does not exist (run `streamproc topics create`)")
+    return sorted(parts)
+
+
 def consume(
     settings: Settings | None = None,
     *,
@@ -147,10 +164,7 @@ def consume(
     topic = settings.topic("predictions")
     consumer = kafka.consumer(settings)
     try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            raise UserError(f"topic {topic} does not exist (run `streamproc topics create`)")
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        tps = [TopicPartition(topic, p) for p in _partitions(consumer, topic)]
         consumer.assign(tps)
         if from_beginning:
             consumer.seek_to_beginning(*tps)

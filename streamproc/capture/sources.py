@@ -35,6 +35,7 @@ from av.video.reformatter import VideoReformatter
 
 from streamproc.capture.publisher import Outbox
 from streamproc.capture.transcripts import (
+    FORMATS,
     Cue,
     LineError,
     ParseIssue,
@@ -815,6 +816,8 @@ class FileSource:
         self.audio: str | Path | None = None
         self.audio_info: AudioInfo | None = None
         if video is not None:
+            if Path(video).suffix.lower().lstrip(".") in (*FORMATS, "ndjson"):
+                raise UserError(f"{video} is a transcript: give it with --transcript")
             with _open_media(video, "video") as c:
                 if not c.streams.video:
                     hint = " (give an audio file with --audio)" if c.streams.audio else ""

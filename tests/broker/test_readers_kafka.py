@@ -84,3 +84,17 @@ def test_consume_without_topics_says_so(settings: Settings) -> None:
 
     with pytest.raises(UserError, match="does not exist"):
         list(consume(settings))
+
+
+@pytest.mark.broker
+def test_the_consume_command_without_topics_prints_one_line_and_no_table(
+        settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    from streamproc import cli
+
+    argv = ["consume", "--bootstrap-servers", settings.bootstrap_servers, "--topic-prefix",
+            settings.topic_prefix]
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # no table header, no summary before the reason
+    assert err == (f"streamproc consume: topic {settings.topic('predictions')} does not "
+                   "exist (run `streamproc topics create`)\n")

@@ -445,6 +445,10 @@ def test_a_broken_wav_says_what_is_wrong(media, tmp_path) -> None:
         FileSource("s", audio=media.video)  # a silent video given as the audio
     with pytest.raises(UserError, match=r"no video track \(give an audio file with --audio"):
         FileSource("s", media.wav)  # audio given where the video goes
+    srt = tmp_path / "talk.SRT"
+    srt.write_bytes(b"\xef\xbb\xbf1\r\n00:00:00,000 --> 00:00:01,000\r\nhello\r\n")
+    with pytest.raises(UserError, match=r"talk\.SRT is a transcript: give it with --transcript"):
+        FileSource("s", srt)  # a transcript given where the video goes
     with pytest.raises(UserError, match="audio file not found"):
         FileSource("s", audio=tmp_path / "nope.wav")
 
