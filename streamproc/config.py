@@ -184,7 +184,8 @@ class Settings:
     asr_lang: str = _opt("en", "The lang field of published segments (empty: none).")
     asr_streams: str = _opt(
         "", "Stream ids `streamproc asr` transcribes, comma separated; empty: every stream "
-        "(streams whose producers send transcripts of their own are left out here).")
+        "with audio. List only the streams without transcripts of their own when some "
+        "producers send them (both would land on the stream's text).")
     log_level: str = _opt("info", "Log level: debug, info, warning, error. Below debug the "
                           "Kafka clients' own connection chatter is not shown; connection "
                           "failures are reported as one line with their cause.",
