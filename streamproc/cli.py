@@ -694,7 +694,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from streamproc.dev.demo import Layout, default_dir, run
 
     own_broker = args.bootstrap_servers is None and not os.environ.get("STREAMPROC_BOOTSTRAP")
-    layout = Layout(Path(args.dir) if args.dir else default_dir())
+    layout = Layout(Path(args.dir) if args.dir else default_dir(args.preset, args.digits))
     if args.no_view:
         settings = settings.replace(view_port=0)
     return run(settings, own_broker=own_broker, streams=args.streams, layout=layout,
@@ -805,7 +805,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "is prepared.", groups=COMMAND_GROUPS["demo"])
     p.add_argument("--streams", type=int, default=3, help="how many camera streams [3]")
     p.add_argument("--dir", default="", help="where clips, model and logs go "
-                   "[~/.cache/streamproc/demo]")
+                   "[~/.cache/streamproc/demo; another --preset or --digits: "
+                   "~/.cache/streamproc/demo-PRESET-DIGITSd]")
     p.add_argument("--prepare-only", action="store_true",
                    help="only make the clips and the reference model (compose uses this)")
     p.add_argument("--retrain", action="store_true", help="train the reference model again")

@@ -46,10 +46,16 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def default_dir() -> Path:
+def default_dir(preset: str = DEMO_PRESET, digits: int | None = None) -> Path:
+    """``~/.cache/streamproc/demo`` for the default preset and clips; another preset or
+    clip length gets a directory of its own, so trying one leaves the default's model
+    (the one the README's worker serves) and clips as they were."""
     from streamproc.dev.localkafka import cache_root
 
-    return cache_root() / "demo"
+    digits = DIGITS_PER_STREAM if digits is None else digits
+    if (preset, digits) == (DEMO_PRESET, DIGITS_PER_STREAM):
+        return cache_root() / "demo"
+    return cache_root() / f"demo-{preset}-{digits}d"
 
 
 @dataclass(frozen=True)

@@ -53,3 +53,19 @@ def test_prepare_only_serves_nothing_so_needs_no_port(monkeypatch, tmp_path) -> 
         assert demo.run(s, own_broker=False, layout=demo.Layout(tmp_path),
                         prepare_only=True) == 0
 
+
+
+def test_another_preset_or_clip_length_keeps_its_own_directory(monkeypatch, tmp_path) -> None:
+    """Trying the tiny preset must not replace the default demo's model (the one the
+    README's worker serves) or mix its clips with the default's."""
+    from streamproc.dev import localkafka
+
+    monkeypatch.setattr(localkafka, "cache_root", lambda: tmp_path)
+    assert demo.default_dir() == tmp_path / "demo"
+    assert demo.default_dir("small", 10) == tmp_path / "demo"
+    assert demo.default_dir("tiny", 3) == tmp_path / "demo-tiny-3d"
+    assert demo.default_dir("small", 3) == tmp_path / "demo-small-3d"
+    seen: list = []
+    monkeypatch.setattr(demo, "run", lambda *a, **k: seen.append(k["layout"]) or 0)
+    assert cli.main(["demo", "--preset", "tiny", "--digits", "3"]) == 0
+    assert seen[0].root == tmp_path / "demo-tiny-3d"
