@@ -840,6 +840,12 @@ class FileSource:
                 log.warning("transcript %s", issue)
             self.stats.transcript_issues = parsed.issues
             self.cues = sorted(parsed.cues, key=lambda c: (c.start_ns, c.end_ns))
+            if not self.cues:
+                reason = f"{transcript}: no cue could be read" + (
+                    f" ({len(parsed.issues)} skipped, see above)" if parsed.issues else "")
+                if self.video is None and self.audio is None:
+                    raise UserError(reason)  # else the replay ends "delivered 0 of 0"
+                log.warning("%s", reason)
 
     # --- one pass per modality, each yields (due_ns, record) in order ---------------------
 

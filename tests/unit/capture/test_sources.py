@@ -317,6 +317,19 @@ def test_bad_transcript_lines_are_counted_and_the_rest_replayed(media, tmp_path)
         (6, True)]
 
 
+def test_a_transcript_with_no_readable_cue_is_refused_when_it_is_all_there_is(
+        media, tmp_path, caplog) -> None:
+    """Alone it would replay nothing and say "delivered 0 of 0"; beside audio it is a
+    warning and the audio goes."""
+    bad = tmp_path / "bad.srt"
+    bad.write_text("1\n00:00:00,900 --> 1,450\nseven\n")
+    with pytest.raises(UserError, match=r"bad\.srt: no cue could be read \(1 skipped"):
+        FileSource("s", transcript=bad)
+    src = FileSource("s", audio=media.wav, transcript=bad)
+    assert {r.modality for _, r in src.records(T0)} == {"audio"}
+    assert "no cue could be read" in caplog.text
+
+
 # --- containers, variable frame rate, WAV variants ------------------------------------------
 
 VFR_PTS_MS = [0, 40, 70, 200, 230, 500, 533, 1000, 1010, 1400]  # irregular on purpose
