@@ -370,16 +370,16 @@ class Summary:
                 f"{pct(self.provisional_correct, self.provisional_scored)} on "
                 f"{self.provisional_scored} of those windows; the final label differs in "
                 f"{self.flips} of them ({pct(self.flips, self.provisional_scored)})")
+        def p50_p99(ms: list[float]) -> str:
+            if not ms:
+                return "none yet"
+            return f"p50 {percentile(ms, 50):.0f} ms, p99 {percentile(ms, 99):.0f} ms"
+
         out += [
-            f"latency, window end -> first prediction published: p50 "
-            f"{percentile(self.latency_first, 50):.0f} ms, p99 "
-            f"{percentile(self.latency_first, 99):.0f} ms",
-            f"latency, window end -> final prediction published: p50 "
-            f"{percentile(self.latency_total, 50):.0f} ms, p99 "
-            f"{percentile(self.latency_total, 99):.0f} ms",
-            f"latency added after the window closed (queue + inference + publish): p50 "
-            f"{percentile(self.latency_added, 50):.0f} ms, p99 "
-            f"{percentile(self.latency_added, 99):.0f} ms",
+            f"latency, window end -> first prediction published: {p50_p99(self.latency_first)}",
+            f"latency, window end -> final prediction published: {p50_p99(self.latency_total)}",
+            "latency added after the window closed (queue + inference + publish): "
+            f"{p50_p99(self.latency_added)}",
         ]
         return out
 
@@ -496,6 +496,7 @@ def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layou
         table = PredictionTable()
         finals: set[tuple[str, int]] = set()
         jsonl = layout.logs / "predictions.jsonl"
+        interrupted = False
         try:
             with open(jsonl, "w", encoding="utf-8") as f:
                 for p in consume(settings, follow=True, timeout_s=deadline, stats=stats):
@@ -507,18 +508,25 @@ def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layou
                         finals.add(p.key)
                         if want <= finals:
                             break
+        except KeyboardInterrupt:
+            interrupted = True  # Ctrl-C: the summary of what came, then the clean-up
         finally:
             stop.set()
             replayer.join(10)
             publisher.close()
         summary = summarize(settings, clips, origin, preds, stats.duplicates)
         print("", file=out)
+        if interrupted:
+            print("interrupted (Ctrl-C): the figures below cover the windows received so "
+                  "far", file=out)
         for line in summary.lines():
             print(line, file=out)
         if asr:
             for line in asr_report(settings, clips):
                 print(line, file=out)
         print(f"every prediction as JSON: {jsonl}", file=out)
+        if interrupted:
+            raise KeyboardInterrupt  # exit 130, once the processes below are stopped
         return 0 if summary.windows == summary.expected else 1
     finally:
         if worker is not None:

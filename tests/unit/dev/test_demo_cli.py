@@ -1,4 +1,4 @@
-"""`streamproc demo` checks what it will need before its expensive preparation."""
+"""`streamproc demo` before and after its run: ports checked first, its directories, its summary."""
 
 from __future__ import annotations
 
@@ -69,3 +69,12 @@ def test_another_preset_or_clip_length_keeps_its_own_directory(monkeypatch, tmp_
     monkeypatch.setattr(demo, "run", lambda *a, **k: seen.append(k["layout"]) or 0)
     assert cli.main(["demo", "--preset", "tiny", "--digits", "3"]) == 0
     assert seen[0].root == tmp_path / "demo-tiny-3d"
+
+
+def test_a_summary_before_any_final_says_none_yet_not_nan() -> None:
+    """What Ctrl-C early in the demo prints: no 'p50 nan ms'."""
+    s = demo.Summary(windows=0, expected=26, scored=0, correct=0, duplicates=0,
+                     latency_total=[], latency_added=[12.0, 30.0], latency_first=[140.0])
+    text = "\n".join(s.lines())
+    assert "final prediction published: none yet" in text and "nan" not in text
+    assert "first prediction published: p50 140 ms, p99 140 ms" in text
