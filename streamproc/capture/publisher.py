@@ -277,7 +277,15 @@ class Publisher:
         self.flush(timeout)
         with self._lock:
             self._closed = True
-        self._producer.close(timeout=timeout)
+        try:
+            self._producer.close(timeout=timeout)
+        except KafkaError as e:
+            # kafka-python's close flushes again, unguarded: with records still unsent (a
+            # broker gone) it raises; what was not sent is counted below all the same
+            log.error("the producer did not close cleanly in %ss: %s", timeout, e)
+            sender = getattr(self._producer, "_sender", None)  # kafka-python's I/O thread
+            if sender is not None:
+                sender.force_close()
         with self._lock:
             failures = self._drain()
             while self._pending:  # never settled, not even by close(): lost with the producer

@@ -39,3 +39,54 @@ def test_kafka_pythons_warning_per_refused_batch_is_left_to_the_publisher() -> N
     finally:
         batch.setLevel(logging.NOTSET)
         logging.getLogger("kafka").setLevel(logging.NOTSET)
+
+
+def test_close_with_records_the_broker_never_took_counts_them_and_does_not_raise(
+        monkeypatch, caplog) -> None:
+    """kafka-python's close() flushes again and raises when records are still unsent (a
+    broker gone): the Publisher still closes, counts them failed and stops the client's
+    I/O thread, instead of a traceback in place of its summary."""
+    import numpy as np
+    from kafka.errors import KafkaTimeoutError
+
+    from streamproc import kafka as kafka_mod
+    from streamproc.capture.publisher import Publisher
+    from streamproc.config import Settings
+    from streamproc.wire import codec as wire
+
+    class Never:
+        is_done = False
+        exception = None
+
+        def get(self, timeout: float | None = None) -> None:
+            raise KafkaTimeoutError("not yet")
+
+    class Sender:
+        stopped = False
+
+        def force_close(self) -> None:
+            self.stopped = True
+
+    class GoneBroker:
+        """What kafka-python's producer does with no broker left to take records."""
+
+        def __init__(self) -> None:
+            self._sender = Sender()
+
+        def send(self, *a: object, **k: object) -> Never:
+            return Never()
+
+        def flush(self, timeout: float | None = None) -> None:
+            raise KafkaTimeoutError(f"Timeout after waiting for {timeout} secs.")
+
+        close = flush
+
+    producer = GoneBroker()
+    monkeypatch.setattr(kafka_mod, "producer", lambda *a, **k: producer)
+    monkeypatch.setattr(GoneBroker, "partitions_for", lambda self, t: {0}, raising=False)
+    pub = Publisher(Settings(), check_topics=False)
+    pub.publish(wire.AudioChunk.from_samples("mic", 1_700_000_000 * 10**9, 0,
+                                             np.zeros(160), 16000))
+    pub.close(timeout=0.01)  # would raise KafkaTimeoutError
+    assert pub.stats.failed == 1 and producer._sender.stopped
+    assert "did not close cleanly" in caplog.text
