@@ -370,9 +370,11 @@ def _produce_parsers(sub: argparse._SubParsersAction) -> None:
                "as PCM chunks.")
     p.add_argument("--device", dest="source_device", default=None,
                    help="input device name or index [default: system default]")
-    p.add_argument("--rate", type=_in_range(int, 1), default=16000,
-                   help="sample rate in Hz [16000]")
-    p.add_argument("--channels", type=_in_range(int, 1), default=1, help="channels [1]")
+    p.add_argument("--rate", type=_in_range(int, 8000, 192_000), default=16000,
+                   help="sample rate in Hz, 8000-192000 (what the wire format carries) "
+                   "[16000]")
+    p.add_argument("--channels", type=_in_range(int, 1, 32), default=1,
+                   help="channels, 1-32 [1]")
     p.add_argument("--chunk-ms", type=_in_range(int, 1, 10_000), default=100,
                    help="chunk length in ms, 1-10000 [100]")
     p.add_argument("--sample-format", choices=["s16le", "f32le"], default="s16le",

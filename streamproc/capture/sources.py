@@ -692,10 +692,11 @@ def audio_info(path: str | Path, stream: Any) -> AudioInfo:
     """What :func:`audio_chunks` will publish for ``stream``; UserError when the wire
     format cannot carry it."""
     rate, channels = int(stream.rate or 0), int(stream.channels or 0)
-    if not 1 <= channels <= wire.MAX_CHANNELS or not 0 < rate <= wire.MAX_SAMPLE_RATE:
+    if (not 1 <= channels <= wire.MAX_CHANNELS
+            or not wire.MIN_SAMPLE_RATE <= rate <= wire.MAX_SAMPLE_RATE):
         raise UserError(f"{path}: {channels} channels at {rate} Hz is outside what the wire "
-                        f"format carries (1..{wire.MAX_CHANNELS} channels, up to "
-                        f"{wire.MAX_SAMPLE_RATE} Hz)")
+                        f"format carries (1..{wire.MAX_CHANNELS} channels, "
+                        f"{wire.MIN_SAMPLE_RATE}..{wire.MAX_SAMPLE_RATE} Hz)")
     fmt_name = stream.codec_context.format.name if stream.codec_context.format else ""
     return AudioInfo(rate, channels, "s16le" if fmt_name in _S16_FORMATS else "f32le")
 

@@ -317,6 +317,21 @@ def test_bad_transcript_lines_are_counted_and_the_rest_replayed(media, tmp_path)
         (6, True)]
 
 
+def test_a_sample_rate_the_wire_cannot_carry_is_refused_before_anything_is_sent(
+        tmp_path) -> None:
+    """A 6 kHz recording would be 'delivered', then every chunk a dead letter."""
+    import wave
+
+    path = tmp_path / "phone.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(6000)
+        w.writeframes(b"\x00\x00" * 6000)
+    with pytest.raises(UserError, match=r"1 channels at 6000 Hz .* 8000\.\.192000 Hz"):
+        FileSource("s", audio=path)
+
+
 def test_a_transcript_with_no_readable_cue_is_refused_when_it_is_all_there_is(
         media, tmp_path, caplog) -> None:
     """Alone it would replay nothing and say "delivered 0 of 0"; beside audio it is a
