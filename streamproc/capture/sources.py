@@ -717,14 +717,23 @@ def _samples(frame: Any, channels: int) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+# Audio frames whose timestamps run this far past their samples start a new run (a
+# container rounds timestamps to its time base: 1 ms for Matroska)
+AUDIO_GAP_NS = 2_000_000
+
+
 def audio_chunks(path: str | Path, stream_id: str, origin_ns: int, chunk_ms: int = 100,
                  seq0: int = 0) -> Iterator[AudioChunk]:
     """The first audio track of a file (WAV of any PCM or float format, or any container
     FFmpeg reads) as chunks of ``chunk_ms`` at the track's own rate and channels.
 
     Chunks are sample-continuous from the track's first timestamp (relative to the
-    file's media time 0, see :func:`_media_zero_ns`) shifted to ``origin_ns``. 16-bit PCM
-    is published byte for byte (s16le); other formats as f32le.
+    file's media time 0, see :func:`_media_zero_ns`) shifted to ``origin_ns``, until a
+    frame starts more than ``AUDIO_GAP_NS`` after the samples before it (a hole in the
+    track, a packet that did not decode): the samples pending are sent as a short chunk
+    and timing goes on from that frame's timestamp, so later audio keeps its place
+    beside the video. 16-bit PCM is published byte for byte (s16le); other formats as
+    f32le.
     """
     with _open_media(path, "audio") as container:
         if not container.streams.audio:
@@ -736,10 +745,18 @@ def audio_chunks(path: str | Path, stream_id: str, origin_ns: int, chunk_ms: int
         pending: list[np.ndarray] = []
         have, ts, seq = 0, None, seq0
         for frame in _decoded(container, stream, path):
+            at = (None if frame.pts is None or stream.time_base is None
+                  else origin_ns + _ns(frame.pts, stream.time_base) - zero)
             if ts is None:
-                start = (0 if frame.pts is None or stream.time_base is None
-                         else _ns(frame.pts, stream.time_base) - zero)
-                ts = origin_ns + max(0, start)
+                ts = max(origin_ns, at) if at is not None else origin_ns
+            elif at is not None and at - (ts + samples_to_ns(have, info.sample_rate)) > \
+                    AUDIO_GAP_NS:
+                if have:
+                    buf = np.concatenate(pending)
+                    yield AudioChunk.from_samples(stream_id, ts, seq, buf, info.sample_rate,
+                                                  info.fmt)
+                    seq += 1
+                pending, have, ts = [], 0, at
             block = _samples(frame, info.channels)
             pending.append(block)
             have += len(block)

@@ -53,6 +53,7 @@ from streamproc.capture.sources import (
 )
 from streamproc.errors import UserError
 from streamproc.testing import T0, ManualClock
+from streamproc.wire.codec import NS_PER_S as NS
 
 MS = 1_000_000
 S = 1_000_000_000
@@ -315,6 +316,52 @@ def test_bad_transcript_lines_are_counted_and_the_rest_replayed(media, tmp_path)
     assert texts == ["seven", "five"]
     assert [(i.line, "bad timing line" in i.message) for i in src.stats.transcript_issues] == [
         (6, True)]
+
+
+def _mka(path, hole_after: int | None, frames: int = 200) -> None:
+    """48 kHz mono PCM in Matroska (timestamps rounded to 1 ms), frames of 1024 samples;
+    a 0.5 s hole in the track after frame ``hole_after``."""
+    import fractions
+
+    import av
+
+    with av.open(str(path), "w") as out:
+        st = out.add_stream("pcm_s16le", rate=48_000)
+        pts = 0
+        for i in range(frames):
+            x = (np.sin(np.arange(1024) * 0.05) * 3000).astype(np.int16).reshape(1, -1)
+            fr = av.AudioFrame.from_ndarray(x, format="s16", layout="mono")
+            fr.sample_rate = 48_000
+            if i == hole_after:
+                pts += 24_000
+            fr.pts, fr.time_base = pts, fractions.Fraction(1, 48_000)
+            pts += 1024
+            for packet in st.encode(fr):
+                out.mux(packet)
+        for packet in st.encode(None):
+            out.mux(packet)
+
+
+def test_audio_after_a_hole_in_the_track_keeps_its_time(tmp_path) -> None:
+    """Samples after a 0.5 s hole are stamped where the track has them (they were
+    stamped 0.5 s early, and every later chunk with them); a track without holes stays
+    one sample-continuous run despite its timestamps rounded to 1 ms."""
+    from streamproc.capture.sources import audio_chunks
+
+    plain, holed = tmp_path / "plain.mka", tmp_path / "holed.mka"
+    _mka(plain, None)
+    _mka(holed, 47)
+    cs = list(audio_chunks(plain, "s", T0))
+    assert all(b.ts_ns == a.end_ns for a, b in itertools.pairwise(cs))
+    assert [c.n_samples for c in cs[:-1]] == [4800] * (len(cs) - 1)
+    hs = list(audio_chunks(holed, "s", T0))
+    breaks = [(a, b) for a, b in itertools.pairwise(hs) if b.ts_ns != a.end_ns]
+    assert len(breaks) == 1
+    before, after = breaks[0]
+    assert before.end_ns == T0 + 47 * 1024 * NS // 48_000  # the samples up to the hole
+    assert abs(after.ts_ns - (T0 + (47 * 1024 + 24_000) * NS // 48_000)) <= 1_000_000
+    assert sum(c.n_samples for c in hs) == 200 * 1024  # no sample lost or made up
+    assert hs[-1].end_ns - T0 >= (200 * 1024 + 24_000) * NS // 48_000 - 1_000_000
 
 
 def test_a_sample_rate_the_wire_cannot_carry_is_refused_before_anything_is_sent(
