@@ -1007,23 +1007,30 @@ class ReplaySpec:
 def replay_many(outbox: Outbox, specs: Iterable[ReplaySpec], *, realtime: bool = True,
                 start_at_ns: int | None = None, loop: bool = False,
                 stop_event: threading.Event | None = None, **options: Any) -> list[ReplayStats]:
-    """Replay several streams at once, one thread each, sharing one clock origin."""
+    """Replay several streams at once, one thread each, sharing one clock origin.
+
+    Every stream's files are opened first (a missing one fails before any stream
+    starts); a stream that fails later stops the others (``stop_event`` is set), and its
+    error is raised here."""
     specs = list(specs)
+    sources = [FileSource(s.stream_id, s.video, s.audio, s.transcript, loop=loop, **options)
+               for s in specs]
+    stop = stop_event if stop_event is not None else threading.Event()
     clock = Clock()
     origin = clock.now_ns() if start_at_ns is None else start_at_ns
     results: list[ReplayStats | None] = [None] * len(specs)
     errors: list[BaseException] = []
 
-    def one(i: int, spec: ReplaySpec) -> None:
+    def one(i: int, src: FileSource) -> None:
         try:
-            results[i] = replay(outbox, spec.stream_id, spec.video, spec.audio, spec.transcript,
-                                realtime=realtime, start_at_ns=origin, loop=loop,
-                                stop_event=stop_event, clock=clock, **options)
+            results[i] = replay_source(outbox, src, realtime=realtime, start_at_ns=origin,
+                                       stop_event=stop, clock=clock)
         except BaseException as e:  # re-raised in the caller's thread below
             errors.append(e)
+            stop.set()  # with --loop the others would run on forever
 
-    threads = [threading.Thread(target=one, args=(i, s), name=f"replay-{s.stream_id}",
-                                daemon=True) for i, s in enumerate(specs)]
+    threads = [threading.Thread(target=one, args=(i, src), name=f"replay-{src.stream_id}",
+                                daemon=True) for i, src in enumerate(sources)]
     for t in threads:
         t.start()
     for t in threads:

@@ -364,6 +364,33 @@ def test_audio_after_a_hole_in_the_track_keeps_its_time(tmp_path) -> None:
     assert hs[-1].end_ns - T0 >= (200 * 1024 + 24_000) * NS // 48_000 - 1_000_000
 
 
+def test_several_streams_fail_together_before_any_starts(media, tmp_path) -> None:
+    """A missing file of one stream fails the replay before any stream has sent a
+    record (with --loop the others used to run on and the error never showed); one that
+    fails mid-way stops the others, looping or not."""
+    from streamproc.capture.sources import ReplaySpec, replay_many
+
+    outbox = ListOutbox()
+    with pytest.raises(UserError, match="nope.wav"):
+        replay_many(outbox, [ReplaySpec("ok", audio=media.wav),
+                             ReplaySpec("bad", audio=tmp_path / "nope.wav")],
+                    realtime=False, loop=True)
+    assert outbox.records == []
+
+    class Breaks(ListOutbox):
+        def publish(self, record) -> None:
+            if record.stream_id == "bad" and record.seq == 3:
+                raise RuntimeError("the outbox broke")
+            super().publish(record)
+
+    stop = threading.Event()
+    with pytest.raises(RuntimeError, match="the outbox broke"):
+        replay_many(Breaks(), [ReplaySpec("ok", audio=media.wav),
+                               ReplaySpec("bad", audio=media.wav)],
+                    realtime=True, loop=True, stop_event=stop)
+    assert stop.is_set()
+
+
 def test_a_sample_rate_the_wire_cannot_carry_is_refused_before_anything_is_sent(
         tmp_path) -> None:
     """A 6 kHz recording would be 'delivered', then every chunk a dead letter."""
