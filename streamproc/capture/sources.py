@@ -278,10 +278,13 @@ class CameraStats:
 
 
 def _is_live(device: int | str) -> bool:
-    """Device indices and network URLs come back after a failure; local files do not."""
+    """Device indices, device nodes (``/dev/video0``) and network URLs come back after a
+    failure (a USB glitch, a dropped connection); local files do not."""
     if isinstance(device, int):
         return True
-    return "://" in device and not device.startswith("file://")
+    if "://" in device:
+        return not device.startswith("file://")
+    return Path(device).is_char_device()
 
 
 def _is_file(device: int | str) -> bool:

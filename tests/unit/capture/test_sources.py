@@ -371,7 +371,7 @@ def test_several_streams_fail_together_before_any_starts(media, tmp_path) -> Non
     from streamproc.capture.sources import ReplaySpec, replay_many
 
     outbox = ListOutbox()
-    with pytest.raises(UserError, match="nope.wav"):
+    with pytest.raises(UserError, match=r"nope\.wav"):
         replay_many(outbox, [ReplaySpec("ok", audio=media.wav),
                              ReplaySpec("bad", audio=tmp_path / "nope.wav")],
                     realtime=False, loop=True)
@@ -686,6 +686,17 @@ def test_cli_mic_with_a_device_that_does_not_exist_lists_the_inputs() -> None:
 
 
 # --- camera --------------------------------------------------------------------------------
+
+
+def test_which_camera_sources_come_back_after_a_failure(media, tmp_path) -> None:
+    """Device indices, device nodes and network URLs are reopened after a failure (a
+    USB glitch); a local file or a path that is not there ends the capture."""
+    from streamproc.capture.sources import _is_live
+
+    assert _is_live(0) and _is_live("rtsp://cam/stream") and _is_live("http://x/mjpg")
+    assert _is_live("/dev/null")  # a character device, as /dev/video0 is
+    assert not _is_live(str(media.video)) and not _is_live(media.video.as_uri())
+    assert not _is_live(str(tmp_path / "typo.mp44"))
 
 
 def test_camera_on_a_video_file_url_publishes_every_frame_in_order(media) -> None:
