@@ -67,7 +67,15 @@ class LineError(ValueError):
 
 def _lines(data: str | bytes, source: str, issues: list[ParseIssue]) -> tuple[list[str], set[int]]:
     """Split into lines; a line that is not UTF-8 is reported, kept as a placeholder (so
-    it still separates nothing and ends nothing) and its index returned in the bad set."""
+    it still separates nothing and ends nothing) and its index returned in the bad set.
+    A file with a UTF-16 byte order mark (what Windows editors save as "Unicode") is read
+    as UTF-16."""
+    if isinstance(data, bytes) and data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        try:
+            data = data.decode("utf-16")
+        except UnicodeDecodeError as e:
+            issues.append(ParseIssue(source, 1, f"UTF-16 text that does not decode ({e})"))
+            return [], set()
     raw_lines: Sequence[str | bytes] = data.splitlines()
     out: list[str] = []
     bad: set[int] = set()
@@ -96,6 +104,7 @@ _VTT_TIME = r"(?:(\d+):)?(\d{1,2}):(\d{2})\.(\d{3})"
 _SRT_TIMING = re.compile(rf"^\s*{_SRT_TIME}\s*-->\s*{_SRT_TIME}(?:\s+.*)?$")
 _VTT_TIMING = re.compile(rf"^\s*{_VTT_TIME}\s+-->\s+{_VTT_TIME}(?:\s+.*)?$")
 _TAG = re.compile(r"<[^>]*>")
+_OVERRIDE = re.compile(r"\{\\[^}]*\}")  # SubRip files carry ASS overrides such as {\an8}
 
 
 def _to_ns(h: str | None, m: str, s: str, frac: str) -> int:
@@ -131,19 +140,23 @@ def _parse_blocks(data: str | bytes, source: str, vtt: bool) -> Parsed:
         if first is None or not lines[first].startswith("WEBVTT"):
             out.issues.append(ParseIssue(source, (first or 0) + 1,
                                          "WebVTT files start with a 'WEBVTT' line"))
-        else:  # the header block runs to the first blank line
+        else:  # the header block runs to the first blank line (or a first cue's timing)
             i = first
+            while i < n and lines[i].strip() and "-->" not in lines[i]:
+                i += 1
+    pending: list[list[tuple[int, str]]] = []  # the rest of a block that held two cues
+    while i < n or pending:
+        if pending:
+            block = pending.pop()
+        else:
+            if not lines[i].strip():
+                i += 1
+                continue
+            # a block runs to the next blank line
+            start_i = i
             while i < n and lines[i].strip():
                 i += 1
-    while i < n:
-        if not lines[i].strip():
-            i += 1
-            continue
-        # a block runs to the next blank line
-        start_i = i
-        while i < n and lines[i].strip():
-            i += 1
-        block = [(k + 1, lines[k]) for k in range(start_i, i) if k not in bad]
+            block = [(k + 1, lines[k]) for k in range(start_i, i) if k not in bad]
         if not block:
             continue
         first_line = block[0][1]
@@ -163,6 +176,14 @@ def _parse_blocks(data: str | bytes, source: str, vtt: bool) -> Parsed:
                 f"expected a cue {'identifier' if vtt else 'number'} or timing line, got "
                 f"{first_line.strip()[:60]!r}; block skipped"))
             continue
+        # a cue written without the blank line after the one before: a timing line among
+        # the text starts it (with its number line, if any)
+        nxt = next((k for k in range(t_idx + 1, len(block))
+                    if (_VTT_TIMING if vtt else _SRT_TIMING).match(block[k][1])), None)
+        if nxt is not None:
+            cut = nxt - 1 if nxt - 1 > t_idx and block[nxt - 1][1].strip().isdigit() else nxt
+            pending.append(block[cut:])
+            block = block[:cut]
         t_line_no, t_line = block[t_idx]
         try:
             start, end = _timing(t_line, vtt)
@@ -171,8 +192,8 @@ def _parse_blocks(data: str | bytes, source: str, vtt: bool) -> Parsed:
             continue
         text_lines = []
         for _, ln in block[t_idx + 1:]:
-            if vtt:
-                ln = html.unescape(_TAG.sub("", ln))
+            ln = _TAG.sub("", ln)  # <i>, <b>, <font ...> in SubRip; VTT's cue tags
+            ln = html.unescape(ln) if vtt else _OVERRIDE.sub("", ln)
             text_lines.append(ln.strip())
         text = "\n".join(t for t in text_lines if t)
         if not text:
@@ -183,7 +204,8 @@ def _parse_blocks(data: str | bytes, source: str, vtt: bool) -> Parsed:
 
 
 def parse_srt(data: str | bytes, source: str = "<srt>") -> Parsed:
-    """SubRip: ``N`` / ``HH:MM:SS,mmm --> HH:MM:SS,mmm`` / text lines / blank line."""
+    """SubRip: ``N`` / ``HH:MM:SS,mmm --> HH:MM:SS,mmm`` / text lines / blank line;
+    formatting tags (``<i>``, ``<font>``) and ASS overrides (``{\\an8}``) are stripped."""
     return _parse_blocks(data, source, vtt=False)
 
 

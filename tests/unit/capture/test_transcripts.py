@@ -167,3 +167,23 @@ def test_files_with_a_bom_and_crlf_line_ends_parse_like_plain_ones(tmp_path, nam
     want = ["seven", "three\none", "five & more"] if vtt else SRT_TEXTS
     assert [c.text for c in parsed.cues] == want
     assert not any("\r" in c.text or "\ufeff" in c.text for c in parsed.cues)
+
+
+def test_subtitle_files_as_editors_and_players_write_them() -> None:
+    """Formatting tags and ASS overrides in SubRip, cues without the blank line between
+    them, a WebVTT cue right under its header, and UTF-16 with a byte order mark (what
+    Windows editors save as "Unicode")."""
+    srt = ("1\n00:00:01,000 --> 00:00:02,000\n<i>Hello</i> {\\an8}<font color=\"red\">there"
+           "</font>\n2\n00:00:03,000 --> 00:00:04,000\nWorld\n00:00:05,000 --> 00:00:06,000\n"
+           "again\n")
+    parsed = parse_srt(srt)
+    assert [(c.start_ns // 1_000_000, c.text) for c in parsed.cues] == [
+        (1000, "Hello there"), (3000, "World"), (5000, "again")]
+    assert parsed.issues == []
+    vtt = parse_vtt("WEBVTT\n00:00:01.000 --> 00:00:02.000\nfirst\n\n00:02.500 --> 00:03.000\n"
+                    "second &amp; last\n")
+    assert [c.text for c in vtt.cues] == ["first", "second & last"] and vtt.issues == []
+    utf16 = ("\ufeff1\r\n00:00:01,000 --> 00:00:02,000\r\nçà va\r\n").encode("utf-16-le")
+    assert [c.text for c in parse_srt(utf16).cues] == ["çà va"]
+    assert [c.text for c in parse_srt(b"\xfe\xff" + "1\n00:00:01,000 --> 00:00:02,000\nok\n"
+                                      .encode("utf-16-be")).cues] == ["ok"]
