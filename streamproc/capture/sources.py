@@ -860,7 +860,9 @@ class FileSource:
             for issue in parsed.issues:
                 log.warning("transcript %s", issue)
             self.stats.transcript_issues = parsed.issues
-            self.cues = sorted(parsed.cues, key=lambda c: (c.start_ns, c.end_ns))
+            # in the order they end, which is when they are sent: a long cue (a caption
+            # held for 20 s) must not hold back the short ones that end inside it
+            self.cues = sorted(parsed.cues, key=lambda c: (c.end_ns, c.start_ns))
             if not self.cues:
                 reason = f"{transcript}: no cue could be read" + (
                     f" ({len(parsed.issues)} skipped, see above)" if parsed.issues else "")

@@ -391,6 +391,19 @@ def test_several_streams_fail_together_before_any_starts(media, tmp_path) -> Non
     assert stop.is_set()
 
 
+def test_a_long_caption_does_not_hold_back_the_cues_inside_it(tmp_path) -> None:
+    """Cues go out when they end, in that order: one held on screen for 20 s (a station
+    logo, a speaker's name) no longer delays the lines spoken meanwhile past the text
+    lateness."""
+    srt = tmp_path / "overlap.srt"
+    srt.write_text("1\n00:00:00,000 --> 00:00:20,000\nNEWS AT NINE\n\n"
+                   "2\n00:00:02,000 --> 00:00:03,000\ngood evening\n\n"
+                   "3\n00:00:04,000 --> 00:00:05,500\nour top story\n")
+    got = [(due - T0, r.seq, r.text) for due, r in FileSource("s", transcript=srt).records(T0)]
+    assert got == [(3 * NS, 0, "good evening"), (5_500_000_000, 1, "our top story"),
+                   (20 * NS, 2, "NEWS AT NINE")]
+
+
 def test_a_sample_rate_the_wire_cannot_carry_is_refused_before_anything_is_sent(
         tmp_path) -> None:
     """A 6 kHz recording would be 'delivered', then every chunk a dead letter."""
