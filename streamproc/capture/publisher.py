@@ -196,17 +196,33 @@ class Publisher:
                         oldest.get(timeout=0.1)
             finally:
                 self._lock.acquire()
-            failures += self._drain()
+            # everywhere in the queue, not only at its head: a record stuck on one
+            # partition (no leader for a while) must not keep the acknowledged records of
+            # every other stream counted in flight, and every camera blocked
+            failures += self._drain(everywhere=True)
         stats.blocked_s += time.monotonic() - t0
         return failures
 
-    def _drain(self) -> list[tuple[Modality, str, int]]:
-        """Settle the settled futures at the head of the queue (caller holds the lock);
-        the failures, for :meth:`_log_failures` once the lock is released."""
+    def _drain(self, everywhere: bool = False) -> list[tuple[Modality, str, int]]:
+        """Settle the settled futures at the head of the queue, or ``everywhere`` in it
+        (caller holds the lock); the failures, for :meth:`_log_failures` once the lock is
+        released."""
         pending, stats = self._pending, self._stats
         failures: list[tuple[Modality, str, int]] = []
-        while pending and pending[0][0].is_done:
-            future, mod, size, payload = pending.popleft()
+        done: list[tuple[Any, Modality, int, int]] = []
+        if everywhere:
+            # one turn of the queue; publish() appends without the lock, behind the items
+            # put back, so exactly the items there now are looked at
+            for _ in range(len(pending)):
+                item = pending.popleft()
+                if item[0].is_done:
+                    done.append(item)
+                else:
+                    pending.append(item)
+        else:
+            while pending and pending[0][0].is_done:
+                done.append(pending.popleft())
+        for future, mod, size, payload in done:
             stats.in_flight_bytes -= size
             if future.exception is None:
                 counts = stats.by_modality[mod]

@@ -90,3 +90,52 @@ def test_close_with_records_the_broker_never_took_counts_them_and_does_not_raise
     pub.close(timeout=0.01)  # would raise KafkaTimeoutError
     assert pub.stats.failed == 1 and producer._sender.stopped
     assert "did not close cleanly" in caplog.text
+
+
+def test_a_record_stuck_on_one_partition_does_not_block_the_others(monkeypatch) -> None:
+    """The oldest record waits for a partition without a leader; the ones after it are
+    acknowledged. They leave the in-flight count at once, so publishing goes on instead
+    of blocking every stream until the stuck one times out."""
+    import threading
+
+    import numpy as np
+    from kafka.errors import KafkaTimeoutError
+
+    from streamproc import kafka as kafka_mod
+    from streamproc.capture.publisher import Publisher
+    from streamproc.config import Settings
+    from streamproc.wire import codec as wire
+
+    class Future:
+        def __init__(self, done: bool) -> None:
+            self.is_done, self.exception = done, None
+
+        def get(self, timeout: float | None = None) -> None:
+            if not self.is_done:
+                raise KafkaTimeoutError("no leader")
+
+    class Producer:
+        sent = 0
+
+        def send(self, *a: object, **k: object) -> Future:
+            self.sent += 1
+            return Future(done=self.sent > 1)  # the first one is stuck
+
+        def partitions_for(self, topic: str) -> set[int]:
+            return {0}
+
+    monkeypatch.setattr(kafka_mod, "producer", lambda *a, **k: Producer())
+    chunk = wire.AudioChunk.from_samples("mic", 1_700_000_000 * 10**9, 0, np.zeros(1600),
+                                         16000)
+    pub = Publisher(Settings(), check_topics=False, max_in_flight_bytes=4 * 4096)
+    done = threading.Event()
+
+    def publish_many() -> None:
+        for _ in range(200):
+            pub.publish(chunk)
+        done.set()
+
+    threading.Thread(target=publish_many, daemon=True).start()
+    assert done.wait(10), "publish() blocked behind the stuck record"
+    s = pub.stats
+    assert s.sent == 200 and s.acked >= 190  # (the stats settle from the queue's head)
