@@ -281,7 +281,8 @@ def cmd_produce_file(args: argparse.Namespace, settings: Settings) -> int:
         _check_start_at(args, start, session.publisher.max_ahead_ms)
         session.show_status()
         stats = replay_source(session.publisher, src, realtime=not args.fast,
-                              start_at_ns=start, stop_event=session.stop)
+                              start_at_ns=start, stop_event=session.stop,
+                              max_ahead_ms=session.publisher.max_ahead_ms)
     print(stats.summary())
     return session.report()
 

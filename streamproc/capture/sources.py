@@ -976,8 +976,14 @@ def replay(outbox: Outbox, stream_id: str, video: str | Path | None = None,
 def replay_source(outbox: Outbox, src: FileSource, *, realtime: bool = True,
                   start_at_ns: int | None = None, stop_event: threading.Event | None = None,
                   clock: Clock | None = None,
-                  on_record: Callable[[wire.MediaRecord], None] | None = None) -> ReplayStats:
-    """:func:`replay` for an already opened (validated) :class:`FileSource`."""
+                  on_record: Callable[[wire.MediaRecord], None] | None = None,
+                  max_ahead_ms: int | None = None) -> ReplayStats:
+    """:func:`replay` for an already opened (validated) :class:`FileSource`.
+
+    ``max_ahead_ms``: how far ahead of now the broker takes event times (the topics'
+    ``message.timestamp.after.max.ms``). Without ``realtime``, a record that would be
+    further ahead waits until it is not (a long clip or ``--loop`` sent fast runs ahead
+    of the clock by its length), instead of being refused."""
     clock = clock or Clock()
     origin = clock.now_ns() if start_at_ns is None else start_at_ns
     pace0 = clock.now_ns()
@@ -989,10 +995,15 @@ def replay_source(outbox: Outbox, src: FileSource, *, realtime: bool = True,
         # a start in the future is waited for: a live source sends a record when its event
         # time has come, never ahead of it (latencies measured downstream depend on it)
         pace0 = origin
+    # what the broker takes, less a margin for the clocks of this host and the broker's
+    ahead_ns = None if max_ahead_ms is None else max(0, max_ahead_ms - 60_000) * 1_000_000
     for due, rec in src.records(origin):
         if stop_event is not None and stop_event.is_set():
             break
         if realtime and not clock.wait_until(pace0 + (due - origin), stop_event):
+            break
+        if (not realtime and ahead_ns is not None and due - clock.now_ns() > ahead_ns
+                and not clock.wait_until(due - ahead_ns, stop_event)):
             break
         outbox.publish(rec)
         src.stats.count(rec)

@@ -404,6 +404,35 @@ def test_a_long_caption_does_not_hold_back_the_cues_inside_it(tmp_path) -> None:
                    (20 * NS, 2, "NEWS AT NINE")]
 
 
+def test_a_fast_replay_never_runs_further_ahead_than_the_broker_takes(media) -> None:
+    """--fast with a broker that takes event times up to 61 s ahead (a 60 s margin is
+    kept): a record is sent once its time is at most 1 s ahead, instead of a long clip
+    (or --loop) running ahead of the clock by its length until every record is refused."""
+    from streamproc.capture.sources import replay_source
+
+    class Jumping(ManualClock):
+        def wait_until(self, wall_ns: int, stop: threading.Event | None = None) -> bool:
+            self.now = max(self.now, wall_ns)
+            return True
+
+    clock = Jumping()
+    sent_at: list[tuple[int, int]] = []  # (clock when sent, record's end)
+    src = FileSource("s", audio=media.wav, chunk_ms=100)
+    replay_source(ListOutbox(), src, realtime=False, start_at_ns=T0, clock=clock,
+                  max_ahead_ms=61_000,
+                  on_record=lambda r: sent_at.append((clock.now, r.end_ns)))
+    assert len(sent_at) == 11
+    assert all(end - now <= NS for now, end in sent_at)
+    assert sent_at[0][0] == T0 and sent_at[-1][0] > T0  # the first at once, later ones held
+    # without the broker's limit known, --fast is as fast as ever
+    clock = Jumping()
+    sent_at.clear()
+    replay_source(ListOutbox(), FileSource("s", audio=media.wav), realtime=False,
+                  start_at_ns=T0, clock=clock,
+                  on_record=lambda r: sent_at.append((clock.now, r.end_ns)))
+    assert {now for now, _ in sent_at} == {T0}
+
+
 def test_a_sample_rate_the_wire_cannot_carry_is_refused_before_anything_is_sent(
         tmp_path) -> None:
     """A 6 kHz recording would be 'delivered', then every chunk a dead letter."""
