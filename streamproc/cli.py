@@ -694,10 +694,10 @@ def _model_parsers(sub: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
 
-    from streamproc.dev.demo import Layout, default_dir, run
+    from streamproc.dev.demo import Layout, run
 
     own_broker = args.bootstrap_servers is None and not os.environ.get("STREAMPROC_BOOTSTRAP")
-    layout = Layout(Path(args.dir) if args.dir else default_dir(args.preset, args.digits))
+    layout = Layout(Path(args.dir)) if args.dir else None  # None: the preset's own
     if args.no_view:
         settings = settings.replace(view_port=0)
     return run(settings, own_broker=own_broker, streams=args.streams, layout=layout,

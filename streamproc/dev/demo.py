@@ -46,13 +46,12 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def default_dir(preset: str = DEMO_PRESET, digits: int | None = None) -> Path:
+def default_dir(preset: str = DEMO_PRESET, digits: int = DIGITS_PER_STREAM) -> Path:
     """``~/.cache/streamproc/demo`` for the default preset and clips; another preset or
     clip length gets a directory of its own, so trying one leaves the default's model
     (the one the README's worker serves) and clips as they were."""
     from streamproc.dev.localkafka import cache_root
 
-    digits = DIGITS_PER_STREAM if digits is None else digits
     if (preset, digits) == (DEMO_PRESET, DIGITS_PER_STREAM):
         return cache_root() / "demo"
     return cache_root() / f"demo-{preset}-{digits}d"
@@ -434,7 +433,7 @@ def run(settings: Settings, *, own_broker: bool, streams: int = 3, layout: Layou
     from streamproc.readers import ConsumeStats, PredictionTable, consume, format_json
     from streamproc.topics import create_topics
 
-    layout = layout or Layout(default_dir())
+    layout = layout or Layout(default_dir(preset, digits))
     if not prepare_only:
         # the worker serves metrics (on every interface; its web server on a free port):
         # fail now, not after the clips, the training and the broker

@@ -65,10 +65,13 @@ def test_another_preset_or_clip_length_keeps_its_own_directory(monkeypatch, tmp_
     assert demo.default_dir("small", 10) == tmp_path / "demo"
     assert demo.default_dir("tiny", 3) == tmp_path / "demo-tiny-3d"
     assert demo.default_dir("small", 3) == tmp_path / "demo-small-3d"
+    # the directory the demo prepares into, from the command line and from the API
     seen: list = []
-    monkeypatch.setattr(demo, "run", lambda *a, **k: seen.append(k["layout"]) or 0)
-    assert cli.main(["demo", "--preset", "tiny", "--digits", "3"]) == 0
-    assert seen[0].root == tmp_path / "demo-tiny-3d"
+    monkeypatch.setattr(demo, "prepare", lambda layout, *a: seen.append(layout.root) or [])
+    assert cli.main(["demo", "--prepare-only", "--preset", "tiny", "--digits", "3"]) == 0
+    assert demo.run(Settings(), own_broker=False, prepare_only=True, preset="full") == 0
+    assert cli.main(["demo", "--prepare-only", "--dir", str(tmp_path / "mine")]) == 0
+    assert seen == [tmp_path / "demo-tiny-3d", tmp_path / "demo-full-10d", tmp_path / "mine"]
 
 
 def test_a_summary_before_any_final_says_none_yet_not_nan() -> None:
