@@ -458,8 +458,7 @@ class WorkerCore:
         for tp in revoked:
             self._ends.pop(tp, None)
         dropped = self.ledger.drop_partitions(parts)
-        if self.ledger.inflight() < MAX_INFLIGHT_WINDOWS:
-            self._room.set()  # their windows no longer count: reading may go on
+        self._wake_if_room()  # their windows no longer count
         if parts:
             log.info("partitions %s revoked: dropped %d held record(s); the owner replays them",
                      sorted(parts), dropped)
@@ -488,6 +487,11 @@ class WorkerCore:
         while self.ledger.inflight() >= MAX_INFLIGHT_WINDOWS:
             self._room.clear()
             await self._room.wait()
+
+    def _wake_if_room(self) -> None:
+        """Let :meth:`wait_for_room` go on once fewer windows are in flight."""
+        if self.ledger.inflight() < MAX_INFLIGHT_WINDOWS:
+            self._room.set()
 
     # --- introspection -------------------------------------------------------------
     def buffered(self) -> dict[str, float]:
@@ -732,8 +736,7 @@ class WorkerCore:
         else:
             waits.extend(self._write_progress(sid) for sid in done.progress)
         self._queue_acks(done.acks, waits)
-        if self.ledger.inflight() < MAX_INFLIGHT_WINDOWS:
-            self._room.set()
+        self._wake_if_room()
 
     def _provisional_sent(self, fut: asyncio.Future) -> None:
         if fut.cancelled():
