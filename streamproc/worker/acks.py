@@ -287,10 +287,6 @@ class AckLedger(Generic[T]):
     def held(self) -> int:
         return sum(len(d) for d in self._held.values())
 
-    def last_tracked(self, tp: TP) -> int | None:
-        """Highest offset of ``tp`` tracked since its partition was (re)assigned."""
-        return self._last_tracked.get(tp)
-
     def lowest_held(self, tp: TP) -> int | None:
         """Offset of the oldest record of ``tp`` not acked yet (None: nothing held)."""
         held = self._held.get(tp)

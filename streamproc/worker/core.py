@@ -302,12 +302,10 @@ class WorkerCore:
         admitted = self.gate.admit(tp, offset)
         self._track_jumps()  # stepped-over offsets come before this record
         if admitted is not Admit.OK:
+            # Never acked: processed before (its ack, or the range the gate stepped over
+            # at the resume, covers it), or read again after a seek. The consumer must
+            # not see an offset twice: it would commit one offset per commit from there.
             self.counters.inc("ignored", reason=admitted)
-            last = self.ledger.last_tracked(tp)
-            if admitted is Admit.REDELIVERED and (last is None or offset > last):
-                # processed and acked before a revocation, not committed yet: ack it again
-                # (in order) so the commit can move; otherwise the earlier copy acks it
-                self._queue_acks(self.ledger.track_done(tp, offset, event))
             if (tp, admitted) not in self._ignoring:
                 self._ignoring.add((tp, admitted))
                 log.info("ignoring %s records of %s:%d from offset %d (Kafka delivers them "

@@ -307,8 +307,8 @@ def guard_consumer(consumer: Any, core: WorkerCore) -> None:
                     await consumer.seek(tp, nxt)
         return committed
 
-    def ack_skipped(tp: tuple[str, int], start: int, end: int) -> object:
-        return asyncio.ensure_future(faust_add_gap(TP(*tp), start, end - 1))
+    def ack_skipped(tp: tuple[str, int], start: int, end: int) -> None:
+        mark_gap(consumer, TP(*tp), start, end)
 
     core.ack_skipped = ack_skipped
     consumer.ack = ack
@@ -320,6 +320,38 @@ def guard_consumer(consumer: Any, core: WorkerCore) -> None:
     # decides (its fetch loop binds the mapping when it starts, after this).
     consumer._read_offset = _HandOnEverything(set(core.modality_of), consumer._read_offset)
     consumer._streamproc_guarded = True
+
+
+def mark_gap(consumer: Any, tp: TP, start: int, end: int) -> None:
+    """Make offsets ``start..end-1`` of ``tp`` committable as faust's ``_add_gap`` does,
+    but at once (a commit right after this must see them) and leaving out offsets already
+    acked: faust merges gaps into its acked offsets without removing repeats, and a
+    repeated offset makes it commit one offset per commit from there."""
+    committed = consumer._committed_offset[tp]
+    if committed is not None:
+        start = max(start, committed + 1)  # faust's own reading of its committed offset
+    gap = consumer._gap[tp]
+    for offset in sorted(o for o in consumer._acked_index[tp] if start <= o < end):
+        if start < offset:
+            gap.addi(start, offset)
+        start = offset + 1
+    if start < end:
+        gap.addi(start, end)
+    gap.merge_overlaps()
+
+
+def uncommitted(consumer: Any, topics: set[str]) -> dict[str, str]:
+    """Input topic-partitions whose acked records the consumer has not committed:
+    ``"topic:partition"`` -> committed offset, acked offsets and gaps as faust holds them."""
+    out = {}
+    for tp, acked in list(consumer._acked.items()):
+        gaps = sorted((i.begin, i.end) for i in consumer._gap.get(tp, ()))
+        if tp.topic in topics and (acked or gaps):
+            out[f"{tp.topic}:{tp.partition}"] = (
+                f"committed={consumer._committed_offset.get(tp)} "
+                f"acked={min(acked, default=None)}..{max(acked, default=None)} "
+                f"({len(acked)}) gaps={gaps}")
+    return out
 
 
 class _HandOnEverything(defaultdict):

@@ -413,7 +413,7 @@ def test_two_workers_split_partitions_and_take_over(kafka_bootstrap: str,
         # every input record was processed, and the commits say so, also on the partitions
         # b kept through a's leave (acked before that rebalance, not committed yet)
         committed, ends = committed_and_ends(settings, range(4))
-        assert committed == ends
+        assert committed == ends, b.log()[-6000:]
     finally:
         for w in workers:
             w.abandon()

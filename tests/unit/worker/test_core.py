@@ -159,6 +159,29 @@ def test_revoke_mid_window_acks_nothing_and_the_next_owner_replays() -> None:
     run(main())
 
 
+def test_records_acked_before_a_revocation_are_acked_once_more_as_one_range() -> None:
+    """0..2 acked but not committed when the partition went and came back (the consumer
+    forgot those acks): the resume acks 0..2 as one range, and their copies that Kafka
+    delivers again are acked no second time (the consumer would then commit one offset
+    per commit)."""
+    async def main() -> None:
+        h = Harness()
+        for offset, at in enumerate((0, 300, 600, 1200)):
+            h.frame(offset, at)  # [0 s, 1 s) published: 0..2 acked, 3 held
+        await settle()
+        assert h.offsets() == [0, 1, 2]
+        h.revoke((0,))
+        h.acks.clear()
+        h.assign((0,), committed=0)
+        for offset, at in enumerate((0, 300, 600, 1200, 1500, 2100)):
+            h.frame(offset, at)  # 0..2 again (faust read them before the seek), then 3..
+        await settle()
+        assert h.offsets() == [0, 1, 2, 3, 4]
+        assert h.core.counters.get("ignored", reason="redelivered") == 3
+
+    run(main())
+
+
 def test_revoking_several_partitions_drops_every_one_of_their_aligners() -> None:
     """The partitions come back from the committed offset: a replayed record is a new
     record for a fresh aligner (a stale one would call it a duplicate and ack it before

@@ -1,15 +1,21 @@
 """The worker refuses faust-streaming and aiokafka versions its patches were not tested
-against, with one clear line; the ack handle of a batched record."""
+against, with one clear line; the ack handle of a batched record; ranges with nothing to
+process made committable as faust's own commit logic reads them."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from faust.transport.consumer import Consumer
+from faust.types import TP
+from intervaltree import IntervalTree
 
 from streamproc.errors import UserError
-from streamproc.worker.patches import TESTED_VERSIONS, RecordAck, check_versions
+from streamproc.worker.patches import TESTED_VERSIONS, RecordAck, check_versions, mark_gap
 
 
 def test_the_installed_versions_are_the_tested_ones() -> None:
@@ -41,3 +47,62 @@ def test_a_batched_record_acks_through_the_consumers_ack_once_released() -> None
                                                                              False)
     handle.ack()
     assert acked == [(("t.video", 2), 17)]
+
+
+V = TP("t.video", 0)
+
+
+def _faust_offsets(committed: int | None) -> Any:
+    """The part of a faust consumer its commit logic reads, resumed at ``committed``."""
+    return SimpleNamespace(_committed_offset=defaultdict(lambda: None, {V: committed}),
+                           _acked=defaultdict(list), _acked_index=defaultdict(set),
+                           _gap=defaultdict(IntervalTree))
+
+
+def _ack(consumer: Any, offsets: range) -> None:
+    for o in offsets:  # what faust's ack does for an offset at or past the committed one
+        consumer._acked[V].append(o)
+        consumer._acked_index[V].add(o)
+
+
+def _commits(consumer: Any) -> list[int]:
+    """The offsets faust's own logic commits, one commit after another, until it stops."""
+    out = []
+    while (offset := Consumer._new_offset(consumer, V)) is not None and offset not in out:
+        out.append(offset)
+        consumer._committed_offset[V] = offset
+    return out
+
+
+def test_a_range_stepped_over_at_a_resume_commits_to_the_end_at_once() -> None:
+    """Resumed at 10 with 10..17 processed before the revocation (a range) and 18..39
+    processed since: one commit reaches 40."""
+    c = _faust_offsets(10)
+    mark_gap(c, V, 10, 18)
+    _ack(c, range(18, 40))
+    assert _commits(c) == [40]
+
+
+def test_a_range_leaves_out_offsets_acked_already() -> None:
+    """11..17 came again and were acked before the range was marked: had the range
+    repeated them, faust would commit one offset per commit (12, 13, 14, ...)."""
+    c = _faust_offsets(10)
+    _ack(c, range(11, 18))
+    mark_gap(c, V, 10, 18)
+    _ack(c, range(18, 40))
+    assert _commits(c) == [40]
+    c = _faust_offsets(10)
+    _ack(c, range(11, 18))
+    _ack(c, range(18, 40))
+    c._gap[V].addi(11, 18)  # faust's own _add_gap(10, 17) does this
+    assert _commits(c)[:3] == [12, 13, 14]  # why repeats must be left out
+
+
+def test_a_range_with_acked_offsets_inside_is_split_around_them() -> None:
+    c = _faust_offsets(None)
+    _ack(c, range(3, 5))
+    mark_gap(c, V, 0, 8)
+    assert sorted((i.begin, i.end) for i in c._gap[V]) == [(0, 3), (5, 8)]
+    _ack(c, range(8, 9))
+    assert _commits(c) == [9]
+
