@@ -323,20 +323,28 @@ def guard_consumer(consumer: Any, core: WorkerCore) -> None:
 
 
 def mark_gap(consumer: Any, tp: TP, start: int, end: int) -> None:
-    """Make offsets ``start..end-1`` of ``tp`` committable as faust's ``_add_gap`` does,
-    but at once (a commit right after this must see them) and leaving out offsets already
-    acked: faust merges gaps into its acked offsets without removing repeats, and a
-    repeated offset makes it commit one offset per commit from there."""
+    """Make offsets ``start..end-1`` of ``tp`` committable, as faust's ``_add_gap`` would,
+    but at once (a commit right after this must see them), with the last offset an ack
+    (faust commits nothing for a partition that holds only a gap) and leaving out offsets
+    already acked (faust merges gaps into its acked offsets without removing repeats, and
+    a repeated offset makes it commit one offset per commit from there)."""
     committed = consumer._committed_offset[tp]
+    acked = consumer._acked_index[tp]
+    last = end - 1
+    if last < (committed or 0):
+        return  # committed already
+    if last not in acked:
+        acked.add(last)
+        consumer._acked[tp].append(last)
     if committed is not None:
         start = max(start, committed + 1)  # faust's own reading of its committed offset
     gap = consumer._gap[tp]
-    for offset in sorted(o for o in consumer._acked_index[tp] if start <= o < end):
+    for offset in sorted(o for o in acked if start <= o < last):
         if start < offset:
             gap.addi(start, offset)
         start = offset + 1
-    if start < end:
-        gap.addi(start, end)
+    if start < last:
+        gap.addi(start, last)
     gap.merge_overlaps()
 
 
@@ -344,7 +352,8 @@ def uncommitted(consumer: Any, topics: set[str]) -> dict[str, str]:
     """Input topic-partitions whose acked records the consumer has not committed:
     ``"topic:partition"`` -> committed offset, acked offsets and gaps as faust holds them."""
     out = {}
-    for tp, acked in list(consumer._acked.items()):
+    for tp in sorted(set(consumer._acked) | set(consumer._gap)):
+        acked = consumer._acked.get(tp, ())
         gaps = sorted((i.begin, i.end) for i in consumer._gap.get(tp, ()))
         if tp.topic in topics and (acked or gaps):
             out[f"{tp.topic}:{tp.partition}"] = (

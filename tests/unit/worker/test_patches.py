@@ -98,11 +98,26 @@ def test_a_range_leaves_out_offsets_acked_already() -> None:
     assert _commits(c)[:3] == [12, 13, 14]  # why repeats must be left out
 
 
+def test_a_range_alone_commits_to_its_end() -> None:
+    """Nothing came after it (a resume with no new record, a transaction marker at the log
+    end): faust commits nothing for a gap alone, so its last offset is an ack."""
+    c = _faust_offsets(10)
+    mark_gap(c, V, 10, 18)
+    assert _commits(c) == [18]
+    c = _faust_offsets(10)
+    mark_gap(c, V, 10, 11)  # a marker right at the committed offset
+    assert _commits(c) == [11]
+    c = _faust_offsets(10)
+    mark_gap(c, V, 4, 10)  # committed already: nothing to do
+    assert _commits(c) == [] and not c._gap[V]
+
+
 def test_a_range_with_acked_offsets_inside_is_split_around_them() -> None:
     c = _faust_offsets(None)
     _ack(c, range(3, 5))
     mark_gap(c, V, 0, 8)
-    assert sorted((i.begin, i.end) for i in c._gap[V]) == [(0, 3), (5, 8)]
+    assert sorted((i.begin, i.end) for i in c._gap[V]) == [(0, 3), (5, 7)]
+    assert 7 in c._acked_index[V]
     _ack(c, range(8, 9))
     assert _commits(c) == [9]
 
