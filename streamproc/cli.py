@@ -15,7 +15,13 @@ import sys
 from collections.abc import Callable
 from typing import overload
 
-from streamproc.config import COMMAND_GROUPS, Settings, add_settings_args, unknown_env
+from streamproc.config import (
+    COMMAND_GROUPS,
+    Settings,
+    add_settings_args,
+    commands_reading,
+    unknown_env,
+)
 from streamproc.errors import UserError, quiet_client_logs
 
 Handler = Callable[[argparse.Namespace, Settings], int | None]
@@ -826,9 +832,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def unrecognized(extra: list[str], command: str) -> str:
+    """argparse's message for flags the command does not take, and, for a setting's flag,
+    which commands read it (each command offers only the settings it reads)."""
+    msg = f"unrecognized arguments: {' '.join(extra)}"
+    for arg in extra:
+        readers = commands_reading(arg) if arg.startswith("--") else []
+        if readers:
+            flag = arg.split("=", 1)[0]
+            msg += (f"\n  {flag} is a setting that `streamproc {command}` does not read; "
+                    f"these commands do: {', '.join(readers)}")
+    return msg
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.error(unrecognized(extra, args.command))
     try:
         settings = Settings.load(args)
         for line in unknown_env(os.environ):

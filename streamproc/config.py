@@ -525,6 +525,16 @@ def settings_named(groups: tuple[str, ...] | None) -> tuple[str, ...]:
     return tuple(n for n in every if n in wanted)
 
 
+def commands_reading(flag: str) -> list[str]:
+    """The commands (but ``config``, which prints every setting) whose flags include
+    ``flag`` (``--window-ms`` or ``--window-ms=500``); [] when it names no setting."""
+    name = flag.split("=", 1)[0].removeprefix("--").replace("-", "_")
+    if name not in {f.name for f in dataclasses.fields(Settings)}:
+        return []
+    return [c for c, groups in COMMAND_GROUPS.items()
+            if groups is not None and name in settings_named(groups)]
+
+
 def add_settings_args(parser: argparse.ArgumentParser,
                       groups: tuple[str, ...] | None = None) -> None:
     """Add a ``--flag`` for each setting of ``groups`` (see :func:`settings_named`); unset

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from streamproc.cli import build_parser
+from streamproc.cli import build_parser, main
 from streamproc.config import (
     COMMAND_GROUPS,
     SETTING_GROUPS,
@@ -344,3 +344,17 @@ def test_out_of_range_numbers_are_refused_with_their_bounds(argv: list[str],
     assert exc.value.code == 2 and says in err.getvalue()
     ok = build_parser().parse_args(["consume", "--timeout", "0.5"])
     assert ok.timeout == 0.5
+
+
+def test_a_setting_the_command_does_not_read_names_the_commands_that_do(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["consume", "--window-ms", "500", "--stream", "cam"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "unrecognized arguments: --window-ms 500" in err
+    assert ("--window-ms is a setting that `streamproc consume` does not read; these "
+            "commands do: worker, record, avdigits dataset, demo") in err
+    with pytest.raises(SystemExit):
+        main(["consume", "--no-such-flag"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --no-such-flag" in err and "setting" not in err
