@@ -35,12 +35,12 @@ from av.video.reformatter import VideoReformatter
 
 from streamproc.capture.publisher import Outbox
 from streamproc.capture.transcripts import (
-    FORMATS,
     Cue,
     LineError,
     ParseIssue,
     load_transcript,
     parse_json_cue,
+    suffix_format,
 )
 from streamproc.config import MODALITIES, Modality
 from streamproc.errors import UserError
@@ -837,7 +837,7 @@ class FileSource:
         self.audio: str | Path | None = None
         self.audio_info: AudioInfo | None = None
         if video is not None:
-            if Path(video).suffix.lower().lstrip(".") in (*FORMATS, "ndjson"):
+            if suffix_format(video) is not None:
                 raise UserError(f"{video} is a transcript: give it with --transcript")
             with _open_media(video, "video") as c:
                 if not c.streams.video:

@@ -285,15 +285,20 @@ def parse_jsonl(data: str | bytes, source: str = "<jsonl>", require_span: bool =
 # --- files ---------------------------------------------------------------------------
 
 FORMATS = ("srt", "vtt", "jsonl")
+_SUFFIX_FORMATS = {"srt": "srt", "vtt": "vtt", "jsonl": "jsonl", "ndjson": "jsonl",
+                  "json": "jsonl"}
+
+
+def suffix_format(path: str | Path) -> str | None:
+    """The transcript format ``path``'s extension names, or None."""
+    return _SUFFIX_FORMATS.get(Path(path).suffix.lower().lstrip("."))
 
 
 def sniff_format(path: Path, head: bytes) -> str:
     """By extension, else by content: WEBVTT header, a JSON object, or SRT."""
-    ext = path.suffix.lower().lstrip(".")
-    if ext in ("srt", "vtt", "jsonl"):
-        return ext
-    if ext in ("ndjson", "json"):
-        return "jsonl"
+    fmt = suffix_format(path)
+    if fmt is not None:
+        return fmt
     text = head.lstrip(b"\xef\xbb\xbf").lstrip()
     if text.startswith(b"WEBVTT"):
         return "vtt"
