@@ -91,6 +91,11 @@ class Settings:
         "video,audio", "When these modalities of a window are complete, publish a provisional "
         "prediction before the others (the transcript) are; none (or empty): final "
         "predictions only.")
+    final_within_ms: int = _opt(
+        0, "A window's final prediction waits for the modalities not in provisional_on (the "
+        "transcript) at most this long (ms) after the window's end, on the stream's own "
+        "time (its provisional_on modalities' watermarks); segments that come later revise "
+        "it (within revision_horizon_ms). 0: it waits for their watermark plus lateness.")
     revision_horizon_ms: int = _opt(
         10_000, "A transcript segment that arrives after its window's final prediction, "
         "for a window that ended at most this long (ms of event time) before the newest "
@@ -234,6 +239,7 @@ class Settings:
             "max_frame_pixels": (self.max_frame_pixels >= 1, "must be at least 1"),
             "stream_expiry_ms": (self.stream_expiry_ms >= 0, "must not be negative"),
             "revision_horizon_ms": (self.revision_horizon_ms >= 0, "must not be negative"),
+            "final_within_ms": (self.final_within_ms >= 0, "must not be negative"),
             "batch_size": (self.batch_size >= 1, "must be at least 1"),
             "model_threads": (self.model_threads >= 0, "must not be negative"),
             # group.min.session.timeout.ms: a broker refuses a shorter session at join
@@ -292,6 +298,13 @@ class Settings:
                 f"invalid setting expected_modalities={self.expected_modalities!r}: "
                 f"use a comma separated subset of {', '.join(MODALITIES)}"
             )
+        fast_expected = set(self.provisional_modalities) & set(self.modalities)
+        if self.final_within_ms and not (fast_expected and fast_expected != set(self.modalities)):
+            raise ConfigError(
+                f"invalid setting final_within_ms={self.final_within_ms}: it bounds how long "
+                "a final waits for the modalities not in provisional_on, and provisional_on="
+                f"{self.provisional_on!r} with expected_modalities={self.expected_modalities!r} "
+                "leaves none (or no provisional modality); set provisional_on, or 0")
 
     # --- derived values --------------------------------------------------------------
     @property
@@ -490,7 +503,8 @@ COMMAND_GROUPS: dict[str, tuple[str, ...] | None] = {
     "view": ("kafka", "logging", "topics", "view", "max_frame_pixels"),
     # the worker makes only its progress topic, as many partitions as the inputs have
     "worker": ("kafka", "logging", "topics", "replication_factor", "windows",
-               "provisional_on", "max_frame_pixels", "model", "inference", "worker"),
+               "provisional_on", "final_within_ms", "max_frame_pixels", "model", "inference",
+               "worker"),
     "asr": ("kafka", "logging", "topics", "asr", "asr_engine", "asr_max_utterance_ms",
             "session_timeout_ms", "stream_expiry_ms"),
     # a dataset holds final windows only: record never reads provisional_on
@@ -503,8 +517,8 @@ COMMAND_GROUPS: dict[str, tuple[str, ...] | None] = {
     # recogniser as children, which get these settings from it. It picks their model,
     # data_dir, web_port, asr_engine and asr_max_utterance_ms itself.
     "demo": ("kafka", "logging", "topics", "topic_layout", "windows", "provisional_on",
-             "max_frame_pixels", "inference", "metrics_port", "session_timeout_ms", "asr",
-             "view"),
+             "final_within_ms", "max_frame_pixels", "inference", "metrics_port",
+             "session_timeout_ms", "asr", "view"),
 }
 
 

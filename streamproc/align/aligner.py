@@ -75,6 +75,7 @@ class ClosedBy(StrEnum):
 
     WATERMARK = "watermark"  # every expected modality's data for it had arrived
     DEADLINE = "deadline"  # closed while an expected modality was idle
+    BOUND = "bound"  # a final due (final_within) before a slower modality's data arrived
     FLUSH = "flush"  # end of input or shutdown
     REVISION = "revision"  # a final revised: transcript segments came after it
 
@@ -228,6 +229,10 @@ class AlignConfig:
     # this long before the stream's oldest open window (a multiple of hop_ns once built;
     # 0, or text not expected: no revisions).
     revision_ns: int = 0
+    # A final window waits for the modalities not in ``provisional`` at most this long past
+    # its end on the stream's time (the least of the provisional modalities' watermarks);
+    # what comes later revises it (0: it waits for every watermark plus its lateness).
+    final_within_ns: int = 0
 
     def __post_init__(self) -> None:
         lateness = {m: int(self.lateness_ns.get(m, 0)) for m in MODALITIES}
@@ -260,6 +265,10 @@ class AlignConfig:
              "max_span_*_ns must not be negative"),
             (self.stream_expiry_ns >= 0, "stream_expiry_ns must not be negative"),
             (self.revision_ns >= 0, "revision_ns must not be negative"),
+            (self.final_within_ns >= 0, "final_within_ns must not be negative"),
+            (not self.final_within_ns or bool(self.provisional),
+             "final_within_ns needs provisional modalities (the stream's time is theirs), "
+             "and at least one expected modality outside them"),
         ]
         for ok, rule in rules:
             if not ok:
@@ -285,6 +294,7 @@ class AlignConfig:
             stream_expiry_ns=s.stream_expiry_ms * ms,
             provisional=s.provisional_modalities,
             revision_ns=s.revision_horizon_ms * ms,
+            final_within_ns=s.final_within_ms * ms,
         )
 
     @property
@@ -531,6 +541,10 @@ class Aligner:
         self._expired: dict[str, int] = {}
         self._gone: list[str] = []  # expired since the last take_expired()
         self._expected = cfg.expected
+        self._within = cfg.final_within_ns
+        # the fast modalities first: with final_within their watermarks are the stream's
+        # time, which bounds how long a final waits for the others
+        self._order = tuple(sorted(cfg.expected, key=lambda m: m not in cfg.provisional))
         # read when a stream opens (also again after it expired), so a map the caller
         # keeps current (the worker's published progress) is used as it is, not copied
         self._resume = resume if resume is not None else {}
@@ -554,7 +568,7 @@ class Aligner:
              "capped", "capped_frames", "capped_segments", "too_long", "future", "ahead",
              "expired", "windows", "provisional", "provisional_skipped",
              "revisions", "revision_late", "revisions_restored", "windows_deadline",
-             "windows_flush", "windows_masked"), 0)
+             "windows_bound", "windows_flush", "windows_masked"), 0)
         self.stats["capped_audio_s"] = 0.0
 
     # --- public API --------------------------------------------------------------------
@@ -1111,8 +1125,17 @@ class Aligner:
         blocker = fast_blocker = None  # whose next record can move it (None: the clock)
         blocked = fast_blocked = False
         due: float = _INF  # when to look again without a record
-        for m in self._expected:
+        # with final_within: the stream's time (the least of its fast modalities' watermarks),
+        # and whose next record moves it; a slower modality holds the final at most that far
+        # behind it (the fast ones come first in self._order)
+        within = self._within
+        now_wm: float | None = _INF if within else None
+        now_by: Modality | None = None
+        for m in self._order:
             seen = last_seen.get(m)
+            slow_bound = (now_wm - within if now_wm is not None and now_wm != _INF
+                          and m not in fast else None)
+            by: Modality | None
             if seen is None:
                 # never sent: waited for until its deadline plus its lateness from the
                 # stream's first record (a first transcript segment comes a segment and the
@@ -1121,20 +1144,30 @@ class Aligner:
                 wait = st.first_seen + idle[m] + late[m]
                 if now_ns >= wait:
                     continue
-                blocked = True
-                fast_blocked |= m in fast
                 due = min(due, wait)
-                continue
-            silent = now_ns - seen - idle[m]
-            by: Modality | None
-            if silent > 0:
-                # silent past its deadline: the watermark moves on with the clock from where
-                # its last record left it (so a recogniser's lag is kept, and windows close
-                # one hop at a time rather than in a burst)
-                lim, by = wms[m] + silent - late[m], None
+                if slow_bound is None:
+                    blocked = True
+                    fast_blocked |= m in fast
+                    if m in fast:
+                        now_wm = None  # the stream's time is not known yet
+                    continue
+                lim, by = slow_bound, now_by
             else:
-                lim, by = wms[m] - late[m], m
-                due = min(due, seen + idle[m])
+                silent = now_ns - seen - idle[m]
+                if silent > 0:
+                    # silent past its deadline: the watermark moves on with the clock from
+                    # where its last record left it (so a recogniser's lag is kept, and
+                    # windows close one hop at a time rather than in a burst)
+                    lim, by = wms[m] + silent - late[m], None
+                else:
+                    lim, by = wms[m] - late[m], m
+                    due = min(due, seen + idle[m])
+                if slow_bound is not None and slow_bound > lim:
+                    lim, by = slow_bound, now_by  # the final is due: it waits no longer
+                elif now_wm is not None and m in fast:
+                    x = lim + late[m]
+                    if x < now_wm:
+                        now_wm, now_by = x, by
             if lim < limit:
                 limit, blocker = lim, by
             if m in fast and lim < fast_limit:
@@ -1183,13 +1216,23 @@ class Aligner:
 
     def _closed_by(self, st: _Stream, k: int, modalities: Iterable[Modality]) -> ClosedBy:
         """WATERMARK when every one of ``modalities``' own watermark has passed the end of
-        window ``k`` plus its lateness, else DEADLINE (one was silent past its deadline)."""
+        window ``k`` plus its lateness; else DEADLINE when one short of it was silent past
+        its deadline (or never sent), BOUND when only final_within closed it."""
         end = k + self._w
+        why = ClosedBy.WATERMARK
         for m in modalities:
+            late = self._late[m]
             wm = st.wm.get(m)
-            if wm is None or wm - self._late[m] < end:
-                return ClosedBy.DEADLINE
-        return ClosedBy.WATERMARK
+            if wm is None or wm - late < end:
+                if not self._within or m in self.cfg.provisional:
+                    return ClosedBy.DEADLINE
+                # did its silence get it there (the clock-moved watermark), or the bound?
+                x = self._clock_wm(st, m)
+                if (st.first_seen + self._idle[m] + late <= self._polled if x is None
+                        else x - late >= end):
+                    return ClosedBy.DEADLINE
+                why = ClosedBy.BOUND
+        return why
 
     def _close_upto(self, st: _Stream, ready: list[int], closed_by: ClosedBy | None,
                     out: list[Window]) -> None:

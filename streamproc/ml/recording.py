@@ -122,7 +122,8 @@ def record(settings: Settings, labels: str | Path, out: str | Path, *,
     check_topics(settings, inputs_only=True)
     stats = RecordStats()
     # a dataset holds each window once, complete: final windows only
-    aligner = Aligner(AlignConfig.from_settings(settings.replace(provisional_on="")))
+    aligner = Aligner(AlignConfig.from_settings(
+        settings.replace(provisional_on="", final_within_ms=0)))
     consumer = kafka.consumer(settings)
     modality = {settings.topic(m): m for m in ("video", "audio", "text")}
     source = {"recorded_from": settings.bootstrap_servers, "topics": list(modality),

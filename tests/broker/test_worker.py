@@ -353,6 +353,65 @@ def test_late_transcripts_revise_finals_across_a_kill_9(kafka_bootstrap: str,
             w.abandon()
 
 
+def test_final_within_publishes_finals_before_a_lagging_transcript_and_revises_them(
+        kafka_bootstrap: str, tmp_path: Path) -> None:
+    """With final_within_ms a final waits for the transcript at most that long after its
+    window's end (on the stream's time); a recogniser lagging more than that sends its
+    segments after the finals of their first windows, which they then revise. Asserted:
+    every window's newest final is the oracle's window of every record; no (stream,
+    window, rev) comes with two different contents; finals closed on the bound exist,
+    and so do revisions."""
+    bound_ms = 400
+    settings = worker_settings(kafka_bootstrap, tmp_path).replace(final_within_ms=bound_ms)
+    create_topics(settings)
+    streams = keys_on_partitions("b", 4)[:2]
+    worker = WorkerProc(settings, tmp_path / "worker.log")
+    try:
+        worker.wait_for(r"Worker ready")
+        t0 = start_time()
+        rng = np.random.default_rng(5)
+        plan = []
+        for sid in streams:
+            for p in stream_plan(sid, t0, 4.0, rng):
+                if p.modality == "text":  # sent 500 ms after it ends: past the bound
+                    p.send_at_ns = p.media.end_ns + 500 * MS  # type: ignore[union-attr]
+                plan.append(p)
+        produce(settings, plan)
+        want = {k: expected_content(w) for k, w in oracle(settings, plan).items()}
+
+        def newest(preds: list[Pred]) -> dict[tuple[str, int], Pred]:
+            out: dict[tuple[str, int], Pred] = {}
+            for p in preds:
+                if p.final and (p.key not in out or p.body["rev"] > out[p.key].body["rev"]):
+                    out[p.key] = p
+            return out
+
+        def done(msgs: list) -> bool:
+            last = newest([pred_of(m) for m in msgs])
+            return all(k in last and last[k].content() == c for k, c in want.items())
+
+        preds = [pred_of(m) for m in read_all(settings, settings.topic("predictions"), done,
+                                              timeout=60)]
+        contents: dict[tuple[str, int, int], set[str]] = defaultdict(set)
+        for p in preds:
+            contents[p.revision_key].add(p.content())
+        assert all(len(c) == 1 for c in contents.values()), \
+            [k for k, c in contents.items() if len(c) > 1]
+        last = newest(preds)
+        assert set(last) == set(want)
+        for key, p in last.items():
+            assert p.content() == want[key], (key, p.body["quality"])
+        first_finals = [p for p in preds if p.final and p.body["rev"] == 1]
+        bound = [p for p in first_finals if p.body["quality"]["closed_by"] == "bound"]
+        revised = [p for p in preds if p.body["quality"]["closed_by"] == "revision"]
+        print(f"final_within: {len(first_finals)} finals, {len(bound)} closed on the bound, "
+              f"{len(revised)} revisions")
+        assert bound and revised
+        assert worker.stop() == 0
+    finally:
+        worker.abandon()
+
+
 def test_two_workers_split_partitions_and_take_over(kafka_bootstrap: str,
                                                     tmp_path: Path) -> None:
     """Two workers in one group on 4 partitions: each stream's windows come from one

@@ -200,8 +200,8 @@ NOT_FROM_THE_COMMAND: dict[str, set[str]] = {
     # the input topics have
     "worker": {"partitions"},
     # record cuts final windows only: AlignConfig.from_settings(settings.replace(
-    # provisional_on=""))
-    "record": {"provisional_on"},
+    # provisional_on="", final_within_ms=0))
+    "record": {"provisional_on", "final_within_ms"},
 }
 
 
@@ -279,7 +279,7 @@ def test_a_command_shows_exactly_what_its_code_reads(command: str) -> None:
 
 def test_the_exceptions_are_still_in_the_code() -> None:
     assert "partitions or settings.partitions" in _source("worker/app.py", "create_app")
-    assert 'settings.replace(provisional_on="")' in _source("ml/recording.py", "record")
+    assert 'settings.replace(provisional_on="", final_within_ms=0)' in _source("ml/recording.py", "record")
 
 
 def _demo_children() -> dict[str, set[str]]:

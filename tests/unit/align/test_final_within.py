@@ -1,0 +1,135 @@
+"""final_within: a window's final waits for the slow modality (the transcript) at most
+that long past its end on the stream's time; segments that come later revise it, so the
+last revision of every window is the final an aligner without the bound emits."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from streamproc.align.aligner import AlignConfig, Aligner, ClosedBy, Window
+from streamproc.config import ConfigError, Settings
+from streamproc.testing import MS, S, chunk, frame, segment
+
+T0 = 1_800_000_000 * S  # the wall clock is event time here
+
+
+def cfg(**changes) -> AlignConfig:
+    return AlignConfig.from_settings(Settings(**changes))
+
+
+def stream(seconds: int, *, lag_ms: int = 1000, seed: int = 0, sid: str = "cam") -> list:
+    """(arrival, record): 10 fps video and 100 ms chunks arriving as they end, and 1-2 s
+    transcript segments with 0-1 s gaps, each arriving ``lag_ms`` (+- 200 ms) after it
+    ends, as a recogniser sends them (``lag_ms`` at most 2600: the first segment must come
+    within the text's idle deadline plus lateness of the stream's start)."""
+    rng = random.Random(seed)
+    events = []
+    for i, t in enumerate(range(T0, T0 + seconds * S, 100 * MS)):
+        events.append((t, frame(sid, t, i)))
+        events.append((t + 100 * MS, chunk(sid, t, i, np.full(1600, i % 50, np.int16))))
+    t, seq = T0 + 100 * MS, 0
+    while t < T0 + (seconds - 3) * S:
+        # the first one short: it comes before the stream stops waiting for a transcript
+        end = t + (1000 if seq == 0 else rng.randrange(1000, 2000)) * MS
+        arrive = end + (lag_ms + rng.randrange(-200, 200)) * MS
+        events.append((arrive, segment(sid, seq, t, end, text=f"w{seq}")))
+        t, seq = end + rng.randrange(0, 1000) * MS, seq + 1
+    return sorted(events, key=lambda e: e[0])
+
+
+def run(a: Aligner, events: list, until: int) -> list[tuple[int, Window]]:
+    """Add each record at its arrival, polling every 50 ms of clock up to ``until``."""
+    out: list[tuple[int, Window]] = []
+    now, i = events[0][0], 0
+    while now <= until:
+        while i < len(events) and events[i][0] <= now:
+            a.add(events[i][1], events[i][0])
+            i += 1
+        out += [(now, w) for w in a.poll(now)]
+        now += 50 * MS
+    return out
+
+
+def last_finals(out: list[tuple[int, Window]]) -> dict[int, Window]:
+    """Window start -> its last final (revision), and check revs only grow."""
+    by: dict[int, Window] = {}
+    for _, w in out:
+        if w.final:
+            if w.start_ns in by:
+                assert w.rev > by[w.start_ns].rev
+            by[w.start_ns] = w
+    return by
+
+
+def content(w: Window) -> tuple:
+    return ([f.seq for f in w.frames], w.audio.tobytes(), w.audio_mask.tobytes(),
+            [(s.seq, s.start_ns, s.end_ns, s.text) for s in w.segments], w.present)
+
+
+@pytest.mark.parametrize("lag_ms", [500, 1000, 2000])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_every_final_is_due_within_the_bound_and_its_last_revision_is_the_unbounded_final(
+        lag_ms: int, seed: int) -> None:
+    events = stream(40, lag_ms=lag_ms, seed=seed)
+    until = T0 + 60 * S
+    plain_out = run(Aligner(cfg()), events, until)
+    plain = last_finals(plain_out)
+    out = run(Aligner(cfg(final_within_ms=1500)), events, until)
+    bounded = last_finals(out)
+    assert plain.keys() == bounded.keys() and len(plain) > 60
+    # every window's last revision holds exactly what the final that waited had
+    for k, w in plain.items():
+        assert content(bounded[k]) == content(w), k
+    # while media flowed, each window's first final came within the bound (plus the fast
+    # modalities' 100 ms lateness and one poll) of its end; finals that waited for the text
+    # watermark plus its 3 s lateness came later
+    bounded_delay, plain_delay = first_final_delays(out), first_final_delays(plain_out)
+    assert max(bounded_delay) <= 1500 * MS + 100 * MS + 50 * MS
+    assert sum(d > 3 * S for d in plain_delay) > len(plain_delay) // 2
+
+
+def first_final_delays(out: list[tuple[int, Window]]) -> list[int]:
+    """Window end -> its first final, for windows ending 2 s or more before the media."""
+    first: dict[int, int] = {}
+    for now, w in out:
+        if w.final and w.start_ns not in first:
+            first[w.start_ns] = now
+    return [at - (k + S) for k, at in first.items() if k + 3 * S <= T0 + 40 * S]
+
+
+def test_a_final_closed_by_the_bound_says_so_and_one_that_waited_for_the_text_does_not(
+        ) -> None:
+    events = stream(20, lag_ms=2500, seed=4)
+    out = run(Aligner(cfg(final_within_ms=1000)), events, T0 + 40 * S)
+    whys = {w.quality["closed_by"] for _, w in out if w.final and w.rev == 1}
+    assert ClosedBy.BOUND in whys
+    revised = [w for _, w in out if w.final and w.rev > 1]
+    assert revised and all(w.quality["closed_by"] == ClosedBy.REVISION for w in revised)
+    # a transcript that arrives before the bound (and is never silent): its watermark
+    quick = stream(20, lag_ms=200, seed=4)
+    out = run(Aligner(cfg(final_within_ms=10_000, idle_deadline_text_ms=5000)), quick,
+              T0 + 40 * S)
+    whys = [w.quality["closed_by"] for _, w in out
+            if w.final and T0 + 2 * S <= w.start_ns < T0 + 12 * S]
+    assert whys and set(whys) == {ClosedBy.WATERMARK}
+
+
+def test_a_silent_transcript_is_a_deadline_not_the_bound() -> None:
+    media_only = [e for e in stream(20, seed=5) if e[1].modality != "text"]
+    text = segment("cam", 0, T0 + 100 * MS, T0 + 900 * MS)
+    out = run(Aligner(cfg(final_within_ms=5000)), [(T0 + S, text), *media_only], T0 + 30 * S)
+    whys = [w.quality["closed_by"] for _, w in out if w.final and w.start_ns >= T0 + 3 * S]
+    assert whys and set(whys) == {ClosedBy.DEADLINE}
+
+
+def test_the_bound_needs_a_provisional_modality_and_a_slower_one() -> None:
+    for bad in ({"provisional_on": "none"},
+                {"provisional_on": "video,audio", "expected_modalities": "video,audio"}):
+        with pytest.raises(ConfigError, match="final_within_ms"):
+            Settings(final_within_ms=2000, **bad)
+    with pytest.raises(ConfigError, match="final_within_ns"):
+        AlignConfig(window_ns=S, hop_ns=S // 2, lateness_ns={}, idle_ns={},
+                    final_within_ns=S)
