@@ -274,5 +274,7 @@ class InferenceOutput:
                         m.counters.inc("label_flips")
                 if reused:
                     m.counters.inc("predictions_reused")
+            for modality in scored.reused:
+                m.counters.inc("encodings_reused", modality=modality)
         log.debug("window %s@%d -> %s (publish %.1f ms)", window.stream_id, window.start_ns,
                   scored.label, publish_ms)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streamproc.align.aligner import AlignConfig, Window
 from streamproc.config import MODALITIES
 from streamproc.wire.codec import VideoFrame
+
+if TYPE_CHECKING:  # torch comes with it: loaded only when a model is served
+    from streamproc.models.memo import EncodingMemo
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,8 @@ class Scored:
     model_ms: float  # the batch's forward pass
     #: name, version (and checkpoint digest) of the model that scored it; None: unknown
     model: Mapping[str, str] | None = None
+    #: modalities whose encoder output it took from its provisional window (unchanged input)
+    reused: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class Predictor:
         import torch
 
         from streamproc.models import resolve_device
+        from streamproc.models.memo import EncodingMemo
         from streamproc.models.preprocess import decode_early
 
         self.spec = spec
@@ -82,6 +88,8 @@ class Predictor:
         self.threads = torch.get_num_threads()
         self._served = load_served(spec, self.device)
         self._decode_early = decode_early
+        # touched by the model thread only (every batch runs there)
+        self._memo = EncodingMemo()
 
     # what is served now; each read is one reference, so it is never half of two models
     @property
@@ -135,20 +143,24 @@ class Predictor:
         self._decode_early(frame, self.preprocess)
 
     def __call__(self, windows: Sequence[Window]) -> list[Scored]:
-        return self._score(self._served, windows)
+        return self._score(self._served, windows, self._memo)
 
     @staticmethod
-    def _score(served: Served, windows: Sequence[Window]) -> list[Scored]:
+    def _score(served: Served, windows: Sequence[Window],
+               memo: EncodingMemo | None = None) -> list[Scored]:
         from streamproc.models import predict_proba
 
         timings: dict[str, float] = {}
-        probs = predict_proba(served.model, windows, timings)
+        if memo is not None:
+            memo.reused = []
+        probs = predict_proba(served.model, windows, timings, memo)
         pre_ms, model_ms = timings["preprocess_ms"], timings["model_ms"]
         labels = served.labels
+        reused = memo.reused if memo is not None and memo.reused else [()] * len(windows)
         out = []
-        for row in probs.tolist():
+        for row, same in zip(probs.tolist(), reused, strict=True):
             best = max(range(len(row)), key=row.__getitem__)
             out.append(Scored(labels[best],
                               {lab: round(p, 6) for lab, p in zip(labels, row, strict=True)},
-                              pre_ms, model_ms, served.info))
+                              pre_ms, model_ms, served.info, same))
         return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -26,18 +26,21 @@ from streamproc.config import MODALITIES
 from streamproc.errors import UserError
 from streamproc.models.encoders import (
     DEFAULT_ENCODERS,
+    Encoded,
     EncoderConfig,
     FrozenEncoder,
     build_encoder,
     encoder_preprocess,
 )
 from streamproc.models.fusion import FUSIONS, build_fusion, count_parameters
+from streamproc.models.memo import EncodingMemo
 from streamproc.models.preprocess import Preprocess, WindowBatch, make_batch
 from streamproc.plugins import import_factory
 
 __all__ = [
     "FUSIONS",
     "MODELS",
+    "EncodingMemo",
     "ModelConfig",
     "MultimodalModel",
     "cache_frozen_features",
@@ -144,9 +147,27 @@ class MultimodalModel(nn.Module):
         return self.config.modalities
 
     def forward(self, batch: WindowBatch) -> torch.Tensor:
-        present = batch.present[:, self._index]
-        encoded = {m: enc(batch) for m, enc in self.encoders.items()}
-        return self.fusion(encoded, present)
+        return self.fuse(batch, self.encode(batch))
+
+    def encode(self, batch: WindowBatch,
+               reuse: Mapping[str, Mapping[int, Encoded]] | None = None) -> dict[str, Encoded]:
+        """Every encoder's output for ``batch``; ``reuse[m][i]``: row i's output of encoder
+        m computed before (one row each), so that encoder runs only on the other rows."""
+        out = {}
+        for m, enc in self.encoders.items():
+            have = (reuse or {}).get(m) or {}
+            if not have:
+                out[m] = enc(batch)
+                continue
+            rest = [i for i in range(len(batch)) if i not in have]
+            new = iter(zip(*enc(batch.select(rest)), strict=True)) if rest else iter(())
+            rows = [have[i] if i in have else Encoded(*next(new)) for i in range(len(batch))]
+            out[m] = Encoded(*(torch.stack(part) for part in zip(*rows, strict=True)))
+        return out
+
+    def fuse(self, batch: WindowBatch, encoded: Mapping[str, Encoded]) -> torch.Tensor:
+        """Logits from the encoders' outputs (:meth:`encode`)."""
+        return self.fusion(encoded, batch.present[:, self._index])
 
     # --- conveniences ------------------------------------------------------------------
     @property
@@ -168,19 +189,28 @@ def model_device(model: Any) -> torch.device:
 
 @torch.inference_mode()
 def predict_proba(model: Any, windows: Sequence[Any],
-                  timings: dict[str, float] | None = None) -> torch.Tensor:
+                  timings: dict[str, float] | None = None,
+                  encodings: EncodingMemo | None = None) -> torch.Tensor:
     """Any protocol model: windows -> preprocessing -> logits -> probabilities on CPU.
 
     What the inference stage runs per micro-batch; the model's own ``preprocess`` decides
     the tensors, so serving matches training. ``timings`` (if given) receives
-    ``preprocess_ms`` and ``model_ms``.
+    ``preprocess_ms`` and ``model_ms``. ``encodings``: a :class:`MultimodalModel`'s
+    encoder outputs of provisional windows are kept there, and a later window of the same
+    stream and start whose input of a modality is the same takes that one's instead of
+    running the encoder again (other models: ignored).
     """
     if hasattr(model, "eval"):
         model.eval()
     t0 = time.perf_counter()
     batch = make_batch(windows, model.preprocess).to(model_device(model))
     t1 = time.perf_counter()
-    logits = model(batch)
+    if encodings is not None and isinstance(model, MultimodalModel):
+        encoded = model.encode(batch, encodings.reusable(model, windows))
+        encodings.keep(model, windows, encoded)
+        logits = model.fuse(batch, encoded)
+    else:
+        logits = model(batch)
     if logits.shape != (len(windows), len(model.labels)):
         raise UserError(f"model {getattr(model, 'name', '?')!r} returned logits of shape "
                         f"{tuple(logits.shape)}, expected ({len(windows)}, {len(model.labels)})")

@@ -39,7 +39,9 @@ class Counters:
     partition); windows_emitted, windows_published, windows_masked
     (label modality), windows_provisional, windows_revised (revised finals),
     revisions_too_late (transcript segments late even for a revision),
-    label_flips, predictions_reused, internal_errors, inference_errors; model_reloads
+    label_flips, predictions_reused, encodings_reused (label modality: a final that took
+    that encoder's output from its provisional), internal_errors, inference_errors;
+    model_reloads
     (label result: ok, refused, unchanged); ignored (label reason: records of a rebalance
     that Kafka delivers again, see acks.OffsetGate); acks_refused (acks faust tried on its
     own, see patches.guard_consumer).

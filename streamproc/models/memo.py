@@ -1,0 +1,80 @@
+"""Encoder outputs of provisional windows, kept for their finals.
+
+A window's final usually differs from its provisional only in the transcript: the same
+frames and the same audio, with more text. Its video and audio encoders would compute
+again exactly what they computed for the provisional, so the provisional's rows are kept
+here (per stream and window start) and the final takes every modality whose input is
+unchanged, running only the encoders whose input did change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+from streamproc.models.encoders import Encoded
+
+#: Provisional windows whose encodings are kept at most (the oldest go first): a final
+#: comes seconds after its provisional (a few dozen windows per stream), and a final whose
+#: provisional was evicted just runs every encoder.
+MEMO_WINDOWS = 1024
+
+
+def signature(window: Any, modality: str) -> Hashable:
+    """What a window gives one modality's encoder, as a value equal exactly when the
+    encoder's input is (the same records, cut the same way)."""
+    present = bool(window.present.get(modality))
+    if modality == "video":
+        return present, tuple((f.seq, f.ts_ns) for f in window.frames)
+    if modality == "audio":
+        digest = hashlib.blake2b(window.audio.tobytes(), digest_size=16)
+        digest.update(window.audio_mask.tobytes())
+        return present, window.sample_rate, digest.digest()
+    return present, tuple((s.seq, s.start_ns, s.end_ns, s.text) for s in window.segments)
+
+
+class EncodingMemo:
+    """Per-row encoder outputs of provisional windows of one model, for their finals."""
+
+    def __init__(self, capacity: int = MEMO_WINDOWS) -> None:
+        self.capacity = capacity
+        self._model: Any = None
+        # (stream, window start) -> modality -> (signature, that window's row of it)
+        self._rows: OrderedDict[tuple[str, int], dict[str, tuple[Hashable, Encoded]]] = \
+            OrderedDict()
+        #: per window of the last batch: the modalities whose encoding it reused
+        self.reused: list[tuple[str, ...]] = []
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def reusable(self, model: Any, windows: Sequence[Any]) -> dict[str, dict[int, Encoded]]:
+        """For each modality, the rows of ``windows`` (final ones) whose input is what the
+        kept provisional of the same window had: row index -> its encoding."""
+        if model is not self._model:  # another model: nothing kept is its own
+            self._rows.clear()
+            self._model = model
+        out: dict[str, dict[int, Encoded]] = {}
+        self.reused = []
+        for i, w in enumerate(windows):
+            kept = self._rows.pop((w.stream_id, w.start_ns), None) if w.final else None
+            same = tuple(m for m, (sig, _) in (kept or {}).items() if sig == signature(w, m))
+            for m in same:
+                out.setdefault(m, {})[i] = kept[m][1]  # type: ignore[index]
+            self.reused.append(same)
+        return out
+
+    def keep(self, model: Any, windows: Sequence[Any], encoded: Mapping[str, Encoded]) -> None:
+        """Keep the rows of the provisional windows among ``windows``."""
+        rows = self._rows
+        for i, w in enumerate(windows):
+            if w.final:
+                continue
+            rows[(w.stream_id, w.start_ns)] = {
+                m: (signature(w, m), Encoded(*(part[i].clone() for part in enc)))
+                for m, enc in encoded.items()}
+            rows.move_to_end((w.stream_id, w.start_ns))
+        while len(rows) > self.capacity:
+            rows.popitem(last=False)

@@ -1,0 +1,88 @@
+"""A final scored after its provisional takes the provisional's encoder output for every
+modality whose input is unchanged, runs only the other encoders, and scores as a model
+computing everything again would."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from model_helpers import LABELS, windows
+
+from streamproc.models import FUSION_MODELS, create_model, predict_proba
+from streamproc.models.memo import EncodingMemo
+from streamproc.wire.codec import TranscriptSegment
+
+
+def _rows_seen(model) -> dict[str, list[int]]:
+    """Encoder name -> the batch sizes it ran on (forward hooks)."""
+    seen: dict[str, list[int]] = {m: [] for m in model.encoders}
+    for m, enc in model.encoders.items():
+        enc.register_forward_hook(lambda mod, args, out, m=m: seen[m].append(len(args[0])))
+    return seen
+
+
+def _finals(prov: list) -> list:
+    """The provisional windows as finals: windows 0, 2, 4 got one more segment, window 1
+    one frame less, window 3 other audio, window 5 nothing new."""
+    out = []
+    for i, w in enumerate(prov):
+        f = dataclasses.replace(w, final=True, rev=1)
+        if i in (0, 2, 4):
+            f = dataclasses.replace(f, segments=[*w.segments,
+                                                 TranscriptSegment("s", 100 + i, "and more", 0, 9)])
+        elif i == 1:
+            f = dataclasses.replace(f, frames=w.frames[:-1], frame_count=len(w.frames) - 1)
+        elif i == 3:
+            f = dataclasses.replace(f, audio=(w.audio * 0.5).astype(np.float32))
+        out.append(f)
+    return out
+
+
+@pytest.mark.parametrize("arch", FUSION_MODELS)
+def test_a_final_runs_only_the_encoders_whose_input_changed_and_scores_the_same(
+        arch: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(arch, LABELS).eval()
+    prov = [dataclasses.replace(w, final=False) for w in windows(6, seed=3)]
+    finals = _finals(prov)
+    want = predict_proba(model, finals)
+    memo = EncodingMemo()
+    predict_proba(model, prov, encodings=memo)
+    assert len(memo) == 6
+    seen = _rows_seen(model)
+    got = predict_proba(model, finals, encodings=memo)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert memo.reused == [("video", "audio"), ("audio", "text"), ("video", "audio"),
+                           ("video", "text"), ("video", "audio"),
+                           ("video", "audio", "text")]
+    # each encoder ran once, on the rows whose input changed only
+    assert seen == {"video": [1], "audio": [1], "text": [3]}
+    assert len(memo) == 0  # a final takes its provisional's rows out
+
+
+def test_nothing_is_reused_across_models_streams_or_without_a_provisional() -> None:
+    torch.manual_seed(0)
+    model, other = create_model("lmf", LABELS).eval(), create_model("lmf", LABELS).eval()
+    prov = [dataclasses.replace(w, final=False) for w in windows(3, seed=4)]
+    memo = EncodingMemo()
+    predict_proba(model, prov, encodings=memo)
+    # the same windows of another stream, and finals of windows never provisional
+    strangers = [dataclasses.replace(w, stream_id="t", final=True) for w in prov]
+    predict_proba(model, strangers, encodings=memo)
+    assert memo.reused == [(), (), ()] and len(memo) == 3
+    # another model: what the first one computed is dropped, not used
+    predict_proba(other, [dataclasses.replace(w, final=True) for w in prov], encodings=memo)
+    assert memo.reused == [(), (), ()] and len(memo) == 0
+
+
+def test_the_memo_keeps_at_most_its_capacity() -> None:
+    model = create_model("early", LABELS).eval()
+    memo = EncodingMemo(capacity=4)
+    prov = [dataclasses.replace(w, final=False) for w in windows(6, seed=5)]
+    predict_proba(model, prov, encodings=memo)
+    assert len(memo) == 4
+    predict_proba(model, [dataclasses.replace(w, final=True) for w in prov], encodings=memo)
+    assert [bool(r) for r in memo.reused] == [False, False, True, True, True, True]
