@@ -93,9 +93,10 @@ class Settings:
         "predictions only.")
     final_within_ms: int = _opt(
         0, "A window's final prediction waits for the modalities not in provisional_on (the "
-        "transcript) at most this long (ms) after the window's end, on the stream's own "
-        "time (its provisional_on modalities' watermarks); segments that come later revise "
-        "it (within revision_horizon_ms). 0: it waits for their watermark plus lateness.")
+        "transcript) at most this long (ms) after its provisional one went out, counting "
+        "only time in which the worker is caught up with its input; segments that come "
+        "later revise it (within revision_horizon_ms). 0: it waits for their watermark "
+        "plus lateness.")
     revision_horizon_ms: int = _opt(
         10_000, "A transcript segment that arrives after its window's final prediction, "
         "for a window that ended at most this long (ms of event time) before the newest "
@@ -302,7 +303,8 @@ class Settings:
         if self.final_within_ms and not (fast_expected and fast_expected != set(self.modalities)):
             raise ConfigError(
                 f"invalid setting final_within_ms={self.final_within_ms}: it bounds how long "
-                "a final waits for the modalities not in provisional_on, and provisional_on="
+                "a final waits after its provisional for the modalities not in "
+                "provisional_on, and provisional_on="
                 f"{self.provisional_on!r} with expected_modalities={self.expected_modalities!r} "
                 "leaves none (or no provisional modality); set provisional_on, or 0")
 

@@ -229,9 +229,9 @@ class AlignConfig:
     # this long before the stream's oldest open window (a multiple of hop_ns once built;
     # 0, or text not expected: no revisions).
     revision_ns: int = 0
-    # A final window waits for the modalities not in ``provisional`` at most this long past
-    # its end on the stream's time (the least of the provisional modalities' watermarks);
-    # what comes later revises it (0: it waits for every watermark plus its lateness).
+    # A final window waits for the modalities not in ``provisional`` at most this long after
+    # its provisional window went out (on poll()'s clock); what comes later revises it (0:
+    # it waits for every watermark plus its lateness).
     final_within_ns: int = 0
 
     def __post_init__(self) -> None:
@@ -267,8 +267,8 @@ class AlignConfig:
             (self.revision_ns >= 0, "revision_ns must not be negative"),
             (self.final_within_ns >= 0, "final_within_ns must not be negative"),
             (not self.final_within_ns or bool(self.provisional),
-             "final_within_ns needs provisional modalities (the stream's time is theirs), "
-             "and at least one expected modality outside them"),
+             "final_within_ns needs provisional modalities (it counts from their "
+             "provisional window), and at least one expected modality outside them"),
         ]
         for ok, rule in rules:
             if not ok:
@@ -425,6 +425,7 @@ class _Stream:
         "late_pending",
         "late_run",
         "marked",
+        "provisional_at",
         "provisional_before",
         "published_before",
         "restore",
@@ -464,6 +465,9 @@ class _Stream:
         self.fast_blocker: Modality | None = None  # the same for the provisional limit
         # every window with start < this had its provisional emitted, or needs none
         self.provisional_before = resume_before
+        # with final_within: (poll clock, window start) of each provisional emitted, oldest
+        # first, until its final is due
+        self.provisional_at: deque[tuple[int, int]] = deque()
         self.frames_per_window: int | None = None  # frames in its last final window
         self.kept: dict[int, _Kept] = {}  # closed final windows still revisable
         self.revise: set[int] = set()  # kept windows with segments pending
@@ -542,9 +546,6 @@ class Aligner:
         self._gone: list[str] = []  # expired since the last take_expired()
         self._expected = cfg.expected
         self._within = cfg.final_within_ns
-        # the fast modalities first: with final_within their watermarks are the stream's
-        # time, which bounds how long a final waits for the others
-        self._order = tuple(sorted(cfg.expected, key=lambda m: m not in cfg.provisional))
         # read when a stream opens (also again after it expired), so a map the caller
         # keeps current (the worker's published progress) is used as it is, not copied
         self._resume = resume if resume is not None else {}
@@ -1125,16 +1126,21 @@ class Aligner:
         blocker = fast_blocker = None  # whose next record can move it (None: the clock)
         blocked = fast_blocked = False
         due: float = _INF  # when to look again without a record
-        # with final_within: the stream's time (the least of its fast modalities' watermarks),
-        # and whose next record moves it; a slower modality holds the final at most that far
-        # behind it (the fast ones come first in self._order)
-        within = self._within
-        now_wm: float | None = _INF if within else None
-        now_by: Modality | None = None
-        for m in self._order:
+        # with final_within: the windows whose final is due (their provisional went out
+        # final_within ago on poll()'s clock), as a limit for the slower modalities
+        bound: float = -_INF
+        if st.provisional_at:
+            pending, within, cb = st.provisional_at, self._within, st.closed_before
+            while pending and (pending[0][0] + within <= now_ns
+                               or (cb is not None and pending[0][1] < cb)):
+                at, k = pending.popleft()
+                if at + within <= now_ns:
+                    bound = k + self._w
+            if pending:
+                due = min(due, pending[0][0] + within)
+        for m in self._expected:
             seen = last_seen.get(m)
-            slow_bound = (now_wm - within if now_wm is not None and now_wm != _INF
-                          and m not in fast else None)
+            bounded = bound > -_INF and m not in fast
             by: Modality | None
             if seen is None:
                 # never sent: waited for until its deadline plus its lateness from the
@@ -1145,13 +1151,11 @@ class Aligner:
                 if now_ns >= wait:
                     continue
                 due = min(due, wait)
-                if slow_bound is None:
+                if not bounded:
                     blocked = True
                     fast_blocked |= m in fast
-                    if m in fast:
-                        now_wm = None  # the stream's time is not known yet
                     continue
-                lim, by = slow_bound, now_by
+                lim, by = bound, None
             else:
                 silent = now_ns - seen - idle[m]
                 if silent > 0:
@@ -1162,12 +1166,8 @@ class Aligner:
                 else:
                     lim, by = wms[m] - late[m], m
                     due = min(due, seen + idle[m])
-                if slow_bound is not None and slow_bound > lim:
-                    lim, by = slow_bound, now_by  # the final is due: it waits no longer
-                elif now_wm is not None and m in fast:
-                    x = lim + late[m]
-                    if x < now_wm:
-                        now_wm, now_by = x, by
+                if bounded and bound > lim:
+                    lim, by = bound, None  # its final is due: it waits no longer
             if lim < limit:
                 limit, blocker = lim, by
             if m in fast and lim < fast_limit:
@@ -1207,6 +1207,8 @@ class Aligner:
                         continue
                     b.provisional = b.version
                     out.append(self._build(st, k, b, self._closed_by(st, k, fast), False))
+                    if self._within:
+                        st.provisional_at.append((now_ns, k))
                 st.provisional_before = k_fast + h
             if fast_blocker is None:
                 due = min(due, now_ns + int(k_fast + h + w - fast_limit))

@@ -198,14 +198,15 @@ def predict_proba(model: Any, windows: Sequence[Any],
     ``preprocess_ms`` and ``model_ms``. ``encodings``: a :class:`MultimodalModel`'s
     encoder outputs of provisional windows are kept there, and a later window of the same
     stream and start whose input of a modality is the same takes that one's instead of
-    running the encoder again (other models: ignored).
+    running the encoder again (other models, and subclasses with a forward of their own:
+    called whole).
     """
     if hasattr(model, "eval"):
         model.eval()
     t0 = time.perf_counter()
     batch = make_batch(windows, model.preprocess).to(model_device(model))
     t1 = time.perf_counter()
-    if encodings is not None and isinstance(model, MultimodalModel):
+    if encodings is not None and _plain_multimodal(model):
         encoded = model.encode(batch, encodings.reusable(model, windows))
         encodings.keep(model, windows, encoded)
         logits = model.fuse(batch, encoded)
@@ -219,6 +220,14 @@ def predict_proba(model: Any, windows: Sequence[Any],
         timings["preprocess_ms"] = (t1 - t0) * 1000
         timings["model_ms"] = (time.perf_counter() - t1) * 1000
     return probs
+
+
+def _plain_multimodal(model: Any) -> bool:
+    """A MultimodalModel whose call is encode + fuse: not a subclass with a forward of its
+    own, and no hooks on the call (those would be skipped)."""
+    return (isinstance(model, MultimodalModel)
+            and type(model).forward is MultimodalModel.forward
+            and not (model._forward_hooks or model._forward_pre_hooks))
 
 
 def cache_frozen_features(model: Any, batch: WindowBatch,

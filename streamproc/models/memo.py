@@ -32,7 +32,8 @@ def signature(window: Any, modality: str) -> Hashable:
         digest = hashlib.blake2b(window.audio.tobytes(), digest_size=16)
         digest.update(window.audio_mask.tobytes())
         return present, window.sample_rate, digest.digest()
-    return present, tuple((s.seq, s.start_ns, s.end_ns, s.text) for s in window.segments)
+    return present, tuple((s.seq, s.start_ns, s.end_ns, s.final, s.text)
+                          for s in window.segments)
 
 
 class EncodingMemo:

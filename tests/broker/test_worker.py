@@ -356,27 +356,33 @@ def test_late_transcripts_revise_finals_across_a_kill_9(kafka_bootstrap: str,
 def test_final_within_publishes_finals_before_a_lagging_transcript_and_revises_them(
         kafka_bootstrap: str, tmp_path: Path) -> None:
     """With final_within_ms a final waits for the transcript at most that long after its
-    window's end (on the stream's time); a recogniser lagging more than that sends its
-    segments after the finals of their first windows, which they then revise. Asserted:
-    every window's newest final is the oracle's window of every record; no (stream,
-    window, rev) comes with two different contents; finals closed on the bound exist,
-    and so do revisions."""
-    bound_ms = 400
-    settings = worker_settings(kafka_bootstrap, tmp_path).replace(final_within_ms=bound_ms)
+    provisional; a recogniser lagging more than that sends its segments after the finals
+    of their first windows, which they then revise. The worker is killed with kill -9
+    half way and restarted at once. Asserted: every window's newest final is the
+    oracle's window of every record; no (stream, window, rev) comes with two different
+    contents; finals closed on the bound exist, and so do revisions."""
+    settings = worker_settings(kafka_bootstrap, tmp_path).replace(final_within_ms=200)
     create_topics(settings)
     streams = keys_on_partitions("b", 4)[:2]
-    worker = WorkerProc(settings, tmp_path / "worker.log")
+    first = WorkerProc(settings, tmp_path / "first.log")
+    workers = [first]
     try:
-        worker.wait_for(r"Worker ready")
+        first.wait_for(r"Worker ready")
         t0 = start_time()
         rng = np.random.default_rng(5)
         plan = []
         for sid in streams:
-            for p in stream_plan(sid, t0, 4.0, rng):
-                if p.modality == "text":  # sent 500 ms after it ends: past the bound
-                    p.send_at_ns = p.media.end_ns + 500 * MS  # type: ignore[union-attr]
+            for p in stream_plan(sid, t0, 6.0, rng):
+                if p.modality == "text":  # sent 700 ms after it ends: past the bound
+                    p.send_at_ns = p.media.end_ns + 700 * MS  # type: ignore[union-attr]
                 plan.append(p)
-        produce(settings, plan)
+
+        def at(send_at: int) -> None:
+            if send_at >= t0 + 3000 * MS and len(workers) == 1:
+                first.kill()
+                workers.append(WorkerProc(settings, tmp_path / "second.log"))
+
+        produce(settings, plan, at)
         want = {k: expected_content(w) for k, w in oracle(settings, plan).items()}
 
         def newest(preds: list[Pred]) -> dict[tuple[str, int], Pred]:
@@ -407,9 +413,10 @@ def test_final_within_publishes_finals_before_a_lagging_transcript_and_revises_t
         print(f"final_within: {len(first_finals)} finals, {len(bound)} closed on the bound, "
               f"{len(revised)} revisions")
         assert bound and revised
-        assert worker.stop() == 0
+        assert workers[1].stop() == 0
     finally:
-        worker.abandon()
+        for w in workers:
+            w.abandon()
 
 
 def test_two_workers_split_partitions_and_take_over(kafka_bootstrap: str,

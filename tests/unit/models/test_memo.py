@@ -86,3 +86,16 @@ def test_the_memo_keeps_at_most_its_capacity() -> None:
     assert len(memo) == 4
     predict_proba(model, [dataclasses.replace(w, final=True) for w in prov], encodings=memo)
     assert [bool(r) for r in memo.reused] == [False, False, True, True, True, True]
+
+
+def test_a_subclass_with_its_own_forward_is_called_whole() -> None:
+    class Doubled(type(create_model("early", LABELS))):  # type: ignore[misc]
+        def forward(self, batch):
+            return 2 * super().forward(batch)
+
+    model = Doubled(create_model("early", LABELS).config).eval()
+    memo = EncodingMemo()
+    prov = [dataclasses.replace(w, final=False) for w in windows(2, seed=6)]
+    got = predict_proba(model, prov, encodings=memo)
+    assert len(memo) == 0
+    assert torch.allclose(got, predict_proba(model, prov))
