@@ -48,6 +48,7 @@ from worker_helpers import (
 )
 
 from streamproc.align.aligner import AlignConfig, Window
+from streamproc.config import Settings
 from streamproc.dev.localkafka import free_port
 from streamproc.testing import MS, S, segment
 from streamproc.topics import create_topics
@@ -269,6 +270,37 @@ def test_kill_9_and_restart_publishes_every_window(kafka_bootstrap: str, tmp_pat
             w.abandon()
 
 
+def read_revised(settings: Settings, want: dict[tuple[str, int], str]
+                 ) -> tuple[list[Pred], dict[tuple[str, int], Pred]]:
+    """Predictions until every window's newest final has ``want``'s content (or a minute),
+    and those newest finals. Asserted: no (stream, window, rev) came with two contents,
+    and the newest final of every window is ``want``'s."""
+
+    def newest(preds: list[Pred]) -> dict[tuple[str, int], Pred]:
+        out: dict[tuple[str, int], Pred] = {}
+        for p in preds:
+            if p.final and (p.key not in out or p.body["rev"] > out[p.key].body["rev"]):
+                out[p.key] = p
+        return out
+
+    def done(msgs: list) -> bool:
+        last = newest([pred_of(m) for m in msgs])
+        return all(k in last and last[k].content() == c for k, c in want.items())
+
+    preds = [pred_of(m) for m in read_all(settings, settings.topic("predictions"), done,
+                                          timeout=60)]
+    contents: dict[tuple[str, int, int], set[str]] = defaultdict(set)
+    for p in preds:
+        contents[p.revision_key].add(p.content())
+    assert all(len(c) == 1 for c in contents.values()), \
+        [k for k, c in contents.items() if len(c) > 1]
+    last = newest(preds)
+    assert set(last) == set(want)
+    for key, p in last.items():
+        assert p.content() == want[key], (key, p.body["quality"])
+    return preds, last
+
+
 def test_late_transcripts_revise_finals_across_a_kill_9(kafka_bootstrap: str,
                                                          tmp_path: Path) -> None:
     """Transcript segments sent seconds after the finals of their first windows (past the
@@ -310,30 +342,8 @@ def test_late_transcripts_revise_finals_across_a_kill_9(kafka_bootstrap: str,
         produce(settings, plan, at)
         expected = oracle(settings, plan)
         want = {k: expected_content(w) for k, w in expected.items() if k[0] in streams}
-
-        def newest(preds: list[Pred]) -> dict[tuple[str, int], Pred]:
-            out: dict[tuple[str, int], Pred] = {}
-            for p in preds:
-                if p.final and (p.key not in out or p.body["rev"] > out[p.key].body["rev"]):
-                    out[p.key] = p
-            return out
-
-        def done(msgs: list) -> bool:
-            last = newest([pred_of(m) for m in msgs])
-            return all(k in last and last[k].content() == c for k, c in want.items())
-
-        preds = [pred_of(m) for m in read_all(settings, settings.topic("predictions"), done,
-                                              timeout=60)]
+        preds, last = read_revised(settings, want)
         second = workers[1]
-        contents: dict[tuple[str, int, int], set[str]] = defaultdict(set)
-        for p in preds:
-            contents[p.revision_key].add(p.content())
-        assert all(len(c) == 1 for c in contents.values()), \
-            [k for k, c in contents.items() if len(c) > 1]
-        last = newest(preds)
-        assert set(last) == set(want)
-        for key, p in last.items():
-            assert p.content() == want[key], (key, p.body["quality"])
         revised = {k for k, p in last.items() if p.body["rev"] == 2}
         for windows in touched:
             assert windows[0] in revised
@@ -384,29 +394,7 @@ def test_final_within_publishes_finals_before_a_lagging_transcript_and_revises_t
 
         produce(settings, plan, at)
         want = {k: expected_content(w) for k, w in oracle(settings, plan).items()}
-
-        def newest(preds: list[Pred]) -> dict[tuple[str, int], Pred]:
-            out: dict[tuple[str, int], Pred] = {}
-            for p in preds:
-                if p.final and (p.key not in out or p.body["rev"] > out[p.key].body["rev"]):
-                    out[p.key] = p
-            return out
-
-        def done(msgs: list) -> bool:
-            last = newest([pred_of(m) for m in msgs])
-            return all(k in last and last[k].content() == c for k, c in want.items())
-
-        preds = [pred_of(m) for m in read_all(settings, settings.topic("predictions"), done,
-                                              timeout=60)]
-        contents: dict[tuple[str, int, int], set[str]] = defaultdict(set)
-        for p in preds:
-            contents[p.revision_key].add(p.content())
-        assert all(len(c) == 1 for c in contents.values()), \
-            [k for k, c in contents.items() if len(c) > 1]
-        last = newest(preds)
-        assert set(last) == set(want)
-        for key, p in last.items():
-            assert p.content() == want[key], (key, p.body["quality"])
+        preds, _ = read_revised(settings, want)
         first_finals = [p for p in preds if p.final and p.body["rev"] == 1]
         bound = [p for p in first_finals if p.body["quality"]["closed_by"] == "bound"]
         revised = [p for p in preds if p.body["quality"]["closed_by"] == "revision"]

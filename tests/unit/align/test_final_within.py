@@ -42,15 +42,17 @@ def stream(seconds: int, *, lag_ms: int = 1000, seed: int = 0, sid: str = "cam")
     return sorted(events, key=lambda e: e[0])
 
 
-def run(a: Aligner, events: list, until: int) -> list[tuple[int, Window]]:
-    """Add each record at its arrival, polling every 50 ms of clock up to ``until``."""
+def run(a: Aligner, events: list, until: int,
+        provisional: bool = True) -> list[tuple[int, Window]]:
+    """Add each record at its arrival, polling every 50 ms of clock up to ``until``
+    (``provisional`` False: as a restarted worker replaying its backlog)."""
     out: list[tuple[int, Window]] = []
     now, i = events[0][0], 0
     while now <= until:
         while i < len(events) and events[i][0] <= now:
             a.add(events[i][1], events[i][0])
             i += 1
-        out += [(now, w) for w in a.poll(now)]
+        out += [(now, w) for w in a.poll(now, provisional)]
         now += 50 * MS
     return out
 
@@ -111,14 +113,7 @@ def test_no_bound_while_the_clock_stands_still_or_a_replay_has_no_provisionals()
     plain = {k: content(w) for k, w in last_finals(run(Aligner(cfg()), events, until)).items()}
     # a restarted worker replaying its backlog polls without provisional windows
     a = Aligner(cfg(final_within_ms=500))
-    out: list[tuple[int, Window]] = []
-    now, i = events[0][0], 0
-    while now <= until:
-        while i < len(events) and events[i][0] <= now:
-            a.add(events[i][1], events[i][0])
-            i += 1
-        out += [(now, w) for w in a.poll(now, provisional=False)]
-        now += 50 * MS
+    out = run(a, events, until, provisional=False)
     assert {w.quality["closed_by"] for _, w in out} <= {ClosedBy.WATERMARK, ClosedBy.DEADLINE}
     assert {k: content(w) for k, w in last_finals(out).items()} == plain
     assert a.stats["revisions"] == 0
