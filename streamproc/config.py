@@ -93,8 +93,8 @@ class Settings:
         "predictions only.")
     final_within_ms: int = _opt(
         0, "A window's final prediction waits for the modalities not in provisional_on (the "
-        "transcript) at most this long (ms) after its provisional one went out, counting "
-        "only time in which the worker is caught up with its input; segments that come "
+        "transcript) at most this long (ms) after its provisional one went out (time in "
+        "which the worker is behind its input counts at most 250 ms); segments that come "
         "later revise it (within revision_horizon_ms). 0: it waits for their watermark "
         "plus lateness.")
     revision_horizon_ms: int = _opt(

@@ -107,6 +107,11 @@ MAX_RESAMPLE_TERM = 2000
 # forgotten first), so a late record of an expired stream is reported late.
 EXPIRED_STREAMS_KEPT = 100_000
 
+# final_within counts on the poll clock, in steps of at most this: the worker polls every
+# 100 ms while it is caught up, and its clock stands still while it is behind its input,
+# so a longer step is mostly time in which the transcript may have been unread.
+BOUND_STEP_MAX_NS = 250_000_000
+
 _INF = float("inf")
 _by_ts_seq = attrgetter("ts_ns", "seq")
 _end_ns = attrgetter("end_ns")
@@ -411,6 +416,7 @@ class _Stream:
     __slots__ = (
         "audio_ns",
         "blocker",
+        "bound",
         "buckets",
         "buffered",
         "closed_before",
@@ -465,9 +471,11 @@ class _Stream:
         self.fast_blocker: Modality | None = None  # the same for the provisional limit
         # every window with start < this had its provisional emitted, or needs none
         self.provisional_before = resume_before
-        # with final_within: (poll clock, window start) of each provisional emitted, oldest
-        # first, until its final is due
+        # with final_within: (bound clock, window start) of each provisional emitted,
+        # oldest first, until its final is due; and the end of the last window whose final
+        # came due (a floor for the slower modalities' closing limit)
         self.provisional_at: deque[tuple[int, int]] = deque()
+        self.bound: float = -_INF
         self.frames_per_window: int | None = None  # frames in its last final window
         self.kept: dict[int, _Kept] = {}  # closed final windows still revisable
         self.revise: set[int] = set()  # kept windows with segments pending
@@ -546,6 +554,8 @@ class Aligner:
         self._gone: list[str] = []  # expired since the last take_expired()
         self._expected = cfg.expected
         self._within = cfg.final_within_ns
+        # the clock final_within counts on: poll()'s, in steps of at most BOUND_STEP_MAX_NS
+        self._bound_clock = 0
         # read when a stream opens (also again after it expired), so a map the caller
         # keeps current (the worker's published progress) is used as it is, not copied
         self._resume = resume if resume is not None else {}
@@ -752,6 +762,8 @@ class Aligner:
         calling this after each record is cheap.
         """
         if now_ns > self._polled:
+            if self._polled > -_INF:
+                self._bound_clock += min(int(now_ns - self._polled), BOUND_STEP_MAX_NS)
             self._polled = now_ns
         if self._expiry and now_ns >= self._expiry_check_at:
             self._expire(now_ns)
@@ -1128,16 +1140,12 @@ class Aligner:
         due: float = _INF  # when to look again without a record
         # with final_within: the windows whose final is due (their provisional went out
         # final_within ago on poll()'s clock), as a limit for the slower modalities
-        bound: float = -_INF
-        if st.provisional_at:
-            pending, within, cb = st.provisional_at, self._within, st.closed_before
-            while pending and (pending[0][0] + within <= now_ns
-                               or (cb is not None and pending[0][1] < cb)):
-                at, k = pending.popleft()
-                if at + within <= now_ns:
-                    bound = k + self._w
-            if pending:
-                due = min(due, pending[0][0] + within)
+        pending, within, clock = st.provisional_at, self._within, self._bound_clock
+        while pending and pending[0][0] + within <= clock:
+            st.bound = max(st.bound, pending.popleft()[1] + self._w)
+        if pending:
+            due = min(due, now_ns + pending[0][0] + within - clock)
+        bound = st.bound
         for m in self._expected:
             seen = last_seen.get(m)
             bounded = bound > -_INF and m not in fast
@@ -1207,11 +1215,13 @@ class Aligner:
                         continue
                     b.provisional = b.version
                     out.append(self._build(st, k, b, self._closed_by(st, k, fast), False))
-                    if self._within:
-                        st.provisional_at.append((now_ns, k))
+                    if within:
+                        pending.append((clock, k))
                 st.provisional_before = k_fast + h
             if fast_blocker is None:
                 due = min(due, now_ns + int(k_fast + h + w - fast_limit))
+        if pending:  # one emitted just now included
+            due = min(due, now_ns + pending[0][0] + within - clock)
         if due < st.due:
             st.due = int(due)
             heapq.heappush(self._due, (st.due, st.sid))

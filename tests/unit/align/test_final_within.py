@@ -160,3 +160,48 @@ def test_the_bound_needs_a_provisional_modality_and_a_slower_one() -> None:
     with pytest.raises(ConfigError, match="final_within_ns"):
         AlignConfig(window_ns=S, hop_ns=S // 2, lateness_ns={}, idle_ns={},
                     final_within_ns=S)
+
+
+def test_the_bound_fires_on_the_clock_when_nothing_more_arrives() -> None:
+    """A provisional, and nothing after the record that completed it: its final comes
+    the bound after it, not at the sources' idle deadlines."""
+    a = Aligner(cfg(final_within_ms=800, idle_deadline_video_ms=5000,
+                    idle_deadline_audio_ms=5000, idle_deadline_text_ms=5000))
+    events = [e for e in stream(1, seed=7)
+              if e[1].modality != "text" and e[0] <= T0 + 600 * MS]
+    events.append((T0 + 200 * MS, segment("cam", 0, T0, T0 + 100 * MS)))
+    out = run(a, sorted(events, key=lambda e: e[0]), T0 + 4 * S)
+    prov = {w.start_ns: now for now, w in out if not w.final}
+    finals = {w.start_ns: now for now, w in out if w.final and w.rev == 1}
+    # media up to 0.6 s: only the window [-0.5 s, 0.5 s) is complete, at 0.6 s
+    assert list(prov) == [T0 - 500 * MS]
+    k = T0 - 500 * MS
+    assert finals[k] - prov[k] <= 800 * MS + 50 * MS
+    assert [w.quality["closed_by"] for now, w in out if w.final and w.start_ns == k] == \
+        [ClosedBy.BOUND]
+
+
+def test_time_the_clock_stood_still_counts_at_most_one_step() -> None:
+    """A worker behind its input: poll()'s clock stands still for 10 s while records are
+    read, then jumps. Provisionals that went out meanwhile get their full bound after the
+    jump, less one step, not nothing."""
+    events = stream(20, lag_ms=1500, seed=8)
+    a = Aligner(cfg(final_within_ms=2000))
+    frozen, jump = T0 + 5 * S, T0 + 15 * S
+    out: list[tuple[int, Window]] = []
+    now, i = events[0][0], 0
+    while now <= T0 + 25 * S:
+        while i < len(events) and events[i][0] <= now:
+            a.add(events[i][1], events[i][0])
+            i += 1
+        clock = frozen if frozen <= now < jump else now
+        out += [(now, w) for w in a.poll(clock)]
+        now += 50 * MS
+    # provisionals of the frozen time went out on the frozen clock; after the jump their
+    # finals still waited the bound (less the one step the jump counts)
+    prov = {w.start_ns: at for at, w in out if not w.final}
+    for at, w in out:
+        if w.final and w.rev == 1 and w.quality["closed_by"] == ClosedBy.BOUND \
+                and frozen <= prov.get(w.start_ns, 0) < jump:
+            assert at >= jump + 2000 * MS - 250 * MS, (w.start_ns - T0, at - T0)
+    assert any(w.quality["closed_by"] == ClosedBy.BOUND for _, w in out)
