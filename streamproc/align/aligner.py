@@ -1143,8 +1143,6 @@ class Aligner:
         pending, within, clock = st.provisional_at, self._within, self._bound_clock
         while pending and pending[0][0] + within <= clock:
             st.bound = max(st.bound, pending.popleft()[1] + self._w)
-        if pending:
-            due = min(due, now_ns + pending[0][0] + within - clock)
         bound = st.bound
         for m in self._expected:
             seen = last_seen.get(m)
@@ -1220,7 +1218,7 @@ class Aligner:
                 st.provisional_before = k_fast + h
             if fast_blocker is None:
                 due = min(due, now_ns + int(k_fast + h + w - fast_limit))
-        if pending:  # one emitted just now included
+        if pending:  # the next final due (one emitted just now included)
             due = min(due, now_ns + pending[0][0] + within - clock)
         if due < st.due:
             st.due = int(due)

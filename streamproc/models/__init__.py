@@ -208,7 +208,7 @@ def predict_proba(model: Any, windows: Sequence[Any],
     t1 = time.perf_counter()
     if encodings is not None and _plain_multimodal(model):
         encoded = model.encode(batch, encodings.reusable(model, windows))
-        encodings.keep(model, windows, encoded)
+        encodings.keep(windows, encoded)
         logits = model.fuse(batch, encoded)
     else:
         logits = model(batch)

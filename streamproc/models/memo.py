@@ -67,7 +67,7 @@ class EncodingMemo:
             self.reused.append(same)
         return out
 
-    def keep(self, model: Any, windows: Sequence[Any], encoded: Mapping[str, Encoded]) -> None:
+    def keep(self, windows: Sequence[Any], encoded: Mapping[str, Encoded]) -> None:
         """Keep the rows of the provisional windows among ``windows``."""
         rows = self._rows
         for i, w in enumerate(windows):
