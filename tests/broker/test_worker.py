@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,6 +226,22 @@ def test_corrupt_and_late_records_are_dead_lettered(live_run) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+def restart_at(at_ns: int, settings: Settings, workers: list[WorkerProc], log: Path,
+               killed_at: list[int] | None = None) -> Callable[[int], None]:
+    """A callback for produce(): once the schedule passes ``at_ns``, kill -9 the one
+    worker in ``workers`` and start the next at once (appended to ``workers``; the kill's
+    wall time to ``killed_at``)."""
+
+    def at(send_at: int) -> None:
+        if send_at >= at_ns and len(workers) == 1:
+            workers[0].kill()
+            if killed_at is not None:
+                killed_at.append(time.time_ns())
+            workers.append(WorkerProc(settings, log))
+
+    return at
+
+
 def test_kill_9_and_restart_publishes_every_window(kafka_bootstrap: str, tmp_path: Path) -> None:
     """kill -9 mid-run, restart at once. Asserted, reading predictions read_committed
     (the worker's producer is not transactional, so that is every acknowledged record):
@@ -243,13 +260,7 @@ def test_kill_9_and_restart_publishes_every_window(kafka_bootstrap: str, tmp_pat
         plan = [p for sid in streams for p in stream_plan(sid, t0, 4.0, rng)]
 
         killed_at: list[int] = []
-
-        def at(send_at: int) -> None:
-            if send_at >= t0 + 2300 * MS and len(workers) == 1:
-                first.kill()
-                killed_at.append(time.time_ns())
-                workers.append(WorkerProc(settings, tmp_path / "second.log"))
-
+        at = restart_at(t0 + 2300 * MS, settings, workers, tmp_path / "second.log", killed_at)
         produce(settings, plan, at)
         expected = oracle(settings, plan)
         preds = read_predictions(settings, set(expected), timeout=60)
@@ -334,11 +345,7 @@ def test_late_transcripts_revise_finals_across_a_kill_9(kafka_bootstrap: str,
         # a late segment goes out over a second after the transcript that closes its first
         # window, and the kill comes over a second after the one that closes the second
         # late segment's first window: a slow machine has that long to publish those finals
-        def at(send_at: int) -> None:
-            if send_at >= t0 + 3800 * MS and len(workers) == 1:
-                first.kill()
-                workers.append(WorkerProc(settings, tmp_path / "second.log"))
-
+        at = restart_at(t0 + 3800 * MS, settings, workers, tmp_path / "second.log")
         produce(settings, plan, at)
         expected = oracle(settings, plan)
         want = {k: expected_content(w) for k, w in expected.items() if k[0] in streams}
@@ -387,11 +394,7 @@ def test_final_within_publishes_finals_before_a_lagging_transcript_and_revises_t
                     p.send_at_ns = p.media.end_ns + 700 * MS  # type: ignore[union-attr]
                 plan.append(p)
 
-        def at(send_at: int) -> None:
-            if send_at >= t0 + 3000 * MS and len(workers) == 1:
-                first.kill()
-                workers.append(WorkerProc(settings, tmp_path / "second.log"))
-
+        at = restart_at(t0 + 3000 * MS, settings, workers, tmp_path / "second.log")
         produce(settings, plan, at)
         want = {k: expected_content(w) for k, w in oracle(settings, plan).items()}
         preds, _ = read_revised(settings, want)
