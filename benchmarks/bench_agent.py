@@ -158,9 +158,7 @@ def run_agent(settings: Settings, n: int, noop: bool = False, profile: str = "",
 
 
 def agent_child() -> None:
-    from faust.worker import Worker
-
-    from streamproc.worker.app import create_app
+    from streamproc.worker.app import create_app, faust_worker
 
     settings = Settings(**json.loads(os.environ["BENCH_SETTINGS"]))
     n, out = int(os.environ["BENCH_N"]), Path(os.environ["BENCH_OUT"])
@@ -223,7 +221,7 @@ def agent_child() -> None:
                 finish()
 
     state.on_records = timed
-    Worker(app, loglevel="WARNING", quiet=True).execute_from_commandline()
+    faust_worker(app, "warning").execute_from_commandline()
 
 
 def main() -> int:

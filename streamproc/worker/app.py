@@ -448,8 +448,19 @@ def run_worker(settings: Settings) -> int:
     notes.insert(0, (logging.INFO, f"worker {WORKER_ID}: app {settings.app_id} on "
                                    f"{settings.bootstrap_servers}, {n} partitions"))
     log_when_started(app, notes)
+    faust_worker(app, settings.log_level).execute_from_commandline()  # exits the process
+    return 0
+
+
+def faust_worker(app: faust.App, log_level: str) -> Any:
+    """faust's Worker for ``app``, logging at ``log_level``, without its terminal spinner.
+
+    At ``warning`` and above faust's spinner sets the root logger to DEBUG and filters in
+    its own handler, so every library's debug call on the hot path (faust's and
+    aiokafka's, a few per published record) would build a log record only to drop it.
+    """
     from faust.worker import Worker
 
-    worker = Worker(app, loglevel=settings.log_level.upper(), quiet=True)
-    worker.execute_from_commandline()  # exits the process (0, or 1 after a crash)
-    return 0
+    worker = Worker(app, loglevel=log_level.upper(), quiet=True)
+    worker.spinner = None
+    return worker
