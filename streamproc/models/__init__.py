@@ -204,11 +204,18 @@ def predict_proba(model: Any, windows: Sequence[Any],
     if hasattr(model, "eval"):
         model.eval()
     t0 = time.perf_counter()
-    batch = make_batch(windows, model.preprocess).to(model_device(model))
+    memo = encodings if encodings is not None and _plain_multimodal(model) else None
+    # a reused encoding's input is not prepared either: a final's frames are not decoded
+    # again, nor its audio's log-mel computed
+    kept = memo.reusable(model, windows) if memo is not None else {}
+    batch = make_batch(windows, model.preprocess,
+                       {m: {i: k.present for i, k in rows.items()} for m, rows in kept.items()}
+                       ).to(model_device(model))
     t1 = time.perf_counter()
-    if encodings is not None and _plain_multimodal(model):
-        encoded = model.encode(batch, encodings.reusable(model, windows))
-        encodings.keep(windows, encoded)
+    if memo is not None:
+        encoded = model.encode(batch, {m: {i: k.encoded for i, k in rows.items()}
+                                       for m, rows in kept.items()})
+        memo.keep(windows, encoded, batch.present)
         logits = model.fuse(batch, encoded)
     else:
         logits = model(batch)

@@ -12,8 +12,11 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+import torch
+
+from streamproc.config import MODALITIES
 from streamproc.models.encoders import Encoded
 
 #: Provisional windows whose encodings are kept at most (the oldest go first): a final
@@ -36,6 +39,14 @@ def signature(window: Any, modality: str) -> Hashable:
                           for s in window.segments)
 
 
+class Kept(NamedTuple):
+    """One window's row of one encoder's output, and whether the modality was present
+    in it (after decoding: what the fusion is told)."""
+
+    encoded: Encoded
+    present: bool
+
+
 class EncodingMemo:
     """Per-row encoder outputs of provisional windows of one model, for their finals."""
 
@@ -43,7 +54,7 @@ class EncodingMemo:
         self.capacity = capacity
         self._model: Any = None
         # (stream, window start) -> modality -> (signature, that window's row of it)
-        self._rows: OrderedDict[tuple[str, int], dict[str, tuple[Hashable, Encoded]]] = \
+        self._rows: OrderedDict[tuple[str, int], dict[str, tuple[Hashable, Kept]]] = \
             OrderedDict()
         #: per window of the last batch: the modalities whose encoding it reused
         self.reused: list[tuple[str, ...]] = []
@@ -51,13 +62,13 @@ class EncodingMemo:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def reusable(self, model: Any, windows: Sequence[Any]) -> dict[str, dict[int, Encoded]]:
+    def reusable(self, model: Any, windows: Sequence[Any]) -> dict[str, dict[int, Kept]]:
         """For each modality, the rows of ``windows`` (final ones) whose input is what the
-        kept provisional of the same window had: row index -> its encoding."""
+        kept provisional of the same window had: row index -> what it had."""
         if model is not self._model:  # another model: nothing kept is its own
             self._rows.clear()
             self._model = model
-        out: dict[str, dict[int, Encoded]] = {}
+        out: dict[str, dict[int, Kept]] = {}
         self.reused = []
         for i, w in enumerate(windows):
             kept = self._rows.pop((w.stream_id, w.start_ns), None) if w.final else None
@@ -67,14 +78,17 @@ class EncodingMemo:
             self.reused.append(same)
         return out
 
-    def keep(self, windows: Sequence[Any], encoded: Mapping[str, Encoded]) -> None:
-        """Keep the rows of the provisional windows among ``windows``."""
+    def keep(self, windows: Sequence[Any], encoded: Mapping[str, Encoded],
+             present: torch.Tensor) -> None:
+        """Keep the rows of the provisional windows among ``windows`` (``present``: the
+        batch's bool [B, modalities])."""
         rows = self._rows
         for i, w in enumerate(windows):
             if w.final:
                 continue
             rows[(w.stream_id, w.start_ns)] = {
-                m: (signature(w, m), Encoded(*(part[i].clone() for part in enc)))
+                m: (signature(w, m), Kept(Encoded(*(part[i].clone() for part in enc)),
+                                          bool(present[i, MODALITIES.index(m)])))
                 for m, enc in encoded.items()}
             rows.move_to_end((w.stream_id, w.start_ns))
         while len(rows) > self.capacity:

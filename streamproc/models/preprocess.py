@@ -18,7 +18,7 @@ import math
 import os
 import weakref
 import zlib
-from collections.abc import Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, overload
 
@@ -352,11 +352,13 @@ def _decoded(f: VideoFrame, pre: Preprocess) -> np.ndarray:
     return done.result()
 
 
-def _video(windows: Sequence[Window], pre: Preprocess) -> tuple[np.ndarray, np.ndarray, int]:
+def _video(windows: Sequence[Window], pre: Preprocess, skip: Container[int] = ()
+           ) -> tuple[np.ndarray, np.ndarray, int]:
     k, c, s = pre.frames_per_window, pre.channels, pre.frame_size
     out = np.zeros((len(windows), k, c, s, s), np.float32)
     mask = np.zeros((len(windows), k), bool)
-    jobs = [(b, j, f) for b, w in enumerate(windows) if w.present.get("video", bool(w.frames))
+    jobs = [(b, j, f) for b, w in enumerate(windows)
+            if b not in skip and w.present.get("video", bool(w.frames))
             for j, f in enumerate(w.frames[i] for i in even_indices(len(w.frames), k))]
 
     def decode(part: Sequence[tuple[int, int, Any]]) -> int:
@@ -494,27 +496,46 @@ def hash_ngrams(text: str, pre: Preprocess) -> list[int]:
 # ---------------------------------------------------------------------------------------
 
 
-def make_batch(windows: Sequence[Window], pre: Preprocess) -> WindowBatch:
+def make_batch(windows: Sequence[Window], pre: Preprocess,
+               reused: Mapping[str, Mapping[int, bool]] | None = None) -> WindowBatch:
     """Turn windows into one :class:`WindowBatch` (CPU tensors).
 
     A modality is present when the window says so *and* something usable is left after
-    decoding (frames that fail to decode are masked like dropped frames).
+    decoding (frames that fail to decode are masked like dropped frames). ``reused[m]``:
+    rows whose modality ``m`` is not prepared at all, because the model takes that
+    encoder's output from an earlier window (models/memo.py): their tensors stay zero and
+    their present flag is the one given.
     """
     if not windows:
         raise ValueError("make_batch needs at least one window")
     b = len(windows)
-    video, vmask, bad = _video(windows, pre)
+    reused = reused or {}
+    skip_v, skip_a, skip_t = (reused.get(m, {}) for m in ("video", "audio", "text"))
+    video, vmask, bad = _video(windows, pre, skip_v)
     if bad:
         log.warning("%d frame(s) did not decode and were masked", bad)
+    video_present = np.asarray(vmask.any(1), bool)
+    for i, flag in skip_v.items():
+        video_present[i] = flag
 
     samples = np.zeros((b, pre.n_samples), np.float32)
     smask = np.zeros((b, pre.n_samples), bool)
     audio_present = np.zeros(b, bool)
     for i, w in enumerate(windows):
-        if w.present.get("audio", True) and len(w.audio):
+        if i in skip_a:
+            audio_present[i] = skip_a[i]
+        elif w.present.get("audio", True) and len(w.audio):
             samples[i], smask[i] = _fit_audio(w, pre)
             audio_present[i] = smask[i].any()
-    mel, fmask = log_mel(torch.from_numpy(samples), torch.from_numpy(smask), pre)
+    if not skip_a:
+        mel, fmask = log_mel(torch.from_numpy(samples), torch.from_numpy(smask), pre)
+    else:
+        mel = torch.zeros((b, pre.n_mels, pre.n_audio_frames))
+        fmask = torch.zeros((b, pre.n_audio_frames), dtype=torch.bool)
+        rows = [i for i in range(b) if i not in skip_a]
+        if rows:
+            mel[rows], fmask[rows] = log_mel(torch.from_numpy(samples[rows]),
+                                             torch.from_numpy(smask[rows]), pre)
 
     tokens = np.zeros((b, pre.max_text_tokens), np.int64)
     texts = []
@@ -522,12 +543,14 @@ def make_batch(windows: Sequence[Window], pre: Preprocess) -> WindowBatch:
     for i, w in enumerate(windows):
         has_text = bool(w.present.get("text", bool(w.segments)))
         texts.append(w.text if has_text else "")
-        if has_text:
+        if i in skip_t:
+            text_present[i] = skip_t[i]
+        elif has_text:
             ids = hash_ngrams(w.text, pre)
             tokens[i, :len(ids)] = ids
             text_present[i] = True
     tok = torch.from_numpy(tokens)
-    present = torch.from_numpy(np.stack([vmask.any(1), audio_present, text_present], 1))
+    present = torch.from_numpy(np.stack([video_present, audio_present, text_present], 1))
     wave = samples * (smask & audio_present[:, None]) if pre.waveform else samples[:, :0]
     return WindowBatch(
         video=torch.from_numpy(video), video_mask=torch.from_numpy(vmask),

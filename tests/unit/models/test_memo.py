@@ -99,3 +99,37 @@ def test_a_subclass_with_its_own_forward_is_called_whole() -> None:
     got = predict_proba(model, prov, encodings=memo)
     assert len(memo) == 0
     assert torch.allclose(got, predict_proba(model, prov))
+
+
+def test_a_reused_input_is_not_prepared_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a final's frames are not decoded again nor its audio's log-mel computed when their
+    # encodings are reused: that preparation is most of a final's cost
+    from streamproc.models import preprocess
+
+    torch.manual_seed(0)
+    model = create_model("lmf", LABELS).eval()
+    prov = [dataclasses.replace(w, final=False) for w in windows(6, seed=3)]
+    memo = EncodingMemo()
+    predict_proba(model, prov, encodings=memo)
+    decoded: list[bytes] = []
+    mel_rows: list[int] = []
+    hashed: list[str] = []
+    frame_array, log_mel, hash_ngrams = (preprocess.frame_array, preprocess.log_mel,
+                                         preprocess.hash_ngrams)
+    monkeypatch.setattr(preprocess, "frame_array",
+                        lambda data, *a: decoded.append(data) or frame_array(data, *a))
+    monkeypatch.setattr(preprocess, "log_mel",
+                        lambda audio, *a: mel_rows.append(len(audio)) or log_mel(audio, *a))
+    monkeypatch.setattr(preprocess, "hash_ngrams",
+                        lambda text, *a: hashed.append(text) or hash_ngrams(text, *a))
+    finals = _finals(prov)
+    got = predict_proba(model, finals, encodings=memo)
+    # only window 1's frames changed, window 3's audio, windows 0, 2, 4's text
+    k = model.preprocess.frames_per_window
+    sampled = [finals[1].frames[i].data
+               for i in preprocess.even_indices(len(finals[1].frames), k)]
+    assert decoded == sampled
+    assert mel_rows == [1]
+    assert hashed == [finals[i].text for i in (0, 2, 4)]
+    monkeypatch.undo()
+    assert torch.allclose(got, predict_proba(model, finals), atol=1e-5)
