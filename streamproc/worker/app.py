@@ -166,6 +166,7 @@ def create_app(settings: Settings, *, partitions: int | None = None,
                                lambda rec: publish(predictions, rec))
     app.streamproc_metrics = metrics  # type: ignore[attr-defined]
     patches.patch_fetcher()
+    patches.patch_connections()
     client_faults = ClientFaults()
     client_faults.install()
 

@@ -10,7 +10,8 @@ pinned versions and :func:`check_versions` refuses others at start-up:
 - the consumer's ``ack``, ``_add_gap``, ``seek_to_committed`` and ``_read_offset`` leave
   the input topics' commits to the worker core (:func:`guard_consumer`);
 - the consumer's fetch loop hands the worker core whole batches of input records instead
-  of one record at a time through faust's streams (:func:`drain_in_batches`).
+  of one record at a time through faust's streams (:func:`drain_in_batches`);
+- aiokafka's connections read each response with one copy (:func:`patch_connections`).
 
 docs/worker.md says why each is needed.
 """
@@ -22,11 +23,12 @@ import logging
 import struct
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from importlib import metadata
-from typing import Any
+from typing import Any, SupportsIndex
 
 import faust
+from aiokafka import conn as aiokafka_conn
 from aiokafka.consumer import fetcher as aiokafka_fetcher
 from aiokafka.record.default_records import _DefaultRecordBatchPy
 from faust.types import TP
@@ -203,6 +205,109 @@ def patch_fetcher() -> None:
     (idempotent; process-wide: one worker per process)."""
     aiokafka_fetcher.MemoryRecords = _LenientMemoryRecords
     aiokafka_fetcher.PartitionRecords = _ReportingPartitionRecords
+
+
+class FrameReader(asyncio.StreamReader):
+    """aiokafka's connection reader, copying each response once.
+
+    aiokafka reads a response as ``readexactly(4)`` then ``readexactly(size)``. asyncio's
+    reader copies every byte received three more times on the way (into its buffer, out
+    as a slice, into bytes, then moves the rest down), and past 128 KiB held pauses and
+    resumes the socket for each chunk: on a stream of large fetch responses that was
+    about half of the consumer thread's time (docs/benchmarks.md, *Peers*). This one
+    keeps the chunks as they arrive and joins a response's chunks once. aiokafka only
+    reads whole responses it asked for, so nothing piles up unread.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self._chunks: deque[bytes] = deque()
+        self._offset = 0  # into the first chunk: where the unread bytes begin
+        self._held = 0  # unread bytes
+
+    def feed_data(self, data: Iterable[SupportsIndex]) -> None:
+        if data:
+            if type(data) is not bytes:  # a transport's own buffer would change under us
+                data = bytes(data)
+            self._chunks.append(data)
+            self._held += len(data)
+            self._wakeup_waiter()  # type: ignore[attr-defined]
+
+    def at_eof(self) -> bool:
+        return self._eof and not self._held  # type: ignore[attr-defined]
+
+    async def readexactly(self, n: int) -> bytes:
+        if self._exception is not None:  # type: ignore[attr-defined]
+            raise self._exception  # type: ignore[attr-defined]
+        while self._held < n:
+            if self._eof:  # type: ignore[attr-defined]
+                raise asyncio.IncompleteReadError(self._take(self._held), n)
+            await self._wait_for_data("readexactly")  # type: ignore[attr-defined]
+        return self._take(n)
+
+    def _take(self, n: int) -> bytes:
+        if n == 0:
+            return b""
+        chunks, start = self._chunks, self._offset
+        self._held -= n
+        first = chunks[0]
+        end = start + n
+        if end <= len(first):
+            if end == len(first):
+                chunks.popleft()
+                self._offset = 0
+                return first if start == 0 else first[start:]
+            self._offset = end
+            return first[start:end]
+        parts: list[bytes | memoryview] = [memoryview(first)[start:]]
+        chunks.popleft()
+        need = end - len(first)
+        self._offset = 0
+        while need:
+            chunk = chunks[0]
+            if len(chunk) <= need:
+                parts.append(chunks.popleft())
+                need -= len(chunk)
+            else:
+                parts.append(memoryview(chunk)[:need])
+                self._offset, need = need, 0
+        return b"".join(parts)
+
+
+async def _connect(self: Any) -> Any:
+    # aiokafka.conn.AIOKafkaConnection.connect, reading with a FrameReader
+    loop = self._loop
+    self._closed_fut = aiokafka_conn.create_future()
+    if self._security_protocol in ["PLAINTEXT", "SASL_PLAINTEXT"]:
+        ssl = None
+    else:
+        assert self._security_protocol in ["SSL", "SASL_SSL"]
+        assert self._ssl_context is not None
+        ssl = self._ssl_context
+    reader = FrameReader(loop)
+    protocol = aiokafka_conn.AIOKafkaProtocol(self._closed_fut, reader, loop=loop)
+    async with aiokafka_conn.async_timeout.timeout(self._request_timeout):
+        transport, _ = await loop.create_connection(
+            lambda: protocol, self.host, self.port, ssl=ssl)
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    self._reader, self._writer, self._protocol = reader, writer, protocol
+    self._read_task = self._create_reader_task()
+    if self._max_idle_ms is not None:
+        self._idle_handle = loop.call_soon(self._idle_check, aiokafka_conn.weakref.ref(self))
+    try:
+        await self._do_version_lookup()
+        if self._security_protocol in ["SASL_SSL", "SASL_PLAINTEXT"]:
+            await self._do_sasl_handshake()
+    except BaseException:
+        self.close()
+        raise
+    return reader, writer
+
+
+def patch_connections() -> None:
+    """Make aiokafka's connections read responses with a :class:`FrameReader`
+    (idempotent; process-wide: every aiokafka client in the worker's process)."""
+    aiokafka_conn.AIOKafkaConnection.connect = _connect
 
 
 def read_committed(consumer: Any) -> None:

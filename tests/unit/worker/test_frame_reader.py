@@ -1,0 +1,110 @@
+"""aiokafka's connections read each response with one copy: whatever chunks the socket
+delivers, the reader hands back exactly the frames sent, and ends as asyncio's does."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamproc.worker.patches import FrameReader
+
+
+def _framed(bodies: list[bytes]) -> bytes:
+    return b"".join(struct.pack(">i", len(b)) + b for b in bodies)
+
+
+async def _read_frames(reader: asyncio.StreamReader, n: int) -> list[bytes]:
+    out = []
+    for _ in range(n):  # a reader that loses bytes would wait for ever: fail instead
+        (size,) = struct.unpack(">i", await asyncio.wait_for(reader.readexactly(4), 10))
+        out.append(await asyncio.wait_for(reader.readexactly(size), 10))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(bodies=st.lists(st.binary(max_size=300), min_size=1, max_size=8),
+       cuts=st.lists(st.integers(0, 2000), max_size=12))
+def test_any_chunking_gives_back_the_frames_sent(bodies: list[bytes], cuts: list[int]) -> None:
+    async def run() -> list[bytes]:
+        reader = FrameReader(asyncio.get_running_loop())
+        data = _framed(bodies)
+        edges = sorted({0, len(data), *(c for c in cuts if c < len(data))})
+
+        async def feed() -> None:
+            for a, b in itertools.pairwise(edges):
+                reader.feed_data(data[a:b])
+                await asyncio.sleep(0)
+
+        feeding = asyncio.ensure_future(feed())
+        got = await _read_frames(reader, len(bodies))
+        await feeding
+        assert reader._held == 0 and not reader._chunks
+        return got
+
+    assert asyncio.run(run()) == bodies
+
+
+def test_large_frames_over_a_real_socket_come_back_whole() -> None:
+    # 5 MB responses arrive in many recv() chunks; small ones share chunks
+    bodies = [os.urandom(5_000_000), b"", b"x" * 7, os.urandom(300_000), os.urandom(64)]
+
+    async def run() -> list[bytes]:
+        async def serve(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(_framed(bodies))
+            await w.drain()
+            w.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        reader = FrameReader(loop)
+        transport, _ = await loop.create_connection(
+            lambda: asyncio.StreamReaderProtocol(reader, loop=loop), "127.0.0.1", port)
+        try:
+            got = await _read_frames(reader, len(bodies))
+            with pytest.raises(asyncio.IncompleteReadError):  # the server closed: EOF
+                await reader.readexactly(4)
+            assert reader.at_eof()
+            return got
+        finally:
+            transport.close()
+            server.close()
+            await server.wait_closed()
+
+    assert asyncio.run(run()) == bodies
+
+
+def test_a_frame_cut_short_by_eof_is_an_incomplete_read_with_what_came() -> None:
+    async def run() -> None:
+        reader = FrameReader(asyncio.get_running_loop())
+        reader.feed_data(struct.pack(">i", 10) + b"abc")
+        reader.feed_data(b"de")
+        reader.feed_eof()
+        assert await reader.readexactly(4) == struct.pack(">i", 10)
+        assert not reader.at_eof()
+        with pytest.raises(asyncio.IncompleteReadError) as err:
+            await reader.readexactly(10)
+        assert err.value.partial == b"abcde" and err.value.expected == 10
+        assert reader.at_eof()
+
+    asyncio.run(run())
+
+
+def test_a_connection_error_reaches_the_waiting_read() -> None:
+    async def run() -> None:
+        reader = FrameReader(asyncio.get_running_loop())
+        waiting = asyncio.ensure_future(reader.readexactly(4))
+        await asyncio.sleep(0)
+        reader.set_exception(ConnectionResetError("reset by peer"))
+        with pytest.raises(ConnectionResetError):
+            await waiting
+        with pytest.raises(ConnectionResetError):  # and every later one
+            await reader.readexactly(1)
+
+    asyncio.run(run())
