@@ -61,7 +61,10 @@ def test_consume_follow_stopped_by_a_signal_prints_its_summary(topics: Settings,
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamproc.cli", "consume", "-f", "--json",
          "--bootstrap-servers", topics.bootstrap_servers, "--topic-prefix", topics.topic_prefix],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # as a terminal starts it: a test run launched in the background ignores SIGINT,
+        # and a child inherits that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     killer = threading.Timer(60, proc.kill)  # a hang fails the test instead of hanging it
     killer.start()
     try:
