@@ -208,14 +208,14 @@ def predict_proba(model: Any, windows: Sequence[Any],
     # a reused encoding's input is not prepared either: a final's frames are not decoded
     # again, nor its audio's log-mel computed
     kept = memo.reusable(model, windows) if memo is not None else {}
-    batch = make_batch(windows, model.preprocess,
-                       {m: {i: k.present for i, k in rows.items()} for m, rows in kept.items()}
-                       ).to(model_device(model))
+    host = make_batch(windows, model.preprocess,
+                      {m: {i: k.present for i, k in rows.items()} for m, rows in kept.items()})
+    batch = host.to(model_device(model))
     t1 = time.perf_counter()
     if memo is not None:
         encoded = model.encode(batch, {m: {i: k.encoded for i, k in rows.items()}
                                        for m, rows in kept.items()})
-        memo.keep(windows, encoded, batch.present)
+        memo.keep(windows, encoded, host.present)  # read on the host: no device sync
         logits = model.fuse(batch, encoded)
     else:
         logits = model(batch)

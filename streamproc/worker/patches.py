@@ -237,6 +237,8 @@ class FrameReader(asyncio.StreamReader):
         return self._eof and not self._held  # type: ignore[attr-defined]
 
     async def readexactly(self, n: int) -> bytes:
+        if n < 0:  # a length prefix with its top bit set: the stream is out of step
+            raise ValueError("readexactly size can not be less than zero")
         if self._exception is not None:  # type: ignore[attr-defined]
             raise self._exception  # type: ignore[attr-defined]
         while self._held < n:
@@ -244,6 +246,15 @@ class FrameReader(asyncio.StreamReader):
                 raise asyncio.IncompleteReadError(self._take(self._held), n)
             await self._wait_for_data("readexactly")  # type: ignore[attr-defined]
         return self._take(n)
+
+    async def read(self, n: int = -1) -> bytes:
+        raise NotImplementedError("FrameReader reads whole responses: readexactly only")
+
+    async def readline(self) -> bytes:
+        raise NotImplementedError("FrameReader reads whole responses: readexactly only")
+
+    async def readuntil(self, separator: Any = b"\n") -> bytes:
+        raise NotImplementedError("FrameReader reads whole responses: readexactly only")
 
     def _take(self, n: int) -> bytes:
         if n == 0:

@@ -58,13 +58,14 @@ def test_consume_follow_stopped_by_a_signal_prints_its_summary(topics: Settings,
                       headers=list(kr.headers), timestamp_ms=kr.timestamp_ms)
     producer.flush(30)
     producer.close()
+    # SIGINT handled as when a terminal starts it: a test run launched in the background
+    # ignores SIGINT, and a child inherits that
+    start = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "runpy.run_module('streamproc.cli', run_name='__main__')")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamproc.cli", "consume", "-f", "--json",
+        [sys.executable, "-c", start, "consume", "-f", "--json",
          "--bootstrap-servers", topics.bootstrap_servers, "--topic-prefix", topics.topic_prefix],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        # as a terminal starts it: a test run launched in the background ignores SIGINT,
-        # and a child inherits that
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killer = threading.Timer(60, proc.kill)  # a hang fails the test instead of hanging it
     killer.start()
     try:

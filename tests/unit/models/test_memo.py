@@ -128,7 +128,7 @@ def test_a_reused_input_is_not_prepared_again(monkeypatch: pytest.MonkeyPatch) -
     k = model.preprocess.frames_per_window
     sampled = [finals[1].frames[i].data
                for i in preprocess.even_indices(len(finals[1].frames), k)]
-    assert decoded == sampled
+    assert sorted(decoded) == sorted(sampled)  # decode threads take them in any order
     assert mel_rows == [1]
     assert hashed == [finals[i].text for i in (0, 2, 4)]
     monkeypatch.undo()

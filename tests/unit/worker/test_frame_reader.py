@@ -108,3 +108,14 @@ def test_a_connection_error_reaches_the_waiting_read() -> None:
             await reader.readexactly(1)
 
     asyncio.run(run())
+
+
+def test_a_negative_size_is_refused_and_leaves_the_reader_as_it_was() -> None:
+    async def run() -> None:
+        reader = FrameReader(asyncio.get_running_loop())
+        reader.feed_data(b"abcdefgh")
+        with pytest.raises(ValueError):
+            await reader.readexactly(-1)
+        assert await asyncio.wait_for(reader.readexactly(8), 5) == b"abcdefgh"
+
+    asyncio.run(run())
