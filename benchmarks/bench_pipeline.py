@@ -320,6 +320,7 @@ def summarize_live(live: dict, warmup_s: float = 10.0) -> dict:
         within = ok / n if n else float("nan")
     calls = float("nan")  # windows through the model per final window (provisional ones too)
     model_ms = float("nan")
+    cpu_ms = float("nan")  # the worker process's CPU time per final window
     encodings: dict[str, float] = {}
     if len(marks) >= 2:
         scored = marks[-1]["streamproc_batch_size_sum"] - marks[0]["streamproc_batch_size_sum"]
@@ -332,6 +333,8 @@ def summarize_live(live: dict, warmup_s: float = 10.0) -> dict:
         spent = (marks[-1]["streamproc_inference_seconds_sum"]
                  - marks[0]["streamproc_inference_seconds_sum"])
         model_ms = spent * 1000 / done if done else float("nan")
+        cpu_s = [c for t, _, c in live["samples"] if lo <= t < hi]
+        cpu_ms = (cpu_s[-1] - cpu_s[0]) * 1000 / done if done else float("nan")
         # encoder outputs a final took from its provisional instead of computing them again
         for m in ("video", "audio", "text"):
             key = f"streamproc_encodings_reused_total{{modality={m}}}"
@@ -364,7 +367,7 @@ def summarize_live(live: dict, warmup_s: float = 10.0) -> dict:
                          for recv in (live["newest"][k][1],)],
         "bound": sum(p.quality.get("closed_by") == "bound" for p, _ in preds.values()),
         "provisional": live["provisional"], "revisions": live["revisions"],
-        "model_calls": calls, "model_ms": model_ms, "encodings_reused": encodings,
+        "model_calls": calls, "model_ms": model_ms, "cpu_ms": cpu_ms, "encodings_reused": encodings,
         "within_goal": within, "steady_windows": len(live_ones),
         "flush_added": [p.latency_ms["added"] for p, _ in flush],
         "windows": len(preds), "expected": len(live["expected"]),
@@ -398,9 +401,11 @@ def produce_backlog(settings: Settings, seconds: int, streams: int) -> list[Medi
     return recs
 
 
-def saturation_round(settings: Settings, model: Path | str, want: int,
-                     tmp: Path) -> list[Prediction]:
-    """A fresh worker group reads the whole backlog; the predictions it publishes.
+def saturation_round(settings: Settings, model: Path | str, want: int, tmp: Path,
+                     into: list[Prediction] | None = None,
+                     timeout_s: float = 600) -> list[Prediction]:
+    """A fresh worker group reads the whole backlog; each window's final prediction (its
+    first copy), once all ``want`` are out; provisional predictions go to ``into``.
     ``model`` "": the worker runs align-only (window summaries, no inference)."""
     from kafka import TopicPartition
 
@@ -416,17 +421,23 @@ def saturation_round(settings: Settings, model: Path | str, want: int,
         consumer.seek(tp, offset)
     worker = WorkerProcess(s, model, tmp / s.app_id / "worker.log")
     preds: dict[tuple[str, int], Prediction] = {}
+    provisional: dict[tuple[str, int], Prediction] = {}
     try:
         worker.wait_ready()
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + timeout_s
         while len(preds) < want and time.monotonic() < deadline:
             for msgs in consumer.poll(timeout_ms=500).values():
                 for m in msgs:
                     p = decode_prediction(KafkaRecord.from_client(m))
-                    preds.setdefault(p.key, p)
+                    if p.final:  # the first final (rev 1 after a provisional)
+                        preds.setdefault(p.key, p)
+                    elif not p.final:
+                        provisional.setdefault(p.key, p)
     finally:
         worker.stop()
         consumer.close()
+    if into is not None:
+        into.extend(provisional.values())
     return list(preds.values())
 
 
@@ -512,6 +523,38 @@ def saturation_phase(bootstrap: str, model: Path, seconds: int, streams: int, ro
     return dict(out)
 
 
+def provisional_cost(bootstrap: str, model: Path, seconds: int, streams: int, rounds: int,
+                     tmp: Path) -> list[str]:
+    """Windows/s of final predictions from one backlog with provisional predictions on
+    (the default) and off, alternated (on, off, off, on, ...); a table row per run."""
+    settings = base_settings(bootstrap, model)
+    create_topics(settings)
+    recs = produce_backlog(settings, seconds, streams)
+    want = len(windows_of(settings, recs))
+    log(f"provisional cost: backlog of {len(recs)} records, {want} windows")
+    modes = [settings.provisional_on, "none"]
+    rows = []
+    for r in range(rounds):
+        for mode in (modes if r % 2 == 0 else modes[::-1]):
+            load0 = os.getloadavg()[0]
+            early: list[Prediction] = []
+            finals = saturation_round(settings.replace(provisional_on=mode), model, want,
+                                      tmp, early)
+            rate = watermark_rate(finals)
+            whole = sum(p.reused for p in finals)
+            rows.append(f"| {time.strftime('%H:%M')} | {mode} | {len(finals)} ({want - len(finals)}) "
+                        f"| {rate:.1f} | {len(early)} | {whole} | "
+                        f"{(len(early) + len(finals) - whole) / len(finals):.2f} | "
+                        f"{load0:.1f} / {os.getloadavg()[0]:.1f} |")
+            log(rows[-1])
+    return rows
+
+
+PROVISIONAL_HEADER = ("| time | provisional_on | finals (missing) | finals/s | provisional "
+                      "predictions | finals repeating their provisional | model calls per "
+                      "final | load before / after |\n|---|---|---|---|---|---|---|---|")
+
+
 # ---------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------
@@ -575,6 +618,8 @@ def report(live: dict, summary: dict, sat: dict, model: Path, args: argparse.Nam
         f"<= 1.3 |",
         f"| model thread time (preprocess + forward) per final window (live) | "
         f"{summary['model_ms']:.2f} ms | reported: against a `--provisional-on none` run |",
+        f"| worker CPU time (every thread) per final window (live) | {summary['cpu_ms']:.2f} "
+        f"ms | reported: against a `--provisional-on none` run |",
         "| encoder outputs taken from the provisional, per final window: video / audio / "
         "text | " + " / ".join(f"{summary['encodings_reused'].get(m, float('nan')):.2f}"
                                 for m in ("video", "audio", "text")) + " | reported |",
@@ -752,6 +797,10 @@ def main() -> int:
     ap.add_argument("--frame-sizes", default="",
                     help="WxH,... : only the live run, once per frame size (e.g. "
                          "640x480,1280x720), one row each")
+    ap.add_argument("--provisional-cost", action="store_true",
+                    help="only this: final predictions/s from a --backlog-seconds backlog "
+                         "with provisional predictions on and off, alternated, --rounds "
+                         "times each")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="a worker setting for every run (repeatable), e.g. "
                          "--set batch_max_wait_ms=0")
@@ -769,6 +818,12 @@ def main() -> int:
     if overrides:
         log(f"worker settings: {overrides}")
     model = args.model or prepare_model(Layout(default_dir()), log=log)
+    if args.provisional_cost:
+        with tempfile.TemporaryDirectory() as tmp, existing_or_local() as bootstrap:
+            rows = provisional_cost(bootstrap, model, args.backlog_seconds, args.streams,
+                                    args.rounds, Path(tmp))
+        print(PROVISIONAL_HEADER + "\n" + "\n".join(rows))
+        return 0
     if args.frame_sizes:
         sizes = [tuple(int(x) for x in sz.split("x")) for sz in args.frame_sizes.split(",")]
         with tempfile.TemporaryDirectory() as tmp, existing_or_local() as bootstrap:
