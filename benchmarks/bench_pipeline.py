@@ -312,6 +312,7 @@ def summarize_live(live: dict, warmup_s: float = 10.0) -> dict:
     total = [p.latency_ms["total"] for p, _ in live_ones]
     # closed -> acknowledged by the broker, from the worker's histogram over the same span
     marks = [m for t, m, _ in live["samples"] if lo <= t < hi]
+    cpu = [(t, c) for t, _, c in live["samples"] if lo <= t < hi]  # the worker's CPU seconds
     name = "streamproc_added_latency_seconds"
     within = float("nan")
     if len(marks) >= 2:
@@ -333,8 +334,7 @@ def summarize_live(live: dict, warmup_s: float = 10.0) -> dict:
         spent = (marks[-1]["streamproc_inference_seconds_sum"]
                  - marks[0]["streamproc_inference_seconds_sum"])
         model_ms = spent * 1000 / done if done else float("nan")
-        cpu_s = [c for t, _, c in live["samples"] if lo <= t < hi]
-        cpu_ms = (cpu_s[-1] - cpu_s[0]) * 1000 / done if done else float("nan")
+        cpu_ms = (cpu[-1][1] - cpu[0][1]) * 1000 / done if done else float("nan")
         # encoder outputs a final took from its provisional instead of computing them again
         for m in ("video", "audio", "text"):
             key = f"streamproc_encodings_reused_total{{modality={m}}}"
@@ -345,7 +345,6 @@ def summarize_live(live: dict, warmup_s: float = 10.0) -> dict:
     half = (lo + hi) / 2
     first = [v for t, v in lags if t < half]
     second = [v for t, v in lags if t >= half]
-    cpu = [(t, c) for t, _, c in live["samples"] if lo <= t < hi]
     cpu_share = ((cpu[-1][1] - cpu[0][1]) / ((cpu[-1][0] - cpu[0][0]) / S)
                  if len(cpu) >= 2 else float("nan"))
     batch_sizes = [len(b) for b in batches_of([p for p, _ in preds.values()])]
@@ -431,7 +430,7 @@ def saturation_round(settings: Settings, model: Path | str, want: int, tmp: Path
                     p = decode_prediction(KafkaRecord.from_client(m))
                     if p.final:  # the first final (rev 1 after a provisional)
                         preds.setdefault(p.key, p)
-                    elif not p.final:
+                    else:
                         provisional.setdefault(p.key, p)
     finally:
         worker.stop()

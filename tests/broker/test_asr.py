@@ -160,10 +160,11 @@ def test_kill_9_right_after_an_idle_flush_replays_the_same_final(
     try:
         # the flushed final itself, by seq: a replayed copy of an earlier final (a
         # rebalance, a producer retry) must not stand in for it
-        flushed = read_segments(settings, every_final(before_stall), timeout=90)
+        flushed_final = every_final(before_stall)
+        flushed = read_segments(settings, flushed_final, timeout=90)
     finally:
         asr.kill()
-    assert every_final(before_stall)(flushed), \
+    assert flushed_final(flushed), \
         f"no idle flush before the kill:\n{asr.log()[-2000:]}"
     resume_and_compare(settings, rest, expected, tmp_path / "asr.log")
 
