@@ -34,6 +34,11 @@ def _opt(default: Any, help: str, env: str | None = None, secret: bool = False,
                                             "choices": choices})
 
 
+# What the auto bound leaves for a provisional's own delay past its modalities' lateness
+# (the chunk that moves the audio watermark, the 100 ms poll, the model), so that a final
+# lands about the slow modality's lateness after its window's end (docs/benchmarks.md).
+FINAL_WITHIN_MARGIN_MS = 200
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -92,11 +97,13 @@ class Settings:
         "prediction before the others (the transcript) are; none (or empty): final "
         "predictions only.")
     final_within_ms: int = _opt(
-        0, "A window's final prediction waits for the modalities not in provisional_on (the "
+        -1, "A window's final prediction waits for the modalities not in provisional_on (the "
         "transcript) at most this long (ms) after its provisional one went out (time in "
         "which the worker is behind its input counts at most 250 ms); segments that come "
         "later revise it (within revision_horizon_ms). 0: it waits for their watermark "
-        "plus lateness.")
+        "plus lateness. -1 (auto): their lateness minus the provisional modalities' minus "
+        "200 ms, so a final comes about lateness_text_ms after its window's end; 0 when "
+        "there are no provisional predictions or no revisions.")
     revision_horizon_ms: int = _opt(
         10_000, "A transcript segment that arrives after its window's final prediction, "
         "for a window that ended at most this long (ms of event time) before the newest "
@@ -240,7 +247,7 @@ class Settings:
             "max_frame_pixels": (self.max_frame_pixels >= 1, "must be at least 1"),
             "stream_expiry_ms": (self.stream_expiry_ms >= 0, "must not be negative"),
             "revision_horizon_ms": (self.revision_horizon_ms >= 0, "must not be negative"),
-            "final_within_ms": (self.final_within_ms >= 0, "must not be negative"),
+            "final_within_ms": (self.final_within_ms >= -1, "must be -1 (auto), 0 or more"),
             "batch_size": (self.batch_size >= 1, "must be at least 1"),
             "model_threads": (self.model_threads >= 0, "must not be negative"),
             # group.min.session.timeout.ms: a broker refuses a shorter session at join
@@ -300,7 +307,7 @@ class Settings:
                 f"use a comma separated subset of {', '.join(MODALITIES)}"
             )
         fast_expected = set(self.provisional_modalities) & set(self.modalities)
-        if self.final_within_ms and not (fast_expected and fast_expected != set(self.modalities)):
+        if self.final_within_ms > 0 and not (fast_expected and fast_expected != set(self.modalities)):
             raise ConfigError(
                 f"invalid setting final_within_ms={self.final_within_ms}: it bounds how long "
                 "a final waits after its provisional for the modalities not in "
@@ -341,6 +348,17 @@ class Settings:
 
     def idle_deadline_ns(self, modality: str) -> int:
         return int(getattr(self, f"idle_deadline_{modality}_ms")) * 1_000_000
+
+    def final_within_ns(self) -> int:
+        """The bound on a final's wait after its provisional, with -1 (auto) resolved."""
+        if self.final_within_ms >= 0:
+            return self.final_within_ms * 1_000_000
+        fast = set(self.provisional_modalities) & set(self.modalities)
+        slow = set(self.modalities) - fast
+        if not fast or not slow or not self.revision_horizon_ms:
+            return 0  # nothing to bound, or what came after the bound would be lost
+        lateness = max(map(self.lateness_ns, slow)) - max(map(self.lateness_ns, fast))
+        return max(lateness - FINAL_WITHIN_MARGIN_MS * 1_000_000, 0)
 
     def security_kwargs(self) -> dict[str, Any]:
         """Security options in the spelling kafka-python and aiokafka share."""

@@ -299,7 +299,7 @@ class AlignConfig:
             stream_expiry_ns=s.stream_expiry_ms * ms,
             provisional=s.provisional_modalities,
             revision_ns=s.revision_horizon_ms * ms,
-            final_within_ns=s.final_within_ms * ms,
+            final_within_ns=s.final_within_ns(),
         )
 
     @property

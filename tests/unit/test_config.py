@@ -38,6 +38,9 @@ def test_defaults_env_and_flags_in_that_order() -> None:
                                        "(.*brokers allow 6000 and up"),
         ({"device": "tpu"}, "device='tpu': must be auto, cpu, cuda or cuda:N"),
         ({"expected_modalities": "video,smell"}, "expected_modalities='video,smell'"),
+        ({"final_within_ms": -2}, "final_within_ms=-2: must be -1 "),
+        ({"final_within_ms": 3000, "provisional_on": "none"},
+         "final_within_ms=3000: it bounds how long a final waits"),
     ],
 )
 def test_invalid_settings_are_refused_with_the_rule(changes, message) -> None:
@@ -160,3 +163,20 @@ def test_unknown_streamproc_variables_are_named_with_the_setting_meant() -> None
     assert out.returncode == 0
     assert ("streamproc: warning: STREAMPROC_PARTITON is not a setting and is ignored (did "
             "you mean STREAMPROC_PARTITIONS?)") in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("changes", "bound_ms"),
+    [
+        ({}, 3000 - 100 - 200),  # the defaults: a final about the text lateness after the end
+        ({"lateness_text_ms": 10_000, "lateness_audio_ms": 300}, 10_000 - 300 - 200),
+        ({"lateness_text_ms": 250}, 0),  # no room left after the provisional's own delay
+        ({"provisional_on": "none"}, 0),  # finals only: nothing to count from
+        ({"expected_modalities": "video,audio"}, 0),  # no slower modality to bound
+        ({"revision_horizon_ms": 0}, 0),  # a segment after the bound could only be late
+        ({"final_within_ms": 0}, 0),
+        ({"final_within_ms": 1234}, 1234),
+    ],
+)
+def test_the_final_bound_resolves_auto_from_the_lateness(changes, bound_ms) -> None:
+    assert Settings(**changes).final_within_ns() == bound_ms * 1_000_000

@@ -19,6 +19,8 @@ T0 = 1_800_000_000 * S  # the wall clock is event time here
 
 
 def cfg(**changes) -> AlignConfig:
+    """The settings with ``changes``; without a ``final_within_ms``: no bound."""
+    changes.setdefault("final_within_ms", 0)
     return AlignConfig.from_settings(Settings(**changes))
 
 
@@ -93,6 +95,30 @@ def test_every_final_is_due_within_the_bound_and_its_last_revision_is_the_unboun
     assert delays and max(delays) <= 1500 * MS + 50 * MS
     plain_delay = [at - prov for prov, at in provisional_to_final(plain_out)]
     assert sum(d > 2 * S for d in plain_delay) > len(plain_delay) // 2
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_by_default_a_final_comes_about_the_text_lateness_after_its_window_ends(
+        seed: int) -> None:
+    events = stream(40, lag_ms=2000, seed=seed)
+    until = T0 + 60 * S
+    plain = last_finals(run(Aligner(cfg()), events, until))
+    defaults = Settings()
+    out = run(Aligner(AlignConfig.from_settings(defaults)), events, until)
+    assert {k: content(w) for k, w in last_finals(out).items()} == \
+        {k: content(w) for k, w in plain.items()}
+    first: dict[int, tuple[int, Window]] = {}
+    for now, w in out:
+        if w.final:
+            first.setdefault(w.start_ns, (now, w))
+    prov = {w.start_ns for _, w in out if not w.final}
+    # (the last windows' provisionals wait for the idle deadline of media that stopped)
+    late = [now - w.end_ns for k, (now, w) in first.items()
+            if k in prov and w.end_ns <= T0 + 38 * S]
+    assert len(late) > 60
+    # the provisional comes 100-200 ms after the end here (lateness 100 ms, the chunk)
+    assert max(late) <= defaults.lateness_text_ms * MS + 200 * MS
+    assert any(w.quality["closed_by"] == ClosedBy.BOUND for _, w in first.values())
 
 
 def provisional_to_final(out: list[tuple[int, Window]]) -> list[tuple[int, int]]:

@@ -44,6 +44,9 @@ def feed(a: Aligner, events: list, replayed: int = 0) -> list[tuple[int, Window]
 
 
 def aligner(provisional: str = "video,audio", **changes) -> Aligner:
+    """Finals that wait for the transcript's watermark (tests/unit/align/test_final_within.py
+    has the bound on that wait, on by default)."""
+    changes.setdefault("final_within_ms", 0)
     return Aligner(AlignConfig.from_settings(Settings(provisional_on=provisional, **changes)))
 
 
