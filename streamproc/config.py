@@ -101,9 +101,10 @@ class Settings:
         "transcript) at most this long (ms) after its provisional one went out (time in "
         "which the worker is behind its input counts at most 250 ms); segments that come "
         "later revise it (within revision_horizon_ms). 0: it waits for their watermark "
-        "plus lateness. -1 (auto): their lateness minus the provisional modalities' minus "
-        "200 ms, so a final comes about lateness_text_ms after its window's end; 0 when "
-        "there are no provisional predictions or no revisions.")
+        "plus lateness. -1 (auto): lateness_text_ms minus the provisional modalities' "
+        "lateness minus 200 ms, so a final comes about lateness_text_ms after its window's "
+        "end; 0 unless the transcript is the only modality outside provisional_on and "
+        "revisions are on.")
     revision_horizon_ms: int = _opt(
         10_000, "A transcript segment that arrives after its window's final prediction, "
         "for a window that ended at most this long (ms of event time) before the newest "
@@ -355,9 +356,10 @@ class Settings:
             return self.final_within_ms * 1_000_000
         fast = set(self.provisional_modalities) & set(self.modalities)
         slow = set(self.modalities) - fast
-        if not fast or not slow or not self.revision_horizon_ms:
-            return 0  # nothing to bound, or what came after the bound would be lost
-        lateness = max(map(self.lateness_ns, slow)) - max(map(self.lateness_ns, fast))
+        # only transcripts revise a final: anything else after the bound would be lost
+        if not fast or slow != {"text"} or not self.revision_horizon_ms:
+            return 0
+        lateness = self.lateness_ns("text") - max(map(self.lateness_ns, fast))
         return max(lateness - FINAL_WITHIN_MARGIN_MS * 1_000_000, 0)
 
     def security_kwargs(self) -> dict[str, Any]:

@@ -173,6 +173,7 @@ def test_unknown_streamproc_variables_are_named_with_the_setting_meant() -> None
         ({"lateness_text_ms": 250}, 0),  # no room left after the provisional's own delay
         ({"provisional_on": "none"}, 0),  # finals only: nothing to count from
         ({"expected_modalities": "video,audio"}, 0),  # no slower modality to bound
+        ({"provisional_on": "video"}, 0),  # late audio could not revise the final
         ({"revision_horizon_ms": 0}, 0),  # a segment after the bound could only be late
         ({"final_within_ms": 0}, 0),
         ({"final_within_ms": 1234}, 1234),
