@@ -431,6 +431,11 @@ def run_worker(settings: Settings) -> int:
                       "ALIGN-ONLY: its predictions are window summaries with empty labels "
                       "and scores. Give --model a checkpoint (`streamproc demo` trains one "
                       "into ~/.cache/streamproc/demo/model) to get labels."))
+    bound_ms = settings.final_within_ns() // 1_000_000
+    if settings.final_within_ms < 0 and bound_ms:
+        notes.append((logging.INFO, f"finals: at most {bound_ms} ms after their provisional "
+                                    "(final_within_ms auto); later transcript segments "
+                                    "revise them"))
     model_info = predictor.info if predictor is not None else ALIGN_ONLY_MODEL
     notes += [(logging.WARNING, line) for line in other_groups(settings, model_info)]
     metrics = Metrics()
