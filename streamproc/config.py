@@ -307,7 +307,7 @@ class Settings:
                 f"invalid setting expected_modalities={self.expected_modalities!r}: "
                 f"use a comma separated subset of {', '.join(MODALITIES)}"
             )
-        fast_expected = set(self.provisional_modalities) & set(self.modalities)
+        fast_expected = self._fast_expected()
         if self.final_within_ms > 0 and not (fast_expected and fast_expected != set(self.modalities)):
             raise ConfigError(
                 f"invalid setting final_within_ms={self.final_within_ms}: it bounds how long "
@@ -328,6 +328,10 @@ class Settings:
         """``provisional_on`` as a tuple, in the order of MODALITIES."""
         fast = self._provisional_names()
         return tuple(m for m in MODALITIES if m in fast)
+
+    def _fast_expected(self) -> set[Modality]:
+        """The expected modalities a provisional prediction waits for."""
+        return set(self.provisional_modalities) & set(self.modalities)
 
     def _provisional_names(self) -> set[str]:
         return {m.strip().lower() for m in self.provisional_on.split(",") if m.strip()}
@@ -354,7 +358,7 @@ class Settings:
         """The bound on a final's wait after its provisional, with -1 (auto) resolved."""
         if self.final_within_ms >= 0:
             return self.final_within_ms * 1_000_000
-        fast = set(self.provisional_modalities) & set(self.modalities)
+        fast = self._fast_expected()
         slow = set(self.modalities) - fast
         # only transcripts revise a final: anything else after the bound would be lost
         if not fast or slow != {"text"} or not self.revision_horizon_ms:
