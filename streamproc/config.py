@@ -171,6 +171,12 @@ class Settings:
         "How long a worker that stopped heartbeating (crashed, killed) keeps its partitions "
         "before the group hands them to another worker (ms; brokers allow 6000 and up).",
     )
+    switch_interval_us: int = _opt(
+        1000, "How long (µs) one of the worker's threads keeps the interpreter while another "
+        "waits for it (Python's sys.setswitchinterval; its own default is 5000). The event "
+        "loop, the Kafka consumer's thread and the model thread take turns: with 5000, the "
+        "model thread waits up to 5 ms after each torch call while the loop works, and a "
+        "burst of windows queues behind it.")
     # --- speech recognition (`streamproc asr`) -------------------------------------------
     asr_engine: str = _opt(
         "streamproc.asr.engine:pocketsphinx_engine", "Speech recogniser of `streamproc asr`: "
@@ -253,6 +259,8 @@ class Settings:
             "model_threads": (self.model_threads >= 0, "must not be negative"),
             # group.min.session.timeout.ms: a broker refuses a shorter session at join
             "session_timeout_ms": (self.session_timeout_ms >= 6000, "must be at least 6000"),
+            "switch_interval_us": (50 <= self.switch_interval_us <= 100_000,
+                                   "must be 50 to 100000"),
             "batch_max_wait_ms": (self.batch_max_wait_ms >= 0, "must not be negative"),
             "model_reload_s": (self.model_reload_s >= 0, "must not be negative"),
             "device": (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
@@ -510,7 +518,8 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
                 "stream_expiry_ms"),
     "inference": ("batch_size", "batch_max_wait_ms", "device", "model_threads",
                   "model_reload_s"),
-    "worker": ("data_dir", "metrics_port", "web_port", "session_timeout_ms"),
+    "worker": ("data_dir", "metrics_port", "web_port", "session_timeout_ms",
+               "switch_interval_us"),
     "asr": ("asr_processes", "asr_vad", "asr_vad_mode", "asr_partial_interval_ms",
             "asr_end_silence_ms", "asr_gap_ms", "asr_lang", "asr_streams"),
     "view": ("view_host", "view_port", "view_token", "view_metrics_url", "view_fps",
@@ -544,7 +553,7 @@ COMMAND_GROUPS: dict[str, tuple[str, ...] | None] = {
     # data_dir, web_port, asr_engine and asr_max_utterance_ms itself.
     "demo": ("kafka", "logging", "topics", "topic_layout", "windows", "provisional_on",
              "final_within_ms", "max_frame_pixels", "inference", "metrics_port",
-             "session_timeout_ms", "asr", "view"),
+             "session_timeout_ms", "switch_interval_us", "asr", "view"),
 }
 
 

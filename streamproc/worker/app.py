@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from operator import attrgetter
@@ -174,6 +175,8 @@ def create_app(settings: Settings, *, partitions: int | None = None,
     app.streamproc_metrics = metrics  # type: ignore[attr-defined]
     patches.patch_fetcher()
     patches.patch_connections()
+    # process-wide, like the patches: the threads' turns on the interpreter (Settings)
+    sys.setswitchinterval(settings.switch_interval_us / 1e6)
     client_faults = ClientFaults()
     client_faults.install()
 
@@ -459,7 +462,8 @@ def run_worker(settings: Settings) -> int:
                                     f"served without a restart (looked for {every}on SIGHUP)"))
         start_reloader(app, reloader)
     notes.insert(0, (logging.INFO, f"worker {WORKER_ID}: app {settings.app_id} on "
-                                   f"{settings.bootstrap_servers}, {n} partitions"))
+                                   f"{settings.bootstrap_servers}, {n} partitions; threads "
+                                   f"switch every {sys.getswitchinterval() * 1e6:.0f} us"))
     log_when_started(app, notes)
     faust_worker(app, settings.log_level).execute_from_commandline()  # exits the process
     return 0

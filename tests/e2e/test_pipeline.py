@@ -380,7 +380,8 @@ def test_backlog_keeps_window_order_and_names_its_writer(
     """Four streams' backlog on one partition, read by a fresh worker in big batches:
     in the predictions partition each stream's windows are in window order, and every
     prediction names its worker group, model and window settings in headers. The worker
-    logs the model it serves and the default bound on its finals' wait. A second group
+    logs the model it serves, the default bound on its finals' wait and how often its
+    threads switch (the default, and a second worker's own setting). A second group
     (align-only, other lateness) started on the same prefix says loudly that it is
     align-only and that the first group writes there."""
     clips = make_clips(tmp_path / "clips", {f"o{i}": [(i + j) % 10 for j in range(6)]
@@ -401,12 +402,14 @@ def test_backlog_keeps_window_order_and_names_its_writer(
         # the default bound on a final's wait, resolved from the lateness (3000 - 100 - 200)
         worker.wait_for(r"finals: at most 2700 ms after their provisional \(final_within_ms "
                         r"auto\)")
+        worker.wait_for(r"threads switch every 1000 us")  # the default
         other = settings.replace(app_id=f"{settings.app_id}-b", model="",
                                  lateness_text_ms=4000, web_port=free_port(),
-                                 data_dir=str(tmp_path / "data-b"))
+                                 data_dir=str(tmp_path / "data-b"), switch_interval_us=2500)
         second = WorkerProc(other, tmp_path / "second.log")
         workers.append(second)
         second.wait_for(r"from worker group", timeout=90)
+        second.wait_for(r"threads switch every 2500 us")
         assert second.stop() == 0, second.log()[-3000:]
         assert worker.stop() == 0, worker.log()[-3000:]
     finally:
