@@ -160,7 +160,8 @@ class MultimodalModel(nn.Module):
                 out[m] = enc(batch)
                 continue
             rest = [i for i in range(len(batch)) if i not in have]
-            new = iter(zip(*enc(batch.select(rest)), strict=True)) if rest else iter(())
+            new = iter(zip(*(part.unbind(0) for part in enc(batch.select(rest))),
+                           strict=True)) if rest else iter(())
             rows = [have[i] if i in have else Encoded(*next(new)) for i in range(len(batch))]
             out[m] = Encoded(*(torch.stack(part) for part in zip(*rows, strict=True)))
         return out

@@ -32,7 +32,7 @@ def signature(window: Any, modality: str) -> Hashable:
     if modality == "video":
         return present, tuple((f.seq, f.ts_ns) for f in window.frames)
     if modality == "audio":
-        digest = hashlib.blake2b(window.audio.tobytes(), digest_size=16)
+        digest = hashlib.sha256(window.audio.tobytes())  # faster here than blake2b
         digest.update(window.audio_mask.tobytes())
         return present, window.sample_rate, digest.digest()
     return present, tuple((s.seq, s.start_ns, s.end_ns, s.final, s.text)
@@ -83,13 +83,20 @@ class EncodingMemo:
         """Keep the rows of the provisional windows among ``windows`` (``present``: the
         batch's bool [B, modalities])."""
         rows = self._rows
-        for i, w in enumerate(windows):
-            if w.final:
-                continue
+        idx = [i for i, w in enumerate(windows) if not w.final]
+        if not idx:
+            return
+        # a few tensor calls per batch, not one per row and part: each call from this
+        # thread may wait for the interpreter while the event loop runs
+        flags = present.tolist()
+        cut = {m: list(zip(*(part[idx].unbind(0) for part in enc), strict=True))
+               for m, enc in encoded.items()}
+        col = {m: MODALITIES.index(m) for m in encoded}
+        for j, i in enumerate(idx):
+            w = windows[i]
             rows[(w.stream_id, w.start_ns)] = {
-                m: (signature(w, m), Kept(Encoded(*(part[i].clone() for part in enc)),
-                                          bool(present[i, MODALITIES.index(m)])))
-                for m, enc in encoded.items()}
+                m: (signature(w, m), Kept(Encoded(*cut[m][j]), bool(flags[i][col[m]])))
+                for m in encoded}
             rows.move_to_end((w.stream_id, w.start_ns))
         while len(rows) > self.capacity:
             rows.popitem(last=False)
