@@ -21,25 +21,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-#: (switch interval µs, busy share) in the order of one round; the next round reverses it
-CONFIGS = ((5000, 0.0), (5000, 1.0), (1000, 1.0), (1000, 0.0))
+#: (switch interval µs, busy share, where the model runs) in the order of one round; the
+#: next round reverses it
+CONFIGS = ((5000, 0.0, "thread"), (5000, 1.0, "thread"), (1000, 1.0, "thread"),
+           (1000, 1.0, "process"), (1000, 0.0, "process"), (1000, 0.0, "thread"))
 BATCH = 8
 WINDOWS = 64
 #: the busy thread's cycle: Python for busy x this, then asleep for the rest
 CYCLE_S = 0.01
 
 
-def one(model: str, switch_us: int, busy: float, repeats: int) -> list[float]:
-    """ms per batch in this process, every batch (the busy thread running meanwhile)."""
+def one(model: str, switch_us: int, busy: float, where: str, repeats: int) -> list[float]:
+    """ms per batch, every batch (the busy thread running meanwhile), the model in this
+    process's thread or in a process of its own (``--model-in``)."""
     import torch
     from bench_encoders import w1_windows
 
     from streamproc.inference.predictor import Predictor
+    from streamproc.inference.process import ProcessPredictor
 
     torch.set_num_threads(1)  # the worker's default on 2 cores
     sys.setswitchinterval(switch_us / 1e6)
-    predictor = Predictor(model, "cpu", 1)
-    windows = [dataclasses.replace(w, final=False, stream_id=f"s{i}")
+    predictor = (ProcessPredictor if where == "process" else Predictor)(model, "cpu", 1)
+    # the K = 8 frames a window holds (the aligner's pick of its 15)
+    windows = [dataclasses.replace(w, final=False, stream_id=f"s{i}", frames=w.frames[::2][:8])
                for i, w in enumerate(w1_windows(WINDOWS))]
     predictor(windows[:BATCH])  # first call: lazy set-up inside torch
     stop = threading.Event()
@@ -60,6 +65,8 @@ def one(model: str, switch_us: int, busy: float, repeats: int) -> list[float]:
             predictor(windows[i:i + BATCH])
             took.append((time.perf_counter() - t) * 1000)
     stop.set()
+    if isinstance(predictor, ProcessPredictor):
+        predictor.close()
     return took
 
 
@@ -78,23 +85,24 @@ def main() -> int:
         from streamproc.dev.demo import Layout, default_dir, prepare_model
         args.model = str(prepare_model(Layout(default_dir()), log=print))
     if args.one:
-        switch_us, busy = args.one.split(",")
-        took = one(args.model, int(switch_us), float(busy), args.repeats)
+        switch_us, busy, where = args.one.split(",")
+        took = one(args.model, int(switch_us), float(busy), where, args.repeats)
         print(" ".join(f"{t:.2f}" for t in took))
         return 0
-    print("| round | switch interval | Python thread busy | ms per batch of 8: median | p90 "
-          "| load (1 min) |\n|---|---|---|---|---|---|")
+    print("| round | model in | switch interval | Python thread busy | ms per batch of 8: "
+          "median | p90 | load (1 min) |\n|---|---|---|---|---|---|---|")
     for r in range(args.rounds):
         order = CONFIGS if r % 2 == 0 else CONFIGS[::-1]
-        for switch_us, share in order:
+        for switch_us, share, where in order:
             busy = share * args.busy
             load = Path("/proc/loadavg").read_text().split()[0]
             out = subprocess.run([sys.executable, __file__, "--model", args.model,
                                   "--repeats", str(args.repeats), "--one",
-                                  f"{switch_us},{busy}"],
+                                  f"{switch_us},{busy},{where}"],
                                  capture_output=True, text=True, check=True).stdout
             took = sorted(float(x) for x in out.split("\n")[-2].split())
-            print(f"| {r + 1} | {switch_us} µs | {busy:.0%} | {statistics.median(took):.1f} "
+            print(f"| {r + 1} | {where} | {switch_us} µs | {busy:.0%} | "
+                  f"{statistics.median(took):.1f} "
                   f"| {took[int(len(took) * 0.9)]:.1f} | {load} |", flush=True)
     return 0
 

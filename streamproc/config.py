@@ -43,6 +43,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 ASR_VADS = ("webrtc", "energy")
+MODEL_IN = ("thread", "process")
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,13 @@ class Settings:
         0, "Threads torch runs the model with on the CPU; 0: one less than the CPU count "
         "(at least 1), so the event loop keeps a core (with every core, torch's threads "
         "and the loop take turns on a busy machine and batches wait).")
+    model_in: str = _opt(
+        "thread", "Where the model runs: thread (a thread of the worker's process) or "
+        "process (a child process of its own, fed through a pipe: the model then never "
+        "waits for the interpreter while the event loop works, but costs more CPU: it "
+        "decodes its frames when a batch comes; for a worker with a core to spare). A hot "
+        "reload pauses a process's scoring while it loads the new checkpoint.",
+        choices=MODEL_IN)
     model_reload_s: float = _opt(
         5.0, "How often (s) the worker looks for a new checkpoint in its `model` directory "
         "and hot-reloads it (no restart; a bad one is refused and the served model goes on); "
@@ -275,6 +283,7 @@ class Settings:
                 self.asr_processes.isdigit() and int(self.asr_processes) <= 256),
                 "must be auto or a number of processes, 0 to 256"),
             "asr_vad": (self.asr_vad in ASR_VADS, "must be webrtc or energy"),
+            "model_in": (self.model_in in MODEL_IN, "must be thread or process"),
             "asr_vad_mode": (0 <= self.asr_vad_mode <= 3, "must be 0, 1, 2 or 3"),
             "asr_partial_interval_ms": (self.asr_partial_interval_ms >= 0,
                                         "must not be negative"),
@@ -516,7 +525,7 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
                 "frames_per_window", "sample_rate", "max_buffer_frames", "max_buffer_audio_s",
                 "max_future_ms", "max_lead_ms", "max_span_audio_ms", "max_span_text_ms",
                 "stream_expiry_ms"),
-    "inference": ("batch_size", "batch_max_wait_ms", "device", "model_threads",
+    "inference": ("batch_size", "batch_max_wait_ms", "device", "model_threads", "model_in",
                   "model_reload_s"),
     "worker": ("data_dir", "metrics_port", "web_port", "session_timeout_ms",
                "switch_interval_us"),

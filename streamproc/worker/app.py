@@ -44,6 +44,7 @@ from streamproc.inference.groups import other_groups
 from streamproc.inference.outputs import InferenceOutput, SummaryOutput, WindowOutput
 from streamproc.inference.predictions import ALIGN_ONLY_MODEL, prediction_headers
 from streamproc.inference.predictor import Predictor, Served
+from streamproc.inference.process import ProcessPredictor
 from streamproc.inference.reload import ModelReloader, Signature, checkpoint_dir, signature
 from streamproc.topics import check_topics
 from streamproc.wire import codec as wire
@@ -406,8 +407,9 @@ def run_worker(settings: Settings) -> int:
         # before the load: a checkpoint written during it is then seen as new
         directory = checkpoint_dir(settings.model)
         loaded = signature(directory) if directory is not None else None
-        predictor = Predictor(settings.model, settings.device,
-                              settings.model_threads or max(1, (os.cpu_count() or 1) - 1))
+        serve = ProcessPredictor if settings.model_in == "process" else Predictor
+        predictor = serve(settings.model, settings.device,
+                          settings.model_threads or max(1, (os.cpu_count() or 1) - 1))
         k = predictor.preprocess.frames_per_window
         if k != settings.frames_per_window:
             notes.append((logging.INFO, f"frames_per_window: using the model's K={k} "
@@ -426,7 +428,8 @@ def run_worker(settings: Settings) -> int:
                                         f"1-{settings.batch_size} in {took:.1f} s"))
         notes.append((logging.INFO, f"serving model {predictor.info['name']} version "
                                     f"{predictor.info['version']} from {settings.model} on "
-                                    f"{predictor.device} ({predictor.threads} CPU thread(s))"
+                                    f"{predictor.device} ({predictor.threads} CPU thread(s)) "
+                                    f"in a {settings.model_in}"
                       + (f" (checkpoint {predictor.info['checkpoint']})"
                          if "checkpoint" in predictor.info else "")))
     else:

@@ -380,14 +380,15 @@ def test_backlog_keeps_window_order_and_names_its_writer(
     """Four streams' backlog on one partition, read by a fresh worker in big batches:
     in the predictions partition each stream's windows are in window order, and every
     prediction names its worker group, model and window settings in headers. The worker
-    logs the model it serves, the default bound on its finals' wait and how often its
-    threads switch (the default, and a second worker's own setting). A second group
+    logs the model it serves (in a process of its own here), the default bound on its
+    finals' wait and how often its threads switch (the default, and a second worker's own
+    setting). A second group
     (align-only, other lateness) started on the same prefix says loudly that it is
     align-only and that the first group writes there."""
     clips = make_clips(tmp_path / "clips", {f"o{i}": [(i + j) % 10 for j in range(6)]
                                             for i in range(4)}, avdigits_tts)
     settings = pipeline_settings(kafka_bootstrap, tmp_path, tiny_model, clips, partitions=1,
-                                 batch_size=64)
+                                 batch_size=64, model_in="process")
     create_topics(settings)
     hop = settings.hop_ms * MS
     origin = (time.time_ns() - 120 * S) // hop * hop
@@ -398,7 +399,8 @@ def test_backlog_keeps_window_order_and_names_its_writer(
         msgs = read_all(settings, settings.topic("predictions"),
                         lambda ms: set(expected) <= {p.key for p in map(pred_of, ms) if p.final},
                         timeout=settings.idle_deadline_text_ms / 1000 + 90)
-        (served,) = worker.wait_for(r"serving model (\S+ version \S+) from \S+ on (\S+)")
+        (served,) = worker.wait_for(r"serving model (\S+ version \S+) from \S+ on (\S+) "
+                                    r"\(\d+ CPU thread\(s\)\) in a process")
         # the default bound on a final's wait, resolved from the lateness (3000 - 100 - 200)
         worker.wait_for(r"finals: at most 2700 ms after their provisional \(final_within_ms "
                         r"auto\)")

@@ -38,6 +38,7 @@ def test_defaults_env_and_flags_in_that_order() -> None:
                                        "(.*brokers allow 6000 and up"),
         ({"device": "tpu"}, "device='tpu': must be auto, cpu, cuda or cuda:N"),
         ({"switch_interval_us": 10}, "switch_interval_us=10: must be 50 to 100000"),
+        ({"model_in": "gpu"}, "model_in='gpu': must be thread or process"),
         ({"expected_modalities": "video,smell"}, "expected_modalities='video,smell'"),
         ({"final_within_ms": -2}, "final_within_ms=-2: must be -1 "),
         ({"final_within_ms": 3000, "provisional_on": "none"},

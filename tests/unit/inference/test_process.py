@@ -1,0 +1,159 @@
+"""The model in a process of its own: windows cross the pipe whole (no pickle), the child
+scores exactly as the model thread does, loads what a hot reload swaps in, and is started
+again when it dies."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from model_helpers import windows
+
+from streamproc.align.aligner import AlignConfig, ClosedBy, Window
+from streamproc.config import Settings
+from streamproc.inference.predictor import Predictor
+from streamproc.inference.process import ModelDied, ProcessPredictor, decode_windows, encode_windows
+from streamproc.models import create_model
+from streamproc.models.checkpoint import save_checkpoint
+from streamproc.models.preprocess import Preprocess
+from streamproc.wire.codec import TranscriptSegment, Word
+
+
+def _save(path: Path, version: str, labels=("a", "b")) -> Path:
+    model = create_model("late", list(labels), Preprocess(frames_per_window=8),
+                         name="tiny", version=version, dim=8)
+    return save_checkpoint(model, path)
+
+
+def _fields(w: Window) -> dict:
+    d = {f.name: getattr(w, f.name) for f in dataclasses.fields(w)}
+    d["audio"], d["audio_mask"] = d["audio"].tolist(), d["audio_mask"].tolist()
+    d["frames"] = [(f.stream_id, f.ts_ns, f.seq, f.data, f.fmt, f.width, f.height)
+                   for f in w.frames]
+    return d
+
+
+def _wait_dead(pid: int) -> None:
+    """Until ``pid`` has exited (a zombie, not reaped: its parent does that)."""
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z":
+        assert time.monotonic() < deadline, f"{pid} still running"
+        time.sleep(0.01)
+
+
+def test_windows_cross_the_pipe_whole() -> None:
+    base = windows(3)
+    words = (Word("uh", 100, 200), Word("two", 300, 900))
+    partial = TranscriptSegment("s", 7, "uh two", 100, 900, final=False, confidence=0.5,
+                                lang="en", words=words)
+    mask = np.ones(16000, bool)
+    mask[4000:6000] = False
+    odd = dataclasses.replace(
+        base[1], segments=[partial, *base[1].segments], audio_mask=mask,
+        present={"video": True, "audio": False, "text": True}, rev=2, final=False,
+        unchanged=True,
+        quality={"closed_by": ClosedBy.BOUND, "audio_missing_s": np.float64(0.125),
+                 "frames_dropped": np.int64(3)})
+    sent = [base[0], odd, dataclasses.replace(base[2], frames=[], frame_count=0)]
+    got = decode_windows(encode_windows(sent))
+    for a, b in zip(sent, got, strict=True):
+        want = _fields(a)
+        want["provenance"], want["ingest_ms"] = {}, {}  # not sent: no model reads them
+        assert _fields(b) == want
+    assert got[1].quality == {"closed_by": "bound", "audio_missing_s": 0.125,
+                              "frames_dropped": 3}
+    assert got[1].text == odd.text
+
+
+def test_bytes_after_the_last_window_are_refused() -> None:
+    with pytest.raises(ValueError, match="2 bytes after the last window"):
+        decode_windows(encode_windows(windows(2)) + b"xx")
+
+
+def test_the_child_scores_as_the_model_thread_does(tmp_path: Path) -> None:
+    ck = _save(tmp_path / "model", "1")
+    here = Predictor(str(ck), "cpu", 1)
+    there = ProcessPredictor(str(ck), "cpu", 1)
+    try:
+        assert there.info == here.info
+        assert there.warm_up(3, AlignConfig.from_settings(Settings())) > 0
+        ws = [dataclasses.replace(w, final=False, stream_id=f"s{i}")
+              for i, w in enumerate(windows(5))]
+        a, b = here(ws), there(ws)
+        assert [s.label for s in b] == [s.label for s in a]
+        for x, y in zip(a, b, strict=True):
+            assert y.scores == pytest.approx(x.scores, abs=1e-6)
+            assert y.model == dict(here.info)
+        # the finals of those windows, same inputs: every encoder output taken from the
+        # provisional kept in the child
+        finals = [dataclasses.replace(w, final=True) for w in ws]
+        assert [s.reused for s in there(finals)] == [s.reused for s in here(finals)] == \
+            [("video", "audio", "text")] * 5
+    finally:
+        there.close()
+
+
+def test_a_swapped_in_checkpoint_is_loaded_by_the_child(tmp_path: Path) -> None:
+    ck = _save(tmp_path / "model", "1")
+    predictor = ProcessPredictor(str(ck), "cpu", 1)
+    try:
+        predictor.warm_up(2, AlignConfig.from_settings(Settings()))
+        _save(ck, "2", labels=("a", "b", "c"))
+        served = predictor.load()
+        predictor.warm_up(2, AlignConfig.from_settings(Settings()), served)
+        predictor.swap(served)
+        scored = predictor(windows(2))
+        assert {s.model["version"] for s in scored} == {"2"} and len(scored[0].scores) == 3
+    finally:
+        predictor.close()
+
+
+def test_a_dead_child_is_started_again(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                       ) -> None:
+    ck = _save(tmp_path / "model", "1")
+    predictor = ProcessPredictor(str(ck), "cpu", 1)
+    try:
+        first = predictor.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        _wait_dead(first)
+        with caplog.at_level(logging.WARNING, "streamproc.inference.process"):
+            scored = predictor(windows(2))
+        assert len(scored) == 2 and predictor.pid not in (None, first)
+        assert "model process gone (exit code -9): starting it again" in caplog.text
+    finally:
+        predictor.close()
+
+
+def test_a_child_dying_during_a_request_fails_that_request_only(tmp_path: Path) -> None:
+    ck = _save(tmp_path / "model", "1")
+    predictor = ProcessPredictor(str(ck), "cpu", 1)
+    cfg = AlignConfig.from_settings(Settings())
+    try:
+        pid = predictor.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # it reads the (small) request but cannot answer it
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            request = pool.submit(predictor.warm_up, 2, cfg)
+            time.sleep(0.3)
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(ModelDied, match=r"exited \(code -9\) during a request"):
+                request.result(timeout=30)
+        assert predictor.pid is None and len(predictor(windows(1))) == 1  # a new child
+        # a batch too big for the pipe's buffer, sent to a child that is gone before it
+        # reads it: a new child computes it
+        pid = predictor.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        _wait_dead(pid)
+        assert len(predictor(windows(4))) == 4
+        assert predictor.pid not in (None, pid)
+    finally:
+        predictor.close()
