@@ -32,7 +32,7 @@ import numpy as np
 
 from streamproc.align.aligner import AlignConfig, Window
 from streamproc.config import Settings
-from streamproc.inference.predictor import Predictor, Scored, Served
+from streamproc.inference.predictor import Predictor, Scored, Served, load_served
 from streamproc.wire.codec import TranscriptSegment, VideoFrame, segment_from_json
 
 log = logging.getLogger(__name__)
@@ -130,12 +130,12 @@ class ModelDied(RuntimeError):
 class ProcessPredictor(Predictor):
     """A :class:`Predictor` whose batches run in a child process.
 
-    Its own copy of the model (loaded here, never called after the start) tells the worker
-    what it serves; the child loads the same ``spec`` and scores every batch.
+    Its own copy of the model (loaded here on the CPU, never called) tells the worker what
+    it serves; the child loads the same ``spec`` on ``device`` and scores every batch.
     """
 
     def __init__(self, spec: str, device: str = "auto", threads: int | None = None) -> None:
-        super().__init__(spec, device, threads)
+        super().__init__(spec, "cpu", threads)
         self._args = (spec, str(device), str(threads or 0))
         self._lock = threading.Lock()  # one request at a time: the model thread, a reload
         self._warm: tuple[int, AlignConfig] | None = None
@@ -162,7 +162,11 @@ class ProcessPredictor(Predictor):
         os.close(from_w)
         self._to, self._from = os.fdopen(to_w, "wb"), os.fdopen(from_r, "rb")
         ready = self._answer()
-        log.info("model process %d serves %s", self._proc.pid, ready["info"])
+        import torch  # loaded by the Predictor already (an align-only worker never is one)
+
+        self.device = torch.device(ready["device"])  # where the batches run
+        log.info("model process %d serves %s on %s", self._proc.pid, ready["info"],
+                 self.device)
 
     def _answer(self) -> dict[str, Any]:
         assert self._from is not None
@@ -221,6 +225,11 @@ class ProcessPredictor(Predictor):
         return [Scored(s["label"], s["scores"], s["preprocess_ms"], s["model_ms"], s["model"],
                        tuple(s["reused"])) for s in reply["scored"]]
 
+    def load(self, spec: str | None = None) -> Served:
+        """A model loaded here on the CPU (what it says about itself); the child loads it
+        where it runs when it is swapped in."""
+        return load_served(spec or self.spec, "cpu")
+
     def decode_early(self, frame: VideoFrame) -> None:
         """Nothing: the child decodes a batch's frames itself."""
 
@@ -268,7 +277,8 @@ def _warm(predictor: Predictor, request: Mapping[str, Any]) -> float:
 def child(spec: str, device: str, threads: int, inp: IO[bytes], out: IO[bytes]) -> int:
     """Serve batches read from ``inp`` until it closes."""
     predictor = Predictor(spec, device, threads or None)
-    _send(out, json.dumps({"info": dict(predictor.info)}).encode())
+    _send(out, json.dumps({"info": dict(predictor.info),
+                           "device": str(predictor.device)}).encode())
     while (data := _recv(inp)) is not None:
         kind, body = data[:1], data[1:]
         try:
