@@ -139,6 +139,7 @@ class ModelReloader:
                 self.on_result("unchanged", current)
                 return "unchanged"
             self.check(new)
+            self.predictor.swap(new)  # a model process may fail to load it too
         except Exception as e:
             reason = (str(e) or type(e).__name__).rstrip(".")
             log.error("model reload refused: %s: %s; still serving %s", self.directory,
@@ -151,7 +152,6 @@ class ModelReloader:
                         "the one it replaces (%s/%s); only the checkpoint digest in "
                         "predictions tells them apart (streamproc train --version)",
                         new.info["name"], new.info["version"])
-        self.predictor.swap(new)
         log.info("model reloaded: serving %s from %s (was %s); loaded and warmed up in "
                  "%.1f s", new.describe(), self.directory, current.describe(),
                  time.perf_counter() - t0)

@@ -83,20 +83,16 @@ class EncodingMemo:
         """Keep the rows of the provisional windows among ``windows`` (``present``: the
         batch's bool [B, modalities])."""
         rows = self._rows
-        idx = [i for i, w in enumerate(windows) if not w.final]
-        if not idx:
-            return
-        # a few tensor calls per batch, not one per row and part: each call from this
-        # thread may wait for the interpreter while the event loop runs
-        flags = present.tolist()
-        cut = {m: list(zip(*(part[idx].unbind(0) for part in enc), strict=True))
-               for m, enc in encoded.items()}
+        flags = present.tolist()  # one call, not one per row and modality
         col = {m: MODALITIES.index(m) for m in encoded}
-        for j, i in enumerate(idx):
-            w = windows[i]
+        for i, w in enumerate(windows):
+            if w.final:
+                continue
+            # each row its own copy: a view would keep the whole batch's tensor alive
             rows[(w.stream_id, w.start_ns)] = {
-                m: (signature(w, m), Kept(Encoded(*cut[m][j]), bool(flags[i][col[m]])))
-                for m in encoded}
+                m: (signature(w, m), Kept(Encoded(*(part[i].clone() for part in enc)),
+                                          bool(flags[i][col[m]])))
+                for m, enc in encoded.items()}
             rows.move_to_end((w.stream_id, w.start_ns))
         while len(rows) > self.capacity:
             rows.popitem(last=False)

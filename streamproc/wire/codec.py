@@ -588,17 +588,13 @@ def decode(
         raise WireError(f"transcript value is not JSON: {e}") from None
     if not isinstance(obj, dict):
         raise WireError(f"transcript JSON must be an object, got {type(obj).__name__}")
-    seg = segment_from_json(obj, sid, seq, src)
+    seg = _segment_from_json(obj, sid, seq, src)
     if seg.start_ns != ts:
         raise WireError(f"sp-ts={ts} differs from the segment's start_ns={seg.start_ns}", "sp-ts")
     return seg
 
 
-def segment_from_json(obj: dict, sid: str, seq: int, src: Source | None = None
-                      ) -> TranscriptSegment:
-    """A transcript segment from its JSON object (as ``TranscriptSegment.to_json`` writes
-    it), checked field by field (WireError)."""
-
+def _segment_from_json(obj: dict, sid: str, seq: int, src: Source | None) -> TranscriptSegment:
     def need(name: str, kinds: tuple[type, ...], what: str) -> Any:
         if name not in obj:
             raise WireError(f"transcript JSON lacks field {name!r}")

@@ -287,18 +287,20 @@ class WorkerCore:
         # events_in is counted once per batch: a labelled count per record cost about as
         # much as adding the record to its aligner
         admitted = dict.fromkeys(self.modality_of, 0)
-        for event in events:
-            partition = event.partition
-            aligner = self._admit(event)
-            if aligner is None:
-                continue
-            admitted[event.topic] += 1
-            if partition not in readings:
-                readings[partition] = self._note_stall(partition, aligner, fast=True)
-            self._align(event, aligner, now)
-        for topic, n in admitted.items():
-            if n:
-                self.counters.inc("events_in", n, modality=self.modality_of[topic])
+        try:
+            for event in events:
+                partition = event.partition
+                aligner = self._admit(event)
+                if aligner is None:
+                    continue
+                admitted[event.topic] += 1
+                if partition not in readings:
+                    readings[partition] = self._note_stall(partition, aligner, fast=True)
+                self._align(event, aligner, now)
+        finally:
+            for topic, n in admitted.items():
+                if n:
+                    self.counters.inc("events_in", n, modality=self.modality_of[topic])
         for partition, reading in readings.items():
             self._poll(partition, self.aligners[partition], now, reading)
 

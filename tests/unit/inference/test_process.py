@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from model_helpers import windows
 
 from streamproc.align.aligner import AlignConfig, ClosedBy, Window
 from streamproc.config import Settings
+from streamproc.inference import process
 from streamproc.inference.predictor import Predictor
 from streamproc.inference.process import ModelDied, ProcessPredictor, decode_windows, encode_windows
 from streamproc.models import create_model
@@ -50,7 +52,9 @@ def _wait_dead(pid: int) -> None:
 
 def test_windows_cross_the_pipe_whole() -> None:
     base = windows(3)
-    words = (Word("uh", 100, 200), Word("two", 300, 900))
+    # as the aligner cuts a word-timed segment to a window: its span clipped, a word
+    # reaching past it kept whole (the wire format would refuse that)
+    words = (Word("uh", 50, 200), Word("two", 300, 1200))
     partial = TranscriptSegment("s", 7, "uh two", 100, 900, final=False, confidence=0.5,
                                 lang="en", words=words)
     mask = np.ones(16000, bool)
@@ -132,28 +136,99 @@ def test_a_dead_child_is_started_again(tmp_path: Path, caplog: pytest.LogCapture
         predictor.close()
 
 
-def test_a_child_dying_during_a_request_fails_that_request_only(tmp_path: Path) -> None:
+def test_a_child_dying_during_a_request_fails_that_request_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ck = _save(tmp_path / "model", "1")
     predictor = ProcessPredictor(str(ck), "cpu", 1)
     cfg = AlignConfig.from_settings(Settings())
+    written = threading.Event()
+    write = predictor._write
+
+    def then_tell(data: bytes, timeout: float) -> None:
+        write(data, timeout)
+        written.set()
+
+    monkeypatch.setattr(predictor, "_write", then_tell)
     try:
         pid = predictor.pid
         assert pid is not None
-        os.kill(pid, signal.SIGSTOP)  # it reads the (small) request but cannot answer it
+        os.kill(pid, signal.SIGSTOP)  # it gets the request but cannot answer it
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             request = pool.submit(predictor.warm_up, 2, cfg)
-            time.sleep(0.3)
+            assert written.wait(30)
             os.kill(pid, signal.SIGKILL)
             with pytest.raises(ModelDied, match=r"exited \(code -9\) during a request"):
                 request.result(timeout=30)
         assert predictor.pid is None and len(predictor(windows(1))) == 1  # a new child
-        # a batch too big for the pipe's buffer, sent to a child that is gone before it
-        # reads it: a new child computes it
+    finally:
+        predictor.close()
+
+
+def test_a_batch_sent_to_a_child_gone_before_reading_it_is_computed_by_a_new_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ck = _save(tmp_path / "model", "1")
+    predictor = ProcessPredictor(str(ck), "cpu", 1)
+    write = predictor._write
+    killed: list[int] = []
+
+    def kill_first(data: bytes, timeout: float) -> None:
+        if not killed:  # it dies between the check that it runs and the write
+            pid = predictor.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            _wait_dead(pid)
+            killed.append(pid)
+        write(data, timeout)
+
+    monkeypatch.setattr(predictor, "_write", kill_first)
+    try:
+        assert len(predictor(windows(4))) == 4
+        assert killed and predictor.pid not in (None, killed[0])
+    finally:
+        predictor.close()
+
+
+def test_a_child_that_stops_answering_is_killed_and_replaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ck = _save(tmp_path / "model", "1")
+    predictor = ProcessPredictor(str(ck), "cpu", 1)
+    try:
+        # hung while the batch is written (it is bigger than the pipe holds)
+        pid = predictor.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        monkeypatch.setattr(process, "SCORE_TIMEOUT_S", 0.5)
+        with pytest.raises(ModelDied, match=r"read nothing for 0.5 s \(killed\)"):
+            predictor(windows(1))
+        monkeypatch.setattr(process, "SCORE_TIMEOUT_S", 120.0)
+        assert len(predictor(windows(2))) == 2 and predictor.pid not in (None, pid)
+        # hung after reading a (small) request
+        pid = predictor.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        monkeypatch.setattr(process, "LOAD_TIMEOUT_S", 0.5)
+        with pytest.raises(ModelDied, match=r"did not answer within 0.5 s \(killed\) during"):
+            predictor.warm_up(1, AlignConfig.from_settings(Settings()))
+        monkeypatch.setattr(process, "LOAD_TIMEOUT_S", 600.0)
+        assert len(predictor(windows(2))) == 2 and predictor.pid not in (None, pid)
+    finally:
+        predictor.close()
+
+
+def test_a_new_child_serves_what_the_worker_serves_not_the_newest_checkpoint(
+        tmp_path: Path) -> None:
+    ck = _save(tmp_path / "model", "1")
+    predictor = ProcessPredictor(str(ck), "cpu", 1)
+    try:
+        _save(ck, "2")  # written after the start, not (yet) reloaded
         pid = predictor.pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
         _wait_dead(pid)
-        assert len(predictor(windows(4))) == 4
-        assert predictor.pid not in (None, pid)
+        assert {s.model["version"] for s in predictor(windows(2))} == {"1"}
+        assert predictor.info["version"] == "1"
     finally:
         predictor.close()
+    assert predictor.pid is None
+    with pytest.raises(RuntimeError, match="the model process was closed"):
+        predictor(windows(1))
