@@ -74,6 +74,26 @@ def test_a_bad_checkpoint_is_refused_and_the_old_model_goes_on(
     assert results == ["refused", "refused", "ok"]
 
 
+class _RefusingSwap(Predictor):
+    """A predictor that cannot swap a model in (a model process that fails to load it)."""
+
+    def swap(self, served: Served) -> Served:
+        raise RuntimeError("model process: could not load it")
+
+
+def test_a_swap_that_fails_refuses_the_reload(tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    ck = _save(tmp_path / "model", "1")
+    predictor = _RefusingSwap(str(ck), "cpu")
+    results: list[str] = []
+    reloader = _reloader(predictor, ck, results)
+    _save(ck, "2")
+    with caplog.at_level(logging.ERROR, "streamproc.worker"):
+        assert reloader.poll() == "refused"
+    assert "could not load it; still serving tiny version 1" in caplog.text
+    assert predictor.info["version"] == "1" and results == ["refused"]
+
+
 def test_a_checkpoint_that_does_not_fit_the_running_windows_is_refused(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ck = _save(tmp_path / "model", "1")
