@@ -136,8 +136,10 @@ class ModelDied(RuntimeError):
     request."""
 
 
-def _frame(kind: bytes, payload: bytes) -> bytes:
-    return _LEN.pack(len(kind) + len(payload)) + kind + payload
+def _frame(kind: bytes, payload: bytes) -> tuple[bytes, bytes]:
+    """A request as its header (length, kind) and its payload, written one after the other
+    (a batch's payload is megabytes: not copied once more to prefix it)."""
+    return _LEN.pack(len(kind) + len(payload)) + kind, payload
 
 
 def _write_all(fd: int, data: bytes, deadline: float) -> None:
@@ -270,22 +272,24 @@ class ProcessPredictor(Predictor):
                 raise RuntimeError("the model process was closed")
             if self._proc is None or self._proc.poll() is not None:
                 self._restart()
-            data = _frame(kind, payload)
+            request = _frame(kind, payload)
             try:
-                self._write(data, timeout)
+                self._write(request, timeout)
             except BrokenPipeError:  # gone before it read this: a new one computes it
                 self._restart()
-                self._write(data, timeout)
+                self._write(request, timeout)
             try:
                 return self._answer(timeout)
             except ModelDied as e:
                 raise ModelDied(f"{e} during a request; it is started again for the next "
                                 "one") from None
 
-    def _write(self, data: bytes, timeout: float) -> None:
+    def _write(self, parts: Sequence[bytes], timeout: float) -> None:
         assert self._to is not None
+        deadline = time.monotonic() + timeout
         try:
-            _write_all(self._to, data, time.monotonic() + timeout)
+            for part in parts:
+                _write_all(self._to, part, deadline)
         except TimeoutError:
             self._gone()
             raise ModelDied(f"the model process read nothing for {timeout:g} s "

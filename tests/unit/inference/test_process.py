@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,20 @@ def _wait_dead(pid: int) -> None:
     while Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z":
         assert time.monotonic() < deadline, f"{pid} still running"
         time.sleep(0.01)
+
+
+def _around_writes(monkeypatch: pytest.MonkeyPatch, predictor: ProcessPredictor,
+                   before: Callable[[], object] = lambda: None,
+                   after: Callable[[], object] = lambda: None) -> None:
+    """Run ``before`` and ``after`` around each request the predictor writes to its child."""
+    write = predictor._write
+
+    def around(parts: Sequence[bytes], timeout: float) -> None:
+        before()
+        write(parts, timeout)
+        after()
+
+    monkeypatch.setattr(predictor, "_write", around)
 
 
 def test_windows_cross_the_pipe_whole() -> None:
@@ -142,13 +157,7 @@ def test_a_child_dying_during_a_request_fails_that_request_only(
     predictor = ProcessPredictor(str(ck), "cpu", 1)
     cfg = AlignConfig.from_settings(Settings())
     written = threading.Event()
-    write = predictor._write
-
-    def then_tell(data: bytes, timeout: float) -> None:
-        write(data, timeout)
-        written.set()
-
-    monkeypatch.setattr(predictor, "_write", then_tell)
+    _around_writes(monkeypatch, predictor, after=written.set)
     try:
         pid = predictor.pid
         assert pid is not None
@@ -168,19 +177,17 @@ def test_a_batch_sent_to_a_child_gone_before_reading_it_is_computed_by_a_new_one
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ck = _save(tmp_path / "model", "1")
     predictor = ProcessPredictor(str(ck), "cpu", 1)
-    write = predictor._write
     killed: list[int] = []
 
-    def kill_first(data: bytes, timeout: float) -> None:
+    def kill_first() -> None:
         if not killed:  # it dies between the check that it runs and the write
             pid = predictor.pid
             assert pid is not None
             os.kill(pid, signal.SIGKILL)
             _wait_dead(pid)
             killed.append(pid)
-        write(data, timeout)
 
-    monkeypatch.setattr(predictor, "_write", kill_first)
+    _around_writes(monkeypatch, predictor, before=kill_first)
     try:
         assert len(predictor(windows(4))) == 4
         assert killed and predictor.pid not in (None, killed[0])
