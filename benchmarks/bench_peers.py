@@ -17,7 +17,10 @@ to PREFIX.predictions. Rounds alternate between, each in a fresh child process:
   Quix does inside; Bytewax's own KafkaSource reads every topic-partition on its own, and
   one clock per stream then finds most video and audio late: ``bytewax-kafkasource``,
   only with ``--only``, shows it);
-- ``bare``: a confluent-kafka consume loop that only reads each record's headers: the floor.
+- ``bare``: a confluent-kafka consume loop that only reads each record's headers: the floor;
+- ``core-librdkafka`` (only with ``--only``): streamproc's worker core without faust, fed by
+  a confluent-kafka consumer in a thread and publishing with its producer: what a
+  librdkafka fetch path would cost (no consumer group or commits, so not a worker).
 
 The peers have one event clock per stream where streamproc has one per stream and
 modality, so their grace is streamproc's largest lateness (the transcripts', 3 s): windows
@@ -74,7 +77,7 @@ from bench_producer import machine
 IMPLEMENTATIONS = ("streamproc", "quix", "bytewax", "bare")
 # Only with --only: Bytewax fed by its own KafkaSource, which reads each topic-partition on
 # its own, to show what one event clock per stream makes of that (many records late).
-EXTRA = ("bytewax-kafkasource",)
+EXTRA = ("bytewax-kafkasource", "core-librdkafka")
 MS = 1_000_000
 # End marks are this far after the backlog's last event time: past every window of it plus
 # the peers' grace.
@@ -285,6 +288,186 @@ def child_bare(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return span.result(n)
 
 
+class _Fetched:
+    """A record as the librdkafka reader hands it to the event loop (what the Interleaver
+    reads, and the record)."""
+
+    __slots__ = ("offset", "partition", "record", "timestamp", "topic")
+
+    def __init__(self, record: wire.KafkaRecord) -> None:
+        self.topic, self.partition, self.offset = record.topic, record.partition, record.offset
+        self.timestamp = record.timestamp_ms
+        self.record = record
+
+
+def child_core_librdkafka(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """streamproc's worker core without faust or aiokafka: a confluent-kafka (librdkafka)
+    consumer read in a thread of its own, records interleaved by event time and handed to
+    ``WorkerCore.on_records`` in batches as the worker's fetch loop does, window summaries
+    and stream progress published with a librdkafka producer. What a librdkafka fetch path
+    would cost; not a worker (no consumer group, no commits, no rebalances)."""
+    import asyncio
+    import threading
+    from operator import attrgetter
+
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer
+    from confluent_kafka import TopicPartition as CTP
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from streamproc.inference.outputs import SummaryOutput
+    from streamproc.worker.core import Consumed, WorkerCore
+    from streamproc.worker.interleave import Interleaver
+    from streamproc.worker.metrics import Counters
+    from streamproc.worker.patches import BATCH_RECORDS, RecordAck
+    from streamproc.worker.progress import ProgressWriter
+
+    settings = Settings(provisional_on="none", partitions=cfg["partitions"],
+                        topic_prefix=cfg["prefix"], bootstrap_servers=cfg["bootstrap"])
+    progress_topic = f"{cfg['prefix']}-proto-progress-{uuid.uuid4().hex[:6]}"
+    admin = AdminClient({"bootstrap.servers": cfg["bootstrap"]})
+    for f in admin.create_topics([NewTopic(progress_topic, cfg["partitions"], 1)]).values():
+        f.result()
+    consumer = Consumer({**_consumer_config(cfg), "isolation.level": "read_committed"})
+    tps = [(t, p) for t in cfg["topics"] for p in range(cfg["partitions"])]
+    consumer.assign([CTP(t, p, OFFSET_BEGINNING) for t, p in tps])
+    producer = Producer({"bootstrap.servers": cfg["bootstrap"], "acks": "all",
+                         "linger.ms": 2, "message.max.bytes": cfg["max_bytes"]})
+    stop = threading.Event()
+
+    async def main() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        fetched: asyncio.Queue[list[_Fetched]] = asyncio.Queue()
+        room = threading.Semaphore(8)  # fetched batches not yet handled: the read-ahead
+
+        def read() -> None:
+            while not stop.is_set():
+                if not room.acquire(timeout=POLL_S):
+                    continue
+                msgs = consumer.consume(BATCH, POLL_S)
+                batch = []
+                for m in msgs:
+                    if m.error() is not None:
+                        raise KafkaException(m.error())
+                    batch.append(_Fetched(wire.KafkaRecord(
+                        m.key(), m.value(), wire.normalize_headers(m.headers()),
+                        m.timestamp()[1], m.topic(), m.partition(), m.offset())))
+                if batch:
+                    loop.call_soon_threadsafe(fetched.put_nowait, batch)
+                else:
+                    room.release()
+
+        def poll_producer() -> None:
+            while not stop.is_set():
+                producer.poll(POLL_S)
+
+        def produce(topic: str, rec: wire.KafkaRecord) -> asyncio.Future[None]:
+            fut = loop.create_future()
+
+            def done(err: Any, _msg: Any) -> None:
+                loop.call_soon_threadsafe(
+                    fut.set_exception if err else fut.set_result,
+                    KafkaException(err) if err else None)
+            producer.produce(topic, rec.value, rec.key, headers=list(rec.headers),
+                             timestamp=rec.timestamp_ms or 0, on_delivery=done)
+            return fut
+
+        async def publish(rec: wire.KafkaRecord) -> None:
+            await produce(cfg["out_topic"], rec)
+
+        async def send_dead_letter(rec: wire.KafkaRecord) -> None:
+            await produce(settings.topic("deadletter"), rec)
+
+        async def send_progress(stream_id: str, value: Any) -> None:
+            await produce(progress_topic, wire.KafkaRecord(stream_id.encode(), value.encode()))
+
+        class Acks:
+            def ack(self, handle: RecordAck) -> None:
+                handle.acked = True
+
+        acks = Acks()
+        writer = ProgressWriter(send_progress, order=attrgetter("seq"))
+        counters = Counters()
+        marks: dict[str, float] = {}
+
+        def crash(exc: BaseException) -> None:
+            marks["crash"] = 1
+            print(f"core crashed: {exc!r}", file=sys.stderr)
+
+        def fetch_state(tp: tuple[str, int]) -> tuple[int | None, int | None]:
+            _low, high = consumer.get_watermark_offsets(CTP(*tp), cached=True)
+            return (None if high < 0 else high), time.time_ns()
+
+        core = WorkerCore(settings, submit=SummaryOutput(publish).submit,
+                          send_dead_letter=send_dead_letter, record_progress=writer.record,
+                          forget_progress=writer.forget, counters=counters, crash=crash,
+                          fetch_state=fetch_state)
+        core.on_assigned(tps)
+        core.on_resume(dict.fromkeys(tps, 0), {})
+        # The worker's 2 s hold limit (for a sibling that cannot be fetched) is too short
+        # here: librdkafka left a video partition unfetched longer than that while the
+        # others' records filled its queue, and the audio released then ran past the
+        # aligner's cap (350 windows short of audio in one run). A worker on this path
+        # would need the limit counted from the sibling's last fetch.
+        interleave = Interleaver(settings.input_topics, max_hold_ns=60_000_000_000)
+        paused: set[tuple[str, int]] = set()
+
+        def behind(tp: tuple[str, int]) -> bool:
+            end, nxt = fetch_state(tp)[0], core.gate.next_offset(tp)
+            return end is None or nxt is None or nxt < end
+
+        threads = [threading.Thread(target=read, daemon=True),
+                   threading.Thread(target=poll_producer, daemon=True)]
+        for t in threads:
+            t.start()
+        span, seen, n, want = Span(), 0, cfg["n"], cfg["windows"]
+        last_tick = time.monotonic()
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while time.monotonic() < deadline and "crash" not in marks:
+            try:
+                batch = await asyncio.wait_for(fetched.get(), 0.1)
+            except TimeoutError:
+                batch = []
+            else:
+                room.release()
+                span.start()
+                by_tp: dict[tuple[str, int], list[_Fetched]] = {}
+                for f in batch:
+                    by_tp.setdefault((f.topic, f.partition), []).append(f)
+                for tp, recs in by_tp.items():
+                    interleave.put(tp, recs)
+            ready = interleave.take(behind)
+            held = interleave.held()
+            if held - paused:
+                consumer.pause([CTP(*tp) for tp in held - paused])
+            if paused - held:
+                consumer.resume([CTP(*tp) for tp in paused - held])
+            paused.clear()
+            paused.update(held)
+            for i in range(0, len(ready), BATCH_RECORDS):
+                core.on_records([Consumed(f.topic, f.partition, f.offset, f.record,
+                                          RecordAck(acks, (f.topic, f.partition), f.offset))
+                                 for f in ready[i:i + BATCH_RECORDS]])
+                await asyncio.sleep(0)
+                seen += len(ready[i:i + BATCH_RECORDS])
+                if seen >= n and not span.t1:
+                    span.stop()
+            if time.monotonic() - last_tick >= 0.1:  # the worker's idle-window timer
+                core.on_tick()
+                last_tick = time.monotonic()
+            if span.t1 and counters.get("windows_published") >= want:
+                break
+        stop.set()
+        for t in threads:
+            t.join()
+        producer.flush(10)
+        consumer.close()
+        if not span.t1:
+            raise RuntimeError(f"handled {seen} of {n} records before the deadline")
+        return span.result(n, late_placements=int(counters.get("dead_letters")))
+
+    return asyncio.run(main())
+
+
 # Quix keeps window contents in RocksDB through these: a collected record is stored
 # binary (its payload cannot go into JSON); every other state value as Quix's JSON.
 _ITEM_HEAD = struct.Struct(">Bqqqq")
@@ -481,7 +664,7 @@ def merged_source(cfg: Mapping[str, Any]) -> Any:
 
 
 CHILDREN = {"bare": child_bare, "quix": child_quix, "bytewax": child_bytewax,
-            "bytewax-kafkasource": child_bytewax}
+            "bytewax-kafkasource": child_bytewax, "core-librdkafka": child_core_librdkafka}
 
 
 def run_child(impl: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -629,10 +812,12 @@ def main() -> int:
         cfg = {"bootstrap": bootstrap, "topics": list(settings.input_topics),
                "partitions": settings.partitions, "out_topic": out_topic, "n": n,
                "window_ns": cfg_align.window_ns, "hop_ns": cfg_align.hop_ns,
-               "grace_ns": grace_ns, "max_bytes": settings.max_message_bytes}
+               "grace_ns": grace_ns, "max_bytes": settings.max_message_bytes,
+               "prefix": settings.topic_prefix}
         # streamproc publishes the windows of the end marks too (two per stream)
         out_windows = len(expected) + sum(
             len(cfg_align.window_starts(m.start_ns, m.end_ns)) for m in marks)
+        cfg["windows"] = out_windows
         failed: list[str] = []
         for r in range(args.rounds):
             order = impls[r % len(impls):] + impls[:r % len(impls)]  # who goes first rotates
@@ -686,7 +871,8 @@ def main() -> int:
 
 LABELS = {"streamproc": "streamproc align-only worker", "quix": "Quix Streams 3.28.1",
           "bytewax": "Bytewax 0.21.1", "bare": "bare confluent-kafka loop (headers only)",
-          "bytewax-kafkasource": "Bytewax 0.21.1 with its own KafkaSource"}
+          "bytewax-kafkasource": "Bytewax 0.21.1 with its own KafkaSource",
+          "core-librdkafka": "streamproc's core on librdkafka (no faust; not a worker)"}
 
 
 def _span(values: list[float], fmt: str = ",.0f") -> str:

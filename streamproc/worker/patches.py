@@ -3,8 +3,9 @@
 These replace or wrap private parts of the two libraries, so they are written against the
 pinned versions and :func:`check_versions` refuses others at start-up:
 
-- the fetcher survives header names that are not UTF-8 and reports the offsets it skips
-  (:func:`patch_fetcher`, :data:`FETCH_SKIPS`);
+- the fetcher survives header names that are not UTF-8, reports the offsets it skips and
+  checksums batches with the CPU's CRC instruction (:func:`patch_fetcher`,
+  :data:`FETCH_SKIPS`);
 - the consumer reads committed data only (:func:`read_committed`) and holds empty fetches
   briefly (:func:`shorten_fetch_wait`);
 - the consumer's ``ack``, ``_add_gap``, ``seek_to_committed`` and ``_read_offset`` leave
@@ -27,6 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from importlib import metadata
 from typing import Any, SupportsIndex
 
+import crc32c
 import faust
 from aiokafka import conn as aiokafka_conn
 from aiokafka.consumer import fetcher as aiokafka_fetcher
@@ -155,6 +157,14 @@ class _LenientBatchView:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._batch, name)
+
+    def validate_crc(self) -> bool:
+        # The same check as aiokafka's C reader, whose CRC-32C is table-driven (about
+        # 0.6 ms per MB here, a quarter of the consumer thread on W1); the crc32c package
+        # uses the CPU's CRC instruction (0.04 ms per MB). It covers the batch from its
+        # attributes (byte 21) to its end; the checksum is stored at bytes 17-20.
+        raw = self._raw
+        return crc32c.crc32c(raw[21:]) == struct.unpack_from(">I", raw, 17)[0]
 
     def _read(self) -> Iterator[Any]:
         if self._records is None:
