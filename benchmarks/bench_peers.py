@@ -404,10 +404,10 @@ def child_core_librdkafka(cfg: Mapping[str, Any]) -> dict[str, Any]:
         core.on_assigned(tps)
         core.on_resume(dict.fromkeys(tps, 0), {})
         # The worker's 2 s hold limit (for a sibling that cannot be fetched) is too short
-        # here: librdkafka left a video partition unfetched longer than that while the
-        # others' records filled its queue, and the audio released then ran past the
-        # aligner's cap (350 windows short of audio in one run). A worker on this path
-        # would need the limit counted from the sibling's last fetch.
+        # here: with it, windows came out short of audio (up to 350 in a run), audio
+        # released past the aligner's cap, most likely because librdkafka left a video
+        # partition unfetched that long. A worker on this path would need the limit
+        # counted from the sibling's last fetch.
         interleave = Interleaver(settings.input_topics, max_hold_ns=60_000_000_000)
         paused: set[tuple[str, int]] = set()
 
