@@ -37,9 +37,10 @@ class JpegError(ValueError):
 
 
 #: Headers (start of image to the end of the first scan's header) of single-scan JPEGs that
-#: passed, with their image size. A camera's frames share their header, so a frame then
-#: costs one walk over its segment lengths and the search for the end of its scan.
-_PASSED: dict[bytes, tuple[int, int]] = {}
+#: passed, with their image size and whether their scans can hold restart markers. A
+#: camera's frames share their header, so a frame then costs one walk over its segment
+#: lengths and the search for the end of its scan.
+_PASSED: dict[bytes, tuple[tuple[int, int], bool]] = {}
 _PASSED_MAX = 64
 #: Longer headers (a big EXIF or comment segment) are not remembered: memory stays small,
 #: and a camera that stamps each frame there would never hit anyway.
@@ -67,25 +68,30 @@ def check_structure(data: bytes) -> tuple[int, int]:
     """(width, height) of a JPEG libjpeg will decode, else :class:`JpegError`."""
     start = _first_scan_data(data) if data.startswith(b"\xff\xd8") else None
     if start is not None:
-        size = _PASSED.get(data[:start])
+        known = _PASSED.get(data[:start])
         # the same header, then one scan and the end-of-image marker: what the full check
         # does after that header, and nothing else it could object to
-        if size is not None and data.endswith(b"\xff\xd9") and _one_scan_to_end(data, start):
-            return size
+        if known is not None and data.endswith(b"\xff\xd9") and \
+                _one_scan_to_end(data, start, restarts=known[1]):
+            return known[0]
     size = _check(data)
     if start is not None and start <= _PASSED_HEADER_MAX and data.endswith(b"\xff\xd9") \
-            and _one_scan_to_end(data, start):
+            and _one_scan_to_end(data, start, restarts=True):
         if len(_PASSED) >= _PASSED_MAX:
             _PASSED.clear()
-        _PASSED[data[:start]] = size
+        header = data[:start]
+        # a restart interval (DRI segment, FF DD) puts restart markers in every scan; the
+        # same two bytes inside a table only cost the faster search
+        _PASSED[header] = (size, b"\xff\xdd" in header)
     return size
 
 
-def _one_scan_to_end(data: bytes, start: int) -> bool:
+def _one_scan_to_end(data: bytes, start: int, restarts: bool) -> bool:
     """Whether the entropy-coded data from ``start`` holds no marker before the
-    end-of-image marker that ends ``data``."""
+    end-of-image marker that ends ``data``. ``restarts``: the scan may hold restart
+    markers (the numpy search, which only knows stuffed zeros, would be wasted)."""
     n = len(data)
-    if n - start >= _VECTOR_SCAN_MIN:
+    if not restarts and n - start >= _VECTOR_SCAN_MIN:
         # An encoder stuffs a zero after every 0xFF of its data: when every 0xFF before the
         # final marker is followed by a zero there is no marker (restart markers and fill
         # bytes, which are allowed, make the counts differ: the search below decides).
