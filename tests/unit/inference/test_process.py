@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,26 @@ def _fields(w: Window) -> dict:
     d["frames"] = [(f.stream_id, f.ts_ns, f.seq, f.data, f.fmt, f.width, f.height)
                    for f in w.frames]
     return d
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Path, ProcessPredictor]]:
+    """A checkpoint (version 1) and a ProcessPredictor serving it, closed afterwards."""
+    ck = _save(tmp_path / "model", "1")
+    predictor = ProcessPredictor(str(ck), "cpu", 1)
+    yield ck, predictor
+    predictor.close()
+
+
+def _signal_child(predictor: ProcessPredictor, sig: signal.Signals) -> int:
+    """Send ``sig`` to the predictor's child (after SIGKILL, wait until it has exited);
+    the child's pid."""
+    pid = predictor.pid
+    assert pid is not None
+    os.kill(pid, sig)
+    if sig == signal.SIGKILL:
+        _wait_dead(pid)
+    return pid
 
 
 def _wait_dead(pid: int) -> None:
@@ -96,146 +116,105 @@ def test_bytes_after_the_last_window_are_refused() -> None:
         decode_windows(encode_windows(windows(2)) + b"xx")
 
 
-def test_the_child_scores_as_the_model_thread_does(tmp_path: Path) -> None:
-    ck = _save(tmp_path / "model", "1")
+def test_the_child_scores_as_the_model_thread_does(served: tuple[Path, ProcessPredictor]
+                                                   ) -> None:
+    ck, there = served
     here = Predictor(str(ck), "cpu", 1)
-    there = ProcessPredictor(str(ck), "cpu", 1)
-    try:
-        assert there.info == here.info
-        assert there.warm_up(3, AlignConfig.from_settings(Settings())) > 0
-        ws = [dataclasses.replace(w, final=False, stream_id=f"s{i}")
-              for i, w in enumerate(windows(5))]
-        a, b = here(ws), there(ws)
-        assert [s.label for s in b] == [s.label for s in a]
-        for x, y in zip(a, b, strict=True):
-            assert y.scores == pytest.approx(x.scores, abs=1e-6)
-            assert y.model == dict(here.info)
-        # the finals of those windows, same inputs: every encoder output taken from the
-        # provisional kept in the child
-        finals = [dataclasses.replace(w, final=True) for w in ws]
-        assert [s.reused for s in there(finals)] == [s.reused for s in here(finals)] == \
-            [("video", "audio", "text")] * 5
-    finally:
-        there.close()
+    assert there.info == here.info
+    assert there.warm_up(3, AlignConfig.from_settings(Settings())) > 0
+    ws = [dataclasses.replace(w, final=False, stream_id=f"s{i}")
+          for i, w in enumerate(windows(5))]
+    a, b = here(ws), there(ws)
+    assert [s.label for s in b] == [s.label for s in a]
+    for x, y in zip(a, b, strict=True):
+        assert y.scores == pytest.approx(x.scores, abs=1e-6)
+        assert y.model == dict(here.info)
+    # the finals of those windows, same inputs: every encoder output taken from the
+    # provisional kept in the child
+    finals = [dataclasses.replace(w, final=True) for w in ws]
+    assert [s.reused for s in there(finals)] == [s.reused for s in here(finals)] == \
+        [("video", "audio", "text")] * 5
 
 
-def test_a_swapped_in_checkpoint_is_loaded_by_the_child(tmp_path: Path) -> None:
-    ck = _save(tmp_path / "model", "1")
-    predictor = ProcessPredictor(str(ck), "cpu", 1)
-    try:
-        predictor.warm_up(2, AlignConfig.from_settings(Settings()))
-        _save(ck, "2", labels=("a", "b", "c"))
-        served = predictor.load()
-        predictor.warm_up(2, AlignConfig.from_settings(Settings()), served)
-        predictor.swap(served)
+def test_a_swapped_in_checkpoint_is_loaded_by_the_child(
+        served: tuple[Path, ProcessPredictor]) -> None:
+    ck, predictor = served
+    predictor.warm_up(2, AlignConfig.from_settings(Settings()))
+    _save(ck, "2", labels=("a", "b", "c"))
+    new = predictor.load()
+    predictor.warm_up(2, AlignConfig.from_settings(Settings()), new)
+    predictor.swap(new)
+    scored = predictor(windows(2))
+    assert {s.model["version"] for s in scored} == {"2"} and len(scored[0].scores) == 3
+
+
+def test_a_dead_child_is_started_again(served: tuple[Path, ProcessPredictor],
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    _, predictor = served
+    first = _signal_child(predictor, signal.SIGKILL)
+    with caplog.at_level(logging.WARNING, "streamproc.inference.process"):
         scored = predictor(windows(2))
-        assert {s.model["version"] for s in scored} == {"2"} and len(scored[0].scores) == 3
-    finally:
-        predictor.close()
-
-
-def test_a_dead_child_is_started_again(tmp_path: Path, caplog: pytest.LogCaptureFixture
-                                       ) -> None:
-    ck = _save(tmp_path / "model", "1")
-    predictor = ProcessPredictor(str(ck), "cpu", 1)
-    try:
-        first = predictor.pid
-        assert first is not None
-        os.kill(first, signal.SIGKILL)
-        _wait_dead(first)
-        with caplog.at_level(logging.WARNING, "streamproc.inference.process"):
-            scored = predictor(windows(2))
-        assert len(scored) == 2 and predictor.pid not in (None, first)
-        assert "model process gone (exit code -9): starting it again" in caplog.text
-    finally:
-        predictor.close()
+    assert len(scored) == 2 and predictor.pid not in (None, first)
+    assert "model process gone (exit code -9): starting it again" in caplog.text
 
 
 def test_a_child_dying_during_a_request_fails_that_request_only(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ck = _save(tmp_path / "model", "1")
-    predictor = ProcessPredictor(str(ck), "cpu", 1)
+        served: tuple[Path, ProcessPredictor], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, predictor = served
     cfg = AlignConfig.from_settings(Settings())
     written = threading.Event()
     _around_writes(monkeypatch, predictor, after=written.set)
-    try:
-        pid = predictor.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGSTOP)  # it gets the request but cannot answer it
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            request = pool.submit(predictor.warm_up, 2, cfg)
-            assert written.wait(30)
-            os.kill(pid, signal.SIGKILL)
-            with pytest.raises(ModelDied, match=r"exited \(code -9\) during a request"):
-                request.result(timeout=30)
-        assert predictor.pid is None and len(predictor(windows(1))) == 1  # a new child
-    finally:
-        predictor.close()
+    pid = _signal_child(predictor, signal.SIGSTOP)  # it gets the request, cannot answer it
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        request = pool.submit(predictor.warm_up, 2, cfg)
+        assert written.wait(30)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ModelDied, match=r"exited \(code -9\) during a request"):
+            request.result(timeout=30)
+    assert predictor.pid is None and len(predictor(windows(1))) == 1  # a new child
 
 
 def test_a_batch_sent_to_a_child_gone_before_reading_it_is_computed_by_a_new_one(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ck = _save(tmp_path / "model", "1")
-    predictor = ProcessPredictor(str(ck), "cpu", 1)
+        served: tuple[Path, ProcessPredictor], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, predictor = served
     killed: list[int] = []
 
     def kill_first() -> None:
         if not killed:  # it dies between the check that it runs and the write
-            pid = predictor.pid
-            assert pid is not None
-            os.kill(pid, signal.SIGKILL)
-            _wait_dead(pid)
-            killed.append(pid)
+            killed.append(_signal_child(predictor, signal.SIGKILL))
 
     _around_writes(monkeypatch, predictor, before=kill_first)
-    try:
-        assert len(predictor(windows(4))) == 4
-        assert killed and predictor.pid not in (None, killed[0])
-    finally:
-        predictor.close()
+    assert len(predictor(windows(4))) == 4
+    assert killed and predictor.pid not in (None, killed[0])
 
 
 def test_a_child_that_stops_answering_is_killed_and_replaced(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ck = _save(tmp_path / "model", "1")
-    predictor = ProcessPredictor(str(ck), "cpu", 1)
-    try:
-        # hung while the batch is written (it is bigger than the pipe holds)
-        pid = predictor.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGSTOP)
-        monkeypatch.setattr(process, "SCORE_TIMEOUT_S", 0.5)
-        with pytest.raises(ModelDied, match=r"read nothing for 0.5 s \(killed\)"):
-            predictor(windows(1))
-        monkeypatch.setattr(process, "SCORE_TIMEOUT_S", 120.0)
-        assert len(predictor(windows(2))) == 2 and predictor.pid not in (None, pid)
-        # hung after reading a (small) request
-        pid = predictor.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGSTOP)
-        monkeypatch.setattr(process, "LOAD_TIMEOUT_S", 0.5)
-        with pytest.raises(ModelDied, match=r"did not answer within 0.5 s \(killed\) during"):
-            predictor.warm_up(1, AlignConfig.from_settings(Settings()))
-        monkeypatch.setattr(process, "LOAD_TIMEOUT_S", 600.0)
-        assert len(predictor(windows(2))) == 2 and predictor.pid not in (None, pid)
-    finally:
-        predictor.close()
+        served: tuple[Path, ProcessPredictor], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, predictor = served
+    # hung while the batch is written (it is bigger than the pipe holds)
+    pid = _signal_child(predictor, signal.SIGSTOP)
+    monkeypatch.setattr(process, "SCORE_TIMEOUT_S", 0.5)
+    with pytest.raises(ModelDied, match=r"read nothing for 0.5 s \(killed\)"):
+        predictor(windows(1))
+    monkeypatch.setattr(process, "SCORE_TIMEOUT_S", 120.0)
+    assert len(predictor(windows(2))) == 2 and predictor.pid not in (None, pid)
+    # hung after reading a (small) request
+    pid = _signal_child(predictor, signal.SIGSTOP)
+    monkeypatch.setattr(process, "LOAD_TIMEOUT_S", 0.5)
+    with pytest.raises(ModelDied, match=r"did not answer within 0.5 s \(killed\) during"):
+        predictor.warm_up(1, AlignConfig.from_settings(Settings()))
+    monkeypatch.setattr(process, "LOAD_TIMEOUT_S", 600.0)
+    assert len(predictor(windows(2))) == 2 and predictor.pid not in (None, pid)
 
 
 def test_a_new_child_serves_what_the_worker_serves_not_the_newest_checkpoint(
-        tmp_path: Path) -> None:
-    ck = _save(tmp_path / "model", "1")
-    predictor = ProcessPredictor(str(ck), "cpu", 1)
-    try:
-        _save(ck, "2")  # written after the start, not (yet) reloaded
-        pid = predictor.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        _wait_dead(pid)
-        assert {s.model["version"] for s in predictor(windows(2))} == {"1"}
-        assert predictor.info["version"] == "1"
-    finally:
-        predictor.close()
+        served: tuple[Path, ProcessPredictor]) -> None:
+    ck, predictor = served
+    _save(ck, "2")  # written after the start, not (yet) reloaded
+    _signal_child(predictor, signal.SIGKILL)
+    assert {s.model["version"] for s in predictor(windows(2))} == {"1"}
+    assert predictor.info["version"] == "1"
+    predictor.close()
     assert predictor.pid is None
     with pytest.raises(RuntimeError, match="the model process was closed"):
         predictor(windows(1))
