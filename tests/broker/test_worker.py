@@ -11,6 +11,7 @@ broker gave them) sorted by event time and flushed: an independent, order-free o
 from __future__ import annotations
 
 import itertools
+import platform
 import re
 import socket
 import threading
@@ -156,6 +157,17 @@ def test_windows_equal_the_oracle(live_run) -> None:
             by_stream[p.rec.key].append(p.media.ts_ns)
     assert any(a > b for ts in by_stream.values() for a, b in itertools.pairwise(ts))
     assert "final status" in worker.log()
+
+
+def test_a_started_worker_freezes_its_start_up_heap(live_run) -> None:
+    """The collector skips what start-up made (imports, faust, aiokafka): the worker logs
+    how many objects it froze once it had started, and that glibc's malloc was tuned."""
+    log = live_run.worker.log()
+    frozen = re.findall(r"heap: ([\d,]+) start-up objects frozen", log)
+    assert len(frozen) == 1
+    assert int(frozen[0].replace(",", "")) > 50_000
+    if platform.libc_ver()[0] == "glibc":
+        assert "malloc reuses freed memory up to 512 MB" in log
 
 
 def test_dead_microphone_masks_audio_and_recovers(live_run) -> None:
