@@ -118,6 +118,15 @@ def normalize_headers(headers: Any) -> Headers:
     """Headers as a tuple of (str, bytes), whatever shape the client handed over."""
     if headers is None:
         return ()
+    if type(headers) is list or type(headers) is tuple:
+        # aiokafka's and confluent-kafka's shape already: kept as it is, without a new
+        # pair per header (about 1 µs here against 4.7 for a W1 frame's seven)
+        for kv in headers:
+            if type(kv) is not tuple or len(kv) != 2 or type(kv[0]) is not str \
+                    or type(kv[1]) is not bytes:
+                break
+        else:
+            return tuple(headers)
     items = headers.items() if isinstance(headers, Mapping) else headers
     out = []
     for k, v in items:

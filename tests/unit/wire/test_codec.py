@@ -539,3 +539,25 @@ def test_dead_letter_kinds_are_their_header_values() -> None:
     assert WireError("bad").kind is wire.DeadLetterKind.DECODE
     with pytest.raises(ValueError, match="dead-letter kind must be one of"):
         wire.make_dead_letter(consumed, "why", "exploded")
+
+
+@pytest.mark.parametrize("headers, expected", [
+    # the clients' own shape is kept as it is
+    ([("sp-v", b"1"), ("sp-mod", b"video")], (("sp-v", b"1"), ("sp-mod", b"video"))),
+    ((("sp-v", b"1"),), (("sp-v", b"1"),)),
+    ([], ()),
+    (None, ()),
+    # anything else is made into (str, bytes) pairs
+    ([(b"sp-v", b"1")], (("sp-v", b"1"),)),
+    ([["sp-v", b"1"]], (("sp-v", b"1"),)),
+    ([("sp-v", None)], (("sp-v", b""),)),
+    ([("sp-v", bytearray(b"1"))], (("sp-v", b"1"),)),
+    ([("sp-v", b"1"), ("sp-mod", memoryview(b"video"))], (("sp-v", b"1"), ("sp-mod", b"video"))),
+    ({"sp-v": b"1"}, (("sp-v", b"1"),)),
+    ([(b"\xff\xfe", b"1")], (("\ufffd\ufffd", b"1"),)),
+])
+def test_normalize_headers_gives_str_bytes_pairs(headers, expected) -> None:
+    out = wire.normalize_headers(headers)
+    assert out == expected
+    assert type(out) is tuple
+    assert all(type(kv) is tuple and type(kv[0]) is str and type(kv[1]) is bytes for kv in out)
