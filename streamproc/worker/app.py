@@ -101,10 +101,9 @@ def settle_heap() -> str:
     worker holds at run time (buffered records, windows) is collected as before.
     """
     gc.freeze()
-    _young, *older = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *older)
-    malloc = ("malloc reuses freed memory up to 512 MB" if tune_malloc()
-              else "malloc: the C library's defaults (not glibc)")
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    malloc = (f"malloc reuses freed memory up to {MALLOC_OPTIONS['M_TRIM_THRESHOLD'][1] >> 20} MB"
+              if tune_malloc() else "malloc: the C library's defaults (no glibc mallopt)")
     return (f"heap: {gc.get_freeze_count():,} start-up objects frozen (the collector skips "
             f"them); young collections every {GC_YOUNG_THRESHOLD:,} allocations; {malloc}")
 
