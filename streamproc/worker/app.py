@@ -89,6 +89,43 @@ def tune_malloc() -> bool:
     return all(mallopt(option, value) == 1 for option, value in MALLOC_OPTIONS.values())
 
 
+def trim_heap() -> bool:
+    """Hand the heap's free memory back to the system (glibc's ``malloc_trim``; False
+    elsewhere). Milliseconds on a large heap, without the interpreter lock: call it from
+    a thread, never on the event loop."""
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return malloc_trim(0) == 1
+
+
+#: Seconds between looks at whether input stopped (then the freed heap is handed back).
+IDLE_TRIM_S = 10.0
+
+
+class IdleTrim:
+    """When an idle worker hands its freed heap back: once each time its input stops.
+
+    :data:`MALLOC_OPTIONS` keep freed memory for the next fetch; after a backlog or a burst
+    that is hundreds of MB the worker no longer needs while its streams are quiet.
+    """
+
+    def __init__(self) -> None:
+        self._seen: float | None = None
+        self._trimmed = True
+
+    def due(self, events_in: float) -> bool:
+        """``events_in``: records taken in so far (looked at every :data:`IDLE_TRIM_S`)."""
+        if events_in != self._seen:
+            self._seen, self._trimmed = events_in, False
+            return False
+        if self._trimmed:
+            return False
+        self._trimmed = True
+        return True
+
+
 def settle_heap() -> str:
     """Keep the cyclic garbage collector off what start-up made, run it less often, and
     let malloc reuse big buffers. Returns what it did, for the log.
@@ -311,6 +348,13 @@ def create_app(settings: Settings, *, partitions: int | None = None,
     async def settle() -> None:
         # once the worker has started: everything imported and loaded is in the heap
         log.info("%s", settle_heap())
+
+    idle_trim = IdleTrim()
+
+    @app.timer(interval=IDLE_TRIM_S)
+    async def give_back_memory() -> None:
+        if idle_trim.due(core.counters.get("events_in")):
+            await asyncio.to_thread(trim_heap)
 
     # faust types a signal's receivers as taking *args; these take what faust sends them
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
