@@ -257,7 +257,10 @@ def test_broker_outages_make_no_record_late_and_are_logged_briefly(tmp_path: Pat
     broker = LocalBroker(tmp_path / "kafka").start()
     worker = None
     try:
-        settings = worker_settings(broker.bootstrap, tmp_path)
+        # a session outlasting the 15 s pause: else the broker, resumed, may expire the
+        # worker's membership first, and the rebalance's resume (not the stall) is tested
+        settings = worker_settings(broker.bootstrap, tmp_path).replace(
+            session_timeout_ms=30_000)
         create_topics(settings)
         worker = WorkerProc(settings, tmp_path / "worker.log")
         worker.wait_for(r"Worker ready")
