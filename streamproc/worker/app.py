@@ -79,25 +79,28 @@ MALLOC_OPTIONS = {"M_MMAP_THRESHOLD": (-3, 32 << 20), "M_TOP_PAD": (-2, 64 << 20
                   "M_TRIM_THRESHOLD": (-1, 512 << 20)}
 
 
+def _glibc(name: str) -> Any:
+    """The C library's function ``name``, or None where it has none (macOS, musl)."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def tune_malloc() -> bool:
     """Apply :data:`MALLOC_OPTIONS` where the C library is glibc (False elsewhere, e.g.
     macOS or musl, whose allocator keeps its defaults)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return all(mallopt(option, value) == 1 for option, value in MALLOC_OPTIONS.values())
+    mallopt = _glibc("mallopt")
+    return mallopt is not None and all(
+        mallopt(option, value) == 1 for option, value in MALLOC_OPTIONS.values())
 
 
 def trim_heap() -> bool:
     """Hand the heap's free memory back to the system (glibc's ``malloc_trim``; False
     elsewhere). Milliseconds on a large heap, without the interpreter lock: call it from
     a thread, never on the event loop."""
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    return malloc_trim(0) == 1
+    malloc_trim = _glibc("malloc_trim")
+    return malloc_trim is not None and malloc_trim(0) == 1
 
 
 #: Seconds between looks at whether input stopped (then the freed heap is handed back).
