@@ -480,11 +480,13 @@ def encode(record: MediaRecord) -> KafkaRecord:
 
 
 def _headers(rec: KafkaRecord) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    for k, v in rec.headers:
-        if k in out:
-            raise WireError(f"header {k} appears twice", k)
-        out[k] = v
+    out = dict(rec.headers)
+    if len(out) != len(rec.headers):
+        seen: set[str] = set()
+        for k, _ in rec.headers:
+            if k in seen:
+                raise WireError(f"header {k} appears twice", k)
+            seen.add(k)
     return out
 
 
@@ -498,6 +500,18 @@ def _text_header(h: dict[str, bytes], name: str) -> str:
 
 
 def _int_header(h: dict[str, bytes], name: str, lo: int = 0, hi: int | None = None) -> int:
+    raw = h.get(name)
+    # bytes.isdigit knows ASCII digits only: the header as it should be, read without
+    # decoding it (every record has four or five of these)
+    if raw is not None and raw.isdigit() and (len(raw) == 1 or raw[0] != 0x30):
+        v = int(raw)
+        if v >= lo and (hi is None or v <= hi):
+            return v
+    return _checked_int_header(h, name, lo, hi)
+
+
+def _checked_int_header(h: dict[str, bytes], name: str, lo: int, hi: int | None) -> int:
+    """:func:`_int_header` for a header that is not as it should be: says why."""
     raw = _text_header(h, name)
     if not raw.isdigit() or (len(raw) > 1 and raw[0] == "0"):
         raise WireError(f"header {name} must be a non-negative ASCII decimal, got {raw[:32]!r}",
@@ -508,7 +522,16 @@ def _int_header(h: dict[str, bytes], name: str, lo: int = 0, hi: int | None = No
     return v
 
 
+#: Stream ids already checked, by key: a stream's every record has the same key.
+_STREAM_IDS: dict[bytes, str] = {}
+_STREAM_IDS_MAX = 4096
+
+
 def stream_id_of(key: bytes | None) -> str:
+    if type(key) is bytes:
+        sid = _STREAM_IDS.get(key)
+        if sid is not None:
+            return sid
     if not key:
         raise WireError("record has no key: the key must be the stream id")
     if len(key) > MAX_STREAM_ID_BYTES:
@@ -519,7 +542,17 @@ def stream_id_of(key: bytes | None) -> str:
         raise WireError(f"stream id key is not UTF-8: {key[:32]!r}") from None
     if not sid.isprintable() or sid.strip() != sid:
         raise WireError(f"stream id {sid!r} has control or surrounding space characters")
+    if type(key) is bytes:
+        if len(_STREAM_IDS) >= _STREAM_IDS_MAX:
+            _STREAM_IDS.clear()
+        _STREAM_IDS[key] = sid
     return sid
+
+
+_V1 = str(WIRE_VERSION).encode("ascii")
+_MODALITY_OF = {m.encode("ascii"): m for m in MODALITIES}
+_VIDEO_FORMAT_OF = {f.encode("ascii"): f for f in VIDEO_FORMATS}
+_AUDIO_FORMAT_OF = {f.encode("ascii"): f for f in AUDIO_FORMATS}
 
 
 def decode(
@@ -537,13 +570,16 @@ def decode(
     reads the image (kind ``oversize``).
     """
     h = _headers(rec)
-    version = _text_header(h, "sp-v")
-    if version != str(WIRE_VERSION):
+    # each text header is first looked up as the bytes it should be; what differs is
+    # read again as text to say why
+    if h.get("sp-v") != _V1:
+        version = _text_header(h, "sp-v")
         raise WireError(f"unknown wire format version sp-v={version[:16]!r}; this worker reads 1",
                         "sp-v")
-    mod = _text_header(h, "sp-mod")
-    if mod not in MODALITIES:
-        raise WireError(f"header sp-mod must be one of {', '.join(MODALITIES)}, got {mod[:32]!r}",
+    mod = _MODALITY_OF.get(h.get("sp-mod", b""))
+    if mod is None:
+        got = _text_header(h, "sp-mod")
+        raise WireError(f"header sp-mod must be one of {', '.join(MODALITIES)}, got {got[:32]!r}",
                         "sp-mod")
     if expect_modality is not None and mod != expect_modality:
         raise WireError(f"sp-mod={mod} record on the {expect_modality} topic", "sp-mod")
@@ -559,9 +595,10 @@ def decode(
     src = rec.source if rec.topic else None
 
     if mod == "video":
-        fmt = _text_header(h, "sp-fmt")
-        if fmt not in VIDEO_FORMATS:
-            raise WireError(f"video sp-fmt must be jpeg or png, got {fmt[:32]!r}", "sp-fmt")
+        fmt = _VIDEO_FORMAT_OF.get(h.get("sp-fmt", b""))
+        if fmt is None:
+            got = _text_header(h, "sp-fmt")
+            raise WireError(f"video sp-fmt must be jpeg or png, got {got[:32]!r}", "sp-fmt")
         w = _int_header(h, "sp-w", 1, MAX_IMAGE_SIDE)
         hh = _int_header(h, "sp-h", 1, MAX_IMAGE_SIDE)
         if max_pixels is not None and w * hh > max_pixels:
@@ -572,9 +609,10 @@ def decode(
         return VideoFrame(sid, ts, seq, value, fmt, w, hh, src)
 
     if mod == "audio":
-        fmt = _text_header(h, "sp-fmt")
-        if fmt not in AUDIO_FORMATS:
-            raise WireError(f"audio sp-fmt must be s16le or f32le, got {fmt[:32]!r}", "sp-fmt")
+        fmt = _AUDIO_FORMAT_OF.get(h.get("sp-fmt", b""))
+        if fmt is None:
+            got = _text_header(h, "sp-fmt")
+            raise WireError(f"audio sp-fmt must be s16le or f32le, got {got[:32]!r}", "sp-fmt")
         sr = _int_header(h, "sp-sr", MIN_SAMPLE_RATE, MAX_SAMPLE_RATE)
         ch = _int_header(h, "sp-ch", 1, MAX_CHANNELS)
         frame = AUDIO_FORMATS[fmt].itemsize * ch

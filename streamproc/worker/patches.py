@@ -12,7 +12,8 @@ pinned versions and :func:`check_versions` refuses others at start-up:
   the input topics' commits to the worker core (:func:`guard_consumer`);
 - the consumer's fetch loop hands the worker core whole batches of input records instead
   of one record at a time through faust's streams (:func:`drain_in_batches`);
-- aiokafka's connections read each response with one copy (:func:`patch_connections`).
+- aiokafka's connections read each response with one copy, and a fetch's record batches
+  are read in place from it (:func:`patch_connections`, :func:`patch_fetcher`).
 
 docs/worker.md says why each is needed.
 """
@@ -26,13 +27,18 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from importlib import metadata
+from types import SimpleNamespace
 from typing import Any, SupportsIndex
 
 import crc32c
 import faust
 from aiokafka import conn as aiokafka_conn
 from aiokafka.consumer import fetcher as aiokafka_fetcher
-from aiokafka.record.default_records import _DefaultRecordBatchPy
+from aiokafka.errors import CorruptRecordException
+from aiokafka.protocol import fetch as aiokafka_fetch
+from aiokafka.protocol import types as aiokafka_types
+from aiokafka.record.default_records import DefaultRecordBatch, _DefaultRecordBatchPy
+from aiokafka.record.legacy_records import LegacyRecordBatch
 from faust.types import TP
 
 from streamproc.errors import UserError
@@ -183,37 +189,116 @@ class _LenientBatchView:
 
 
 class _LenientMemoryRecords:
-    """aiokafka's MemoryRecords whose batches survive header names that are not UTF-8."""
+    """aiokafka's MemoryRecords walked in place: batches are views into the fetched bytes
+    (no copy), read by aiokafka's C batch reader, and survive header names that are not
+    UTF-8. The walk is aiokafka's own (``_MemoryRecordsPy``): every format keeps a
+    batch's length at byte 8 and its magic at byte 16."""
 
-    def __init__(self, data: bytes) -> None:
-        self._data = memoryview(data)
-        self._records = _MEMORY_RECORDS(data)
+    def __init__(self, data: bytes | memoryview) -> None:
+        self._data = data if type(data) is memoryview else memoryview(data)
         self._pos = 0  # where the next batch starts: batches lie back to back
+        self._next: memoryview | None = None
+        self._cache_next()
+
+    def _cache_next(self) -> None:
+        data, pos = self._data, self._pos
+        if len(data) - pos < _LOG_OVERHEAD:  # a partial batch ends a fetch: fetched again
+            self._next = None
+            return
+        end = pos + _LOG_OVERHEAD + struct.unpack_from(">i", data, pos + 8)[0]
+        if end > len(data):
+            self._next = None
+            return
+        self._next, self._pos = data[pos:end], end
 
     def size_in_bytes(self) -> int:
-        return self._records.size_in_bytes()
+        return len(self._data)
 
     def has_next(self) -> bool:
-        return self._records.has_next()
+        return self._next is not None
 
     def next_batch(self) -> Any:
-        batch = self._records.next_batch()
-        if batch is None:
+        raw = self._next
+        if raw is None:
             return None
+        if len(raw) < _MIN_BATCH:
+            raise CorruptRecordException("Record size is less than the minimum record "
+                                         f"overhead ({_MIN_BATCH - _LOG_OVERHEAD})")
+        self._cache_next()
+        magic = raw[16]
+        if magic < 2:
+            return LegacyRecordBatch(raw, magic)  # message format v0/v1 has no headers
+        return _LenientBatchView(DefaultRecordBatch(raw), raw)
+
+
+_LOG_OVERHEAD = 12  # a batch's offset and length fields
+_MIN_BATCH = _LOG_OVERHEAD + 14  # the smallest record (format v0): aiokafka's bound
+
+
+class _ResponseReader:
+    """A response as aiokafka's parsers read it (``read(n)``, as from a BytesIO), except
+    that a fetch's record batches are taken as a view into the response, not copied out
+    of it (:class:`_RecordBatches`). That copy was a twentieth of the worker's time on W1
+    (docs/benchmarks.md, *Peers*); the batch reader copies each record's value anyway."""
+
+    __slots__ = ("_data", "_pos")
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
         start = self._pos
-        self._pos = start + 12 + struct.unpack_from(">i", self._data, start + 8)[0]
-        if getattr(batch, "magic", 2) < 2:
-            return batch  # message format v0/v1 has no headers
-        return _LenientBatchView(batch, self._data[start:self._pos])
+        self._pos = len(self._data) if n < 0 else min(start + n, len(self._data))
+        return self._data[start:self._pos]
+
+    def view(self, n: int) -> memoryview:
+        start = self._pos
+        self._pos = min(start + n, len(self._data))
+        return memoryview(self._data)[start:self._pos]
 
 
-_MEMORY_RECORDS = aiokafka_fetcher.MemoryRecords
+class _RecordBatches(aiokafka_types.Bytes):
+    """A fetch response's record batches (its ``message_set``): a view into the response
+    when it is read by a :class:`_ResponseReader`."""
+
+    @classmethod
+    def decode(cls, data: Any) -> bytes | memoryview | None:
+        if type(data) is not _ResponseReader:
+            return super().decode(data)
+        length = aiokafka_types.Int32.decode(data)
+        if length < 0:
+            return None
+        value = data.view(length)
+        if len(value) != length:
+            raise ValueError("Buffer underrun decoding Bytes")
+        return value
+
+    @classmethod
+    def repr(cls, value: Any) -> str:  # aiokafka's debug log of a response
+        return super().repr(None if value is None else bytes(value[:101]))
+
+
+def _read_batches_in_place(schema: Any) -> None:
+    """Every ``message_set`` field under ``schema`` read as :class:`_RecordBatches`."""
+    if isinstance(schema, aiokafka_types.Array):
+        _read_batches_in_place(schema.array_of)
+    elif isinstance(schema, aiokafka_types.Schema):
+        schema.fields = tuple(
+            _RecordBatches if name == "message_set" and field is aiokafka_types.Bytes else field
+            for name, field in zip(schema.names, schema.fields, strict=True))
+        for field in schema.fields:
+            _read_batches_in_place(field)
 
 
 def patch_fetcher() -> None:
-    """Make aiokafka's fetcher survive any header bytes and report the offsets it skips
-    (idempotent; process-wide: one worker per process)."""
+    """Make aiokafka's fetcher survive any header bytes, report the offsets it skips and
+    read record batches where they lie in the response (idempotent; process-wide: one
+    worker per process)."""
     aiokafka_fetcher.MemoryRecords = _LenientMemoryRecords
+    for name, response in vars(aiokafka_fetch).items():
+        if name.startswith("FetchResponse_v"):
+            _read_batches_in_place(response.SCHEMA)
     aiokafka_fetcher.PartitionRecords = _ReportingPartitionRecords
 
 
@@ -326,9 +411,12 @@ async def _connect(self: Any) -> Any:
 
 
 def patch_connections() -> None:
-    """Make aiokafka's connections read responses with a :class:`FrameReader`
-    (idempotent; process-wide: every aiokafka client in the worker's process)."""
+    """Make aiokafka's connections read responses with a :class:`FrameReader` and parse
+    them from a :class:`_ResponseReader` (idempotent; process-wide: every aiokafka client
+    in the worker's process)."""
     aiokafka_conn.AIOKafkaConnection.connect = _connect
+    # conn.py names ``io`` only to wrap each response in a BytesIO for its parsers
+    aiokafka_conn.io = SimpleNamespace(BytesIO=_ResponseReader)
 
 
 def read_committed(consumer: Any) -> None:

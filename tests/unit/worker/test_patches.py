@@ -11,6 +11,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka import conn as aiokafka_conn
+from aiokafka.protocol.fetch import FetchResponse_v4
+from aiokafka.protocol.types import Int32
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from faust.transport.consumer import Consumer
@@ -24,6 +27,8 @@ from streamproc.worker.patches import (
     _LenientMemoryRecords,
     check_versions,
     mark_gap,
+    patch_connections,
+    patch_fetcher,
 )
 
 
@@ -165,3 +170,42 @@ def test_batch_checksums_are_judged_as_aiokafkas_reader_judges_them() -> None:
         if trial == 0:
             assert refused == 0
     assert refused > 400  # most single-bit flips land in checksummed bytes
+
+
+def _fetch_response(message_set: bytes) -> bytes:
+    response = FetchResponse_v4(throttle_time_ms=0, topics=[
+        ("cams.video", [(3, 0, 10, 10, [], message_set)])])
+    return Int32.encode(42) + response.encode()  # the response header: a correlation id
+
+
+def test_a_fetched_record_set_is_read_in_place_with_the_records_aiokafka_reads() -> None:
+    patch_fetcher()
+    patch_connections()
+    batches = _batch([b"a" * 3000, b"b" * 70_000]) + _batch([b"c" * 10])
+    raw = _fetch_response(batches + batches[:40])  # a fetch may end inside a batch
+    reader = aiokafka_conn.io.BytesIO(raw)  # what each connection now parses from
+    assert Int32.decode(reader) == 42
+    response = FetchResponse_v4.decode(reader)
+    message_set = response.topics[0][1][0][-1]
+    assert type(message_set) is memoryview and message_set.obj is raw  # a view, no copy
+    assert bytes(message_set) == batches + batches[:40]
+    ours, theirs = _LenientMemoryRecords(message_set), MemoryRecords(bytes(message_set))
+    read = []
+    while theirs.has_next():
+        assert ours.has_next()
+        a, b = theirs.next_batch(), ours.next_batch()
+        assert b.validate_crc() and (b.base_offset, b.next_offset) == (a.base_offset,
+                                                                       a.next_offset)
+        records = [(r.offset, r.key, r.value, r.headers) for r in b]
+        assert records == [(r.offset, r.key, r.value, r.headers) for r in a]
+        read += records
+    assert not ours.has_next() and ours.next_batch() is None
+    assert [v for _o, _k, v, _h in read] == [b"a" * 3000, b"b" * 70_000, b"c" * 10]
+    assert "b'\\x00" in repr(response)  # aiokafka's debug line of a response still formats
+
+
+def test_other_responses_parse_from_the_reader_as_from_a_bytes_buffer() -> None:
+    patch_connections()
+    response = FetchResponse_v4(throttle_time_ms=7, topics=[("t", [(0, 0, 5, 5, [], None)])])
+    assert FetchResponse_v4.decode(aiokafka_conn.io.BytesIO(response.encode())).topics == \
+        FetchResponse_v4.decode(response.encode()).topics == [("t", [(0, 0, 5, 5, [], None)])]
