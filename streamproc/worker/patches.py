@@ -32,6 +32,7 @@ from typing import Any, SupportsIndex
 
 import crc32c
 import faust
+import numpy as np
 from aiokafka import conn as aiokafka_conn
 from aiokafka.consumer import fetcher as aiokafka_fetcher
 from aiokafka.errors import CorruptRecordException
@@ -243,19 +244,19 @@ class _ResponseReader:
 
     __slots__ = ("_data", "_pos")
 
-    def __init__(self, data: bytes) -> None:
-        self._data = data
+    def __init__(self, data: bytes | memoryview) -> None:
+        self._data = memoryview(data)  # a large response is a view of a buffer (FrameReader)
         self._pos = 0
 
     def read(self, n: int = -1) -> bytes:
         start = self._pos
         self._pos = len(self._data) if n < 0 else min(start + n, len(self._data))
-        return self._data[start:self._pos]
+        return self._data[start:self._pos].tobytes()
 
     def view(self, n: int) -> memoryview:
         start = self._pos
         self._pos = min(start + n, len(self._data))
-        return memoryview(self._data)[start:self._pos]
+        return self._data[start:self._pos]
 
 
 class _RecordBatches(aiokafka_types.Bytes):
@@ -302,45 +303,107 @@ def patch_fetcher() -> None:
     aiokafka_fetcher.PartitionRecords = _ReportingPartitionRecords
 
 
+#: A read at least this long is received straight into a buffer of its own size.
+DIRECT_READ_MIN = 64 * 1024
+
+
 class FrameReader(asyncio.StreamReader):
-    """aiokafka's connection reader, copying each response once.
+    """aiokafka's connection reader: a large response is received straight into a buffer
+    of its size, smaller reads are copied once.
 
     aiokafka reads a response as ``readexactly(4)`` then ``readexactly(size)``. asyncio's
     reader copies every byte received three more times on the way (into its buffer, out
     as a slice, into bytes, then moves the rest down), and past 128 KiB held pauses and
     resumes the socket for each chunk: on a stream of large fetch responses that was
     about half of the consumer thread's time (docs/benchmarks.md, *Peers*). This one
-    keeps the chunks as they arrive and joins a response's chunks once. aiokafka only
-    reads whole responses it asked for, so nothing piles up unread.
+    keeps small chunks as they arrive and joins a read's chunks once; a read of
+    :data:`DIRECT_READ_MIN` bytes or more gets a buffer of its size that the socket
+    fills itself (``recv_into``, through :class:`_FrameProtocol`), so a fetch response's
+    megabytes are not copied in Python at all. aiokafka only reads whole responses it
+    asked for, so nothing piles up unread.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop=loop)
         self._chunks: deque[bytes] = deque()
         self._offset = 0  # into the first chunk: where the unread bytes begin
-        self._held = 0  # unread bytes
+        self._held = 0  # unread bytes in the chunks
+        self._scratch = bytearray(DIRECT_READ_MIN)  # what the socket fills between reads
+        self._target: memoryview | None = None  # the large read being received, if any
+        self._filled = 0  # of the target
+        self._into_target = False  # the buffer the transport fills is the target's rest
+
+    # --- what the transport calls --------------------------------------------------
+    def get_buffer(self, sizehint: int) -> memoryview:
+        target = self._target
+        # a full target waits for its reader to resume: the next bytes are another read's
+        if target is not None and self._filled < len(target):
+            self._into_target = True
+            return target[self._filled:]
+        self._into_target = False
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._into_target:
+            assert self._target is not None
+            self._filled += nbytes
+            if self._filled == len(self._target):
+                self._wakeup_waiter()  # type: ignore[attr-defined]
+        else:
+            self.feed_data(bytes(memoryview(self._scratch)[:nbytes]))
 
     def feed_data(self, data: Iterable[SupportsIndex]) -> None:
-        if data:
-            if type(data) is not bytes:  # a transport's own buffer would change under us
-                data = bytes(data)
-            self._chunks.append(data)
-            self._held += len(data)
-            self._wakeup_waiter()  # type: ignore[attr-defined]
+        if not data:
+            return
+        if type(data) is not bytes:  # a transport's own buffer would change under us
+            data = bytes(data)
+        target = self._target
+        if target is not None:
+            k = min(len(target) - self._filled, len(data))
+            target[self._filled:self._filled + k] = memoryview(data)[:k]
+            self._filled += k
+            data = data[k:]
+            if self._filled == len(target):
+                self._wakeup_waiter()  # type: ignore[attr-defined]
+            if not data:
+                return
+        self._chunks.append(data)
+        self._held += len(data)
+        self._wakeup_waiter()  # type: ignore[attr-defined]
 
+    # --- what aiokafka calls --------------------------------------------------------
     def at_eof(self) -> bool:
         return self._eof and not self._held  # type: ignore[attr-defined]
 
-    async def readexactly(self, n: int) -> bytes:
+    async def readexactly(self, n: int) -> bytes | memoryview:  # type: ignore[override]
         if n < 0:  # a length prefix with its top bit set: the stream is out of step
             raise ValueError("readexactly size can not be less than zero")
         if self._exception is not None:  # type: ignore[attr-defined]
             raise self._exception  # type: ignore[attr-defined]
+        if self._held < n and n >= DIRECT_READ_MIN:
+            return await self._receive(n)
         while self._held < n:
             if self._eof:  # type: ignore[attr-defined]
                 raise asyncio.IncompleteReadError(self._take(self._held), n)
             await self._wait_for_data("readexactly")  # type: ignore[attr-defined]
         return self._take(n)
+
+    async def _receive(self, n: int) -> memoryview:
+        """A large read: what is held, then the socket's bytes received in place."""
+        # numpy's empty array is malloc'd, not zero-filled as a bytearray is: filling
+        # megabytes with zeros cost about as much as the copy this read saves
+        target = np.empty(n, np.uint8).data
+        held = self._held
+        target[:held] = self._take(held)
+        self._target, self._filled = target, held
+        try:
+            while self._filled < n:
+                if self._eof:  # type: ignore[attr-defined]
+                    raise asyncio.IncompleteReadError(bytes(target[:self._filled]), n)
+                await self._wait_for_data("readexactly")  # type: ignore[attr-defined]
+        finally:  # cancelled or failed: the connection is closing, its bytes are moot
+            self._target = None
+        return target
 
     async def read(self, n: int = -1) -> bytes:
         raise NotImplementedError("FrameReader reads whole responses: readexactly only")
@@ -380,6 +443,18 @@ class FrameReader(asyncio.StreamReader):
         return b"".join(parts)
 
 
+class _FrameProtocol(aiokafka_conn.AIOKafkaProtocol, asyncio.BufferedProtocol):
+    """aiokafka's connection protocol, letting the socket write into its
+    :class:`FrameReader`'s buffers (asyncio's transports read with ``recv_into`` for a
+    buffered protocol)."""
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._stream_reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._stream_reader.buffer_updated(nbytes)
+
+
 async def _connect(self: Any) -> Any:
     # aiokafka.conn.AIOKafkaConnection.connect, reading with a FrameReader
     loop = self._loop
@@ -391,7 +466,7 @@ async def _connect(self: Any) -> Any:
         assert self._ssl_context is not None
         ssl = self._ssl_context
     reader = FrameReader(loop)
-    protocol = aiokafka_conn.AIOKafkaProtocol(self._closed_fut, reader, loop=loop)
+    protocol = _FrameProtocol(self._closed_fut, reader, loop=loop)
     async with aiokafka_conn.async_timeout.timeout(self._request_timeout):
         transport, _ = await loop.create_connection(
             lambda: protocol, self.host, self.port, ssl=ssl)

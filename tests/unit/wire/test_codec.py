@@ -302,6 +302,18 @@ def _with_header(kr: KafkaRecord, name: str, value: bytes | None) -> KafkaRecord
         ("sp-fmt", b"u8", "audio sp-fmt must be s16le or f32le"),
         ("sp-sr", b"0", "sp-sr=0 is out of range"),
         ("sp-ch", b"\xff", "sp-ch is not ASCII"),
+        # next to what is looked up as bytes first: each is read again to say why
+        ("sp-v", b"01", "unknown wire format version sp-v='01'"),
+        ("sp-mod", b"AUDIO", "sp-mod must be one of video, audio, text, got 'AUDIO'"),
+        ("sp-mod", b"\xc3\xa9", "sp-mod is not ASCII"),
+        ("sp-fmt", b"S16LE", "audio sp-fmt must be s16le or f32le, got 'S16LE'"),
+        ("sp-seq", b"007", "sp-seq must be a non-negative ASCII decimal, got '007'"),
+        ("sp-seq", b"1_000", "sp-seq must be a non-negative ASCII decimal"),
+        ("sp-seq", b" 5", "sp-seq must be a non-negative ASCII decimal"),
+        ("sp-seq", b"", "sp-seq must be a non-negative ASCII decimal, got ''"),
+        ("sp-ts", "\u0662".encode(), "sp-ts is not ASCII"),  # a digit, but not an ASCII one
+        ("sp-sr", b"999999", "sp-sr=999999 is out of range"),
+        ("sp-ch", b"0", "sp-ch=0 is out of range"),
     ],
 )
 def test_bad_headers_name_the_header(name, value, message) -> None:
@@ -561,3 +573,14 @@ def test_normalize_headers_gives_str_bytes_pairs(headers, expected) -> None:
     assert out == expected
     assert type(out) is tuple
     assert all(type(kv) is tuple and type(kv[0]) is str and type(kv[1]) is bytes for kv in out)
+
+
+def test_a_stream_id_is_checked_once_per_key_and_a_bad_one_every_time() -> None:
+    assert wire.stream_id_of(b"cam-\xc3\xa9") == "cam-\u00e9"
+    assert wire.stream_id_of(b"cam-\xc3\xa9") == "cam-\u00e9"
+    assert wire.stream_id_of(bytearray(b"cam-7")) == "cam-7"  # not bytes: checked, not kept
+    for _ in range(2):
+        with pytest.raises(WireError, match="surrounding space"):
+            wire.stream_id_of(b" cam")
+        with pytest.raises(WireError, match="not UTF-8"):
+            wire.stream_id_of(b"\xff")

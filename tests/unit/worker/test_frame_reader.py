@@ -1,5 +1,6 @@
-"""aiokafka's connections read each response with one copy: whatever chunks the socket
-delivers, the reader hands back exactly the frames sent, and ends as asyncio's does."""
+"""aiokafka's connections read each response with one copy, a large one with none:
+whatever chunks the socket delivers, through ``feed_data`` or into the reader's own buffers,
+the reader hands back exactly the frames sent, and ends as asyncio's does."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamproc.worker.patches import FrameReader
+from streamproc.worker import patches
+from streamproc.worker.patches import FrameReader, _FrameProtocol
 
 
 def _framed(bodies: list[bytes]) -> bytes:
@@ -50,9 +52,55 @@ def test_any_chunking_gives_back_the_frames_sent(bodies: list[bytes], cuts: list
     assert asyncio.run(run()) == bodies
 
 
-def test_large_frames_over_a_real_socket_come_back_whole() -> None:
+def _fill(reader: FrameReader, data: bytes) -> None:
+    """What a transport does for a buffered protocol: write into the reader's buffer."""
+    while data:
+        buf = reader.get_buffer(-1)
+        assert len(buf)  # asyncio's transports refuse an empty buffer
+        k = min(len(buf), len(data))
+        buf[:k] = data[:k]
+        reader.buffer_updated(k)
+        data = data[k:]
+
+
+@settings(max_examples=300, deadline=None)
+@given(bodies=st.lists(st.binary(max_size=300), min_size=1, max_size=8),
+       cuts=st.lists(st.integers(0, 2000), max_size=12),
+       into_buffers=st.booleans())
+def test_large_reads_received_in_place_give_back_the_frames_sent(
+        bodies: list[bytes], cuts: list[int], into_buffers: bool) -> None:
+    async def run() -> list[bytes]:
+        reader = FrameReader(asyncio.get_running_loop())
+        data = _framed(bodies)
+        edges = sorted({0, len(data), *(c for c in cuts if c < len(data))})
+
+        async def feed() -> None:
+            for a, b in itertools.pairwise(edges):
+                if into_buffers:
+                    _fill(reader, data[a:b])
+                else:
+                    reader.feed_data(data[a:b])
+                await asyncio.sleep(0)
+
+        feeding = asyncio.ensure_future(feed())
+        got = await _read_frames(reader, len(bodies))
+        await feeding
+        assert reader._held == 0 and not reader._chunks and reader._target is None
+        return got
+
+    direct = patches.DIRECT_READ_MIN
+    patches.DIRECT_READ_MIN = 16  # bodies of 16 bytes or more take the in-place path
+    try:
+        assert asyncio.run(run()) == bodies
+    finally:
+        patches.DIRECT_READ_MIN = direct
+
+
+@pytest.mark.parametrize("protocol", [asyncio.StreamReaderProtocol, _FrameProtocol])
+def test_large_frames_over_a_real_socket_come_back_whole(protocol: type) -> None:
     # 5 MB responses arrive in many recv() chunks; small ones share chunks
     bodies = [os.urandom(5_000_000), b"", b"x" * 7, os.urandom(300_000), os.urandom(64)]
+    received_in_place: list[int] = []
 
     async def run() -> list[bytes]:
         async def serve(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -64,8 +112,18 @@ def test_large_frames_over_a_real_socket_come_back_whole() -> None:
         port = server.sockets[0].getsockname()[1]
         loop = asyncio.get_running_loop()
         reader = FrameReader(loop)
+        closed = loop.create_future()
         transport, _ = await loop.create_connection(
-            lambda: asyncio.StreamReaderProtocol(reader, loop=loop), "127.0.0.1", port)
+            lambda: protocol(reader, loop=loop) if protocol is asyncio.StreamReaderProtocol
+            else protocol(closed, reader, loop=loop), "127.0.0.1", port)
+        fill = reader.buffer_updated
+
+        def counting(nbytes: int) -> None:  # bytes the socket wrote into a read's buffer
+            if reader._into_target:
+                received_in_place.append(nbytes)
+            fill(nbytes)
+
+        reader.buffer_updated = counting  # type: ignore[method-assign]
         try:
             got = await _read_frames(reader, len(bodies))
             with pytest.raises(asyncio.IncompleteReadError):  # the server closed: EOF
@@ -78,6 +136,10 @@ def test_large_frames_over_a_real_socket_come_back_whole() -> None:
             await server.wait_closed()
 
     assert asyncio.run(run()) == bodies
+    if protocol is _FrameProtocol:
+        # most of the large bodies never passed through Python: only what the socket
+        # delivered before each read began went through the reader's small buffer
+        assert sum(received_in_place) > 0.75 * 5_300_000
 
 
 def test_a_frame_cut_short_by_eof_is_an_incomplete_read_with_what_came() -> None:
