@@ -29,29 +29,6 @@ async def _read_frames(reader: asyncio.StreamReader, n: int) -> list[bytes]:
     return out
 
 
-@settings(max_examples=200, deadline=None)
-@given(bodies=st.lists(st.binary(max_size=300), min_size=1, max_size=8),
-       cuts=st.lists(st.integers(0, 2000), max_size=12))
-def test_any_chunking_gives_back_the_frames_sent(bodies: list[bytes], cuts: list[int]) -> None:
-    async def run() -> list[bytes]:
-        reader = FrameReader(asyncio.get_running_loop())
-        data = _framed(bodies)
-        edges = sorted({0, len(data), *(c for c in cuts if c < len(data))})
-
-        async def feed() -> None:
-            for a, b in itertools.pairwise(edges):
-                reader.feed_data(data[a:b])
-                await asyncio.sleep(0)
-
-        feeding = asyncio.ensure_future(feed())
-        got = await _read_frames(reader, len(bodies))
-        await feeding
-        assert reader._held == 0 and not reader._chunks
-        return got
-
-    assert asyncio.run(run()) == bodies
-
-
 def _fill(reader: FrameReader, data: bytes) -> None:
     """What a transport does for a buffered protocol: write into the reader's buffer."""
     while data:
@@ -63,12 +40,9 @@ def _fill(reader: FrameReader, data: bytes) -> None:
         data = data[k:]
 
 
-@settings(max_examples=300, deadline=None)
-@given(bodies=st.lists(st.binary(max_size=300), min_size=1, max_size=8),
-       cuts=st.lists(st.integers(0, 2000), max_size=12),
-       into_buffers=st.booleans())
-def test_large_reads_received_in_place_give_back_the_frames_sent(
-        bodies: list[bytes], cuts: list[int], into_buffers: bool) -> None:
+def _read_chunked(bodies: list[bytes], cuts: list[int], into_buffers: bool) -> list[bytes]:
+    """The frames read back from ``bodies`` delivered in chunks cut at ``cuts``, through
+    ``feed_data`` or written into the reader's buffers."""
     async def run() -> list[bytes]:
         reader = FrameReader(asyncio.get_running_loop())
         data = _framed(bodies)
@@ -88,10 +62,28 @@ def test_large_reads_received_in_place_give_back_the_frames_sent(
         assert reader._held == 0 and not reader._chunks and reader._target is None
         return got
 
+    return asyncio.run(run())
+
+
+@settings(max_examples=200, deadline=None)
+@given(bodies=st.lists(st.binary(max_size=300), min_size=1, max_size=8),
+       cuts=st.lists(st.integers(0, 2000), max_size=12),
+       into_buffers=st.booleans())
+def test_any_chunking_gives_back_the_frames_sent(bodies: list[bytes], cuts: list[int],
+                                                 into_buffers: bool) -> None:
+    assert _read_chunked(bodies, cuts, into_buffers) == bodies
+
+
+@settings(max_examples=300, deadline=None)
+@given(bodies=st.lists(st.binary(max_size=300), min_size=1, max_size=8),
+       cuts=st.lists(st.integers(0, 2000), max_size=12),
+       into_buffers=st.booleans())
+def test_large_reads_received_in_place_give_back_the_frames_sent(
+        bodies: list[bytes], cuts: list[int], into_buffers: bool) -> None:
     direct = patches.DIRECT_READ_MIN
     patches.DIRECT_READ_MIN = 16  # bodies of 16 bytes or more take the in-place path
     try:
-        assert asyncio.run(run()) == bodies
+        assert _read_chunked(bodies, cuts, into_buffers) == bodies
     finally:
         patches.DIRECT_READ_MIN = direct
 
