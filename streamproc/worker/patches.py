@@ -12,8 +12,9 @@ pinned versions and :func:`check_versions` refuses others at start-up:
   the input topics' commits to the worker core (:func:`guard_consumer`);
 - the consumer's fetch loop hands the worker core whole batches of input records instead
   of one record at a time through faust's streams (:func:`drain_in_batches`);
-- aiokafka's connections read each response with one copy, and a fetch's record batches
-  are read in place from it (:func:`patch_connections`, :func:`patch_fetcher`).
+- aiokafka's connections receive a large response straight into a buffer of its size,
+  and a fetch's record batches are read in place from it (:func:`patch_connections`,
+  :func:`patch_fetcher`).
 
 docs/worker.md says why each is needed.
 """
