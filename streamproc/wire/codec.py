@@ -549,7 +549,6 @@ def stream_id_of(key: bytes | None) -> str:
     return sid
 
 
-_V1 = str(WIRE_VERSION).encode("ascii")
 _MODALITY_OF = {m.encode("ascii"): m for m in MODALITIES}
 _VIDEO_FORMAT_OF = {f.encode("ascii"): f for f in VIDEO_FORMATS}
 _AUDIO_FORMAT_OF = {f.encode("ascii"): f for f in AUDIO_FORMATS}
@@ -572,7 +571,7 @@ def decode(
     h = _headers(rec)
     # each text header is first looked up as the bytes it should be; what differs is
     # read again as text to say why
-    if h.get("sp-v") != _V1:
+    if h.get("sp-v") != _VERSION_HEADER[1]:
         version = _text_header(h, "sp-v")
         raise WireError(f"unknown wire format version sp-v={version[:16]!r}; this worker reads 1",
                         "sp-v")

@@ -250,9 +250,7 @@ class _ResponseReader:
         self._pos = 0
 
     def read(self, n: int = -1) -> bytes:
-        start = self._pos
-        self._pos = len(self._data) if n < 0 else min(start + n, len(self._data))
-        return self._data[start:self._pos].tobytes()
+        return self.view(len(self._data) if n < 0 else n).tobytes()
 
     def view(self, n: int) -> memoryview:
         start = self._pos
