@@ -1,8 +1,8 @@
 """The worker core alone (no Kafka, no faust): CPU µs per W1 event through
 ``WorkerCore.on_records`` in batches of 256, as the worker's fetch loop hands them over
 (decoding, the door check of every frame, aligning, the ack ledger, window summaries
-handed to an output that completes at once). The part of the align-only worker's cost
-that is streamproc's own (docs/benchmarks.md, *Peers*).
+handed to an output that completes at once), with the worker's heap settings. The part
+of the align-only worker's cost that is streamproc's own (docs/benchmarks.md, *Peers*).
 
     .venv/bin/python benchmarks/bench_core.py [--seconds 60] [--repeats 6] [--profile]
 """
@@ -26,6 +26,7 @@ from bench_align import w1_records  # one W1 generator for every benchmark
 from streamproc.config import Settings
 from streamproc.inference.outputs import SummaryOutput
 from streamproc.wire import codec as wire
+from streamproc.worker.app import settle_heap
 from streamproc.worker.core import Consumed, WorkerCore
 from streamproc.worker.metrics import Counters
 from streamproc.worker.patches import BATCH_RECORDS, RecordAck
@@ -101,6 +102,7 @@ def main() -> int:
     args = ap.parse_args()
     settings = Settings(provisional_on="none", partitions=PARTITIONS, topic_prefix="core")
     records = prepare(args.seconds, settings)
+    settle_heap()  # as the worker does once started: the collector off what start-up made
     per_event = []
     for _ in range(args.repeats):
         took, windows = asyncio.run(run(records, settings, None))

@@ -80,9 +80,24 @@ class StreamChain:
 
     @staticmethod
     async def after(previous: asyncio.Future[None] | None) -> None:
-        """Wait for ``previous`` to end; its failure is reported by its own task."""
-        if previous is not None:
-            await asyncio.wait([previous])
+        """Wait for ``previous`` to end; its failure is reported by its own task.
+
+        Not ``await previous``: cancelling this wait must not cancel it. Not
+        ``asyncio.wait`` either, which costs as much per window as the rest of the
+        chain (a set, a counter, a callback per future): one waiter, one callback."""
+        if previous is None or previous.done():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+
+        def wake(_: asyncio.Future[None]) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        previous.add_done_callback(wake)
+        try:
+            await waiter
+        finally:
+            previous.remove_done_callback(wake)
 
 
 class SummaryOutput:

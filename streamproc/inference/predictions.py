@@ -11,6 +11,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from streamproc.align.aligner import Window
 from streamproc.config import MODALITIES, Settings
 from streamproc.wire import codec as wire
@@ -26,7 +28,8 @@ def window_summary(window: Window) -> dict[str, Any]:
     ``provenance`` lists ``[partition, offset]`` per modality (the topic is the modality's).
     """
     present = dict(window.present)
-    audio_s = float(window.audio_mask.sum()) / window.sample_rate if window.sample_rate else 0.0
+    audio_s = (np.count_nonzero(window.audio_mask) / window.sample_rate if window.sample_rate
+               else 0.0)
     modalities: dict[str, Any] = {
         "video": {"present": bool(present.get("video", False)), "frames": window.frame_count,
                   "sampled": len(window.frames)},

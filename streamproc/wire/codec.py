@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from streamproc.config import MODALITIES
+from streamproc.frozen import quick_init
 from streamproc.wire.jpeg import JpegError
 from streamproc.wire.jpeg import check_structure as check_jpeg_structure
 
@@ -66,6 +67,7 @@ class WireError(ValueError):
         self.kind = kind  # DECODE, or OVERSIZE for the size limits
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Source:
     """Where a record came from: provenance for windows and dead letters."""
@@ -75,6 +77,7 @@ class Source:
     offset: int
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class KafkaRecord:
     """A Kafka record as any client sees it: what we produce and what we consume."""
@@ -141,6 +144,7 @@ def normalize_headers(headers: Any) -> Headers:
 # ---------------------------------------------------------------------------------------
 
 
+@quick_init
 @dataclass(frozen=True, slots=True, weakref_slot=True)  # decoded copies refer to it weakly
 class VideoFrame:
     """One encoded frame. ``ts_ns`` is its capture time on the wall clock."""
@@ -179,6 +183,7 @@ class VideoFrame:
         return decode_image(self.data, self.fmt)
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class AudioChunk:
     """Interleaved PCM spanning ``[ts_ns, ts_ns + n_samples / sample_rate)``."""
@@ -236,6 +241,7 @@ class Word:
         return {"text": self.text, "start_ns": self.start_ns, "end_ns": self.end_ns}
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class TranscriptSegment:
     """A transcript span ``[start_ns, end_ns)``; partial (``final=False``) ones may be revised.

@@ -129,14 +129,20 @@ class AckLedger(Generic[T]):
             raise ValueError(f"{tp}: offset {offset} tracked after {last}; "
                              "records must be tracked in consumption order")
         self._last_tracked[tp] = offset
-        held = self._held.setdefault(tp, deque())
+        # get, not setdefault: its default would be a new deque (and set) every record
+        held = self._held.get(tp)
+        if held is None:
+            held = self._held[tp] = deque()
         entry = Entry(tp, offset, token, stream_id, after_start)
         if stream_id is not None:
             if after_start is None:
                 raise ValueError("a record waiting for a window needs after_start")
             st = self._stream(stream_id, tp[1])
             st.waiting_tps.add(tp)
-            self._waiting.setdefault(tp[1], set()).add(stream_id)
+            waiting = self._waiting.get(tp[1])
+            if waiting is None:
+                waiting = self._waiting[tp[1]] = set()
+            waiting.add(stream_id)
         held.append(entry)
         return entry
 

@@ -32,6 +32,7 @@ from streamproc.align.aligner import (
 )
 from streamproc.config import MODALITIES, Settings
 from streamproc.errors import UserError
+from streamproc.frozen import quick_init
 from streamproc.wire import codec as wire
 from streamproc.wire.codec import DeadLetterKind
 from streamproc.worker.acks import AckLedger, Admit, Entry, OffsetGate, Ticket
@@ -62,6 +63,7 @@ FetchState = Callable[[TP], tuple[int | None, int | None]]
 FetchSkips = deque[tuple[str, int, int, int]]
 
 
+@quick_init
 @dataclasses.dataclass(frozen=True, slots=True)
 class Consumed:
     """One consumed input record and the client's handle that acks it."""

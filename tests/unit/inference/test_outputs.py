@@ -207,6 +207,38 @@ def test_stream_chain_forgets_a_stream_once_its_last_step_is_done() -> None:
     assert not chain.pending
 
 
+def test_waiting_for_the_previous_step_is_cancelled_alone() -> None:
+    """Cancelling a step that waits for the stream's previous one leaves that one running;
+    a step whose previous one is done (or failed) goes on at once."""
+    async def main():
+        gate = asyncio.Event()
+
+        async def slow() -> None:
+            await gate.wait()
+
+        previous = asyncio.ensure_future(slow())
+        waiting = asyncio.ensure_future(StreamChain.after(previous))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert not previous.done()
+        gate.set()
+        await asyncio.wait_for(StreamChain.after(previous), 5)
+        assert previous.done()
+
+        async def fail() -> None:
+            raise RuntimeError("broker gone")
+
+        failed = asyncio.ensure_future(fail())
+        await asyncio.wait([failed])
+        await asyncio.wait_for(StreamChain.after(failed), 5)  # its failure is not raised here
+        await asyncio.wait_for(StreamChain.after(None), 5)
+
+    asyncio.run(main())
+
+
 def test_provisional_then_final_reuses_the_scores_when_nothing_changed() -> None:
     """Each window: a provisional prediction, then its final. An unchanged final repeats
     the provisional's scores without a model call; a changed one is scored again, and a
