@@ -106,15 +106,8 @@ class KafkaRecord:
         ts = msg.timestamp
         if isinstance(ts, float):  # faust hands over seconds (ms / 1000.0); round-trips exactly
             ts = round(ts * 1000.0)
-        return cls(
-            key=msg.key,
-            value=msg.value,
-            headers=normalize_headers(msg.headers),
-            timestamp_ms=ts,
-            topic=msg.topic,
-            partition=msg.partition,
-            offset=msg.offset,
-        )
+        return cls(msg.key, msg.value, normalize_headers(msg.headers), ts, msg.topic,
+                   msg.partition, msg.offset)
 
 
 def normalize_headers(headers: Any) -> Headers:

@@ -32,7 +32,6 @@ from streamproc.align.aligner import (
 )
 from streamproc.config import MODALITIES, Settings
 from streamproc.errors import UserError
-from streamproc.frozen import quick_init
 from streamproc.wire import codec as wire
 from streamproc.wire.codec import DeadLetterKind
 from streamproc.worker.acks import AckLedger, Admit, Entry, OffsetGate, Ticket
@@ -63,8 +62,9 @@ FetchState = Callable[[TP], tuple[int | None, int | None]]
 FetchSkips = deque[tuple[str, int, int, int]]
 
 
-@quick_init
-@dataclasses.dataclass(frozen=True, slots=True)
+# Not frozen: made twice for most records (as read, then without its record while it
+# waits for its windows), and a frozen dataclass costs three times as much to make
+@dataclasses.dataclass(slots=True, eq=False)
 class Consumed:
     """One consumed input record and the client's handle that acks it."""
 

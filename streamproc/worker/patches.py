@@ -738,15 +738,21 @@ def drain_in_batches(consumer: Any, core: WorkerCore,
         interleave.drop()
         paused.clear()
 
+    tps: dict[tuple[str, int], TP] = {}  # one TP per partition, not one per record
+
     def handed(records: list[Any]) -> list[Consumed]:
-        now = time.monotonic()
-        inbound = app.monitor.stream_inbound_time if app.monitor is not None else {}
         out = []
+        seen = set()
         for r in records:
-            tp = TP(r.topic, r.partition)
-            inbound[tp] = now  # faust's stalled-stream check reads this (no stream here)
+            key = (r.topic, r.partition)
+            tp = tps.get(key)
+            if tp is None:
+                tp = tps[key] = TP(*key)
+            seen.add(tp)
             out.append(Consumed(r.topic, r.partition, r.offset, KafkaRecord.from_client(r),
                                 RecordAck(consumer, tp, r.offset)))
+        if app.monitor is not None:  # faust's stalled-stream check reads this (no stream here)
+            app.monitor.stream_inbound_time.update(dict.fromkeys(seen, time.monotonic()))
         return out
 
     async def drain(fetcher: Any) -> None:
