@@ -371,8 +371,8 @@ def child_core_librdkafka(cfg: Mapping[str, Any]) -> dict[str, Any]:
                              timestamp=rec.timestamp_ms or 0, on_delivery=done)
             return fut
 
-        async def publish(rec: wire.KafkaRecord) -> None:
-            await produce(cfg["out_topic"], rec)
+        async def enqueue(rec: wire.KafkaRecord) -> asyncio.Future[None]:
+            return produce(cfg["out_topic"], rec)
 
         async def send_dead_letter(rec: wire.KafkaRecord) -> None:
             await produce(settings.topic("deadletter"), rec)
@@ -397,7 +397,7 @@ def child_core_librdkafka(cfg: Mapping[str, Any]) -> dict[str, Any]:
             _low, high = consumer.get_watermark_offsets(CTP(*tp), cached=True)
             return (None if high < 0 else high), time.time_ns()
 
-        core = WorkerCore(settings, submit=SummaryOutput(publish).submit,
+        core = WorkerCore(settings, submit=SummaryOutput(enqueue).submit,
                           send_dead_letter=send_dead_letter, record_progress=writer.record,
                           forget_progress=writer.forget, counters=counters, crash=crash,
                           fetch_state=fetch_state)

@@ -2,15 +2,19 @@
 
 :class:`SummaryOutput` (align-only) publishes each window's summary; :class:`InferenceOutput`
 runs the windows of every stream through one micro-batched model first. Both publish a
-stream's predictions in window order (each after the stream's previous one is in the
-broker), so a reader of one partition sees each stream's windows in order.
+stream's predictions in window order, so a reader of one partition sees each stream's
+windows in order: the summaries by putting them in the producer's queue one after the
+other (the producer keeps a partition's records in that order), the model's predictions
+each after the stream's previous one is in the broker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -27,6 +31,9 @@ log = logging.getLogger(__name__)
 
 #: Sends one record and resolves once the broker has it.
 Publish = Callable[[wire.KafkaRecord], Awaitable[None]]
+#: Puts one record in the producer's queue; resolves, once it is queued, to the awaitable
+#: of its delivery (done once the broker has it).
+Enqueue = Callable[[wire.KafkaRecord], Awaitable[Awaitable[object]]]
 
 
 class WindowOutput(Protocol):
@@ -101,27 +108,72 @@ class StreamChain:
 
 
 class SummaryOutput:
-    """The align-only output: each window's summary, published with ``publish``."""
+    """The align-only output: each window's summary, published with ``enqueue``.
 
-    def __init__(self, publish: Publish, headers: wire.Headers = ()) -> None:
-        self.publish = publish
+    A stream's summaries go into the producer's queue one after the other, each once the
+    one before it is queued (not delivered): the producer sends a partition's records in
+    the order they were queued, so they reach the broker in window order, and a burst of
+    windows goes out in few requests. One task per stream with summaries waiting, not
+    one per window: per window, a record, a future and a callback.
+    """
+
+    def __init__(self, enqueue: Enqueue, headers: wire.Headers = ()) -> None:
+        self.enqueue = enqueue
         self.headers = headers
-        self._chain = StreamChain()
+        self._waiting: dict[str, deque[tuple[wire.KafkaRecord, asyncio.Future[None]]]] = {}
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._pending: set[asyncio.Future[None]] = set()  # submitted, not yet delivered
 
     async def start(self) -> None:
         pass
 
-    def submit(self, window: Window) -> Awaitable[None]:
-        return self._chain.start(window.stream_id,
-                                 lambda previous: self._publish(window, previous))
-
-    async def _publish(self, window: Window, previous: asyncio.Future[None] | None) -> None:
+    def submit(self, window: Window) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         rec = prediction_record(summary_prediction(window), self.headers)
-        await StreamChain.after(previous)
-        await self.publish(rec)
+        waiting = self._waiting.get(window.stream_id)
+        if waiting is None:
+            waiting = self._waiting[window.stream_id] = deque()
+            task = asyncio.ensure_future(self._queue(window.stream_id, waiting))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        waiting.append((rec, done))
+        self._pending.add(done)
+        done.add_done_callback(self._pending.discard)
+        return done
+
+    async def _queue(self, stream_id: str,
+                     waiting: deque[tuple[wire.KafkaRecord, asyncio.Future[None]]]) -> None:
+        try:
+            while waiting:
+                rec, done = waiting[0]
+                try:
+                    delivery = asyncio.ensure_future(await self.enqueue(rec))
+                except Exception as exc:  # this window fails (the worker crashes); not the next
+                    if not done.done():
+                        done.set_exception(exc)
+                else:
+                    delivery.add_done_callback(functools.partial(_settle, done))
+                waiting.popleft()
+        finally:
+            del self._waiting[stream_id]
+            for _, done in waiting:  # cancelled while queueing: shutting down
+                done.cancel()
 
     async def stop(self) -> None:
-        await self._chain.drain(timeout=30)
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=30)
+
+
+def _settle(done: asyncio.Future[None], delivery: asyncio.Future[object]) -> None:
+    """``done`` as ``delivery`` ended (unless it was settled already)."""
+    if done.done():
+        return
+    if delivery.cancelled():
+        done.cancel()
+    elif delivery.exception() is not None:
+        done.set_exception(delivery.exception())  # type: ignore[arg-type]
+    else:
+        done.set_result(None)
 
 
 class _Provisional:

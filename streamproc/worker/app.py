@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import gc
 import logging
 import os
@@ -29,7 +30,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Iterable
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -153,18 +154,23 @@ def data_dir(settings: Settings) -> Path:
         Path.home() / ".cache" / "streamproc" / "worker")
 
 
-async def publish(topic: faust.TopicT, rec: wire.KafkaRecord) -> None:
-    """Send one record with the app's producer and wait until the broker has it (acks=all).
+async def enqueue(topic: faust.TopicT, rec: wire.KafkaRecord) -> Awaitable[object]:
+    """Put one record in the app's producer's queue; returns its delivery, done once the
+    broker has it (acks=all).
 
     Through the producer, not ``topic.send``: the topic's path adds a pending message, a
     future message, send sensors and a completion callback per record, which cost the
     worker more per window than building its record did, for nothing it uses (records are
-    bytes already, and delivery is awaited here)."""
+    bytes already, and delivery is awaited by the caller)."""
     ts = None if rec.timestamp_ms is None else (rec.timestamp_ms + 0.5) / 1000.0  # exact ms back
     producer = await topic.app.maybe_start_producer()
-    fut = await producer.send(topic.get_topic_name(), rec.key, rec.value, None, ts,
-                              list(rec.headers))
-    await fut
+    return await producer.send(topic.get_topic_name(), rec.key, rec.value, None, ts,
+                               list(rec.headers))
+
+
+async def publish(topic: faust.TopicT, rec: wire.KafkaRecord) -> None:
+    """Send one record with the app's producer and wait until the broker has it."""
+    await (await enqueue(topic, rec))
 
 
 def faust_credentials(settings: Settings) -> CredentialsT | None:
@@ -214,14 +220,15 @@ def _faust_app(settings: Settings, partitions: int) -> faust.App:
 
 
 def _output(settings: Settings, predictor: Predictor | None, metrics: Metrics,
-            send: Callable[[wire.KafkaRecord], Awaitable[None]]) -> WindowOutput:
+            topic: faust.TopicT) -> WindowOutput:
     """Micro-batched inference with a predictor, window summaries without one."""
     headers = (("sp-worker", WORKER_ID.encode()),
                *prediction_headers(settings, ALIGN_ONLY_MODEL if predictor is None
                                    else predictor.info))
     if predictor is None:
-        return SummaryOutput(send, headers)
-    return InferenceOutput(predictor, send, model_info=predictor.info,
+        return SummaryOutput(functools.partial(enqueue, topic), headers)
+    return InferenceOutput(predictor, functools.partial(publish, topic),
+                           model_info=predictor.info,
                            max_batch=settings.batch_size,
                            max_wait_ms=settings.batch_max_wait_ms, metrics=metrics,
                            headers=headers, current_model=lambda: predictor.info)
@@ -249,8 +256,7 @@ def create_app(settings: Settings, *, partitions: int | None = None,
     progress = app.topic(progress_topic(settings), key_type=bytes, value_type=bytes,
                          partitions=n, replicas=settings.replication_factor,
                          compacting=True, deleting=False, internal=True)
-    output = output or _output(settings, predictor, metrics,
-                               lambda rec: publish(predictions, rec))
+    output = output or _output(settings, predictor, metrics, predictions)
     app.streamproc_metrics = metrics  # type: ignore[attr-defined]
     patches.patch_fetcher()
     patches.patch_connections()

@@ -131,28 +131,46 @@ def test_a_streams_predictions_are_published_in_window_order() -> None:
     assert done[0][0] == "cam2"  # not held up behind cam1's slow sends
 
 
-def test_align_only_output_publishes_each_streams_summaries_in_window_order() -> None:
-    done: list[tuple[str, int]] = []
+def test_align_only_output_queues_each_streams_summaries_in_window_order() -> None:
+    """A stream's summaries are queued one after the other in window order, without
+    waiting for the one before to be delivered; a stream whose queueing is slow holds up
+    no other; each window's future resolves with its own delivery."""
+    queued: list[tuple[str, int]] = []
+    deliveries: dict[tuple[str, int], asyncio.Future[None]] = {}
     published: list[wire.KafkaRecord] = []
 
-    async def publish(rec):
+    async def enqueue(rec):
         p = wire.decode_prediction(rec)
-        # earlier windows take longer: concurrent sends would finish reversed
-        i = (p.window_start_ns - _window("cam1", 0).start_ns) // 1_000_000_000
-        await asyncio.sleep(0.03 - 0.01 * i)
-        done.append(p.key)
+        if p.stream_id == "cam1":
+            await asyncio.sleep(0.01)  # a full producer queue: cam2 must not wait for it
+        queued.append(p.key)
         published.append(rec)
+        fut = deliveries[p.key] = asyncio.get_running_loop().create_future()
+        return fut
 
     async def main():
-        output = SummaryOutput(publish, (("sp-worker", b"w1"),))
+        output = SummaryOutput(enqueue, (("sp-worker", b"w1"),))
         await output.start()
         windows = [_window("cam1", i) for i in range(3)] + [_window("cam2", 2)]
-        await asyncio.wait_for(asyncio.gather(*(output.submit(w) for w in windows)), 10)
+        done = [output.submit(w) for w in windows]
+        for _ in range(200):
+            if len(queued) == 4:
+                break
+            await asyncio.sleep(0.005)
+        # every window is queued while none is delivered yet
+        assert len(queued) == 4 and not any(d.done() for d in done)
+        assert queued[0][0] == "cam2"
+        assert [k for k in queued if k[0] == "cam1"] == [(w.stream_id, w.start_ns) for w in windows[:3]]
+        deliveries[(windows[1].stream_id, windows[1].start_ns)].set_result(None)
+        await asyncio.sleep(0)
+        assert [d.done() for d in done] == [False, True, False, False]
+        for fut in deliveries.values():
+            if not fut.done():
+                fut.set_result(None)
+        await asyncio.wait_for(asyncio.gather(*done), 5)
         await output.stop()
 
     asyncio.run(main())
-    assert [k for k in done if k[0] == "cam1"] == sorted(k for k in done if k[0] == "cam1")
-    assert done[0][0] == "cam2" and len(done) == 4  # streams do not wait for each other
     for rec in published:
         p = wire.decode_prediction(rec)
         assert p.label == "" and p.scores == {} and p.model == {"name": "align-only",
@@ -162,27 +180,56 @@ def test_align_only_output_publishes_each_streams_summaries_in_window_order() ->
 
 
 def test_a_failed_publish_fails_its_window_and_the_stream_goes_on() -> None:
-    """The worker crashes on the failed window; the chain does not hang behind it."""
+    """The worker crashes on the failed window; the stream's next window is still queued
+    and published. A window that cannot be queued fails the same way."""
     attempts: list[int] = []
 
-    async def publish(rec):
+    async def enqueue(rec):
         start = wire.decode_prediction(rec).window_start_ns
         attempts.append(start)
+        if len(attempts) == 2:
+            raise RuntimeError("producer closed")
+        fut = asyncio.get_running_loop().create_future()
         if len(attempts) == 1:
-            raise RuntimeError("broker gone")
+            fut.set_exception(RuntimeError("broker gone"))
+        else:
+            fut.set_result(None)
+        return fut
 
     async def main():
-        output = SummaryOutput(publish)
+        output = SummaryOutput(enqueue)
         await output.start()
         first = output.submit(_window("cam1", 0))
         second = output.submit(_window("cam1", 1))
+        third = output.submit(_window("cam1", 2))
         with pytest.raises(RuntimeError, match="broker gone"):
             await asyncio.wait_for(first, 5)
-        await asyncio.wait_for(second, 5)
+        with pytest.raises(RuntimeError, match="producer closed"):
+            await asyncio.wait_for(second, 5)
+        await asyncio.wait_for(third, 5)
         await output.stop()
 
     asyncio.run(main())
-    assert attempts == sorted(attempts) and len(attempts) == 2
+    assert attempts == sorted(attempts) and len(attempts) == 3
+
+
+def test_stopping_waits_for_the_deliveries_under_way() -> None:
+    async def main():
+        delivery = asyncio.get_running_loop().create_future()
+
+        async def enqueue(rec):
+            return delivery
+
+        output = SummaryOutput(enqueue)
+        done = output.submit(_window("cam1", 0))
+        stopping = asyncio.ensure_future(output.stop())
+        await asyncio.sleep(0.02)
+        assert not stopping.done() and not done.done()
+        delivery.set_result(None)
+        await asyncio.wait_for(stopping, 5)
+        assert done.done() and done.exception() is None
+
+    asyncio.run(main())
 
 
 def test_stream_chain_forgets_a_stream_once_its_last_step_is_done() -> None:
