@@ -483,12 +483,11 @@ async def _inference_alone(settings: Settings, predictor, windows: list[Window])
     await producer.start()
     topic = settings.topic("predictions")
 
-    async def publish(rec) -> None:
-        fut = await producer.send(topic, value=rec.value, key=rec.key,
-                                  headers=list(rec.headers), timestamp_ms=rec.timestamp_ms)
-        await fut
+    async def enqueue(rec):
+        return await producer.send(topic, value=rec.value, key=rec.key,
+                                   headers=list(rec.headers), timestamp_ms=rec.timestamp_ms)
 
-    output = InferenceOutput(model, publish, model_info=predictor.info,
+    output = InferenceOutput(model, enqueue, model_info=predictor.info,
                              max_batch=settings.batch_size,
                              max_wait_ms=settings.batch_max_wait_ms)
     await output.start()

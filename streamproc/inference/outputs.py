@@ -3,9 +3,9 @@
 :class:`SummaryOutput` (align-only) publishes each window's summary; :class:`InferenceOutput`
 runs the windows of every stream through one micro-batched model first. Both publish a
 stream's predictions in window order, so a reader of one partition sees each stream's
-windows in order: the summaries by putting them in the producer's queue one after the
-other (the producer keeps a partition's records in that order), the model's predictions
-each after the stream's previous one is in the broker.
+windows in order: each goes into the producer's queue once the stream's previous one is
+queued (not delivered), and the producer sends a partition's records in the order they
+were queued. A window's awaitable resolves once its own prediction is delivered.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from streamproc.align.aligner import Window
 from streamproc.inference.batcher import Batched, MicroBatcher
@@ -28,9 +28,8 @@ if TYPE_CHECKING:
     from streamproc.worker.metrics import Metrics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-#: Sends one record and resolves once the broker has it.
-Publish = Callable[[wire.KafkaRecord], Awaitable[None]]
 #: Puts one record in the producer's queue; resolves, once it is queued, to the awaitable
 #: of its delivery (done once the broker has it).
 Enqueue = Callable[[wire.KafkaRecord], Awaitable[Awaitable[object]]]
@@ -57,24 +56,24 @@ class StreamChain:
 
     The producer may reorder records sent concurrently (a smaller record fills the room
     left in a full batch that an earlier one waits on), so each stream's windows are
-    published one after the other; different streams still overlap.
+    queued one after the other; different streams still overlap.
     """
 
     def __init__(self) -> None:
-        self._last: dict[str, asyncio.Future[None]] = {}
-        self.pending: set[asyncio.Future[None]] = set()
+        self._last: dict[str, asyncio.Future[Any]] = {}
+        self.pending: set[asyncio.Future[Any]] = set()
 
     def start(self, stream_id: str,
-              step: Callable[[asyncio.Future[None] | None], Awaitable[None]]
-              ) -> asyncio.Future[None]:
+              step: Callable[[asyncio.Future[Any] | None], Awaitable[T]]
+              ) -> asyncio.Future[T]:
         """Run ``step(previous)``, where ``previous`` is the stream's task before it (to
-        be awaited before publishing) or None."""
+        be awaited before queueing) or None."""
         fut = asyncio.ensure_future(step(self._last.get(stream_id)))
         self._last[stream_id] = fut
         self.pending.add(fut)
         fut.add_done_callback(self.pending.discard)
 
-        def forget(done: asyncio.Future[None]) -> None:
+        def forget(done: asyncio.Future[T]) -> None:
             if self._last.get(stream_id) is done:
                 del self._last[stream_id]
 
@@ -86,7 +85,7 @@ class StreamChain:
             await asyncio.wait(list(self.pending), timeout=timeout)
 
     @staticmethod
-    async def after(previous: asyncio.Future[None] | None) -> None:
+    async def after(previous: asyncio.Future[Any] | None) -> None:
         """Wait for ``previous`` to end; its failure is reported by its own task.
 
         Not ``await previous``: cancelling this wait must not cancel it. Not
@@ -96,7 +95,7 @@ class StreamChain:
             return
         waiter = asyncio.get_running_loop().create_future()
 
-        def wake(_: asyncio.Future[None]) -> None:
+        def wake(_: asyncio.Future[Any]) -> None:
             if not waiter.done():
                 waiter.set_result(None)
 
@@ -164,7 +163,28 @@ class SummaryOutput:
             await asyncio.wait(list(self._pending), timeout=30)
 
 
-def _settle(done: asyncio.Future[None], delivery: asyncio.Future[object]) -> None:
+def _when_delivered(done: asyncio.Future[None],
+                    queued: asyncio.Future[tuple[asyncio.Future[object], Callable[[], None]]]
+                    ) -> None:
+    """Settle ``done`` once the prediction ``queued`` put in the producer's queue is
+    delivered, after its ``delivered`` step (latencies, counts)."""
+    if queued.cancelled() or queued.exception() is not None:
+        _settle(done, queued)
+        return
+    delivery, delivered = queued.result()
+
+    def landed(d: asyncio.Future[object]) -> None:
+        if not d.cancelled() and d.exception() is None:
+            try:
+                delivered()
+            except Exception:  # a metrics bug must not leave the window unacked
+                log.exception("recording a delivered prediction failed")
+        _settle(done, d)
+
+    delivery.add_done_callback(landed)
+
+
+def _settle(done: asyncio.Future[None], delivery: asyncio.Future[Any]) -> None:
     """``done`` as ``delivery`` ended (unless it was settled already)."""
     if done.done():
         return
@@ -191,7 +211,7 @@ class InferenceOutput:
     """The output when a model is loaded: windows -> micro-batched model -> predictions.
 
     Windows from every stream queue into one micro-batcher; each result becomes a
-    prediction published with ``publish``. A batch that fails is retried window by
+    prediction published with ``enqueue``. A batch that fails is retried window by
     window, so one bad window cannot take its neighbours down; a window that fails alone is
     published with an empty label and the reason in ``quality["error"]`` (counted as
     ``inference_errors``) and the stream goes on.
@@ -202,11 +222,11 @@ class InferenceOutput:
     PROVISIONAL_KEPT = 65_536
 
     def __init__(self, predictor: Callable[[Sequence[Window]], Sequence[Scored]],
-                 publish: Publish, *, model_info: Mapping[str, str], max_batch: int,
+                 enqueue: Enqueue, *, model_info: Mapping[str, str], max_batch: int,
                  max_wait_ms: float, metrics: Metrics | None = None,
                  headers: wire.Headers = (),
                  current_model: Callable[[], Mapping[str, str]] | None = None) -> None:
-        self.publish = publish
+        self.enqueue = enqueue
         self.model_info = dict(model_info)
         self.current_model = current_model
         self.metrics = metrics
@@ -215,13 +235,14 @@ class InferenceOutput:
         self.batcher: MicroBatcher[Window, Scored] = MicroBatcher(
             predictor, max_batch, max_wait_ms, on_batch=self._on_batch)
         self._chain = StreamChain()
+        self._pending: set[asyncio.Future[None]] = set()  # submitted, not yet delivered
         self._last_publish_ms = 0.0
         self._provisional: dict[tuple[str, int], _Provisional] = {}
 
     async def start(self) -> None:
         await self.batcher.start()
 
-    def submit(self, window: Window) -> Awaitable[None]:
+    def submit(self, window: Window) -> asyncio.Future[None]:
         """Score and publish a window. A final window with nothing added since its
         provisional one reuses the provisional's scores (no second model call)."""
         closed_ns = time.time_ns()
@@ -233,11 +254,18 @@ class InferenceOutput:
             if len(self._provisional) >= self.PROVISIONAL_KEPT:
                 del self._provisional[next(iter(self._provisional))]
             earlier = self._provisional[window.key] = _Provisional(scored)
-        return self._chain.start(window.stream_id, lambda previous: self._finish(
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.add(done)
+        done.add_done_callback(self._pending.discard)
+        queued = self._chain.start(window.stream_id, lambda previous: self._finish(
             window, scored, closed_ns, previous, earlier, reused))
+        queued.add_done_callback(functools.partial(_when_delivered, done))
+        return done
 
     async def stop(self) -> None:
         await self._chain.drain(timeout=30)
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=30)
         await self.batcher.stop()
 
     def _model_now(self) -> Mapping[str, str]:
@@ -275,8 +303,11 @@ class InferenceOutput:
             self.metrics.inference_seconds.observe(compute_ms / 1000)
 
     async def _finish(self, window: Window, fut: asyncio.Future[Batched[Scored]],
-                      closed_ns: int, previous: asyncio.Future[None] | None,
-                      provisional: _Provisional | None, reused: bool) -> None:
+                      closed_ns: int, previous: asyncio.Future[Any] | None,
+                      provisional: _Provisional | None, reused: bool
+                      ) -> tuple[asyncio.Future[object], Callable[[], None]]:
+        """Score the window and queue its prediction once the stream's previous one is
+        queued; returns its delivery and what to do once it is delivered."""
         quality_extra: dict[str, str] = {}
         try:
             done = await fut
@@ -301,7 +332,7 @@ class InferenceOutput:
                             window.stream_id, window.start_ns, batch_error)
             queue_ms, compute_ms = 0.0, (time.perf_counter() - t0) * 1000
         await StreamChain.after(previous)
-        # after the stream's previous prediction is out: a swap it saw is seen here too
+        # after the stream's previous prediction is queued: a swap it saw is seen here too
         scored, queue_ms, compute_ms, again = await self._score_again(
             window, scored, queue_ms, compute_ms)
         if again:
@@ -322,7 +353,13 @@ class InferenceOutput:
         pred.quality.update(quality_extra)
         rec = prediction_record(pred, self._headers_for(model))
         t_pub = time.perf_counter()
-        await self.publish(rec)
+        return (asyncio.ensure_future(await self.enqueue(rec)),
+                functools.partial(self._delivered, window, scored, closed_ns, provisional,
+                                  reused, t_pub))
+
+    def _delivered(self, window: Window, scored: Scored, closed_ns: int,
+                   provisional: _Provisional | None, reused: bool, t_pub: float) -> None:
+        """The window's prediction is in the broker: its latencies and counts."""
         publish_ms = self._last_publish_ms = (time.perf_counter() - t_pub) * 1000
         now = time.time_ns()
         if not window.final and provisional is not None:

@@ -227,7 +227,7 @@ def _output(settings: Settings, predictor: Predictor | None, metrics: Metrics,
                                    else predictor.info))
     if predictor is None:
         return SummaryOutput(functools.partial(enqueue, topic), headers)
-    return InferenceOutput(predictor, functools.partial(publish, topic),
+    return InferenceOutput(predictor, functools.partial(enqueue, topic),
                            model_info=predictor.info,
                            max_batch=settings.batch_size,
                            max_wait_ms=settings.batch_max_wait_ms, metrics=metrics,

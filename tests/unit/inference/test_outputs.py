@@ -41,6 +41,13 @@ class _Labeller:
         return [Scored(w.text, {w.text: 0.9, "other": 0.1}, 1.5, 2.5) for w in windows]
 
 
+def _queued(publish):
+    """An ``enqueue`` whose delivery is ``publish(rec)`` running on its own."""
+    async def enqueue(rec):
+        return asyncio.ensure_future(publish(rec))
+    return enqueue
+
+
 def _run_inference(windows, max_batch=8, max_wait_ms=20):
     published: list[wire.KafkaRecord] = []
     metrics = Metrics()
@@ -51,7 +58,7 @@ def _run_inference(windows, max_batch=8, max_wait_ms=20):
         published.append(rec)
 
     async def main():
-        output = InferenceOutput(fn, publish, model_info={"name": "m", "version": "3"},
+        output = InferenceOutput(fn, _queued(publish), model_info={"name": "m", "version": "3"},
                                  max_batch=max_batch, max_wait_ms=max_wait_ms,
                                  metrics=metrics, headers=(("sp-worker", b"w1"),))
         await output.start()
@@ -101,34 +108,66 @@ def test_a_failing_window_is_isolated_and_published_with_its_error() -> None:
     assert metrics.counters.get("inference_errors") == 1
 
 
-def test_a_streams_predictions_are_published_in_window_order() -> None:
-    """A publish whose records complete out of order (later, smaller ones first) still
-    hands each stream's windows over one after the other; streams do not wait for each
-    other."""
-    started: list[tuple[str, int]] = []
-    done: list[tuple[str, int]] = []
+def test_a_streams_predictions_are_queued_in_window_order() -> None:
+    """A stream's predictions go into the producer's queue in window order, each without
+    waiting for the one before to be delivered; a window's awaitable resolves with its own
+    delivery; streams do not wait for each other."""
+    queued: list[tuple[str, int]] = []
+    deliveries: dict[tuple[str, int], asyncio.Future[None]] = {}
 
-    async def publish(rec):
+    async def enqueue(rec):
         p = wire.decode_prediction(rec)
-        started.append(p.key)
-        # cam1's earlier windows take longer: concurrent sends would finish reversed
-        i = (p.window_start_ns - _window("cam1", 0).start_ns) // 1_000_000_000
-        await asyncio.sleep(0.05 - 0.01 * i if p.stream_id == "cam1" else 0)
-        done.append(p.key)
+        if p.stream_id == "cam1":
+            await asyncio.sleep(0.01)  # a full producer queue: cam2 must not wait for it
+        queued.append(p.key)
+        fut = deliveries[p.key] = asyncio.get_running_loop().create_future()
+        return fut
 
     async def main():
-        output = InferenceOutput(_Labeller(), publish, model_info={"name": "m", "version": "1"},
+        output = InferenceOutput(_Labeller(), enqueue, model_info={"name": "m", "version": "1"},
                                  max_batch=8, max_wait_ms=20)
         await output.start()
         windows = [_window("cam1", i, "seven") for i in range(4)] + [_window("cam2", 0, "one")]
-        await asyncio.wait_for(asyncio.gather(*(output.submit(w) for w in windows)), 10)
+        done = [output.submit(w) for w in windows]
+        for _ in range(400):
+            if len(queued) == 5:
+                break
+            await asyncio.sleep(0.005)
+        assert len(queued) == 5 and not any(d.done() for d in done)  # none delivered yet
+        assert queued[0][0] == "cam2"
+        assert [k for k in queued if k[0] == "cam1"] == [w.key for w in windows[:4]]
+        deliveries[windows[2].key].set_result(None)
+        await asyncio.sleep(0)
+        assert [d.done() for d in done] == [False, False, True, False, False]
+        for fut in deliveries.values():
+            if not fut.done():
+                fut.set_result(None)
+        await asyncio.wait_for(asyncio.gather(*done), 10)
         await output.stop()
 
     asyncio.run(main())
-    cam1 = [k for k in done if k[0] == "cam1"]
-    assert cam1 == sorted(cam1) and len(cam1) == 4
-    assert [k for k in started if k[0] == "cam1"] == cam1  # each began after the last ended
-    assert done[0][0] == "cam2"  # not held up behind cam1's slow sends
+
+
+def test_a_prediction_that_is_not_delivered_fails_its_window_alone() -> None:
+    async def main():
+        async def enqueue(rec):
+            fut = asyncio.get_running_loop().create_future()
+            if wire.decode_prediction(rec).window_start_ns == _window("cam1", 0).start_ns:
+                fut.set_exception(RuntimeError("broker gone"))
+            else:
+                fut.set_result(None)
+            return fut
+
+        output = InferenceOutput(_Labeller(), enqueue, model_info={"name": "m", "version": "1"},
+                                 max_batch=8, max_wait_ms=5)
+        await output.start()
+        first, second = output.submit(_window("cam1", 0)), output.submit(_window("cam1", 1))
+        with pytest.raises(RuntimeError, match="broker gone"):
+            await asyncio.wait_for(first, 5)
+        await asyncio.wait_for(second, 5)
+        await output.stop()
+
+    asyncio.run(main())
 
 
 def test_align_only_output_queues_each_streams_summaries_in_window_order() -> None:
@@ -337,7 +376,7 @@ def _run_swapping(model: _Swapping, waves: list[list[Window]]) -> list[wire.Kafk
         published.append(rec)
 
     async def main():
-        output = InferenceOutput(model, publish, model_info={"name": "m", "version": "A"},
+        output = InferenceOutput(model, _queued(publish), model_info={"name": "m", "version": "A"},
                                  max_batch=4, max_wait_ms=5,
                                  headers=(("sp-worker", b"w1"), ("sp-model", b"m/A")),
                                  current_model=lambda: model.current)
