@@ -25,7 +25,8 @@ def quick_init(cls: type[T]) -> type[T]:
 
     Only plain fields are supported: a class whose ``__init__`` would take other
     parameters than the new one (an ``InitVar``, a keyword-only field), or that has a
-    ``__post_init__`` or a default factory, raises TypeError here, at import.
+    ``__post_init__``, a default factory or a field left out of ``__init__`` without a
+    default, raises TypeError here, at import.
     """
     params = getattr(cls, "__dataclass_params__", None)
     if params is None or not params.frozen or "__slots__" not in cls.__dict__ \
@@ -41,6 +42,9 @@ def quick_init(cls: type[T]) -> type[T]:
         env[f"_set_{f.name}"] = cls.__dict__[f.name].__set__  # the slot's own descriptor
         if f.default is not dataclasses.MISSING:
             env[f"_default_{f.name}"] = f.default
+        elif not f.init:
+            raise TypeError(f"{cls.__name__}.{f.name}: quick_init needs a default for a "
+                            "field left out of __init__")
         if f.init:
             args.append(f.name if f.default is dataclasses.MISSING
                         else f"{f.name}=_default_{f.name}")

@@ -132,35 +132,53 @@ class SummaryOutput:
         waiting = self._waiting.get(window.stream_id)
         if waiting is None:
             waiting = self._waiting[window.stream_id] = deque()
-            task = asyncio.ensure_future(self._queue(window.stream_id, waiting))
+            task = asyncio.ensure_future(self._queue(waiting))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            # a callback, not a finally: a task cancelled before its first step runs none
+            task.add_done_callback(functools.partial(self._ended, window.stream_id, waiting))
         waiting.append((rec, done))
         self._pending.add(done)
         done.add_done_callback(self._pending.discard)
         return done
 
-    async def _queue(self, stream_id: str,
-                     waiting: deque[tuple[wire.KafkaRecord, asyncio.Future[None]]]) -> None:
-        try:
-            while waiting:
-                rec, done = waiting[0]
-                try:
-                    delivery = asyncio.ensure_future(await self.enqueue(rec))
-                except Exception as exc:  # this window fails (the worker crashes); not the next
-                    if not done.done():
-                        done.set_exception(exc)
-                else:
-                    delivery.add_done_callback(functools.partial(_settle, done))
-                waiting.popleft()
-        finally:
+    async def _queue(self, waiting: deque[tuple[wire.KafkaRecord, asyncio.Future[None]]]
+                     ) -> None:
+        while waiting:
+            rec, done = waiting[0]
+            try:
+                delivery = asyncio.ensure_future(await _enqueued(self.enqueue, rec))
+            except Exception as exc:  # this window fails (the worker crashes); not the next
+                if not done.done():
+                    done.set_exception(exc)
+            else:
+                delivery.add_done_callback(functools.partial(_settle, done))
+            waiting.popleft()
+
+    def _ended(self, stream_id: str,
+               waiting: deque[tuple[wire.KafkaRecord, asyncio.Future[None]]],
+               task: asyncio.Future[None]) -> None:
+        self._tasks.discard(task)
+        if self._waiting.get(stream_id) is waiting:
             del self._waiting[stream_id]
-            for _, done in waiting:  # cancelled while queueing: shutting down
-                done.cancel()
+        for _, done in waiting:  # cancelled while queueing: shutting down
+            done.cancel()
 
     async def stop(self) -> None:
         if self._pending:
             await asyncio.wait(list(self._pending), timeout=30)
+
+
+async def _enqueued(enqueue: Enqueue, rec: wire.KafkaRecord) -> Awaitable[object]:
+    """``enqueue(rec)``; a cancellation that is not this task's own (the client's, say)
+    fails the window instead: cancelled, it would read as shutting down, and its inputs
+    would wait for ever."""
+    try:
+        return await enqueue(rec)
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        raise RuntimeError(f"queueing a prediction was cancelled: {exc!r}") from exc
 
 
 def _when_delivered(done: asyncio.Future[None],
@@ -187,6 +205,8 @@ def _when_delivered(done: asyncio.Future[None],
 def _settle(done: asyncio.Future[None], delivery: asyncio.Future[Any]) -> None:
     """``done`` as ``delivery`` ended (unless it was settled already)."""
     if done.done():
+        if not delivery.cancelled():
+            delivery.exception()  # seen: no "never retrieved" log line
         return
     if delivery.cancelled():
         done.cancel()
@@ -353,7 +373,7 @@ class InferenceOutput:
         pred.quality.update(quality_extra)
         rec = prediction_record(pred, self._headers_for(model))
         t_pub = time.perf_counter()
-        return (asyncio.ensure_future(await self.enqueue(rec)),
+        return (asyncio.ensure_future(await _enqueued(self.enqueue, rec)),
                 functools.partial(self._delivered, window, scored, closed_ns, provisional,
                                   reused, t_pub))
 

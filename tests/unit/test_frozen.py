@@ -115,3 +115,10 @@ def test_classes_it_cannot_copy_are_refused() -> None:
         @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
         class _KwOnly:
             a: int
+
+    with pytest.raises(TypeError, match="needs a default"):
+        @quick_init
+        @dataclasses.dataclass(frozen=True, slots=True)
+        class _Unset:
+            a: int
+            b: int = dataclasses.field(init=False)

@@ -252,6 +252,57 @@ def test_a_failed_publish_fails_its_window_and_the_stream_goes_on() -> None:
     assert attempts == sorted(attempts) and len(attempts) == 3
 
 
+def test_a_cancelled_enqueue_fails_its_window_and_a_cancelled_task_leaves_nothing_behind(
+) -> None:
+    """A cancellation out of the client (not of the output's own task) fails the window,
+    so the worker crashes instead of waiting for its inputs for ever; the next window of
+    the stream is still published. A stream's task cancelled before it ran cancels its
+    windows (shutting down) and the stream's next window gets a new one."""
+    async def main():
+        calls: list[int] = []
+
+        async def enqueue(rec):
+            calls.append(wire.decode_prediction(rec).window_start_ns)
+            if len(calls) == 1:
+                raise asyncio.CancelledError("the client's own future")
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+            return fut
+
+        output = SummaryOutput(enqueue)
+        first, second = output.submit(_window("cam1", 0)), output.submit(_window("cam1", 1))
+        with pytest.raises(RuntimeError, match="cancelled"):
+            await asyncio.wait_for(first, 5)
+        await asyncio.wait_for(second, 5)
+
+        third = output.submit(_window("cam2", 0))
+        for task in list(output._tasks):
+            task.cancel()  # before its first step
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert third.cancelled()
+        fourth = output.submit(_window("cam2", 1))
+        await asyncio.wait_for(fourth, 5)
+        await output.stop()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_enqueue_fails_a_models_window_too() -> None:
+    async def main():
+        async def enqueue(rec):
+            raise asyncio.CancelledError("the client's own future")
+
+        output = InferenceOutput(_Labeller(), enqueue, model_info={"name": "m", "version": "1"},
+                                 max_batch=8, max_wait_ms=5)
+        await output.start()
+        with pytest.raises(RuntimeError, match="cancelled"):
+            await asyncio.wait_for(output.submit(_window("cam1", 0)), 5)
+        await output.stop()
+
+    asyncio.run(main())
+
+
 def test_stopping_waits_for_the_deliveries_under_way() -> None:
     async def main():
         delivery = asyncio.get_running_loop().create_future()
