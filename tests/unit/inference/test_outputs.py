@@ -108,42 +108,59 @@ def test_a_failing_window_is_isolated_and_published_with_its_error() -> None:
     assert metrics.counters.get("inference_errors") == 1
 
 
-def test_a_streams_predictions_are_queued_in_window_order() -> None:
-    """A stream's predictions go into the producer's queue in window order, each without
-    waiting for the one before to be delivered; a window's awaitable resolves with its own
-    delivery; streams do not wait for each other."""
-    queued: list[tuple[str, int]] = []
-    deliveries: dict[tuple[str, int], asyncio.Future[None]] = {}
+class _Producer:
+    """An ``enqueue`` whose deliveries the test settles; cam1's queueing is slow (a full
+    producer queue), which must not hold up cam2."""
 
-    async def enqueue(rec):
+    def __init__(self) -> None:
+        self.queued: list[tuple[str, int]] = []
+        self.published: list[wire.KafkaRecord] = []
+        self.deliveries: dict[tuple[str, int], asyncio.Future[None]] = {}
+
+    async def enqueue(self, rec):
         p = wire.decode_prediction(rec)
         if p.stream_id == "cam1":
-            await asyncio.sleep(0.01)  # a full producer queue: cam2 must not wait for it
-        queued.append(p.key)
-        fut = deliveries[p.key] = asyncio.get_running_loop().create_future()
+            await asyncio.sleep(0.01)
+        self.queued.append(p.key)
+        self.published.append(rec)
+        fut = self.deliveries[p.key] = asyncio.get_running_loop().create_future()
         return fut
 
+
+async def _queued_in_window_order(output, producer: _Producer, windows: list[Window]) -> None:
+    """Every window is queued while none is delivered, cam1's in window order and cam2's
+    first; each window's future resolves with its own delivery."""
+    done = [output.submit(w) for w in windows]
+    for _ in range(400):
+        if len(producer.queued) == len(windows):
+            break
+        await asyncio.sleep(0.005)
+    assert len(producer.queued) == len(windows) and not any(d.done() for d in done)
+    assert producer.queued[0][0] == "cam2"
+    cam1 = [w.key for w in windows if w.stream_id == "cam1"]
+    assert [k for k in producer.queued if k[0] == "cam1"] == cam1
+    producer.deliveries[cam1[1]].set_result(None)
+    await asyncio.sleep(0)
+    assert [d.done() for d in done] == [w.key == cam1[1] for w in windows]
+    for fut in producer.deliveries.values():
+        if not fut.done():
+            fut.set_result(None)
+    await asyncio.wait_for(asyncio.gather(*done), 10)
+    await output.stop()
+
+
+def test_a_streams_predictions_are_queued_in_window_order() -> None:
+    """A stream's predictions go into the producer's queue in window order, each without
+    waiting for the one before to be delivered; streams do not wait for each other."""
+    producer = _Producer()
+
     async def main():
-        output = InferenceOutput(_Labeller(), enqueue, model_info={"name": "m", "version": "1"},
+        output = InferenceOutput(_Labeller(), producer.enqueue,
+                                 model_info={"name": "m", "version": "1"},
                                  max_batch=8, max_wait_ms=20)
         await output.start()
-        windows = [_window("cam1", i, "seven") for i in range(4)] + [_window("cam2", 0, "one")]
-        done = [output.submit(w) for w in windows]
-        for _ in range(400):
-            if len(queued) == 5:
-                break
-            await asyncio.sleep(0.005)
-        assert len(queued) == 5 and not any(d.done() for d in done)  # none delivered yet
-        assert queued[0][0] == "cam2"
-        assert [k for k in queued if k[0] == "cam1"] == [w.key for w in windows[:4]]
-        deliveries[windows[2].key].set_result(None)
-        await asyncio.sleep(0)
-        assert [d.done() for d in done] == [False, False, True, False, False]
-        for fut in deliveries.values():
-            if not fut.done():
-                fut.set_result(None)
-        await asyncio.wait_for(asyncio.gather(*done), 10)
-        await output.stop()
+        await _queued_in_window_order(output, producer, [
+            *(_window("cam1", i, "seven") for i in range(4)), _window("cam2", 0, "one")])
 
     asyncio.run(main())
 
@@ -172,45 +189,17 @@ def test_a_prediction_that_is_not_delivered_fails_its_window_alone() -> None:
 
 def test_align_only_output_queues_each_streams_summaries_in_window_order() -> None:
     """A stream's summaries are queued one after the other in window order, without
-    waiting for the one before to be delivered; a stream whose queueing is slow holds up
-    no other; each window's future resolves with its own delivery."""
-    queued: list[tuple[str, int]] = []
-    deliveries: dict[tuple[str, int], asyncio.Future[None]] = {}
-    published: list[wire.KafkaRecord] = []
-
-    async def enqueue(rec):
-        p = wire.decode_prediction(rec)
-        if p.stream_id == "cam1":
-            await asyncio.sleep(0.01)  # a full producer queue: cam2 must not wait for it
-        queued.append(p.key)
-        published.append(rec)
-        fut = deliveries[p.key] = asyncio.get_running_loop().create_future()
-        return fut
+    waiting for the one before to be delivered; streams do not wait for each other."""
+    producer = _Producer()
 
     async def main():
-        output = SummaryOutput(enqueue, (("sp-worker", b"w1"),))
+        output = SummaryOutput(producer.enqueue, (("sp-worker", b"w1"),))
         await output.start()
-        windows = [_window("cam1", i) for i in range(3)] + [_window("cam2", 2)]
-        done = [output.submit(w) for w in windows]
-        for _ in range(200):
-            if len(queued) == 4:
-                break
-            await asyncio.sleep(0.005)
-        # every window is queued while none is delivered yet
-        assert len(queued) == 4 and not any(d.done() for d in done)
-        assert queued[0][0] == "cam2"
-        assert [k for k in queued if k[0] == "cam1"] == [(w.stream_id, w.start_ns) for w in windows[:3]]
-        deliveries[(windows[1].stream_id, windows[1].start_ns)].set_result(None)
-        await asyncio.sleep(0)
-        assert [d.done() for d in done] == [False, True, False, False]
-        for fut in deliveries.values():
-            if not fut.done():
-                fut.set_result(None)
-        await asyncio.wait_for(asyncio.gather(*done), 5)
-        await output.stop()
+        await _queued_in_window_order(output, producer, [
+            *(_window("cam1", i) for i in range(3)), _window("cam2", 2)])
 
     asyncio.run(main())
-    for rec in published:
+    for rec in producer.published:
         p = wire.decode_prediction(rec)
         assert p.label == "" and p.scores == {} and p.model == {"name": "align-only",
                                                                  "version": "1"}
