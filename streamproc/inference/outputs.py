@@ -132,17 +132,16 @@ class SummaryOutput:
         waiting = self._waiting.get(window.stream_id)
         if waiting is None:
             waiting = self._waiting[window.stream_id] = deque()
-            task = asyncio.ensure_future(self._queue(waiting))
+            task = asyncio.ensure_future(self._queue(window.stream_id, waiting))
             self._tasks.add(task)
-            # a callback, not a finally: a task cancelled before its first step runs none
             task.add_done_callback(functools.partial(self._ended, window.stream_id, waiting))
         waiting.append((rec, done))
         self._pending.add(done)
         done.add_done_callback(self._pending.discard)
         return done
 
-    async def _queue(self, waiting: deque[tuple[wire.KafkaRecord, asyncio.Future[None]]]
-                     ) -> None:
+    async def _queue(self, stream_id: str,
+                     waiting: deque[tuple[wire.KafkaRecord, asyncio.Future[None]]]) -> None:
         while waiting:
             rec, done = waiting[0]
             try:
@@ -153,15 +152,28 @@ class SummaryOutput:
             else:
                 delivery.add_done_callback(functools.partial(_settle, done))
             waiting.popleft()
+        # Here, with no await since the loop found the deque empty, and not in a done
+        # callback (which runs later): a window submitted in between would join a deque
+        # that nothing drains any more.
+        del self._waiting[stream_id]
 
     def _ended(self, stream_id: str,
                waiting: deque[tuple[wire.KafkaRecord, asyncio.Future[None]]],
                task: asyncio.Future[None]) -> None:
+        """The stream's task ended; if it did not empty its deque (cancelled, even before
+        its first step, or failed), its windows end with it."""
         self._tasks.discard(task)
-        if self._waiting.get(stream_id) is waiting:
-            del self._waiting[stream_id]
-        for _, done in waiting:  # cancelled while queueing: shutting down
-            done.cancel()
+        if self._waiting.get(stream_id) is not waiting:
+            return
+        del self._waiting[stream_id]
+        exc = None if task.cancelled() else task.exception()
+        for _, done in waiting:
+            if done.done():
+                continue
+            if exc is None:
+                done.cancel()  # cancelled while queueing: shutting down
+            else:
+                done.set_exception(exc)
 
     async def stop(self) -> None:
         if self._pending:

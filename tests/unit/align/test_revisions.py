@@ -121,6 +121,9 @@ def test_revisable_windows_stay_bounded_by_the_horizon() -> None:
     run(a, media(30), T0 + 32 * S)
     # 3 s of 0.5 s hops behind the oldest open window
     assert a.buffered()["revisable"] == 6
+    cb = a.closed_before("cam")
+    # exactly the newest six, oldest first (expiry walks them in that order)
+    assert list(a._streams["cam"].kept) == [cb - 3 * S + i * 500 * MS for i in range(6)]
 
 
 def test_a_segment_partly_late_revises_the_closed_windows_and_joins_the_open_ones() -> None:

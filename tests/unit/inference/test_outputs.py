@@ -241,6 +241,29 @@ def test_a_failed_publish_fails_its_window_and_the_stream_goes_on() -> None:
     assert attempts == sorted(attempts) and len(attempts) == 3
 
 
+def test_a_window_submitted_as_its_streams_task_ends_is_still_published() -> None:
+    """The stream's task has queued everything and ended, its done callbacks not yet run:
+    a window submitted then gets a task of its own (and is not left in the old deque)."""
+    async def main():
+        queued: list[int] = []
+
+        async def enqueue(rec):  # never suspends: the task ends in its first step
+            queued.append(wire.decode_prediction(rec).window_start_ns)
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+            return fut
+
+        output = SummaryOutput(enqueue)
+        first = output.submit(_window("cam1", 0))
+        await asyncio.sleep(0)  # the task ran and ended; its callbacks run next time round
+        second = output.submit(_window("cam1", 1))
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        assert len(queued) == 2
+        await output.stop()
+
+    asyncio.run(main())
+
+
 def test_a_cancelled_enqueue_fails_its_window_and_a_cancelled_task_leaves_nothing_behind(
 ) -> None:
     """A cancellation out of the client (not of the output's own task) fails the window,
