@@ -1333,15 +1333,8 @@ class Aligner:
                 for k in [k for k in st.marked if k < closed_before]:
                     del st.marked[k]
             if st.kept:
-                # oldest first: windows close, and are kept, in start order, so only the
-                # few that left the horizon are looked at, not every kept window
                 horizon = closed_before - self._rev_ns
-                gone = []
-                for k in st.kept:
-                    if k >= horizon:
-                        break
-                    gone.append(k)
-                for k in gone:
+                for k in [k for k in st.kept if k < horizon]:
                     del st.kept[k]
                     st.revise.discard(k)
 
