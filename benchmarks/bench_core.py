@@ -66,16 +66,14 @@ async def run(records: Prepared, settings: Settings, profile: cProfile.Profile |
     async def send(rec: wire.KafkaRecord) -> None:
         sent.append(rec)
 
-    async def enqueue(rec: wire.KafkaRecord) -> asyncio.Future[None]:
-        await send(rec)
-        delivered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        delivered.set_result(None)
-        return delivered
-
-    def durable(_sid: str, _value: object) -> asyncio.Future[None]:
+    def durable(_sid: str = "", _value: object = None) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         fut.set_result(None)
         return fut
+
+    async def enqueue(rec: wire.KafkaRecord) -> asyncio.Future[None]:
+        await send(rec)
+        return durable()
 
     core = WorkerCore(settings, submit=SummaryOutput(enqueue).submit, send_dead_letter=send,
                       record_progress=durable, counters=Counters(), crash=print,

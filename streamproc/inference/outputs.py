@@ -106,6 +106,24 @@ class StreamChain:
             previous.remove_done_callback(wake)
 
 
+class _Undelivered:
+    """The futures of windows handed to an output and not yet delivered (or failed), so
+    that stopping waits for them."""
+
+    def __init__(self) -> None:
+        self._futures: set[asyncio.Future[None]] = set()
+
+    def new(self) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._futures.add(done)
+        done.add_done_callback(self._futures.discard)
+        return done
+
+    async def wait(self, timeout: float) -> None:
+        if self._futures:
+            await asyncio.wait(list(self._futures), timeout=timeout)
+
+
 class SummaryOutput:
     """The align-only output: each window's summary, published with ``enqueue``.
 
@@ -121,13 +139,13 @@ class SummaryOutput:
         self.headers = headers
         self._waiting: dict[str, deque[tuple[wire.KafkaRecord, asyncio.Future[None]]]] = {}
         self._tasks: set[asyncio.Future[None]] = set()
-        self._pending: set[asyncio.Future[None]] = set()  # submitted, not yet delivered
+        self._undelivered = _Undelivered()
 
     async def start(self) -> None:
         pass
 
     def submit(self, window: Window) -> asyncio.Future[None]:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done = self._undelivered.new()
         rec = prediction_record(summary_prediction(window), self.headers)
         waiting = self._waiting.get(window.stream_id)
         if waiting is None:
@@ -136,8 +154,6 @@ class SummaryOutput:
             self._tasks.add(task)
             task.add_done_callback(functools.partial(self._ended, window.stream_id, waiting))
         waiting.append((rec, done))
-        self._pending.add(done)
-        done.add_done_callback(self._pending.discard)
         return done
 
     async def _queue(self, stream_id: str,
@@ -176,8 +192,7 @@ class SummaryOutput:
                 done.set_exception(exc)
 
     async def stop(self) -> None:
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=30)
+        await self._undelivered.wait(timeout=30)
 
 
 async def _enqueued(enqueue: Enqueue, rec: wire.KafkaRecord) -> Awaitable[object]:
@@ -267,7 +282,7 @@ class InferenceOutput:
         self.batcher: MicroBatcher[Window, Scored] = MicroBatcher(
             predictor, max_batch, max_wait_ms, on_batch=self._on_batch)
         self._chain = StreamChain()
-        self._pending: set[asyncio.Future[None]] = set()  # submitted, not yet delivered
+        self._undelivered = _Undelivered()
         self._last_publish_ms = 0.0
         self._provisional: dict[tuple[str, int], _Provisional] = {}
 
@@ -286,9 +301,7 @@ class InferenceOutput:
             if len(self._provisional) >= self.PROVISIONAL_KEPT:
                 del self._provisional[next(iter(self._provisional))]
             earlier = self._provisional[window.key] = _Provisional(scored)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.add(done)
-        done.add_done_callback(self._pending.discard)
+        done = self._undelivered.new()
         queued = self._chain.start(window.stream_id, lambda previous: self._finish(
             window, scored, closed_ns, previous, earlier, reused))
         queued.add_done_callback(functools.partial(_when_delivered, done))
@@ -296,8 +309,7 @@ class InferenceOutput:
 
     async def stop(self) -> None:
         await self._chain.drain(timeout=30)
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=30)
+        await self._undelivered.wait(timeout=30)
         await self.batcher.stop()
 
     def _model_now(self) -> Mapping[str, str]:
