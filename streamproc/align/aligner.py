@@ -32,7 +32,7 @@ import heapq
 import math
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from fractions import Fraction
@@ -189,10 +189,43 @@ class Window:
 
 def even_indices(n: int, k: int) -> list[int]:
     """k indices spread evenly over range(n), each the centre of its n/k stretch (all of
-    them when n <= k): how a window's K frames are picked, here, in batches and AV-Digits."""
+    them when n <= k)."""
     if n <= k:
         return list(range(n))
     return [(2 * i + 1) * n // (2 * k) for i in range(k)]
+
+
+def pick_indices(ts: Sequence[int], start_ns: int, window_ns: int, k: int) -> list[int]:
+    """Which k of a window's frames (their times ``ts``, in order) it hands the model: in
+    each of k equal stretches of the window, the frame nearest the stretch's centre (the
+    earlier of two as near); all of them when there are at most k, and
+    :func:`even_indices` when a stretch holds none. Here, in batches and AV-Digits.
+
+    Stretches are of event time, so where hopping windows overlap (the hop a whole number
+    of stretches: 0.5 s of 1 s / 8) they pick the same frames, each decoded once; picks by
+    place among a window's frames are shared only when the hop is a whole number of
+    frames (30 fps, not 15 or 25)."""
+    n = len(ts)
+    if n <= k:
+        return list(range(n))
+    out: list[int] = []
+    j = 0
+    for i in range(k):
+        lo = start_ns + i * window_ns // k
+        hi = start_ns + (i + 1) * window_ns // k
+        centre = lo + (hi - lo) // 2
+        while j < n and ts[j] < lo:
+            j += 1
+        best, near = -1, 0
+        while j < n and ts[j] < hi:
+            d = abs(ts[j] - centre)
+            if best < 0 or d < near:
+                best, near = j, d
+            j += 1
+        if best < 0:
+            return even_indices(n, k)
+        out.append(best)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -573,7 +606,6 @@ class Aligner:
         # True until the caller says the replay after a resume is over (replay_done())
         self._replaying = True
         self._accepted: dict[int, Outcome] = {}
-        self._picks: dict[int, frozenset[int]] = {}  # frames in a window -> the picked indices
         self.stats: dict[str, int | float] = dict.fromkeys(
             ("accepted", "duplicates", "late", "late_partial", "late_windows_missed", "replayed",
              "capped", "capped_frames", "capped_segments", "too_long", "future", "ahead",
@@ -836,33 +868,25 @@ class Aligner:
         return cb if resumed is None or (cb is not None and cb > resumed) else resumed
 
     def likely_sampled(self, frame: VideoFrame) -> bool:
-        """Whether an accepted ``frame`` is likely one of the K frames a window of it will
-        pick: its place among its windows' frames so far, against the picks of a window
-        with as many frames as the stream's last one (every frame while that is unknown).
-        Decoding ahead of the close only these saves the frames no window reads (about
-        half at 30 fps, K = 8); a miss is decoded when its window closes."""
+        """Whether an accepted ``frame`` is likely one of the K frames its windows will pick
+        (:func:`pick_indices`): the nearest to its stretch's centre, against the frame
+        spacing of the stream's last window (every frame while that is unknown). Decoding
+        ahead of the close only these saves the frames no window reads (about half at
+        15 fps, K = 8, 1 s / 0.5 s windows); a miss is decoded when its window closes."""
         st = self._streams.get(frame.stream_id)
         n = None if st is None else st.frames_per_window
         kk = self.cfg.frames_per_window
         if st is None or n is None or n <= kk:
             return True
-        picks = self._picks.get(n)
-        if picks is None:
-            if len(self._picks) >= 64:
-                self._picks.clear()
-            picks = self._picks[n] = frozenset(even_indices(n, kk))
-        ts, h = frame.ts_ns, self._h
-        for k in range(((ts - self._w) // h + 1) * h, ts // h * h + h, h):
-            b = st.buckets.get(k)
-            if b is None:
-                continue
-            frames = b.recs["video"]
-            # its place: the last frame when frames come in order, else counted
-            at = len(frames) - 1 if frames and frames[-1] is frame else \
-                sum(f.ts_ns < ts for f in frames)
-            if at in picks:
-                return True
-        return False
+        w, ts = self._w, frame.ts_ns
+        start = ts // self._h * self._h  # its newest window; the others share the stretch
+        i = (ts - start) * kk // w
+        lo = start + i * w // kk
+        centre = lo + (start + (i + 1) * w // kk - lo) // 2
+        # within half the spacing of the centre: the nearest of evenly spaced frames; an
+        # eighth more for jittered timestamps (a second frame decoded now and then)
+        spacing = w // n
+        return 2 * abs(ts - centre) <= spacing + spacing // 8
 
     @property
     def streams(self) -> list[str]:
@@ -1363,7 +1387,7 @@ class Aligner:
         frames.sort(key=_by_ts_seq)
         n = len(frames)
         kk = self.cfg.frames_per_window
-        picked = [frames[i] for i in even_indices(n, kk)]
+        picked = [frames[i] for i in pick_indices([f.ts_ns for f in frames], k, self._w, kk)]
         # gaps between consecutive frames' seqs; a seq going back (a producer restarted)
         # is no gap
         frames_dropped = sum(max(0, y.seq - x.seq - 1) for x, y in pairwise(frames))

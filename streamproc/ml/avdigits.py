@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from streamproc.align.aligner import Window, even_indices
+from streamproc.align.aligner import Window, pick_indices
 from streamproc.config import Modality
 from streamproc.errors import UserError
 from streamproc.wire.codec import NS_PER_S, TranscriptSegment, VideoFrame, encode_image, pcm_bytes
@@ -482,7 +482,8 @@ def segment_windows(seg: Segment, seg_start_ns: int, stream_id: str, cfg: AVDigi
         idx = [j for j, (t, _) in enumerate(seg.frames) if ws <= seg_start_ns + t < we]
         frames = []
         if seg.video_ok:
-            for j in (idx[i] for i in even_indices(len(idx), cfg.frames_per_window)):
+            times = [seg_start_ns + seg.frames[j][0] for j in idx]
+            for j in (idx[i] for i in pick_indices(times, ws, win_ns, cfg.frames_per_window)):
                 t, im = seg.frames[j]
                 frames.append(VideoFrame(stream_id, seg_start_ns + t, seq_base[0] + j,
                                          encode_image(im, "jpeg", cfg.jpeg_quality), "jpeg",

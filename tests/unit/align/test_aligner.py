@@ -571,7 +571,7 @@ def test_ingest_timings_are_a_field_the_aligner_leaves_empty() -> None:
     assert list(w.provenance) == ["video", "audio", "text"]
 
 
-@pytest.mark.parametrize(("fps", "jitter_ms"), [(30, 0), (30, 8), (15, 0), (25, 12)])
+@pytest.mark.parametrize(("fps", "jitter_ms"), [(30, 0), (30, 8), (15, 0), (15, 20), (25, 12)])
 def test_frames_likely_sampled_are_the_ones_windows_pick(fps: int, jitter_ms: int) -> None:
     """What the worker decodes ahead of the close: once a window told the stream's frame
     count, every frame a later window picks was flagged (a regular stream) or nearly every
@@ -599,3 +599,8 @@ def test_frames_likely_sampled_are_the_ones_windows_pick(fps: int, jitter_ms: in
     unread = set(range(first_close + fps, n)) - picked
     assert len(unread & flagged) <= len(unread) // 5 + 1
     assert len(flagged) < n  # frames were left to decode only if picked
+    # hopping windows pick the same frames where they overlap, at any frame rate: about
+    # K frames a second are read (and decoded), not up to 2K
+    seconds = (n - first_close - fps) / fps
+    assert len(later) <= 8 * seconds + 8
+    assert len({s for s in flagged if s > first_close + fps}) <= 1.25 * 8 * seconds

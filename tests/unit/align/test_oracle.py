@@ -49,6 +49,20 @@ def member(rec, start: int, w: int) -> bool:
     return rec.start_ns < start + w and rec.end_ns > start
 
 
+def oracle_picks(frames: list, start: int, w: int, kk: int) -> list:
+    """In each of kk equal stretches of the window the frame nearest its centre (the
+    earliest of the nearest); by place (centres of kk equal groups) if one is empty."""
+    picks = []
+    for i in range(kk):
+        lo, hi = start + i * w // kk, start + (i + 1) * w // kk
+        inside = [f for f in frames if lo <= f.ts_ns < hi]
+        if not inside:
+            return [frames[int((j + 0.5) * len(frames) / kk)] for j in range(kk)]
+        centre = lo + (hi - lo) // 2
+        picks.append(min(inside, key=lambda f: (abs(f.ts_ns - centre), f.ts_ns, f.seq)))
+    return picks
+
+
 def oracle_windows(cfg: AlignConfig, records) -> dict[tuple[str, int], dict]:
     """records: (record, allowed window starts or None = all). Sort, then slice."""
     w, h = cfg.window_ns, cfg.hop_ns
@@ -66,7 +80,7 @@ def oracle_windows(cfg: AlignConfig, records) -> dict[tuple[str, int], dict]:
     for (sid, start), recs in held.items():
         frames = sorted(recs["video"], key=lambda f: (f.ts_ns, f.seq))
         n = len(frames)
-        picked = frames if n <= kk else [frames[int((i + 0.5) * n / kk)] for i in range(kk)]
+        picked = frames if n <= kk else oracle_picks(frames, start, w, kk)
         audio = np.zeros(n_out, np.float32)
         mask = np.zeros(n_out, bool)
         for c in sorted(recs["audio"], key=lambda c: (c.ts_ns, c.seq)):

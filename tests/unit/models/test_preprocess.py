@@ -8,13 +8,14 @@ import gc
 import threading
 import zlib
 from collections.abc import Iterator
+from itertools import pairwise
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from streamproc.align.aligner import Window
+from streamproc.align.aligner import Window, even_indices, pick_indices
 from streamproc.config import Settings
 from streamproc.models import preprocess
 from streamproc.models.preprocess import (
@@ -22,7 +23,6 @@ from streamproc.models.preprocess import (
     Preprocess,
     PreprocessError,
     decode_scale,
-    even_indices,
     hash_ngrams,
     log_mel,
     make_batch,
@@ -77,15 +77,32 @@ def test_more_frames_than_k_are_sampled_and_fewer_are_masked() -> None:
     b = make_batch([_window(frames=frames), _window(frames=frames[:3])], PRE)
     assert b.video_mask[0].all()
     assert b.video_mask[1].tolist() == [True] * 3 + [False] * 5
-    # the sampled frames are the ones even_indices picks, in order
+    # the sampled frames are the ones the aligner's rule picks, in order
     got = ((b.video[0, :, 0].mean(dim=(1, 2)) + 0.5) * 255).round().tolist()
-    want = [10 * i for i in even_indices(15, 8)]
+    want = [10 * i for i in (1, 3, 5, 7, 8, 10, 12, 14)]
     assert got == pytest.approx(want, abs=2)
 
 
-def test_even_indices_is_the_aligners_centre_rule() -> None:
+def test_a_window_picks_the_frame_nearest_each_stretchs_centre() -> None:
+    S = 1_000_000_000
+    at_15fps = [i * S // 15 for i in range(15)]
+    # stretches of 125 ms, centres 62.5, 187.5, ... ms; 466.7 is nearer 437.5 than 400
+    assert pick_indices(at_15fps, 0, S, 8) == [1, 3, 5, 7, 8, 10, 12, 14]
+    # hopping windows (0.5 s apart) pick the same frames where they overlap, although
+    # 0.5 s is no whole number of frames at 15 fps
+    stream = [i * S // 15 + 7_000_000 for i in range(45)]
+    picked = []
+    for start in (0, S // 2, S):
+        ts = [t for t in stream if start <= t < start + S]
+        picked.append({ts[i] for i in pick_indices(ts, start, S, 8)})
+    for a, b in pairwise(picked):
+        assert len(a & b) == 4
+    assert len(picked[0] | picked[1] | picked[2]) == 16  # K per second, not 15
+    assert pick_indices(at_15fps[:5], 0, S, 8) == [0, 1, 2, 3, 4]  # at most K: all
+    # a stretch with no frame: the centres of K equal groups by place instead
+    gap = [t for t in at_15fps if not 250_000_000 <= t < 375_000_000]
+    assert pick_indices(gap, 0, S, 8) == even_indices(len(gap), 8)
     assert even_indices(15, 8) == [0, 2, 4, 6, 8, 10, 12, 14]
-    assert even_indices(16, 8) == [1, 3, 5, 7, 9, 11, 13, 15]
     assert even_indices(5, 8) == [0, 1, 2, 3, 4]
 
 
