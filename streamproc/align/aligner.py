@@ -121,8 +121,8 @@ _end_ns = attrgetter("end_ns")
 class Window:
     """One closed window of one stream: what the model sees, plus how good it is.
 
-    - ``frames``: up to K frames sampled evenly over the window, in time order, still
-      encoded (JPEG/PNG); ``frame_count`` is how many frames the window really had.
+    - ``frames``: up to K frames spread over the window (:func:`pick_indices`), in time
+      order, still encoded (JPEG/PNG); ``frame_count`` is how many it really had.
     - ``audio``: float32 mono at ``sample_rate``, exactly ``round(W * sample_rate)``
       samples, zeros where nothing arrived; ``audio_mask`` is True where a real sample is.
     - ``segments``: every transcript segment that overlaps the window, by start time; one

@@ -424,7 +424,7 @@ class FrameEncoder(FrozenEncoder):
 
     def slots(self, batch: WindowBatch) -> torch.Tensor:
         """long [B, frames]: which of the K frame slots each token embeds, spread over
-        the slots a window filled (as even_indices spreads the K over a window's frames)."""
+        the slots a window filled (as even_indices spreads K over a window's frames)."""
         n = batch.video_mask.sum(1, keepdim=True)
         i = torch.arange(self.frames, device=n.device).unsqueeze(0)
         spread = ((2 * i + 1) * n) // (2 * self.frames)
