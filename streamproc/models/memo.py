@@ -9,7 +9,6 @@ unchanged, running only the encoders whose input did change.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -32,9 +31,12 @@ def signature(window: Any, modality: str) -> Hashable:
     if modality == "video":
         return present, tuple((f.seq, f.ts_ns) for f in window.frames)
     if modality == "audio":
-        digest = hashlib.sha256(window.audio.tobytes())  # faster here than blake2b
-        digest.update(window.audio_mask.tobytes())
-        return present, window.sample_rate, digest.digest()
+        # the bytes' own hash (SipHash, keyed per process: the memo lives in one), not
+        # hashlib's, which lets go of the interpreter lock for inputs this size: the model
+        # thread then waited for the busy event loop to hand it back, twice a window
+        # (docs/benchmarks.md, *Pipeline: streams per worker*)
+        return (present, window.sample_rate, hash(window.audio.tobytes()),
+                hash(window.audio_mask.tobytes()))
     return present, tuple((s.seq, s.start_ns, s.end_ns, s.final, s.text)
                           for s in window.segments)
 

@@ -12,7 +12,7 @@ import torch
 from model_helpers import LABELS, windows
 
 from streamproc.models import FUSION_MODELS, create_model, predict_proba
-from streamproc.models.memo import EncodingMemo
+from streamproc.models.memo import EncodingMemo, signature
 from streamproc.wire.codec import TranscriptSegment
 
 
@@ -61,6 +61,21 @@ def test_a_final_runs_only_the_encoders_whose_input_changed_and_scores_the_same(
     # each encoder ran once, on the rows whose input changed only
     assert seen == {"video": [1], "audio": [1], "text": [3]}
     assert len(memo) == 0  # a final takes its provisional's rows out
+
+
+def test_an_audio_signature_is_equal_exactly_when_the_encoders_input_is() -> None:
+    (w,) = windows(1)
+    same = dataclasses.replace(w, audio=w.audio.copy(), audio_mask=w.audio_mask.copy())
+    assert signature(same, "audio") == signature(w, "audio")
+    one_sample = w.audio.copy()
+    one_sample[100] += 1e-3
+    mask = w.audio_mask.copy()
+    mask[-1] = not mask[-1]
+    for other in (dataclasses.replace(w, audio=one_sample),
+                  dataclasses.replace(w, audio_mask=mask),
+                  dataclasses.replace(w, sample_rate=w.sample_rate * 2),
+                  dataclasses.replace(w, present={**w.present, "audio": False})):
+        assert signature(other, "audio") != signature(w, "audio")
 
 
 def test_nothing_is_reused_across_models_streams_or_without_a_provisional() -> None:
