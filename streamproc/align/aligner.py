@@ -872,21 +872,26 @@ class Aligner:
         (:func:`pick_indices`): the nearest to its stretch's centre, against the frame
         spacing of the stream's last window (every frame while that is unknown). Decoding
         ahead of the close only these saves the frames no window reads (about half at
-        15 fps, K = 8, 1 s / 0.5 s windows); a miss is decoded when its window closes."""
+        15 fps, K = 8, 1 s / 0.5 s windows); a miss is decoded when its window closes.
+        ``frame`` must be accepted: its windows are open."""
         st = self._streams.get(frame.stream_id)
         n = None if st is None else st.frames_per_window
         kk = self.cfg.frames_per_window
         if st is None or n is None or n <= kk:
             return True
-        w, ts = self._w, frame.ts_ns
-        start = ts // self._h * self._h  # its newest window; the others share the stretch
-        i = (ts - start) * kk // w
-        lo = start + i * w // kk
-        centre = lo + (start + (i + 1) * w // kk - lo) // 2
-        # within half the spacing of the centre: the nearest of evenly spaced frames; an
+        w, h, ts = self._w, self._h, frame.ts_ns
+        # within half the spacing of a centre: the nearest of evenly spaced frames; an
         # eighth more for jittered timestamps (a second frame decoded now and then)
         spacing = w // n
-        return 2 * abs(ts - centre) <= spacing + spacing // 8
+        near = spacing + spacing // 8
+        # every window holding it (they share their stretches only when the hop is a whole
+        # number of stretches)
+        for start in range(((ts - w) // h + 1) * h, ts // h * h + h, h):
+            i = (ts - start) * kk // w
+            lo = start + i * w // kk
+            if 2 * abs(ts - lo - (start + (i + 1) * w // kk - lo) // 2) <= near:
+                return True
+        return False
 
     @property
     def streams(self) -> list[str]:

@@ -9,8 +9,8 @@ and noise hide the image, noise and babble hide the voice, transcripts lie or go
 each independently of the others, so combining them pays.
 
 A split is one continuous stream of segments; its windows are cut exactly as the aligner
-cuts a live stream (epoch-aligned, hop H, length W, K frames, the nearest to the centres of K equal stretches) and only
-windows wholly inside one segment are kept. :func:`write_clip` renders the same segments
+cuts a live stream (epoch-aligned, hop H, length W, K frames: the nearest to the centres of
+K equal stretches) and only windows wholly inside one segment are kept. :func:`write_clip` renders the same segments
 into real files (MJPG AVI, 16-bit WAV, SRT, labels CSV) for replay through Kafka, so a
 model trained on the dataset recognises the clip's windows.
 
