@@ -228,6 +228,12 @@ def pick_indices(ts: Sequence[int], start_ns: int, window_ns: int, k: int) -> li
     return out
 
 
+def pick_frames(frames: Sequence[VideoFrame], start_ns: int, window_ns: int,
+                k: int) -> list[VideoFrame]:
+    """The frames :func:`pick_indices` picks from a window's ``frames`` (in time order)."""
+    return [frames[i] for i in pick_indices([f.ts_ns for f in frames], start_ns, window_ns, k)]
+
+
 # ---------------------------------------------------------------------------------------
 # configuration and outcomes
 # ---------------------------------------------------------------------------------------
@@ -887,9 +893,10 @@ class Aligner:
         # every window holding it (they share their stretches only when the hop is a whole
         # number of stretches)
         for start in range(((ts - w) // h + 1) * h, ts // h * h + h, h):
-            i = (ts - start) * kk // w
+            i = (ts - start) * kk // w  # its stretch there, cut as pick_indices cuts
             lo = start + i * w // kk
-            if 2 * abs(ts - lo - (start + (i + 1) * w // kk - lo) // 2) <= near:
+            hi = start + (i + 1) * w // kk
+            if 2 * abs(ts - (lo + (hi - lo) // 2)) <= near:
                 return True
         return False
 
@@ -1392,7 +1399,7 @@ class Aligner:
         frames.sort(key=_by_ts_seq)
         n = len(frames)
         kk = self.cfg.frames_per_window
-        picked = [frames[i] for i in pick_indices([f.ts_ns for f in frames], k, self._w, kk)]
+        picked = pick_frames(frames, k, self._w, kk)
         # gaps between consecutive frames' seqs; a seq going back (a producer restarted)
         # is no gap
         frames_dropped = sum(max(0, y.seq - x.seq - 1) for x, y in pairwise(frames))

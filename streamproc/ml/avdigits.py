@@ -10,9 +10,9 @@ each independently of the others, so combining them pays.
 
 A split is one continuous stream of segments; its windows are cut exactly as the aligner
 cuts a live stream (epoch-aligned, hop H, length W, K frames: the nearest to the centres of
-K equal stretches) and only windows wholly inside one segment are kept. :func:`write_clip` renders the same segments
-into real files (MJPG AVI, 16-bit WAV, SRT, labels CSV) for replay through Kafka, so a
-model trained on the dataset recognises the clip's windows.
+K equal stretches) and only windows wholly inside one segment are kept. :func:`write_clip`
+renders the same segments into real files (MJPG AVI, 16-bit WAV, SRT, labels CSV) for
+replay through Kafka, so a model trained on the dataset recognises the clip's windows.
 
 The test split holds out voices, noise seeds and digit images; so does validation (used for
 early stopping), with voices of its own.

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from scipy.signal import resample_poly
 
-from streamproc.align.aligner import Window, pick_indices
+from streamproc.align.aligner import Window, pick_frames
 from streamproc.config import MODALITIES
 from streamproc.errors import UserError
 from streamproc.wire.codec import VideoFrame, WireError
@@ -359,8 +359,7 @@ def _video(windows: Sequence[Window], pre: Preprocess, skip: Container[int] = ()
     mask = np.zeros((len(windows), k), bool)
     jobs = [(b, j, f) for b, w in enumerate(windows)
             if b not in skip and w.present.get("video", bool(w.frames))
-            for j, f in enumerate(w.frames[i] for i in pick_indices(
-                [x.ts_ns for x in w.frames], w.start_ns, w.end_ns - w.start_ns, k))]
+            for j, f in enumerate(pick_frames(w.frames, w.start_ns, w.end_ns - w.start_ns, k))]
 
     def decode(part: Sequence[tuple[int, int, Any]]) -> int:
         bad = 0

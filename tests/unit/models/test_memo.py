@@ -11,6 +11,7 @@ import pytest
 import torch
 from model_helpers import LABELS, windows
 
+from streamproc.align.aligner import pick_frames
 from streamproc.models import FUSION_MODELS, create_model, predict_proba
 from streamproc.models.memo import EncodingMemo, signature
 from streamproc.wire.codec import TranscriptSegment
@@ -142,8 +143,7 @@ def test_a_reused_input_is_not_prepared_again(monkeypatch: pytest.MonkeyPatch) -
     # only window 1's frames changed, window 3's audio, windows 0, 2, 4's text
     k = model.preprocess.frames_per_window
     w = finals[1]
-    sampled = [w.frames[i].data for i in preprocess.pick_indices(
-        [f.ts_ns for f in w.frames], w.start_ns, w.end_ns - w.start_ns, k)]
+    sampled = [f.data for f in pick_frames(w.frames, w.start_ns, w.end_ns - w.start_ns, k)]
     assert sorted(decoded) == sorted(sampled)  # decode threads take them in any order
     assert mel_rows == [1]
     assert hashed == [finals[i].text for i in (0, 2, 4)]

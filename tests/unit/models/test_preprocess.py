@@ -103,6 +103,7 @@ def test_a_window_picks_the_frame_nearest_each_stretchs_centre() -> None:
     gap = [t for t in at_15fps if not 250_000_000 <= t < 375_000_000]
     assert pick_indices(gap, 0, S, 8) == even_indices(len(gap), 8)
     assert even_indices(15, 8) == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert even_indices(16, 8) == [1, 3, 5, 7, 9, 11, 13, 15]
     assert even_indices(5, 8) == [0, 1, 2, 3, 4]
 
 
