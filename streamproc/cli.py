@@ -128,7 +128,8 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
                             "another --dir")
         print(f"already running, pid {pid}, bootstrap {bootstrap}")
         return 0
-    broker = lk.LocalBroker(data_dir, port=9092 if args.port is None else args.port)
+    broker = lk.LocalBroker(data_dir, port=9092 if args.port is None else args.port,
+                            daemon=True)
     broker.start()
     assert broker.proc is not None  # start() launched it, or raised
     print(f"Kafka {lk.KAFKA_VERSION} running, pid {broker.proc.pid}: "

@@ -253,6 +253,11 @@ class LocalBroker:
     ones (``bootstrap_for``). SASL listeners take the PLAIN and SCRAM-SHA-256 logins of
     ``sasl_users`` (name -> password); SSL listeners need a ``keystore``.
 
+    A broker is stopped (SIGTERM) when the thread that started it ends, however it ends
+    (killed included: a benchmark or test run cut short leaves no broker behind), where
+    Linux's ``setpriv`` can arrange it; a ``daemon`` outlives it (``streamproc broker
+    start``).
+
     >>> with LocalBroker() as b:   # doctest: +SKIP
     ...     print(b.bootstrap)     # 127.0.0.1:40123
     """
@@ -260,7 +265,7 @@ class LocalBroker:
     def __init__(self, data_dir: str | Path | None = None, port: int = 0,
                  heap: str = "1g", listeners: Sequence[Listener | str] = (),
                  sasl_users: Mapping[str, str] | None = None,
-                 keystore: KeyStore | None = None) -> None:
+                 keystore: KeyStore | None = None, daemon: bool = False) -> None:
         # A temporary directory we made is ours to remove on a clean stop (benchmarks write
         # gigabytes there); a directory the caller named is left alone.
         self._owns_dir = data_dir is None
@@ -280,6 +285,7 @@ class LocalBroker:
             raise LocalKafkaError("a SASL listener needs sasl_users")
         if any(lst.ssl for lst in self.ports) and keystore is None:
             raise LocalKafkaError("an SSL listener needs a keystore (make_keystore)")
+        self.daemon = daemon
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -365,12 +371,22 @@ class LocalBroker:
             if fmt.returncode != 0:
                 raise LocalKafkaError(f"formatting KRaft storage failed:\n{fmt.stdout}{fmt.stderr}")
         out = open(self.data_dir / "logs" / "stdout.log", "ab")  # noqa: SIM115 - lives with proc
-        self.proc = subprocess.Popen([*java, "kafka.Kafka", str(props)], stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen([*self._with_parent(), *java, "kafka.Kafka", str(props)],
+                                     stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         out.close()
         (self.data_dir / "broker.pid").write_text(str(self.proc.pid))
         self._wait_ready(timeout)
         return self
+
+    def _with_parent(self) -> list[str]:
+        """The command prefix that signals the broker when its parent ends: the kernel's
+        parent-death signal, set by util-linux's setpriv before it runs java (it survives
+        the exec; a fork-time hook would not be safe with the caller's threads)."""
+        setpriv = shutil.which("setpriv")
+        if self.daemon or setpriv is None:  # e.g. macOS: stopped by stop() only
+            return []
+        return [setpriv, "--pdeathsig", "TERM"]
 
     def _scram_args(self) -> list[str]:
         """SCRAM users are stored in the cluster metadata, written when storage is formatted."""

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +80,42 @@ def test_a_temporary_broker_removes_its_data_on_a_clean_stop(tmp_path, monkeypat
     named = LocalBroker(tmp_path / "named").start()  # a directory the caller chose stays
     named.stop()
     assert (tmp_path / "named" / "logs" / "server.log").exists()
+
+
+def _gone(pid: int) -> bool:
+    """The process ended (a zombie nobody reaped yet counts: it serves nothing)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="no setpriv (Linux's util-linux)")
+def test_a_broker_stops_when_the_process_that_started_it_is_killed(tmp_path) -> None:
+    """A benchmark or test run killed outright must not leave its broker running."""
+    starter = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from streamproc.dev.localkafka import LocalBroker\n"
+         f"b = LocalBroker({str(tmp_path / 'b')!r}).start()\n"
+         "print(b.proc.pid, b.port, flush=True)\n"
+         "time.sleep(600)\n"],
+        stdout=subprocess.PIPE, text=True)
+    pid = 0
+    try:
+        pid, port = map(int, starter.stdout.readline().split())  # type: ignore[union-attr]
+        assert port_open("127.0.0.1", port)
+        starter.kill()  # SIGKILL: no finally, no atexit in the starter
+        starter.wait()
+        deadline = time.monotonic() + 60
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _gone(pid), "the broker outlived the process that started it"
+        assert not port_open("127.0.0.1", port)
+    finally:
+        starter.kill()
+        if pid and not _gone(pid):  # the check failed: no orphan left to the next tests
+            os.kill(pid, signal.SIGKILL)
 
 
 def _tool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
