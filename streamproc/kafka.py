@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.conn import create_conn
 from aiokafka.protocol.metadata import MetadataRequest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.coordinator.consumer import ConsumerCoordinator
 from kafka.errors import KafkaError
 
 from streamproc.config import Settings
@@ -51,6 +52,30 @@ def _common(settings: Settings, role: str) -> dict[str, Any]:
 
 
 # --- kafka-python: the publisher, readers, topic administration -------------------------
+
+
+_need_rejoin = ConsumerCoordinator.need_rejoin
+
+
+def _need_rejoin_held(self: ConsumerCoordinator) -> bool:
+    """kafka-python's ConsumerCoordinator.need_rejoin, made to hold a rejoin it reports
+    until a join completes (Kafka's Java client does the same, KAFKA-9815).
+
+    A group's leader rejoins when the metadata of its topics changes (a topic grows, a
+    topic created a moment ago fills in), but kafka-python does not record that a rejoin is
+    due: once the leader's JoinGroup and SyncGroup have run (on the client's I/O thread),
+    the metadata matches again and ``need_rejoin`` says no. A consumer that polls with a
+    short timeout and was busy when they finished then never applies the new assignment:
+    it stops heartbeating and is dropped from the group (tests/broker/test_group_rejoin.py).
+    Checked against kafka-python 3.0.12 (pinned).
+    """
+    due = bool(_need_rejoin(self))
+    if due:
+        self.request_rejoin()
+    return due
+
+
+ConsumerCoordinator.need_rejoin = _need_rejoin_held
 
 
 def producer_config(settings: Settings, *, linger_ms: int = DEFAULT_LINGER_MS,
