@@ -681,13 +681,14 @@ def report(live: dict, summary: dict, sat: dict, model: Path, args: argparse.Nam
     rounds = ", ".join(f"{p:.1f}/{b:.1f}" for p, b in zip(sat["pipeline"], sat["bare"],
                                                             strict=True))
     met = {True: "met", False: "**not met**"}
-    flat = ("lag and latency flat from the first half to the second" if kept else
-            f"published {summary['rate']:.1f} of {summary['due']:.1f} windows/s due, consumer "
-            f"lag {summary['lag_first']:.0f} then {summary['lag_second']:.0f} records")
+    how_kept = ("lag and latency flat from the first half to the second" if kept else
+                f"published {summary['rate']:.1f} of {summary['due']:.1f} windows/s due, "
+                f"consumer lag {summary['lag_first']:.0f} then {summary['lag_second']:.0f} "
+                "records")
     analysis = (
         f"\n\nGoals: {live['streams']} streams sustained on 2 cores: "
         f"{met[kept and live['streams'] >= 8]} (the worker used {summary['cpu']:.0%} of one "
-        f"core; {flat}); p99 latency added "
+        f"core; {how_kept}); p99 latency added "
         f"after window close <= {GOAL_P99_MS:.0f} ms: {met[percentile(r, 99) <= GOAL_P99_MS]} "
         f"({percentile(a, 99):.0f} ms in the worker, {percentile(r, 99):.0f} ms until a "
         f"consumer has it); ratio pipeline / bare model >= {GOAL_RATIO}: "

@@ -6,7 +6,8 @@ timeout (:data:`streamproc.errors.CONNECT_TIMEOUT_S`). The kafka-python builders
 failed bootstrap into a :class:`BrokerError` that names the cause
 (:func:`connection_error`). Options that only one role needs (the producer's tuning for
 media, the reader's ``read_committed``) are set here too, so no caller spells a client's
-configuration itself.
+configuration itself. It also holds the one change made inside kafka-python, to its group
+membership (:func:`_need_rejoin_held`).
 """
 
 from __future__ import annotations
