@@ -1,0 +1,63 @@
+"""The pipeline benchmark moves its prepared records to the schedule's start as it
+publishes them: the windows of the moved records must be the prepared windows, moved."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from streamproc.config import Settings
+from streamproc.wire.codec import TranscriptSegment, Word
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from bench_align import w1_records
+from bench_pipeline import kept_up, later, windows_of
+
+S = 1_000_000_000
+MS = 1_000_000
+
+
+def test_moved_records_give_the_prepared_windows_moved() -> None:
+    settings = Settings()
+    base = 1_700_000_000 * S
+    recs = [r for _, r in w1_records(6, 2, t0=base, pauses=True)]
+    recs.append(TranscriptSegment("cam-0", 99, "two words", base + 2 * S, base + 3 * S,
+                                  words=(Word("two", base + 2 * S, base + 2500 * MS),
+                                         Word("words", base + 2500 * MS, base + 3 * S))))
+    shift = 12_345 * settings.hop_ms * MS
+    prepared = windows_of(settings, recs)
+    moved = windows_of(settings, [later(r, shift) for r in recs])
+    assert sorted(moved) == sorted((sid, start + shift) for sid, start in prepared)
+    for (sid, start), w in prepared.items():
+        m = moved[(sid, start + shift)]
+        assert m.end_ns == w.end_ns + shift
+        assert m.frames == [later(f, shift) for f in w.frames] and m.text == w.text
+        assert np.array_equal(m.audio, w.audio) and np.array_equal(m.audio_mask, w.audio_mask)
+    assert any("two" in w.text for w in moved.values())
+
+
+def test_kept_up_needs_every_window_on_time_and_nothing_growing() -> None:
+    live = {"records": 8_160, "seconds": 10}  # 816 records a second
+    flat = {"missing": 0, "rate": 64.0, "due": 64.0, "lag_first": 11_447.0,
+            "lag_second": 11_572.0, "total_first": 2_910.0, "total_second": 2_914.0}
+    assert kept_up(live, flat)
+    assert not kept_up(live, flat | {"missing": 1})
+    assert not kept_up(live, flat | {"rate": 62.0})
+    assert not kept_up(live, flat | {"lag_second": 11_447.0 + 817})
+    assert not kept_up(live, flat | {"total_second": 3_011.0})
+    assert not kept_up(live, flat | {"lag_first": float("nan")})
+
+
+def test_the_windows_of_a_long_recording_are_every_window_it_overlaps() -> None:
+    # 50 s of one stream is more than its aligner may hold at once (600 frames)
+    settings = Settings()
+    hop = settings.hop_ms * MS
+    base = 1_700_000_000 * S
+    recs = [r for _, r in w1_records(50, 1, t0=base)]
+    windows = windows_of(settings, recs)
+    last = max(r.end_ns for r in recs)
+    assert sorted(start for _, start in windows) == list(range(base - hop, last, hop))
+    assert all(w.quality["closed_by"] != "flush" for w in windows.values()
+               if w.end_ns < last - 5 * S)
