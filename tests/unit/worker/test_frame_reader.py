@@ -8,6 +8,9 @@ import asyncio
 import itertools
 import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -173,3 +176,43 @@ def test_a_negative_size_is_refused_and_leaves_the_reader_as_it_was() -> None:
         assert await asyncio.wait_for(reader.readexactly(8), 5) == b"abcdefgh"
 
     asyncio.run(run())
+
+
+
+# Run in a fresh interpreter: malloc hands out reused memory, and memory an earlier array
+# had advised keeps the kernel's flag, so only a fresh heap shows what one call asks for.
+_HUGE_PAGE_CHECK = """
+import numpy as np
+from pathlib import Path
+from streamproc.worker.patches import receive_buffer
+
+def flags(address):
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "VmFlags:":
+            return set(line.split()[1:])
+    raise LookupError(hex(address))
+
+size = 8 << 20  # above numpy's 4 MiB threshold for asking
+plain = np.empty(size, np.uint8)
+buf = receive_buffer(size)
+after = np.empty(size, np.uint8)
+print("hg" in flags(plain.ctypes.data + size // 2),
+      "hg" in flags(np.frombuffer(buf, np.uint8).ctypes.data + size // 2),
+      "hg" in flags(after.ctypes.data + size // 2), len(buf) == size and not buf.readonly)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's smaps")
+def test_receive_buffers_ask_for_no_huge_pages() -> None:
+    out = subprocess.run([sys.executable, "-c", _HUGE_PAGE_CHECK], capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()
+    plain, buffer, after, usable = (word == "True" for word in out)
+    if not plain:
+        pytest.skip("numpy asks for no huge pages here (kernel, settings)")
+    assert not buffer and usable
+    assert after  # other arrays keep numpy's default
