@@ -289,7 +289,7 @@ def live_phase(bootstrap: str, model: Path, seconds: int, streams: int, tmp: Pat
         recs = w1_records(seconds, streams, t0=base, pauses=PAUSES)
         if frame_size is not None:
             recs = with_frames(recs, camera_frames(*frame_size))
-        prepared = windows_of(settings, [r for _, r in recs])
+        prepared = set(windows_of(settings, [r for _, r in recs]))  # keys: their audio is GBs
         reader = Collector(settings, len(prepared), seconds + 60,
                            tmp / "live" / "predictions.txt")
         samples: list[tuple[float, dict[str, float], float]] = []
@@ -305,7 +305,7 @@ def live_phase(bootstrap: str, model: Path, seconds: int, streams: int, tmp: Pat
         behind = []
         origin = (time.time_ns() + 2 * S) // hop * hop + hop
         shift = origin - base
-        expected = {(sid, start + shift): w for (sid, start), w in prepared.items()}
+        expected = {(sid, start + shift) for sid, start in prepared}
         with Publisher(settings) as pub:
             for arrival, rec in recs:
                 delay = (arrival + shift - time.time_ns()) / S
@@ -400,10 +400,8 @@ def summarize_live(live: dict, warmup_s: float = 10.0) -> dict:
     cpu_share = ((cpu[-1][1] - cpu[0][1]) / ((cpu[-1][0] - cpu[0][0]) / S)
                  if len(cpu) >= 2 else float("nan"))
     batch_sizes = [len(b) for b in batches_of([p for p, _ in preds.values()])]
-    total_first = [p.latency_ms["total"] for p, _ in preds.values()
-                   if p.window_end_ns < (origin + (origin + seconds * S)) / 2]
-    total_second = [p.latency_ms["total"] for p, _ in preds.values()
-                    if p.window_end_ns >= (origin + (origin + seconds * S)) / 2]
+    total_first = [p.latency_ms["total"] for p in steady if p.emitted_at_ns < (lo + hi) / 2]
+    total_second = [p.latency_ms["total"] for p in steady if p.emitted_at_ns >= (lo + hi) / 2]
     steady_first = [(p, recv) for p, recv in live["first"].values()
                     if lo <= p.emitted_at_ns < hi]
     return {

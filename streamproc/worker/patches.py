@@ -320,8 +320,8 @@ def receive_buffer(n: int) -> memoryview:
     with zeros cost about as much as the copy a direct read saves. numpy would also ask
     for huge pages for it; a buffer written once and dropped gains nothing from them, and
     each 2 MiB page is zeroed whole at its first touch: without them the worker's CPU per
-    record was about 5 % lower (docs/benchmarks.md, *Peers*). Other arrays keep numpy's
-    default.
+    record was about 5 % lower over 12 alternated pairs, within the spread of single runs
+    (docs/benchmarks.md, *Peers*). Other arrays keep numpy's default.
     """
     if _set_madvise_hugepage is None:
         return np.empty(n, np.uint8).data
