@@ -343,10 +343,11 @@ def summarize_live(live: dict, warmup_s: float = 10.0) -> dict:
     preds = live["preds"]
     lo, hi = origin + int(warmup_s * S), origin + seconds * S
     steady = [p for p, _ in preds.values() if lo <= p.emitted_at_ns < hi]
-    missing = set(live["expected"]) - set(preds)
-    if missing or set(preds) - set(live["expected"]):
+    missing = live["expected"] - preds.keys()
+    extra = preds.keys() - live["expected"]
+    if missing or extra:
         log(f"live: expected, not predicted: {sorted(missing)[:5]} ...; predicted, not "
-            f"expected: {sorted(set(preds) - set(live['expected']))[:5]} ...")
+            f"expected: {sorted(extra)[:5]} ...")
     due = live["streams"] * 1000 / s.hop_ms
     # latency of the steady state: windows closed by their watermarks (or final_within's
     # bound) while the streams ran; the last windows of every stream close together on the
@@ -420,7 +421,7 @@ def summarize_live(live: dict, warmup_s: float = 10.0) -> dict:
         "within_goal": within, "steady_windows": len(live_ones),
         "flush_added": [p.latency_ms["added"] for p, _ in flush],
         "windows": len(preds), "expected": len(live["expected"]),
-        "missing": len(missing), "extra": len(set(preds) - set(live["expected"])),
+        "missing": len(missing), "extra": len(extra),
         "rate": len(steady) / ((hi - lo) / S), "due": due,
         "added": added, "received": received, "total": total,
         "lag_first": statistics.mean(first) if first else float("nan"),

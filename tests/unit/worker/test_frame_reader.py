@@ -178,7 +178,6 @@ def test_a_negative_size_is_refused_and_leaves_the_reader_as_it_was() -> None:
     asyncio.run(run())
 
 
-
 # Run in a fresh interpreter: malloc hands out reused memory, and memory an earlier array
 # had advised keeps the kernel's flag, so only a fresh heap shows what one call asks for.
 _HUGE_PAGE_CHECK = """
