@@ -65,6 +65,7 @@ from streamproc.dev.localkafka import existing_or_local, free_port
 from streamproc.readers import consume
 from streamproc.topics import create_topics
 from streamproc.wire.codec import MediaRecord, Prediction, TranscriptSegment, VideoFrame
+from streamproc.worker.metrics import GAUGES_EVERY_S
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_align import w1_records  # one W1 generator for every benchmark
@@ -181,25 +182,19 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def collect(settings: Settings, want: int, timeout_s: float, into: list) -> None:
-    """Append (prediction, received_ns), provisional ones too, until ``want`` distinct
-    windows have their final or the timeout."""
-    seen = set()
-    for p in consume(settings, follow=True, timeout_s=timeout_s):
-        into.append((p, time.time_ns()))
-        if p.final:
-            seen.add(p.key)
-        if len(seen) >= want:
-            return
-
-
 def _collect_to_file(fields: dict, want: int, timeout_s: float, path: str) -> None:
-    """:func:`collect` in a process of its own, writing ``received_ns json`` lines."""
-    got: list[tuple[Prediction, int]] = []
-    collect(Settings(**fields), want, timeout_s, got)
+    """Write ``received_ns json`` per prediction, provisional ones too, until ``want``
+    distinct windows have their final or the timeout. Lines are written as they come: a
+    list of every prediction object would grow for the whole run, and the interpreter's
+    full collections over it paused this consumer for longer the longer the run."""
+    seen = set()
     with open(path, "w", encoding="utf-8") as f:
-        for p, recv in got:
-            f.write(f"{recv} {json.dumps(p.to_json())}\n")
+        for p in consume(Settings(**fields), follow=True, timeout_s=timeout_s):
+            f.write(f"{time.time_ns()} {json.dumps(p.to_json())}\n")
+            if p.final:
+                seen.add(p.key)
+            if len(seen) >= want:
+                return
 
 
 class Collector:
@@ -390,8 +385,10 @@ def summarize_live(live: dict, warmup_s: float = 10.0) -> dict:
             encodings[m] = n / done if done else float("nan")
     # the lag counts records whose offsets are held back by design (a window's records
     # until its final is out and it left the revision horizon, then the next commit): it
-    # rises for that long before it levels, so it is judged after that
-    held = (s.window_ms + s.lateness_text_ms + s.revision_horizon_ms + 1000) * MS
+    # rises for that long before it levels, and the gauge shows it up to one update
+    # later, so it is judged after both
+    held = (s.window_ms + s.lateness_text_ms + s.revision_horizon_ms + 1000) * MS \
+        + int(GAUGES_EVERY_S * S)
     lag_lo = max(lo, origin + held)
     lags = [(t, m.get("streamproc_consumer_lag", 0.0)) for t, m, _ in live["samples"]
             if lag_lo <= t < hi]

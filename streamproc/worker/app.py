@@ -54,7 +54,7 @@ from streamproc.wire import codec as wire
 from streamproc.worker import patches
 from streamproc.worker.core import Consumed, WorkerCore, assigned_input_partitions
 from streamproc.worker.interleave import Interleaver
-from streamproc.worker.metrics import ClientFaults, Metrics, update_gauges
+from streamproc.worker.metrics import GAUGES_EVERY_S, ClientFaults, Metrics, update_gauges
 from streamproc.worker.progress import (
     ProgressWriter,
     StreamProgress,
@@ -68,8 +68,6 @@ log = logging.getLogger("streamproc.worker")
 TICK_S = 0.1
 #: Seconds between the worker's one-line status logs.
 STATUS_EVERY_S = 30.0
-#: Seconds between updates of the lag and buffer gauges.
-GAUGES_EVERY_S = 5.0
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 #: Allocations between the collector's young-generation passes (Python's default: 700).
 GC_YOUNG_THRESHOLD = 10_000

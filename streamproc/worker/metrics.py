@@ -122,9 +122,11 @@ class Metrics:
             "streamproc_provisional_to_final_seconds",
             "A window's provisional prediction published -> its final one published.",
             buckets=LATENCY_BUCKETS, registry=r)
-        self.consumer_lag = Gauge("streamproc_consumer_lag",
-                                  "Records between the committed offset and the log end.",
-                                  ["topic", "partition"], registry=r)
+        self.consumer_lag = Gauge(
+            "streamproc_consumer_lag",
+            "Records between the committed offset and the log end, those held for open "
+            "windows included (steady when keeping up).",
+            ["topic", "partition"], registry=r)
         self.buffered = Gauge("streamproc_buffered", "Data held by the aligners.",
                               ["kind"], registry=r)
         self.model_info = Gauge(
@@ -145,6 +147,10 @@ class Metrics:
         """Expose /metrics over HTTP (port 0: not at all)."""
         if port:
             start_http_server(port, addr=addr, registry=self.registry)
+
+
+#: Seconds between updates of the lag and buffer gauges.
+GAUGES_EVERY_S = 5.0
 
 
 def update_gauges(consumer: Any, fetch_state: FetchState | None, settings: Settings,

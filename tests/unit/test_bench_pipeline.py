@@ -1,19 +1,25 @@
 """The pipeline benchmark moves its prepared records to the schedule's start as it
-publishes them: the windows of the moved records must be the prepared windows, moved."""
+publishes them: the windows of the moved records must be the prepared windows, moved.
+Its judgement of a live run and its consumer of the predictions are checked here too."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from streamproc.config import Settings
+from streamproc.testing import prediction
 from streamproc.wire.codec import TranscriptSegment, Word
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import bench_pipeline
 from bench_align import w1_records
-from bench_pipeline import kept_up, later, windows_of
+from bench_pipeline import _collect_to_file, kept_up, later, windows_of
 
 S = 1_000_000_000
 MS = 1_000_000
@@ -61,3 +67,23 @@ def test_the_windows_of_a_long_recording_are_every_window_it_overlaps() -> None:
     assert sorted(start for _, start in windows) == list(range(base - hop, last, hop))
     assert all(w.quality["closed_by"] != "flush" for w in windows.values()
                if w.end_ns < last - 5 * S)
+
+
+def test_the_consumer_writes_each_prediction_with_its_time_and_stops_at_the_finals(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sent = []
+    for hop in range(4):
+        p = prediction("cam-0", hop)
+        sent += [dataclasses.replace(p, final=False), dataclasses.replace(p, rev=1)]
+
+    def consume(settings: Settings, **kw: object):  # the Kafka reader's interface
+        yield from sent
+
+    monkeypatch.setattr(bench_pipeline, "consume", consume)
+    path = tmp_path / "predictions.txt"
+    _collect_to_file({}, 3, 5.0, str(path))
+    lines = [line.split(" ", 1) for line in path.read_text(encoding="utf-8").splitlines()]
+    # the third final ends it: three windows, each provisional then final
+    assert [json.loads(obj) for _, obj in lines] == [p.to_json() for p in sent[:6]]
+    times = [int(t) for t, _ in lines]
+    assert times == sorted(times) and times[0] > 1_700_000_000 * S
