@@ -124,8 +124,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r)
         self.consumer_lag = Gauge(
             "streamproc_consumer_lag",
-            "Records between the committed offset and the log end, those held for open "
-            "windows included (steady when keeping up).",
+            "Records between the committed offset and the log end, those held until "
+            "their windows pass the revision horizon included (steady when keeping up).",
             ["topic", "partition"], registry=r)
         self.buffered = Gauge("streamproc_buffered", "Data held by the aligners.",
                               ["kind"], registry=r)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 
 from streamproc.config import Settings
 from streamproc.testing import prediction
-from streamproc.wire.codec import TranscriptSegment, Word
+from streamproc.wire.codec import Prediction, TranscriptSegment, Word
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_pipeline
@@ -69,21 +71,37 @@ def test_the_windows_of_a_long_recording_are_every_window_it_overlaps() -> None:
                if w.end_ns < last - 5 * S)
 
 
-def test_the_consumer_writes_each_prediction_with_its_time_and_stops_at_the_finals(
+class _Tracked(Prediction):
+    """A prediction a weak reference can follow (Prediction has slots)."""
+
+    __slots__ = ("__weakref__",)
+
+
+def test_the_consumer_writes_each_prediction_as_read_and_stops_at_the_distinct_finals(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    sent = []
+    sent: list[Prediction] = []
     for hop in range(4):
         p = prediction("cam-0", hop)
         sent += [dataclasses.replace(p, final=False), dataclasses.replace(p, rev=1)]
+    # a later revision of the first window's final comes before the third window's final
+    sent.insert(5, dataclasses.replace(prediction("cam-0", 0), rev=2))
+    refs: list[weakref.ref] = []
 
-    def consume(settings: Settings, **kw: object):  # the Kafka reader's interface
-        yield from sent
+    def consume(settings: Settings, **kw: object) -> Iterator[Prediction]:
+        for p in sent:
+            # the one in hand may live; one written before it must be gone: kept, every
+            # prediction of a long run made the interpreter's full collections pause it
+            assert len(refs) < 2 or refs[-2]() is None
+            t = _Tracked(*(getattr(p, f.name) for f in dataclasses.fields(Prediction)))
+            refs.append(weakref.ref(t))
+            yield t
+            del t
 
     monkeypatch.setattr(bench_pipeline, "consume", consume)
     path = tmp_path / "predictions.txt"
     _collect_to_file({}, 3, 5.0, str(path))
     lines = [line.split(" ", 1) for line in path.read_text(encoding="utf-8").splitlines()]
-    # the third final ends it: three windows, each provisional then final
-    assert [json.loads(obj) for _, obj in lines] == [p.to_json() for p in sent[:6]]
+    # three distinct windows' finals end it (the repeat of the first counts once)
+    assert [json.loads(obj) for _, obj in lines] == [p.to_json() for p in sent[:7]]
     times = [int(t) for t, _ in lines]
     assert times == sorted(times) and times[0] > 1_700_000_000 * S
